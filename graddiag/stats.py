@@ -1,0 +1,120 @@
+"""Framework-neutral step statistics: what adapters measure and detectors read.
+
+Adapters compute these on the device and fetch them once per log step; from then on they are plain
+NumPy arrays indexed by layer (the order of `ModelInfo.layers`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class ModelInfo:
+    """Static facts about the monitored model.
+
+    Attributes:
+        layers: qualified names of the layers that own trainable parameters (adapter order).
+        param_counts: number of trainable elements per layer.
+        backward_order: the layers in the order their gradients were produced by the first backward
+            pass (closest to the loss first), when the adapter observed it; else None.
+        frozen: names of parameters with `requires_grad=False` / non-trainable variables.
+        unoptimized: names of trainable parameters that the optimizer does not hold.
+        framework: "torch", "tensorflow" or "" (post-hoc analysis of foreign logs).
+        shared: parameter names that appear under more than one module (counted once).
+    """
+
+    layers: tuple[str, ...]
+    param_counts: tuple[int, ...] = ()
+    backward_order: tuple[str, ...] | None = None
+    frozen: tuple[str, ...] = ()
+    unoptimized: tuple[str, ...] = ()
+    framework: str = ""
+    shared: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layers": list(self.layers),
+            "param_counts": list(self.param_counts),
+            "backward_order": None if self.backward_order is None else list(self.backward_order),
+            "frozen": list(self.frozen),
+            "unoptimized": list(self.unoptimized),
+            "framework": self.framework,
+            "shared": list(self.shared),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelInfo:
+        bo = d.get("backward_order")
+        return cls(
+            layers=tuple(d["layers"]),
+            param_counts=tuple(d.get("param_counts", ())),
+            backward_order=None if bo is None else tuple(bo),
+            frozen=tuple(d.get("frozen", ())),
+            unoptimized=tuple(d.get("unoptimized", ())),
+            framework=d.get("framework", ""),
+            shared=tuple(d.get("shared", ())),
+        )
+
+
+@dataclass
+class StepStats:
+    """Gradient statistics of one optimizer step, per layer (arrays follow `ModelInfo.layers`).
+
+    Attributes:
+        step: optimizer step (0-based).
+        grad_norm: L2 norm of each layer's gradient before clipping (0 where `has_grad` is False;
+            NaN/Inf where the gradient holds NaN/Inf).
+        has_grad: whether the layer received any gradient this step.
+        nonfinite: > 0 where the layer's gradient holds NaN/Inf (an exact element count on detail
+            steps, else 1).
+        grad_max, zero_frac, param_norm, update_ratio: detail statistics, None on steps where they
+            were not computed.
+        global_norm: L2 norm over all gradients before clipping.
+        clip_coef: factor applied by global clipping (1.0: not clipped); None without clipping.
+        layer_clip_coef: per-layer factors (per-layer policies), else None.
+        grad_reset: whether gradients were reset since the previous optimizer step (None: unknown).
+        backward_calls: backward passes accumulated into this step (None: unknown).
+        skipped: whether the optimizer step was skipped by the non-finite policy.
+        loss: the loss, when the caller passed it.
+        nonfinite_origin: the module where a NaN/Inf was born in the backward pass, when traced.
+    """
+
+    step: int
+    grad_norm: np.ndarray
+    has_grad: np.ndarray
+    nonfinite: np.ndarray
+    global_norm: float
+    grad_max: np.ndarray | None = None
+    zero_frac: np.ndarray | None = None
+    param_norm: np.ndarray | None = None
+    update_ratio: np.ndarray | None = None
+    nan_count: np.ndarray | None = None
+    inf_count: np.ndarray | None = None
+    clip_coef: float | None = None
+    layer_clip_coef: np.ndarray | None = None
+    grad_reset: bool | None = None
+    backward_calls: int | None = None
+    skipped: bool = False
+    loss: float | None = None
+    nonfinite_origin: str | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def any_nonfinite(self) -> bool:
+        return bool(np.any(self.nonfinite > 0)) or not np.isfinite(self.global_norm)
+
+
+def layer_norms_from_sumsq(sumsq: np.ndarray, layer_index: np.ndarray, n_layers: int) -> np.ndarray:
+    """Per-layer L2 norms from per-parameter sums of squares (NaN/Inf propagate)."""
+    out = np.zeros(n_layers, dtype=np.float64)
+    np.add.at(out, layer_index, np.asarray(sumsq, dtype=np.float64))
+    return np.sqrt(out)
+
+
+def global_norm(layer_norms: np.ndarray) -> float:
+    """L2 norm over all layers from per-layer norms."""
+    return float(np.sqrt(np.sum(np.square(np.asarray(layer_norms, dtype=np.float64)))))
