@@ -31,6 +31,7 @@ GLOBAL_STATS = (
     "grad_reset",  # 1 if gradients were reset since the previous step, 0 if they were carried over
     "backward_calls",  # backward passes that contributed to this step
     "skipped",  # 1 if the optimizer step was skipped (non-finite policy "skip")
+    "findings",  # number of new findings at this step
     "loss",
 )
 HIST = "hist"

@@ -1,0 +1,277 @@
+"""The framework-neutral half of a monitor: detectors, history and the TensorBoard sink.
+
+Adapters (`graddiag.torch`, `graddiag.tf`) measure gradients on the device and hand this class
+`StepStats` once per log step; everything after that point is shared.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import weakref
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from graddiag import tags
+from graddiag.detectors import Detector, Diagnoser
+from graddiag.events import EventFileWriter
+from graddiag.findings import Finding, severity_rank
+from graddiag.stats import ModelInfo, StepStats
+
+log = logging.getLogger("graddiag")
+
+NONFINITE_POLICIES = ("warn", "skip", "raise")
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """Raised under `nonfinite="raise"`; the message names the step and the first layer."""
+
+    def __init__(self, finding: Finding) -> None:
+        super().__init__(f"step {finding.step}: {finding.message}")
+        self.finding = finding
+
+
+@dataclass
+class StepReport:
+    """What `monitor.step()` returns.
+
+    Attributes:
+        step: the optimizer step just measured.
+        findings: findings made during this call. Under `every=N`, statistics are fetched from the
+            device on log steps only, so findings for the steps since the last log step arrive then.
+        logged: whether this was a log step.
+        skipped: whether the optimizer step should be / was skipped (non-finite policy "skip").
+        stats: the step's statistics on log steps, else None.
+    """
+
+    step: int
+    findings: list[Finding] = field(default_factory=list)
+    logged: bool = False
+    skipped: bool = False
+    stats: StepStats | None = None
+
+    @property
+    def ok(self) -> bool:
+        """False when the optimizer step should not be applied."""
+        return not self.skipped
+
+
+def check_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"Expected `{name}` to be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"Expected `{name}` to be one of {choices}, got {value!r}")
+    return value
+
+
+def custom_scalars_layout():
+    """The dashboard grouping: global, per-layer norms, clipping, findings."""
+    from tensorboard.plugins.custom_scalar import layout_pb2 as lp
+
+    def chart(title: str, *regex: str):
+        return lp.Chart(title=title, multiline=lp.MultilineChartContent(tag=list(regex)))
+
+    g = "graddiag/global/"
+    return lp.Layout(category=[
+        lp.Category(title="graddiag: global", chart=[
+            chart("global gradient norm (pre-clip)", g + "grad_norm"),
+            chart("layers with NaN/Inf gradients", g + "nonfinite"),
+            chart("loss", g + "loss"),
+        ]),
+        lp.Category(title="graddiag: per-layer gradient norms", chart=[
+            chart("gradient norm per layer", r"graddiag/grad_norm/.*"),
+            chart("max |g| per layer", r"graddiag/grad_max/.*"),
+            chart("update / weight ratio per layer", r"graddiag/update_ratio/.*"),
+        ]),
+        lp.Category(title="graddiag: clipping", chart=[
+            chart("global clip coefficient", g + "clip_coef"),
+            chart("per-layer clip coefficient", r"graddiag/clip_coef/.*"),
+        ]),
+        lp.Category(title="graddiag: findings", chart=[
+            chart("new findings per step", g + "findings"),
+            chart("gradients reset / backward calls", g + "grad_reset", g + "backward_calls"),
+        ]),
+    ])
+
+
+class TensorBoardSink:
+    """Writes `StepStats` and findings as TensorBoard events, one event per step for all scalars."""
+
+    def __init__(self, logdir: str | os.PathLike, info: ModelInfo, run_meta: Mapping[str, Any],
+                 flush_secs: float = 2.0) -> None:
+        self.writer = EventFileWriter(logdir, flush_secs=flush_secs, filename_suffix=".graddiag")
+        self.info = info
+        self._layer_tags = {s: tuple(tags.tag(s, n) for n in info.layers)
+                            for s in ("grad_norm", "grad_max", "nonfinite", "nan_count", "inf_count",
+                                      "zero_frac", "param_norm", "update_ratio", "clip_coef")}
+        self._keys: dict[tuple, tuple[str, ...]] = {}
+        self.writer.add_custom_scalars_layout(custom_scalars_layout())
+        self.writer.add_text(0, tags.MODEL, json.dumps(dict(run_meta), sort_keys=True, default=str))
+
+    def write_step(self, s: StepStats, n_findings: int) -> None:
+        """All scalars of one step, as one event."""
+        names: list[str] = []
+        values: list[np.ndarray] = []
+
+        def add_global(stat: str, value) -> None:
+            if value is not None:
+                names.append(tags.tag(stat))
+                values.append(np.asarray([float(value)]))
+
+        add_global("grad_norm", s.global_norm)
+        add_global("nonfinite", int(np.count_nonzero(s.nonfinite)))
+        add_global("findings", n_findings)
+        add_global("clip_coef", s.clip_coef)
+        add_global("grad_reset", None if s.grad_reset is None else int(s.grad_reset))
+        add_global("backward_calls", s.backward_calls)
+        add_global("skipped", int(s.skipped) if s.skipped else None)
+        add_global("loss", s.loss)
+        has = s.has_grad
+        bad = s.nonfinite > 0
+        per_layer = [("grad_norm", s.grad_norm, has), ("nonfinite", np.where(bad, s.nonfinite, 0), bad),
+                     ("grad_max", s.grad_max, has), ("zero_frac", s.zero_frac, has),
+                     ("param_norm", s.param_norm, None), ("update_ratio", s.update_ratio, None),
+                     ("nan_count", s.nan_count, None), ("inf_count", s.inf_count, None),
+                     ("clip_coef", s.layer_clip_coef, has)]
+        key = [tuple(names)]
+        for stat, arr, mask in per_layer:
+            if arr is None:
+                continue
+            sel = slice(None) if mask is None else mask
+            if mask is not None and mask.all():
+                key.append((stat, None))
+            else:
+                key.append((stat, None if mask is None else mask.tobytes()))
+            values.append(np.asarray(arr, dtype=np.float64)[sel])
+        k = tuple(key)
+        tag_tuple = self._keys.get(k)
+        if tag_tuple is None:
+            all_tags = list(names)
+            for stat, arr, mask in per_layer:
+                if arr is None:
+                    continue
+                lt = self._layer_tags[stat]
+                all_tags.extend(lt if mask is None else [t for t, m in zip(lt, mask) if m])
+            tag_tuple = self._keys[k] = tuple(all_tags)
+            if len(self._keys) > 256:
+                self._keys.clear()
+        self.writer.add_scalars(s.step, tag_tuple, np.concatenate(values))
+
+    def write_findings(self, step: int, findings: list[Finding]) -> None:
+        rows = ["| severity | kind | layer | message | suggestion |", "|---|---|---|---|---|"]
+        for f in findings:
+            cells = [f.severity, f.kind, f.layer or "(model)", f.message, f.suggestion]
+            rows.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+        self.writer.add_text(step, tags.FINDINGS, "\n".join(rows))
+
+    def write_histogram(self, step: int, layer: str, counts, edges, vmin, vmax, vsum, vsumsq, num,
+                        nan: int, inf: int) -> None:
+        """A layer's histogram of finite gradient values, with its NaN/Inf counts beside it."""
+        if num > 0:
+            self.writer.add_histogram(step, tags.hist_tag(layer), counts, edges, vmin, vmax, vsum,
+                                      vsumsq, num)
+        self.writer.add_scalars(step, (tags.tag("nan_count", layer), tags.tag("inf_count", layer)),
+                                [nan, inf])
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class MonitorCore:
+    """Detectors + in-memory history + optional TensorBoard sink.
+
+    Args:
+        info: the model description.
+        logdir: TensorBoard run directory, or None for no event files.
+        detectors: see `graddiag.detectors.build_detectors`.
+        history: how many recent `StepStats` to keep in memory (`monitor.history`).
+        flush_secs: event-file flush interval.
+        run_meta: extra JSON-able facts written with the model description (settings, versions).
+    """
+
+    def __init__(self, info: ModelInfo, logdir: str | os.PathLike | None = None,
+                 detectors: Mapping[str, Any] | Iterable[Detector] | None = None,
+                 history: int = 1000, flush_secs: float = 2.0,
+                 run_meta: Mapping[str, Any] | None = None) -> None:
+        check_int("history", history, 0)
+        if logdir is not None and not isinstance(logdir, (str, os.PathLike)):
+            raise ValueError(f"Expected `logdir` to be a path or None, got {logdir!r}")
+        self.info = info
+        self.diagnoser = Diagnoser(info, detectors)
+        self.history: deque[StepStats] = deque(maxlen=history)
+        meta = {"info": info.to_dict(), "detectors": self.diagnoser.config(), **(run_meta or {})}
+        self.sink = TensorBoardSink(logdir, info, meta, flush_secs) if logdir is not None else None
+        self.closed = False
+        start = list(self.diagnoser.findings)
+        if start:
+            self._emit(0, start)
+        ref = weakref.ref(self)
+        self._atexit = lambda: (m := ref()) is not None and m.close()
+        atexit.register(self._atexit)
+
+    @property
+    def findings(self) -> list[Finding]:
+        return self.diagnoser.findings
+
+    @property
+    def logdir(self) -> str | None:
+        return None if self.sink is None else self.sink.writer.logdir
+
+    def process(self, stats: StepStats) -> list[Finding]:
+        """Run the detectors on one step, log it, and return its new findings."""
+        new = self.diagnoser.update(stats)
+        self.history.append(stats)
+        if self.sink is not None:
+            self.sink.write_step(stats, len(new))
+        if new:
+            self._emit(stats.step, new)
+        return new
+
+    def _emit(self, step: int, new: list[Finding]) -> None:
+        for f in new:
+            level = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}[f.severity]
+            log.log(level, "graddiag: %s", f)
+        if self.sink is not None:
+            self.sink.write_findings(step, new)
+
+    def flush(self) -> None:
+        if self.sink is not None:
+            self.sink.flush()
+
+    def close(self) -> list[Finding]:
+        """Run end-of-run summaries, flush and close the event file. Idempotent."""
+        if self.closed:
+            return []
+        self.closed = True
+        atexit.unregister(self._atexit)
+        new = self.diagnoser.finalize()
+        if new:
+            self._emit(max(self.diagnoser.last_step, 0), new)
+        if self.sink is not None:
+            self.sink.close()
+        return new
+
+    def summary(self, min_severity: str = "info") -> str:
+        """A plain-text summary of the findings so far."""
+        rank = severity_rank(min_severity)
+        fs = [f for f in self.findings if severity_rank(f.severity) >= rank]
+        if not fs:
+            return "graddiag: no findings."
+        lines = [f"graddiag: {len(fs)} finding(s)"]
+        for f in sorted(fs, key=lambda f: (-severity_rank(f.severity), f.step)):
+            lines.append(f"  {f}\n      -> {f.suggestion}")
+        return "\n".join(lines)
