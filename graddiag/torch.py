@@ -526,7 +526,7 @@ class GradientMonitor:
         self._pending.append((step, np.asarray(key, dtype=bool), reset, calls, report.skipped, origin,
                               coef is not None))
         detail = bool(log_step and self.detail_every and ((step + 1) // self.every) % self.detail_every == 0)
-        if log_step or report.skipped and self.nonfinite == "raise":
+        if log_step or report.skipped:  # a skipped step was synced already: report it now
             extra = self._detail(grads, present) if detail else None
             report.findings = self._drain(extra)
             report.logged = True
@@ -684,7 +684,8 @@ class GradientMonitor:
         has = np.zeros(P, dtype=bool)
         has[present] = True
         lmax = np.zeros(L)
-        np.maximum.at(lmax, lo[has], gmax[has])
+        with np.errstate(invalid="ignore"):
+            np.maximum.at(lmax, lo[has], gmax[has])
         zeros = np.bincount(lo[has], weights=(self._numel - nnz)[has], minlength=L)
         numel = np.bincount(lo[has], weights=self._numel[has], minlength=L)
         with np.errstate(divide="ignore", invalid="ignore"):
