@@ -191,7 +191,7 @@ def _patches_adjoint(xp: Any, cols: Any, x_shape: tuple[int, ...], kernel: tuple
         for j in range(kw):
             win = (slice(None), slice(None), slice(i, i + sh * (ho - 1) + 1, sh),
                    slice(j, j + sw * (wo - 1) + 1, sw))
-            out[win] = out[win] + cols[:, :, i, j]
+            out[win] = out[win] + cols[:, :, i, j, ...]
     return out[:, :, ph:ph + h, pw:pw + w]
 
 
@@ -227,7 +227,7 @@ def _pool_windows(xp: Any, x: Any, kernel: Any, stride: Any, padding: Any, fill:
 
 def _max_pool_mask(xp: Any, ans: Any, x: Any, kernel: Any, stride: Any, padding: Any) -> Any:
     win = _pool_windows(xp, x, kernel, stride, padding, -math.inf)
-    hit = _mask(xp, win == ans[:, :, None], x)
+    hit = _mask(xp, win == ans[:, :, None, ...], x)
     return hit / xp.sum(hit, axis=2, keepdims=True)  # ties share the gradient
 
 
@@ -259,12 +259,12 @@ def _getitem_vjp(xp: Any, g: Any, ans: Any, x: Any, key: Any) -> Any:
 
 def _concat_vjp(xp: Any, i: int, g: Any, ans: Any, *xs: Any, axis: int) -> Any:
     start = sum(x.shape[axis] for x in xs[:i])
-    key = (slice(None),) * (axis % g.ndim) + (slice(start, start + xs[i].shape[axis]),)
+    key = (slice(None),) * (axis % g.ndim) + (slice(start, start + xs[i].shape[axis]), ...)
     return g[key]
 
 
 def _stack_vjp(xp: Any, i: int, g: Any, ans: Any, *xs: Any, axis: int) -> Any:
-    return g[(slice(None),) * (axis % g.ndim) + (i,)]
+    return g[(slice(None),) * (axis % g.ndim) + (i, ...)]
 
 
 def _concat_jvp(xp: Any, i: int, t: Any, ans: Any, *xs: Any, axis: int) -> Any:
@@ -420,7 +420,7 @@ defop("max_pool2d",
       lambda xp, x, kernel, stride, padding: xp.max(
           _pool_windows(xp, x, kernel, stride, padding, -math.inf), axis=2),
       [lambda xp, g, ans, x, kernel, stride, padding: _unwindow(
-          xp, g[:, :, None] * _max_pool_mask(xp, ans, x, kernel, stride, padding),
+          xp, g[:, :, None, ...] * _max_pool_mask(xp, ans, x, kernel, stride, padding),
           x, kernel, stride, padding)],
       [lambda xp, t, ans, x, kernel, stride, padding: xp.sum(
           _pool_windows(xp, t, kernel, stride, padding, 0.0)
@@ -429,7 +429,7 @@ defop("avg_pool2d",
       lambda xp, x, kernel, stride, padding: xp.mean(
           _pool_windows(xp, x, kernel, stride, padding, 0.0), axis=2),
       [lambda xp, g, ans, x, kernel, stride, padding: _unwindow(
-          xp, xp.broadcast_to(g[:, :, None], (g.shape[0], g.shape[1], kernel[0] * kernel[1])
+          xp, xp.broadcast_to(g[:, :, None, ...], (g.shape[0], g.shape[1], kernel[0] * kernel[1])
                               + tuple(g.shape[2:])) / (kernel[0] * kernel[1]),
           x, kernel, stride, padding)],
       [lambda xp, t, ans, x, kernel, stride, padding: xp.mean(
