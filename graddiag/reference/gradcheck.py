@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from graddiag.reference.engine import Tensor
+from graddiag.reference.engine import Tensor, apply
+from graddiag.reference.ops import ForEachArg, defop
 
 DEFAULT_EPS = 1e-6
 
@@ -107,3 +108,50 @@ def check_grads(fn: Callable[..., Tensor], args: Sequence[Any], rtol: float = 1e
             )
         worst = max(worst, err)
     return worst
+
+
+# ------------------------------------------------------------------- opaque (external) ops
+# A function the engine cannot see inside (a custom torch.autograd.Function, a
+# tf.custom_gradient) enters the graph as an "external" op: its forward is the function itself,
+# run in float64 on NumPy arrays, and its derivatives come from central differences, so they
+# are independent of whatever backward the function's author wrote.
+
+
+def _fd_vjp(xp: Any, i: int, g: Any, ans: Any, *args: Any, fn: Callable[..., Any],
+            name: str) -> np.ndarray:
+    arrays = [np.asarray(a, dtype=np.float64) for a in args]
+
+    def f(xi: np.ndarray) -> float:
+        return float(np.sum(g * fn(*[xi if j == i else a for j, a in enumerate(arrays)])))
+
+    return numerical_gradient(f, arrays[i])
+
+
+def _fd_jvp(xp: Any, i: int, t: Any, ans: Any, *args: Any, fn: Callable[..., Any],
+            name: str) -> np.ndarray:
+    arrays = [np.asarray(a, dtype=np.float64) for a in args]
+    h = DEFAULT_EPS * max(1.0, float(np.max(np.abs(arrays[i]), initial=0.0)))
+    up = fn(*[a + h * t if j == i else a for j, a in enumerate(arrays)])
+    down = fn(*[a - h * t if j == i else a for j, a in enumerate(arrays)])
+    return (np.asarray(up) - np.asarray(down)) / (2 * h)
+
+
+defop("external", lambda xp, *args, fn, name: np.asarray(fn(*args), dtype=np.float64),
+      ForEachArg(_fd_vjp), ForEachArg(_fd_jvp))
+
+
+def external(fn: Callable[..., np.ndarray], *args: Any, name: str) -> Tensor:
+    """Insert opaque function `fn` (float64 NumPy arrays in, one array out) into the graph.
+
+    Its derivatives are central differences, one evaluation pair per input element, so keep
+    such ops small. Inputs must live on NumPy.
+
+    Args:
+        fn: the function.
+        *args: its inputs (engine tensors or arrays).
+        name: a label for reports and errors, e.g. the custom Function's class name.
+
+    Returns:
+        The output tensor.
+    """
+    return apply("external", *args, fn=fn, name=name)

@@ -88,3 +88,12 @@ OP_CASES = [
     ("linear", F.linear, [randn(5, 3), randn(2, 3), randn(2)]),
 ]
 
+
+
+def _external_case(x, y):
+    from graddiag.reference.gradcheck import external
+
+    return external(lambda a, b: np.sin(a) * b, x, y, name="sin_times")
+
+
+OP_CASES.append(("external_fd", _external_case, [randn(3, 4), randn(3, 4)]))

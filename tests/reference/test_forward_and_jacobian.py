@@ -11,10 +11,11 @@ from graddiag.reference import jacobian, jvp, vjp
 from graddiag.reference.gradcheck import numerical_gradient
 
 DUALITY_RTOL = 1e-12  # both sides are exact up to float64 rounding
+FD_DUALITY_RTOL = 1e-7  # external ops differentiate by central differences on both sides
 
 
-@pytest.mark.parametrize(("fn", "args"), [c[1:] for c in OP_CASES], ids=[c[0] for c in OP_CASES])
-def test_jvp_and_vjp_agree_on_u_dot_jv(fn, args):
+@pytest.mark.parametrize(("name", "fn", "args"), OP_CASES, ids=[c[0] for c in OP_CASES])
+def test_jvp_and_vjp_agree_on_u_dot_jv(name, fn, args):
     rng = np.random.default_rng(7)
     tangents = [rng.standard_normal(np.shape(a)) for a in args]
     value, jv = jvp(fn, args, tangents)
@@ -22,7 +23,8 @@ def test_jvp_and_vjp_agree_on_u_dot_jv(fn, args):
     _, grads = vjp(fn, args, u)
     forward = float(np.sum(u * jv))
     reverse = sum(float(np.sum(g * t)) for g, t in zip(grads, tangents, strict=True))
-    assert forward == pytest.approx(reverse, rel=DUALITY_RTOL, abs=1e-12)
+    rtol = FD_DUALITY_RTOL if name.startswith("external") else DUALITY_RTOL
+    assert forward == pytest.approx(reverse, rel=rtol, abs=1e-12)
 
 
 def test_jvp_of_square_is_two_x():
