@@ -436,6 +436,7 @@ def _build_functions() -> dict[Any, Callable[..., Any]]:
         operator.add: operator.add, operator.sub: operator.sub, operator.mul: operator.mul,
         operator.truediv: operator.truediv, operator.neg: operator.neg, operator.pow: _pow,
         operator.matmul: F.matmul, operator.getitem: _getitem, builtins.getattr: getattr,
+        operator.floordiv: operator.floordiv, operator.mod: operator.mod,
         torch.add: _arith(operator.add), torch.sub: _arith(operator.sub), torch.mul: operator.mul,
         torch.div: operator.truediv, torch.neg: operator.neg, torch.pow: _pow,
         torch.matmul: F.matmul, torch.bmm: F.matmul, torch.mm: F.matmul,
