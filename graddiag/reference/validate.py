@@ -303,14 +303,42 @@ def _none_or_numpy(g: Any) -> Any:
 KERAS_LOSSES = ("MeanSquaredError", "SparseCategoricalCrossentropy", "CategoricalCrossentropy")
 
 
-def _keras_engine_loss(loss_fn: Any, targets: np.ndarray) -> Callable[[Tensor], Tensor]:
+KERAS_LOSS_NAMES = {"mse": "MeanSquaredError", "mean_squared_error": "MeanSquaredError",
+                    "sparse_categorical_crossentropy": "SparseCategoricalCrossentropy",
+                    "categorical_crossentropy": "CategoricalCrossentropy"}
+
+
+def _keras_loss(loss_fn: Any, dtype: str | None = None) -> Any:
+    """A `keras.losses.Loss` object for `loss_fn` (an object or a name), computing in `dtype`.
+
+    Raises:
+        UnsupportedOpError: for other losses, naming them.
+    """
     import keras
 
-    from graddiag.reference import functional as F
     from graddiag.reference.importers.torch_fx import UnsupportedOpError
 
     if isinstance(loss_fn, str):
-        loss_fn = keras.losses.get(loss_fn)
+        if loss_fn not in KERAS_LOSS_NAMES:
+            raise UnsupportedOpError(
+                f"Keras loss {loss_fn!r} is not supported; use one of {sorted(KERAS_LOSS_NAMES)} "
+                f"or a loss object among {KERAS_LOSSES}"
+            )
+        loss_fn = getattr(keras.losses, KERAS_LOSS_NAMES[loss_fn])()
+    name = type(loss_fn).__name__
+    if name not in KERAS_LOSSES:
+        raise UnsupportedOpError(
+            f"Keras loss {name!r} is not supported by the reference engine; use one of "
+            f"{KERAS_LOSSES} (from_logits=True recommended)"
+        )
+    if dtype is None:
+        return loss_fn
+    return type(loss_fn).from_config({**loss_fn.get_config(), "dtype": dtype})
+
+
+def _keras_engine_loss(loss_fn: Any, targets: np.ndarray) -> Callable[[Tensor], Tensor]:
+    from graddiag.reference import functional as F
+
     name = type(loss_fn).__name__
     from_logits = getattr(loss_fn, "from_logits", False)
     if name == "MeanSquaredError":
@@ -319,10 +347,7 @@ def _keras_engine_loss(loss_fn: Any, targets: np.ndarray) -> Callable[[Tensor], 
         if from_logits:
             return lambda out: F.cross_entropy(out, targets)
         return lambda out: F.cross_entropy(F.log(out), targets)  # log_softmax(log p) = log p
-    raise UnsupportedOpError(
-        f"Keras loss {name!r} is not supported by the reference engine; use one of "
-        f"{KERAS_LOSSES} (from_logits=True recommended)"
-    )
+    raise AssertionError(name)  # _keras_loss admits only the losses above
 
 
 def _keras_float64_clone(model: Any) -> Any:
@@ -340,16 +365,15 @@ def _keras_float64_clone(model: Any) -> Any:
 
 def _validate_keras(model: Any, inputs: tuple[Any, ...], loss_fn: Any, targets: Any,
                     training: bool, check_custom_ops: bool, seed: int) -> _Run:
-    import keras
     import tensorflow as tf
 
     from graddiag.reference.importers.keras import import_keras
 
-    loss_obj = keras.losses.get(loss_fn) if isinstance(loss_fn, str) else loss_fn
+    loss_obj = _keras_loss(loss_fn)
     notes: list[str] = []
     y = np.asarray(targets)
 
-    def framework(m: Any, cast: Any) -> tuple[float, dict[str, np.ndarray]]:
+    def framework(m: Any, cast: Any, loss_obj: Any) -> tuple[float, dict[str, np.ndarray]]:
         xs = [tf.cast(x, cast) if cast and np.issubdtype(np.asarray(x).dtype, np.floating)
               else x for x in inputs]
         with tf.GradientTape() as tape:
@@ -358,12 +382,14 @@ def _validate_keras(model: Any, inputs: tuple[Any, ...], loss_fn: Any, targets: 
                             out)
         variables = m.trainable_variables
         grads = tape.gradient(loss, variables)
-        return float(loss), {v.path: _zeros_if_none(None if g is None else g.numpy(), v.numpy())
+        return float(loss), {v.path: _zeros_if_none(
+            None if g is None else tf.convert_to_tensor(g).numpy(), v.numpy())  # IndexedSlices
                              for v, g in zip(variables, grads, strict=True)}
 
-    native_loss, native = framework(model, None)
+    native_loss, native = framework(model, None, loss_obj)
     try:
-        f64_loss, f64 = framework(_keras_float64_clone(model), tf.float64)
+        twin = _keras_float64_clone(model)
+        f64_loss, f64 = framework(twin, tf.float64, _keras_loss(loss_obj, "float64"))
     except Exception as exc:  # custom layers may not round-trip through get_config
         f64_loss, f64 = None, None
         notes.append(f"no float64 Keras twin ({type(exc).__name__}: {exc}); compared with the "
@@ -373,7 +399,8 @@ def _validate_keras(model: Any, inputs: tuple[Any, ...], loss_fn: Any, targets: 
     custom = []
     if check_custom_ops:
         custom = [_check_keras_custom(call, seed, tf) for call in graph.custom_calls]
-    dtype = model.dtype_policy.compute_dtype if hasattr(model, "dtype_policy") else "float32"
+    dtype = next((layer.compute_dtype for layer in model.layers if layer.trainable_weights),
+                 "float32")
     return _Run(str(dtype), engine_loss, native_loss, f64_loss, engine, native, f64,
                 graph.layer_of, custom, notes)
 

@@ -80,6 +80,14 @@ class KerasGraph:
 
     def _layer_fn(self, layer: Any, params: dict[str, Tensor]) -> Callable[..., Any]:
         kind = type(layer).__name__
+        if not hasattr(layer, "weights"):  # a keras.ops operation in a functional graph
+            op = OPS.get(kind)
+            if op is None:
+                raise UnsupportedOpError(
+                    f"keras op `{layer.name}` of type {kind} is not supported by the reference "
+                    f"importer (supported: {sorted(OPS)})"
+                )
+            return lambda *args, **kwargs: op(layer, *args, **kwargs)
         weights = {v.path.rsplit("/", 1)[-1]: params[v.path] if v.path in params
                    else Tensor(_to_numpy(v)) for v in layer.weights}
         handler = LAYERS.get(kind)
@@ -262,6 +270,22 @@ LAYERS: dict[str, Callable[..., Any]] = {
     "Subtract": _merge(lambda a, b: a - b),
     "Multiply": _merge(lambda a, b: a * b),
     "Concatenate": lambda layer, w, training, xs: F.concat(list(xs), axis=layer.axis),
+}
+
+
+# keras.ops operations that appear as nodes of functional models (x @ y, ops.softmax, ...).
+OPS: dict[str, Callable[..., Any]] = {
+    "Matmul": lambda op, a, b: F.matmul(a, b),
+    "Transpose": lambda op, x: F.transpose(x, op.axes),
+    "Softmax": lambda op, x: F.softmax(x, axis=op.axis),
+    "Add": lambda op, a, b: a + b,
+    "Subtract": lambda op, a, b: a - b,
+    "Multiply": lambda op, a, b: a * b,
+    "Divide": lambda op, a, b: a / b,
+    "TrueDivide": lambda op, a, b: a / b,
+    "Tanh": lambda op, x: F.tanh(x),
+    "Relu": lambda op, x: F.relu(x),
+    "Gelu": lambda op, x: F.gelu(x, approximate="tanh" if op.approximate else "none"),
 }
 
 
