@@ -10,15 +10,11 @@ from graddiag.reference.gradcheck import check_grads, numerical_gradient, relati
 from graddiag.reference.jacobian import jacobian
 from graddiag.reference.ops import RULES
 
-
-def validate(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201 - forwards to validate.validate
-    """Compare a torch or Keras model's gradients with the engine's; see `validate.validate`."""
-    from graddiag.reference.validate import validate as _validate
-
-    return _validate(*args, **kwargs)
-
+# Imported last and by name: the function `validate` shadows its module on this package, and
+# importing it here first means a later `import graddiag.reference.validate` cannot undo that.
+from graddiag.reference.validate import ValidationReport, validate  # noqa: E402
 
 __all__ = [
     "RULES", "Tensor", "apply", "check_grads", "jacobian", "jvp", "numerical_gradient",
-    "relative_error", "validate", "vjp",
+    "relative_error", "validate", "ValidationReport", "vjp",
 ]
