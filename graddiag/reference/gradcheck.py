@@ -13,14 +13,15 @@ from graddiag.reference.ops import ForEachArg, defop
 DEFAULT_EPS = 1e-6
 
 
-def relative_error(actual: Any, expected: Any) -> float:
-    """``max|actual − expected| / max|expected|``: the error relative to the gradient's scale.
+def relative_error(actual: Any, expected: Any, floor: float = 0.0) -> float:
+    """``max|actual − expected| / max(max|expected|, floor)``: error relative to the scale.
 
     Scaling by the largest entry rather than entry by entry keeps near-zero entries from
-    turning rounding noise into huge relative errors.
+    turning rounding noise into huge relative errors; `floor` does the same for a whole array
+    whose exact value is zero (e.g. a conv bias followed by batch norm).
     """
     a, e = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
-    scale = float(np.max(np.abs(e))) if e.size else 0.0
+    scale = max(float(np.max(np.abs(e))) if e.size else 0.0, floor)
     diff = float(np.max(np.abs(a - e))) if e.size else 0.0
     return diff / scale if scale > 0 else diff
 

@@ -33,6 +33,10 @@ TOLERANCES: dict[str, float] = {
     "bfloat16": 1e-1,
     "float16": 5e-2,
 }
+#: Errors are relative to each parameter's largest gradient entry, but never to less than this
+#: fraction of the model's largest one: a gradient that is zero in exact arithmetic (a conv bias
+#: followed by batch norm) is rounding noise, to be judged on the model's scale.
+SCALE_FLOOR = 1e-2
 CUSTOM_OP_RTOL = 1e-5  # directional derivative vs central differences, both float64
 
 
@@ -443,13 +447,15 @@ def _compare(framework: str, run: _Run, step: int, rtol: float | None) -> Valida
     by_layer: dict[str, list[str]] = {}
     for name in run.engine:
         by_layer.setdefault(run.layer_of.get(name, name), []).append(name)
+    floor = SCALE_FLOOR * max((float(np.max(np.abs(g), initial=0.0)) for g in run.engine.values()),
+                              default=0.0)
     for layer, names in by_layer.items():
         native_abs = max(_max_abs(run.native[n], run.engine[n]) for n in names)
-        native_rel = max(relative_error(run.native[n], run.engine[n]) for n in names)
+        native_rel = max(relative_error(run.native[n], run.engine[n], floor) for n in names)
         f64_abs = f64_rel = None
         if run.f64 is not None:
             f64_abs = max(_max_abs(run.f64[n], run.engine[n]) for n in names)
-            f64_rel = max(relative_error(run.f64[n], run.engine[n]) for n in names)
+            f64_rel = max(relative_error(run.f64[n], run.engine[n], floor) for n in names)
         agreement = LayerAgreement(layer, tuple(names), run.dtype, native_abs, native_rel,
                                    f64_abs, f64_rel, tol)
         report.layers.append(agreement)

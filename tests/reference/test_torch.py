@@ -181,6 +181,18 @@ def test_validate_warns_on_half_precision_beyond_its_tolerance():
     assert {f.severity for f in report.findings} == {"warning"}
 
 
+def test_validate_judges_an_exactly_zero_gradient_on_the_models_scale():
+    # A conv bias followed by batch norm (training mode) has gradient 0 in exact arithmetic:
+    # both sides are rounding noise, which must not read as a mismatch.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 4 * 4, 3))
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(8, 1, 6, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+    report = validate(model, x, tnf.cross_entropy, y)
+    assert report.ok, report.findings
+
+
 def test_validate_does_not_touch_the_users_model():
     torch.manual_seed(0)
     x, y = batch()
