@@ -291,3 +291,185 @@ OPS: dict[str, Callable[..., Any]] = {
 
 def _unsupported(layer: Any) -> Any:
     raise UnsupportedOpError(f"layer `{layer.name}`: this configuration is not supported")
+
+
+# ------------------------------------------------------------------------- tf.function graphs
+
+
+@dataclass
+class TFFunctionGraph:
+    """A `tf.function`'s concrete graph replayed by the engine, op by op.
+
+    Attributes:
+        concrete: the traced `ConcreteFunction`.
+        parameters: float64 NumPy copies of the captured trainable variables, by variable name.
+        custom_gradients: names of the `tf.custom_gradient` boundaries (IdentityN ops with an
+            overridden gradient) in the graph. The engine differentiates through their forward
+            ops, so their hand-written gradients are *not* used; a mismatch with TF's gradient
+            points at them.
+    """
+
+    concrete: Any
+    parameters: dict[str, np.ndarray] = field(default_factory=dict)
+    custom_gradients: list[str] = field(default_factory=list)
+    _captured: dict[str, str] = field(default_factory=dict)
+    _constants: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __call__(self, params: dict[str, Tensor], *inputs: Any) -> Any:
+        """Run the graph in the engine with parameter tensors `params` on `inputs`."""
+        graph = self.concrete.graph
+        env: dict[str, Any] = dict(self._constants)
+        n_args = len(graph.inputs) - len(self._captured) - len(self._constants)
+        for t, x in zip(graph.inputs[:n_args], inputs, strict=True):
+            env[t.name] = x if isinstance(x, Tensor) else Tensor(_to_numpy(x))
+        for op in graph.get_operations():
+            if op.type in ("Placeholder", "NoOp"):
+                continue
+            if op.type == "ReadVariableOp":
+                var = self._captured[op.inputs[0].name]
+                outs = [params[var] if var in params else Tensor(self._constant(var))]
+            else:
+                args = [env[t.name] for t in op.inputs]
+                handler = TF_OPS.get(op.type)
+                if handler is None:
+                    raise UnsupportedOpError(
+                        f"TF op `{op.name}` of type {op.type} is not supported by the reference "
+                        f"importer (supported: {sorted(TF_OPS)})"
+                    )
+                out = handler(op, *args)
+                outs = list(out) if op.type == "IdentityN" else [out]
+            for t, value in zip(op.outputs, outs, strict=True):
+                env[t.name] = value
+        import tensorflow as tf
+
+        # structured_outputs, not graph.outputs: a trace under a GradientTape appends the
+        # intermediates its backward needs to graph.outputs.
+        results = [env[t.name] for t in tf.nest.flatten(self.concrete.structured_outputs)]
+        return results[0] if len(results) == 1 else results
+
+    def _constant(self, name: str) -> np.ndarray:
+        return next(_to_numpy(v) for v in self.concrete.variables if v.name == name)
+
+
+def import_tf_function(fn: Any, *example_args: Any) -> TFFunctionGraph:
+    """Trace `fn` (a `tf.function` or a plain function of TF ops) on `example_args`.
+
+    Args:
+        fn: the function; variables it reads are captured as parameters.
+        *example_args: example inputs, fixing shapes and dtypes for the trace.
+
+    Returns:
+        A `TFFunctionGraph`; call it as ``graph(params, *inputs)``.
+    """
+    import tensorflow as tf
+
+    function = fn if hasattr(fn, "get_concrete_function") else tf.function(fn)
+    concrete = function.get_concrete_function(*example_args)
+    by_handle = {id(v.handle): v for v in concrete.variables}
+    captured, params, constants = {}, {}, {}
+    for external_t, internal in concrete.graph.captures:
+        var = by_handle.get(id(external_t))
+        if var is None:  # a captured eager tensor: a constant of the graph
+            constants[internal.name] = _to_numpy(external_t)
+        else:
+            captured[internal.name] = var.name
+            if var.trainable:
+                params[var.name] = _to_numpy(var)
+    custom = [op.name for op in concrete.graph.get_operations()
+              if op.type == "IdentityN" and "_gradient_op_type" in op.node_def.attr]
+    return TFFunctionGraph(concrete, params, custom, captured, constants)
+
+
+def _const_value(x: Any) -> Any:
+    return np.asarray(x.value if isinstance(x, Tensor) else x)
+
+
+def _axes_arg(x: Any) -> tuple[int, ...]:
+    return tuple(int(a) for a in np.atleast_1d(_const_value(x)))
+
+
+def _tf_matmul(op: Any, a: Any, b: Any) -> Tensor:
+    names = ("transpose_a", "transpose_b") if op.type == "MatMul" else ("adj_x", "adj_y")
+    ta, tb = (op.get_attr(n) for n in names)
+    swap = lambda t: F.transpose(t, (*range(t.ndim - 2), t.ndim - 1, t.ndim - 2))  # noqa: E731
+    return F.matmul(swap(_tensor(a)) if ta else a, swap(_tensor(b)) if tb else b)
+
+
+def _tensor(x: Any) -> Tensor:
+    return x if isinstance(x, Tensor) else Tensor(x)
+
+
+def _tf_reduce(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    return lambda op, x, axes: fn(x, axis=_axes_arg(axes), keepdims=op.get_attr("keep_dims"))
+
+
+def _tf_const(op: Any) -> Any:
+    from tensorflow.python.framework import tensor_util
+
+    value = tensor_util.MakeNdarray(op.get_attr("value"))
+    return value.astype(np.float64) if np.issubdtype(value.dtype, np.floating) else value
+
+
+def _tf_conv2d(op: Any, x: Any, kernel: Any) -> Tensor:
+    if op.get_attr("data_format") != b"NHWC" or tuple(op.get_attr("dilations")) != (1, 1, 1, 1):
+        raise UnsupportedOpError(f"TF op `{op.name}`: only NHWC Conv2D without dilation")
+    strides = tuple(op.get_attr("strides"))[1:3]
+    kh, kw = _tensor(kernel).shape[:2]
+    padding = op.get_attr("padding")
+    pads = (0, 0) if padding == b"VALID" else _same_padding(
+        op, tuple(_tensor(x).shape[1:3]), (kh, kw), strides)
+    weight = F.transpose(kernel, (3, 2, 0, 1))
+    return _to_nhwc(F.conv2d(_to_nchw(x), weight, stride=strides, padding=pads))
+
+
+def _tf_pool(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    def pool(op: Any, x: Any) -> Tensor:
+        if op.get_attr("padding") != b"VALID" or op.get_attr("data_format") != b"NHWC":
+            raise UnsupportedOpError(f"TF op `{op.name}`: only VALID NHWC pooling")
+        kernel = tuple(op.get_attr("ksize"))[1:3]
+        return _to_nhwc(fn(_to_nchw(x), kernel, tuple(op.get_attr("strides"))[1:3]))
+    return pool
+
+
+TF_OPS: dict[str, Callable[..., Any]] = {
+    "Identity": lambda op, x: x,
+    "IdentityN": lambda op, *xs: xs,
+    "StopGradient": lambda op, x: Tensor(_tensor(x).value),
+    "Const": lambda op: _tf_const(op),
+    "Cast": lambda op, x: x if isinstance(x, Tensor) else np.asarray(x),
+    "MatMul": _tf_matmul,
+    "BatchMatMulV2": _tf_matmul,
+    "BiasAdd": lambda op, x, b: x + b,
+    "AddV2": lambda op, a, b: a + b,
+    "Add": lambda op, a, b: a + b,
+    "Sub": lambda op, a, b: a - b,
+    "Mul": lambda op, a, b: a * b,
+    "RealDiv": lambda op, a, b: a / b,
+    "Neg": lambda op, x: -x,
+    "Square": lambda op, x: x * x,
+    "SquaredDifference": lambda op, a, b: (a - b) * (a - b),
+    "Sqrt": lambda op, x: F.sqrt(x),
+    "Rsqrt": lambda op, x: 1.0 / F.sqrt(x),
+    "Exp": lambda op, x: F.exp(x),
+    "Log": lambda op, x: F.log(x),
+    "Abs": lambda op, x: F.abs(x),
+    "Pow": lambda op, a, b: _tensor(a) ** b,
+    "Tanh": lambda op, x: F.tanh(x),
+    "Sigmoid": lambda op, x: F.sigmoid(x),
+    "Relu": lambda op, x: F.relu(x),
+    "Softplus": lambda op, x: F.softplus(x),
+    "Maximum": lambda op, a, b: F.maximum(a, b),
+    "Minimum": lambda op, a, b: F.minimum(a, b),
+    "Softmax": lambda op, x: F.softmax(x, axis=-1),
+    "LogSoftmax": lambda op, x: F.log_softmax(x, axis=-1),
+    "Sum": _tf_reduce(F.sum),
+    "Mean": _tf_reduce(F.mean),
+    "Max": _tf_reduce(F.max),
+    "Reshape": lambda op, x, shape: F.reshape(x, _axes_arg(shape)),
+    "Transpose": lambda op, x, perm: F.transpose(x, _axes_arg(perm)),
+    "ConcatV2": lambda op, *xs: F.concat(list(xs[:-1]), axis=int(_const_value(xs[-1]))),
+    "Pack": lambda op, *xs: F.stack(list(xs), axis=op.get_attr("axis")),
+    "Conv2D": _tf_conv2d,
+    "MaxPool": _tf_pool(F.max_pool2d),
+    "AvgPool": _tf_pool(F.avg_pool2d),
+}
