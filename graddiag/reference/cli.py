@@ -94,7 +94,10 @@ def validate_command(
         fn = load_factory(factory)
     except ValueError as exc:
         raise _fail(str(exc)) from None
-    made = fn()
+    try:
+        made = fn()
+    except Exception as exc:  # the user's code: any failure is an input error, in one line
+        raise _fail(f"FACTORY {factory!r} raised {type(exc).__name__}: {exc}") from None
     if not isinstance(made, tuple | list) or len(made) != 4:
         raise _fail(f"FACTORY {factory!r} must return (model, inputs, targets, loss), got "
                     f"{type(made).__name__}")

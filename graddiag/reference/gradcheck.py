@@ -141,6 +141,10 @@ defop("external", lambda xp, *args, fn, name: np.asarray(fn(*args), dtype=np.flo
       ForEachArg(_fd_vjp), ForEachArg(_fd_jvp))
 
 
+#: Central differences cost two evaluations of the whole function per input element.
+MAX_EXTERNAL_ELEMENTS = 50_000
+
+
 def external(fn: Callable[..., np.ndarray], *args: Any, name: str) -> Tensor:
     """Insert opaque function `fn` (float64 NumPy arrays in, one array out) into the graph.
 
@@ -154,5 +158,15 @@ def external(fn: Callable[..., np.ndarray], *args: Any, name: str) -> Tensor:
 
     Returns:
         The output tensor.
+
+    Raises:
+        ValueError: if the inputs have more than `MAX_EXTERNAL_ELEMENTS` elements in all.
     """
+    size = sum(int(np.prod(np.shape(a.value if isinstance(a, Tensor) else a))) for a in args)
+    if size > MAX_EXTERNAL_ELEMENTS:
+        raise ValueError(
+            f"Expected the inputs of opaque op {name!r} to have at most "
+            f"{MAX_EXTERNAL_ELEMENTS} elements (central differences need two calls per "
+            f"element), got {size}; validate with a smaller example batch"
+        )
     return apply("external", *args, fn=fn, name=name)

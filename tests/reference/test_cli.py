@@ -66,6 +66,10 @@ FACTORIES = textwrap.dedent('''
 
     def wrong_arity():
         return Model(), None
+
+
+    def raises():
+        raise RuntimeError("no data")
 ''')
 
 
@@ -110,6 +114,7 @@ def test_json_output_is_machine_readable(factory_file):
         ("{factory}:nothing", "has no callable 'nothing'"),
         ("{factory}:wrong_arity", "must return (model, inputs, targets, loss), got tuple"),
         ("{factory}:unsupported", "PReLU is not supported"),
+        ("{factory}:raises", "raised RuntimeError: no data"),
     ],
 )
 def test_usage_and_input_errors_exit_2_with_one_line(factory_file, spec, message):

@@ -125,3 +125,11 @@ def test_check_grads_catches_a_wrong_rule(monkeypatch):
 def test_check_grads_rejects_nonpositive_eps():
     with pytest.raises(ValueError, match="`eps` > 0, got 0"):
         check_grads(F.exp, [np.ones(2)], eps=0)
+
+
+def test_external_op_refuses_inputs_too_large_for_central_differences():
+    from graddiag.reference.gradcheck import MAX_EXTERNAL_ELEMENTS, external
+
+    big = np.zeros(MAX_EXTERNAL_ELEMENTS + 1)
+    with pytest.raises(ValueError, match="opaque op 'huge'.*got 50001"):
+        external(np.sin, Tensor(big, requires_grad=True), name="huge")

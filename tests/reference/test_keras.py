@@ -66,18 +66,23 @@ def data(case, rng):
     return rng.integers(0, 11, (2, 5)).astype("int32"), rng.integers(0, 11, (2, 5))
 
 
-@pytest.mark.parametrize("case", ["mlp", "cnn", "transformer"])
-def test_engine_matches_tensorflow_float64_gradients(case, float64):
+@pytest.mark.parametrize(("case", "training"), [("mlp", True), ("cnn", True), ("cnn", False),
+                                                ("transformer", True)])
+def test_engine_matches_tensorflow_float64_gradients(case, training, float64):
     model = {"mlp": mlp, "cnn": cnn, "transformer": transformer}[case]()
     x, y = data(case, np.random.default_rng(1))
+    if not training:  # make the moving statistics non-trivial
+        bn = next(layer for layer in model.layers if "batch_norm" in layer.name)
+        bn.moving_mean.assign(np.linspace(-0.5, 0.5, 4))
+        bn.moving_variance.assign(np.linspace(0.5, 2.0, 4))
     tf_loss_fn = keras.losses.MeanSquaredError() if case == "mlp" else \
         keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     with tf.GradientTape() as tape:
-        loss = tf_loss_fn(y, model(x, training=True))
+        loss = tf_loss_fn(y, model(x, training=training))
     tf_grads = dict(zip([v.path for v in model.trainable_variables],
                         tape.gradient(loss, model.trainable_variables), strict=True))
 
-    graph = import_keras(model, training=True)
+    graph = import_keras(model, training=training)
     params = {k: Tensor(v, requires_grad=True) for k, v in graph.parameters.items()}
     out = graph(params, x)
     ours = F.mse(out, y) if case == "mlp" else F.cross_entropy(out, y)

@@ -77,12 +77,25 @@ CASES = {
 }
 
 
+def cnn_eval():
+    model = cnn()
+    bn = model[1]
+    bn.running_mean.copy_(torch.linspace(-0.5, 0.5, 4))
+    bn.running_var.copy_(torch.linspace(0.5, 2.0, 4))
+    return model.eval()
+
+
+CASES["cnn_eval"] = (cnn_eval, *CASES["cnn"][1:])
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_engine_matches_torch_float64_autograd(case):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     factory, make_inputs, loss_kind, target_shape = CASES[case]
-    model, inputs = factory(), make_inputs(g)
+    with torch.no_grad():
+        model = factory()
+    inputs = make_inputs(g)
     from graddiag.reference import functional as F
 
     if loss_kind == "mse":

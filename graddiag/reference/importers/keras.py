@@ -68,6 +68,8 @@ class KerasGraph:
     def __call__(self, params: dict[str, Tensor], *inputs: Any) -> Any:
         """Run the model in the engine with parameter tensors `params` on `inputs`."""
         self.custom_calls = []
+        if len(inputs) == 1 and isinstance(inputs[0], list | tuple):  # Keras' multi-input form
+            inputs = tuple(inputs[0])
         xs = [x if isinstance(x, Tensor) else Tensor(_to_numpy(x)) for x in inputs]
         functional = getattr(self.model, "_run_through_graph", None)
         if functional is not None:
