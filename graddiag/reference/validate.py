@@ -228,17 +228,18 @@ def _validate_torch(model: Any, inputs: tuple[Any, ...], loss_fn: Any, targets: 
 
     notes = []
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
+    dropout = torch.nn.modules.dropout._DropoutNd  # base of Dropout, Dropout1d/2d/3d, ...
 
     def prepared(cast: Any) -> Any:
         m = copy.deepcopy(model)
         if cast is not None:
             m = m.to(cast)
         for sub in m.modules():
-            if isinstance(sub, torch.nn.Dropout | torch.nn.Dropout2d) and sub.training:
+            if isinstance(sub, dropout):
                 sub.eval()
         return m
 
-    if any(isinstance(s, torch.nn.Dropout) and s.training and s.p > 0 for s in model.modules()):
+    if any(isinstance(s, dropout) and s.training and s.p > 0 for s in model.modules()):
         notes.append("dropout modules were switched to eval for the check (their masks are "
                      "random and cannot be replayed)")
 

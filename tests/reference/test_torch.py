@@ -257,3 +257,17 @@ def test_tracing_restores_autograd_function_apply():
     x = torch.ones(2, requires_grad=True)
     Square.apply(x).sum().backward()
     assert torch.equal(x.grad, 2 * torch.ones(2))
+
+
+def test_validate_a_small_language_model_with_a_python_loss():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(4)
+    tokens, targets = torch.randint(0, 11, (2, 5), generator=g), torch.randint(0, 11, (2, 5),
+                                                                                  generator=g)
+
+    def sequence_loss(logits, y):
+        return tnf.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+    report = validate(TinyLM(), tokens, sequence_loss, targets)
+    assert report.ok, report.findings
+    assert {"embed", "block.qkv", "head"} <= {a.layer for a in report.layers}
