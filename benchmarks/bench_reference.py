@@ -41,7 +41,9 @@ def main() -> None:
 
     rng = np.random.default_rng(0)
     sizes = [args.width] * (args.depth + 1) + [10]
-    weights = [rng.standard_normal((o, i)) / np.sqrt(i) for i, o in zip(sizes[:-1], sizes[1:], strict=True)]
+    weights = [
+        rng.standard_normal((o, i)) / np.sqrt(i) for i, o in zip(sizes[:-1], sizes[1:], strict=True)
+    ]
     biases = [np.zeros(o) for o in sizes[1:]]
     x = rng.standard_normal((args.batch, sizes[0]))
     labels = rng.integers(0, 10, args.batch)
@@ -86,19 +88,27 @@ def main() -> None:
             for p in (*tw, *tb):
                 p.grad = None
 
-        rows.append((f"torch {torch.__version__} eager float64",
-                     median_seconds(torch_loss, args.repeats),
-                     median_seconds(torch_step, args.repeats)))
+        rows.append(
+            (
+                f"torch {torch.__version__} eager float64",
+                median_seconds(torch_loss, args.repeats),
+                median_seconds(torch_step, args.repeats),
+            )
+        )
 
-    print(f"MLP {' -> '.join(map(str, sizes))}, batch {args.batch}, tanh, cross-entropy; "
-          f"median of {args.repeats} runs\n")
+    print(
+        f"MLP {' -> '.join(map(str, sizes))}, batch {args.batch}, tanh, cross-entropy; "
+        f"median of {args.repeats} runs\n"
+    )
     print("| implementation | forward (ms) | forward+backward (ms) | backward/forward |")
     print("|---|---:|---:|---:|")
     for name, f, s in rows:
         print(f"| {name} | {f * 1e3:.2f} | {s * 1e3:.2f} | {(s - f) / f:.2f}x |")
     if len(rows) == 2:
-        print(f"\nengine / torch, forward+backward: {rows[0][2] / rows[1][2]:.2f}x "
-              f"(forward: {rows[0][1] / rows[1][1]:.2f}x)")
+        print(
+            f"\nengine / torch, forward+backward: {rows[0][2] / rows[1][2]:.2f}x "
+            f"(forward: {rows[0][1] / rows[1][1]:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Validate a small Keras model's gradients against the reference engine (CPU, seconds).
 
-    TF_CPP_MIN_LOG_LEVEL=2 PYTHONPATH=. python examples/validate_keras_model.py
+TF_CPP_MIN_LOG_LEVEL=2 PYTHONPATH=. python examples/validate_keras_model.py
 """
 
 from __future__ import annotations

@@ -33,10 +33,12 @@ class SmallCNN(nn.Module):
     def __init__(self, custom: type | None = None) -> None:
         super().__init__()
         self.custom = custom
-        self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                      nn.MaxPool2d(2))
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8 * 7 * 7, 32), nn.GELU(),
-                                  nn.Dropout(0.1), nn.Linear(32, 10))
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2)
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(8 * 7 * 7, 32), nn.GELU(), nn.Dropout(0.1), nn.Linear(32, 10)
+        )
 
     def forward(self, x):
         h = self.features(x)
@@ -56,8 +58,10 @@ def main() -> None:
         report = validate(model, x, loss, y)
         print(f"--- {title}: {'ok' if report.ok else 'MISMATCH'}")
         for a in report.layers:
-            print(f"{a.layer:12s} {a.dtype} rel err {a.max_rel_err:.1e} (tol {a.tolerance:.0e}), "
-                  f"vs torch float64 {a.max_rel_err_f64:.1e}")
+            print(
+                f"{a.layer:12s} {a.dtype} rel err {a.max_rel_err:.1e} (tol {a.tolerance:.0e}), "
+                f"vs torch float64 {a.max_rel_err_f64:.1e}"
+            )
         for finding in report.findings:
             print(finding)
 

@@ -29,8 +29,9 @@ def network(x: Any, kernel: Any, w1: Any, w2: Any, labels: Any) -> Tensor:
     return F.cross_entropy(F.matmul(h, w2), labels)
 
 
-def run(convert: Callable[[np.ndarray], Any], arrays: list[np.ndarray],
-        labels: np.ndarray) -> tuple[float, list[np.ndarray]]:
+def run(
+    convert: Callable[[np.ndarray], Any], arrays: list[np.ndarray], labels: np.ndarray
+) -> tuple[float, list[np.ndarray]]:
     params = [Tensor(convert(a), requires_grad=True) for a in arrays]
     loss = network(*params, convert(labels))
     loss.backward()
@@ -58,8 +59,12 @@ def gpu_backends() -> dict[str, Callable[[np.ndarray], Any]]:
 
 def main() -> int:
     rng = np.random.default_rng(0)
-    arrays = [rng.standard_normal((8, 3, 16, 16)), rng.standard_normal((4, 3, 3, 3)),
-              rng.standard_normal((256, 32)), rng.standard_normal((32, 10))]
+    arrays = [
+        rng.standard_normal((8, 3, 16, 16)),
+        rng.standard_normal((4, 3, 3, 3)),
+        rng.standard_normal((256, 32)),
+        rng.standard_normal((32, 10)),
+    ]
     labels = rng.integers(0, 10, 8)
     backends = gpu_backends()
     if not backends:
@@ -69,13 +74,17 @@ def main() -> int:
     failed = False
     for name, convert in backends.items():
         loss, grads = run(convert, arrays, labels)
-        errs = [float(np.max(np.abs(g - r)) / np.max(np.abs(r))) for g, r in
-                zip(grads, ref_grads, strict=True)]
+        errs = [
+            float(np.max(np.abs(g - r)) / np.max(np.abs(r)))
+            for g, r in zip(grads, ref_grads, strict=True)
+        ]
         loss_err = abs(loss - ref_loss) / abs(ref_loss)
         ok = loss_err <= GPU_RTOL and max(errs) <= GPU_RTOL
         failed |= not ok
-        print(f"{name}: loss rel err {loss_err:.2e}, max grad rel err {max(errs):.2e} "
-              f"-> {'ok' if ok else 'MISMATCH'}")
+        print(
+            f"{name}: loss rel err {loss_err:.2e}, max grad rel err {max(errs):.2e} "
+            f"-> {'ok' if ok else 'MISMATCH'}"
+        )
     return 1 if failed else 0
 
 

@@ -15,6 +15,15 @@ from graddiag.reference.ops import RULES
 from graddiag.reference.validate import ValidationReport, validate  # noqa: E402
 
 __all__ = [
-    "RULES", "Tensor", "apply", "check_grads", "jacobian", "jvp", "numerical_gradient",
-    "relative_error", "validate", "ValidationReport", "vjp",
+    "RULES",
+    "Tensor",
+    "apply",
+    "check_grads",
+    "jacobian",
+    "jvp",
+    "numerical_gradient",
+    "relative_error",
+    "validate",
+    "ValidationReport",
+    "vjp",
 ]

@@ -22,9 +22,25 @@ class TorchNamespace:
         self.float64 = torch.float64
         self.float32 = torch.float32
         self.int64 = torch.int64
-        for name in ("exp", "log", "log1p", "sqrt", "abs", "sign", "tanh", "maximum", "minimum",
-                     "where", "matmul", "reshape", "broadcast_to", "zeros_like",
-                     "ones_like", "asarray", "isfinite"):
+        for name in (
+            "exp",
+            "log",
+            "log1p",
+            "sqrt",
+            "abs",
+            "sign",
+            "tanh",
+            "maximum",
+            "minimum",
+            "where",
+            "matmul",
+            "reshape",
+            "broadcast_to",
+            "zeros_like",
+            "ones_like",
+            "asarray",
+            "isfinite",
+        ):
             setattr(self, name, getattr(torch, name))
 
     def sum(self, x: Any, axis: Any = None, keepdims: bool = False) -> Any:

@@ -33,7 +33,9 @@ def load_factory(spec: str) -> Any:
     """
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:
-        raise ValueError(f"FACTORY must look like module:function or file.py:function, got {spec!r}")
+        raise ValueError(
+            f"FACTORY must look like module:function or file.py:function, got {spec!r}"
+        )
     if target.endswith(".py"):
         path = Path(target)
         if not path.is_file():
@@ -57,16 +59,29 @@ def load_factory(spec: str) -> Any:
 
 
 def _table(report: Any) -> Table:
-    table = Table(title=f"gradient agreement with the reference engine ({report.framework}, "
-                        f"{report.dtype})")
-    for col in ("layer", "max abs err", "max rel err", f"tol ({report.dtype})",
-                "rel err vs float64", "status"):
+    table = Table(
+        title=f"gradient agreement with the reference engine ({report.framework}, {report.dtype})"
+    )
+    for col in (
+        "layer",
+        "max abs err",
+        "max rel err",
+        f"tol ({report.dtype})",
+        "rel err vs float64",
+        "status",
+    ):
         table.add_column(col, justify="left" if col == "layer" else "right")
     for a in report.layers:
         f64 = "n/a" if a.max_rel_err_f64 is None else f"{a.max_rel_err_f64:.2e}"
         status = "[green]ok[/green]" if a.ok else "[red]MISMATCH[/red]"
-        table.add_row(a.layer, f"{a.max_abs_err:.2e}", f"{a.max_rel_err:.2e}",
-                      f"{a.tolerance:.0e}", f64, status)
+        table.add_row(
+            a.layer,
+            f"{a.max_abs_err:.2e}",
+            f"{a.max_rel_err:.2e}",
+            f"{a.tolerance:.0e}",
+            f64,
+            status,
+        )
     for c in report.custom_ops:
         status = "[green]ok[/green]" if c.ok else "[red]MISMATCH[/red]"
         table.add_row(c.name, "", f"{c.rel_err:.2e}", "1e-05", "(finite differences)", status)
@@ -75,8 +90,10 @@ def _table(report: Any) -> Table:
 
 def validate_command(
     factory: str = typer.Argument(
-        ..., help="module:function or path/to/file.py:function returning "
-                  "(model, inputs, targets, loss)."),
+        ...,
+        help="module:function or path/to/file.py:function returning "
+        "(model, inputs, targets, loss).",
+    ),
     output_format: str = typer.Option("table", "--format", help="table or json."),
     rtol: float | None = typer.Option(None, help="Relative tolerance for the model's dtype."),
     training: bool = typer.Option(False, help="Keras: batch norm in training mode."),
@@ -99,8 +116,10 @@ def validate_command(
     except Exception as exc:  # the user's code: any failure is an input error, in one line
         raise _fail(f"FACTORY {factory!r} raised {type(exc).__name__}: {exc}") from None
     if not isinstance(made, tuple | list) or len(made) != 4:
-        raise _fail(f"FACTORY {factory!r} must return (model, inputs, targets, loss), got "
-                    f"{type(made).__name__}")
+        raise _fail(
+            f"FACTORY {factory!r} must return (model, inputs, targets, loss), got "
+            f"{type(made).__name__}"
+        )
     model, inputs, targets, loss = made
     try:
         report = validate(model, inputs, loss, targets, step=step, rtol=rtol, training=training)
@@ -116,6 +135,9 @@ def validate_command(
         for finding in report.findings:
             console.print(f"[{'red' if finding.severity == 'error' else 'yellow'}]{finding}")
             console.print(f"  suggestion: {finding.suggestion}")
-        console.print("[green]all gradients agree[/green]" if report.ok
-                      else "[red]gradient mismatch found[/red]")
+        console.print(
+            "[green]all gradients agree[/green]"
+            if report.ok
+            else "[red]gradient mismatch found[/red]"
+        )
     raise typer.Exit(EXIT_OK if report.ok else EXIT_MISMATCH)

@@ -40,8 +40,9 @@ class Tensor:
 
     __array_priority__ = 1000  # so that `ndarray + Tensor` defers to Tensor.__radd__
 
-    def __init__(self, value: Any, requires_grad: bool = False, name: str | None = None,
-                 tangent: Any = None) -> None:
+    def __init__(
+        self, value: Any, requires_grad: bool = False, name: str | None = None, tangent: Any = None
+    ) -> None:
         self.value = _as_array(value, "value")
         self.requires_grad = bool(requires_grad)
         self.name = name
@@ -90,7 +91,9 @@ class Tensor:
         if grad is None:
             grad = xp.ones(self.value.shape, dtype=self.dtype, device=backend.device_of(self.value))
         elif tuple(grad.shape) != self.shape:
-            raise ValueError(f"Expected `grad` of shape {self.shape}, got shape {tuple(grad.shape)}")
+            raise ValueError(
+                f"Expected `grad` of shape {self.shape}, got shape {tuple(grad.shape)}"
+            )
         grads: dict[int, Any] = {id(self): grad}
         for node in reversed(_topological_order(self)):
             g = grads.pop(id(node), None)

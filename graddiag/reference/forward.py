@@ -41,8 +41,11 @@ def jvp(fn: Callable[..., Any], primals: Sequence[Any], tangents: Sequence[Any])
     inputs = []
     for i, (p, t) in enumerate(zip(primals, tangents, strict=True)):
         x = Tensor(p)
-        t = x.xp.asarray(t, dtype=x.dtype, device=backend.device_of(x.value)) \
-            if not hasattr(t, "shape") else t
+        t = (
+            x.xp.asarray(t, dtype=x.dtype, device=backend.device_of(x.value))
+            if not hasattr(t, "shape")
+            else t
+        )
         if tuple(t.shape) != x.shape:
             raise ValueError(
                 f"Expected `tangents[{i}]` of shape {x.shape}, got shape {tuple(t.shape)}"

@@ -14,11 +14,47 @@ from graddiag.reference.engine import Tensor, apply, normalize_axis
 from graddiag.reference.ops import _pair
 
 __all__ = [
-    "abs", "add", "avg_pool2d", "batch_norm", "broadcast_to", "concat", "conv2d", "cross_entropy",
-    "div", "dropout", "exp", "gelu", "layer_norm", "linear", "log", "log_softmax", "logsumexp",
-    "matmul", "max", "max_pool2d", "maximum", "mean", "minimum", "mse", "mul", "neg", "normalize",
-    "pow", "relu", "reshape", "sigmoid", "softmax", "softplus", "sqrt", "stack", "sub", "sum",
-    "take", "tanh", "transpose", "where",
+    "abs",
+    "add",
+    "avg_pool2d",
+    "batch_norm",
+    "broadcast_to",
+    "concat",
+    "conv2d",
+    "cross_entropy",
+    "div",
+    "dropout",
+    "exp",
+    "gelu",
+    "layer_norm",
+    "linear",
+    "log",
+    "log_softmax",
+    "logsumexp",
+    "matmul",
+    "max",
+    "max_pool2d",
+    "maximum",
+    "mean",
+    "minimum",
+    "mse",
+    "mul",
+    "neg",
+    "normalize",
+    "pow",
+    "relu",
+    "reshape",
+    "sigmoid",
+    "softmax",
+    "softplus",
+    "sqrt",
+    "stack",
+    "sub",
+    "sum",
+    "take",
+    "tanh",
+    "transpose",
+    "where",
 ]
 
 
@@ -256,8 +292,9 @@ def normalize(x: Any, axis: Any, eps: float = 1e-5) -> Tensor:
     return apply("normalize", x, axis=normalize_axis(axis, x.ndim), eps=float(eps))
 
 
-def layer_norm(x: Any, normalized_shape: Sequence[int], weight: Any = None, bias: Any = None,
-               eps: float = 1e-5) -> Tensor:
+def layer_norm(
+    x: Any, normalized_shape: Sequence[int], weight: Any = None, bias: Any = None, eps: float = 1e-5
+) -> Tensor:
     """Layer normalization over the trailing `normalized_shape` axes, with optional affine.
 
     Raises:
@@ -275,8 +312,9 @@ def layer_norm(x: Any, normalized_shape: Sequence[int], weight: Any = None, bias
     return y if bias is None else y + bias
 
 
-def batch_norm(x: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5,
-               axis: int = 1) -> Tensor:
+def batch_norm(
+    x: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5, axis: int = 1
+) -> Tensor:
     """Batch normalization in training mode: statistics over every axis but the channel `axis`."""
     x = _tensor(x)
     ch = normalize_axis(axis, x.ndim)[0]

@@ -26,8 +26,9 @@ def relative_error(actual: Any, expected: Any, floor: float = 0.0) -> float:
     return diff / scale if scale > 0 else diff
 
 
-def numerical_gradient(f: Callable[[np.ndarray], float], x: np.ndarray,
-                       eps: float = DEFAULT_EPS) -> np.ndarray:
+def numerical_gradient(
+    f: Callable[[np.ndarray], float], x: np.ndarray, eps: float = DEFAULT_EPS
+) -> np.ndarray:
     """The gradient of scalar `f` at `x` by central differences, ``(f(x+h) − f(x−h)) / 2h``.
 
     Args:
@@ -62,8 +63,14 @@ class GradientCheckError(AssertionError):
     """An engine gradient disagrees with central differences."""
 
 
-def check_grads(fn: Callable[..., Tensor], args: Sequence[Any], rtol: float = 1e-6,
-                atol: float = 1e-7, eps: float = DEFAULT_EPS, seed: int = 0) -> float:
+def check_grads(
+    fn: Callable[..., Tensor],
+    args: Sequence[Any],
+    rtol: float = 1e-6,
+    atol: float = 1e-7,
+    eps: float = DEFAULT_EPS,
+    seed: int = 0,
+) -> float:
     """Check the engine's VJP of `fn` against central differences, for every argument.
 
     A random cotangent u turns any output into the scalar ``<u, fn(*args)>`` whose gradient
@@ -93,6 +100,7 @@ def check_grads(fn: Callable[..., Tensor], args: Sequence[Any], rtol: float = 1e
         def f(xi: np.ndarray) -> float:
             inputs = [Tensor(xi if j == i else a) for j, a in enumerate(arrays)]
             return float(np.sum(u * fn(*inputs).value))
+
         return f
 
     tensors = [Tensor(a, requires_grad=True) for a in arrays]
@@ -118,8 +126,9 @@ def check_grads(fn: Callable[..., Tensor], args: Sequence[Any], rtol: float = 1e
 # are independent of whatever backward the function's author wrote.
 
 
-def _fd_vjp(xp: Any, i: int, g: Any, ans: Any, *args: Any, fn: Callable[..., Any],
-            name: str) -> np.ndarray:
+def _fd_vjp(
+    xp: Any, i: int, g: Any, ans: Any, *args: Any, fn: Callable[..., Any], name: str
+) -> np.ndarray:
     arrays = [np.asarray(a, dtype=np.float64) for a in args]
 
     def f(xi: np.ndarray) -> float:
@@ -128,8 +137,9 @@ def _fd_vjp(xp: Any, i: int, g: Any, ans: Any, *args: Any, fn: Callable[..., Any
     return numerical_gradient(f, arrays[i])
 
 
-def _fd_jvp(xp: Any, i: int, t: Any, ans: Any, *args: Any, fn: Callable[..., Any],
-            name: str) -> np.ndarray:
+def _fd_jvp(
+    xp: Any, i: int, t: Any, ans: Any, *args: Any, fn: Callable[..., Any], name: str
+) -> np.ndarray:
     arrays = [np.asarray(a, dtype=np.float64) for a in args]
     h = DEFAULT_EPS * max(1.0, float(np.max(np.abs(arrays[i]), initial=0.0)))
     up = fn(*[a + h * t if j == i else a for j, a in enumerate(arrays)])
@@ -137,8 +147,12 @@ def _fd_jvp(xp: Any, i: int, t: Any, ans: Any, *args: Any, fn: Callable[..., Any
     return (np.asarray(up) - np.asarray(down)) / (2 * h)
 
 
-defop("external", lambda xp, *args, fn, name: np.asarray(fn(*args), dtype=np.float64),
-      ForEachArg(_fd_vjp), ForEachArg(_fd_jvp))
+defop(
+    "external",
+    lambda xp, *args, fn, name: np.asarray(fn(*args), dtype=np.float64),
+    ForEachArg(_fd_vjp),
+    ForEachArg(_fd_jvp),
+)
 
 
 #: Central differences cost two evaluations of the whole function per input element.

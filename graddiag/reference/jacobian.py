@@ -35,18 +35,19 @@ def jacobian(fn: Callable[[Tensor], Tensor], x: Any, mode: str = "auto") -> Any:
     n_in, n_out = math.prod(x.shape), math.prod(out.shape)
     if mode == "auto":
         mode = "forward" if n_in < n_out else "reverse"
-    eye = xp.reshape(xp.eye(n_in if mode == "forward" else n_out, dtype=x.dtype,
-                            device=backend.device_of(x)), (-1,))
+    eye = xp.reshape(
+        xp.eye(n_in if mode == "forward" else n_out, dtype=x.dtype, device=backend.device_of(x)),
+        (-1,),
+    )
     rows = []
     if mode == "forward":
         for i in range(n_in):
-            t = xp.reshape(eye[i * n_in:(i + 1) * n_in], x.shape)
+            t = xp.reshape(eye[i * n_in : (i + 1) * n_in], x.shape)
             rows.append(xp.reshape(jvp(fn, [x], [t])[1], (n_out,)))
         flat = xp.permute_dims(xp.stack(rows, axis=0), (1, 0))
     else:
         for i in range(n_out):
-            u = xp.reshape(eye[i * n_out:(i + 1) * n_out], out.shape)
+            u = xp.reshape(eye[i * n_out : (i + 1) * n_out], out.shape)
             rows.append(xp.reshape(vjp(fn, [x], u)[1][0], (n_in,)))
         flat = xp.stack(rows, axis=0)
     return xp.reshape(flat, tuple(out.shape) + tuple(x.shape))
-

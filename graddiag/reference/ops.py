@@ -72,8 +72,9 @@ def _shape(x: Any) -> tuple[int, ...]:
 
 def _ub(fn: Callable[..., Any], argnum: int) -> Callable[..., Any]:
     """Wrap a broadcasting VJP so its result has the shape of argument `argnum`."""
-    return lambda xp, g, ans, *args, **kw: unbroadcast(xp, fn(xp, g, ans, *args, **kw),
-                                                       _shape(args[argnum]))
+    return lambda xp, g, ans, *args, **kw: unbroadcast(
+        xp, fn(xp, g, ans, *args, **kw), _shape(args[argnum])
+    )
 
 
 def _keep(xp: Any, g: Any, shape: tuple[int, ...], axis: tuple[int, ...], keepdims: bool) -> Any:
@@ -157,7 +158,7 @@ def _pad(xp: Any, x: Any, padding: tuple[int, int], fill: float = 0.0) -> Any:
         return x
     n, c, h, w = x.shape
     out = xp.full((n, c, h + 2 * ph, w + 2 * pw), fill, dtype=x.dtype, device=x.device)
-    out[:, :, ph:ph + h, pw:pw + w] = x
+    out[:, :, ph : ph + h, pw : pw + w] = x
     return out
 
 
@@ -165,23 +166,40 @@ def _out_size(size: int, k: int, s: int, p: int) -> int:
     return (size + 2 * p - k) // s + 1
 
 
-def _patches(xp: Any, x: Any, kernel: tuple[int, int], stride: tuple[int, int],
-             padding: tuple[int, int], fill: float = 0.0) -> Any:
+def _patches(
+    xp: Any,
+    x: Any,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    fill: float = 0.0,
+) -> Any:
     """im2col: (N, C, H, W) -> (N, C, kh, kw, Ho, Wo), the window under each kernel offset."""
     (kh, kw), (sh, sw) = kernel, stride
     xp_ = _pad(xp, x, padding, fill)
     ho = _out_size(x.shape[2], kh, sh, padding[0])
     wo = _out_size(x.shape[3], kw, sw, padding[1])
     rows = [
-        xp.stack([xp_[:, :, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
-                  for j in range(kw)], axis=2)
+        xp.stack(
+            [
+                xp_[:, :, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw]
+                for j in range(kw)
+            ],
+            axis=2,
+        )
         for i in range(kh)
     ]
     return xp.stack(rows, axis=2)
 
 
-def _patches_adjoint(xp: Any, cols: Any, x_shape: tuple[int, ...], kernel: tuple[int, int],
-                     stride: tuple[int, int], padding: tuple[int, int]) -> Any:
+def _patches_adjoint(
+    xp: Any,
+    cols: Any,
+    x_shape: tuple[int, ...],
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+) -> Any:
     """col2im, the transpose of `_patches`: add every window back where it came from."""
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     n, c, h, w = x_shape
@@ -189,10 +207,14 @@ def _patches_adjoint(xp: Any, cols: Any, x_shape: tuple[int, ...], kernel: tuple
     out = xp.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=cols.dtype, device=cols.device)
     for i in range(kh):
         for j in range(kw):
-            win = (slice(None), slice(None), slice(i, i + sh * (ho - 1) + 1, sh),
-                   slice(j, j + sw * (wo - 1) + 1, sw))
+            win = (
+                slice(None),
+                slice(None),
+                slice(i, i + sh * (ho - 1) + 1, sh),
+                slice(j, j + sw * (wo - 1) + 1, sw),
+            )
             out[win] = out[win] + cols[:, :, i, j, ...]
-    return out[:, :, ph:ph + h, pw:pw + w]
+    return out[:, :, ph : ph + h, pw : pw + w]
 
 
 def _conv2d(xp: Any, x: Any, w: Any, stride: Any, padding: Any) -> Any:
@@ -281,82 +303,165 @@ def _ce_batch(logits: Any) -> int:
 
 # ---------------------------------------------------------------------------- the rule table
 # Elementwise arithmetic (broadcasting).
-defop("add", lambda xp, x, y: x + y,
-      [_ub(lambda xp, g, ans, x, y: g, 0), _ub(lambda xp, g, ans, x, y: g, 1)],
-      [lambda xp, t, ans, x, y: t, lambda xp, t, ans, x, y: t])
-defop("sub", lambda xp, x, y: x - y,
-      [_ub(lambda xp, g, ans, x, y: g, 0), _ub(lambda xp, g, ans, x, y: -g, 1)],
-      [lambda xp, t, ans, x, y: t, lambda xp, t, ans, x, y: -t])
-defop("mul", lambda xp, x, y: x * y,
-      [_ub(lambda xp, g, ans, x, y: g * y, 0), _ub(lambda xp, g, ans, x, y: g * x, 1)],
-      [lambda xp, t, ans, x, y: t * y, lambda xp, t, ans, x, y: x * t])
-defop("div", lambda xp, x, y: x / y,
-      [_ub(lambda xp, g, ans, x, y: g / y, 0), _ub(lambda xp, g, ans, x, y: -g * ans / y, 1)],
-      [lambda xp, t, ans, x, y: t / y, lambda xp, t, ans, x, y: -t * ans / y])
-defop("pow", lambda xp, x, y: x**y,
-      [_ub(lambda xp, g, ans, x, y: g * y * x ** (y - 1), 0),
-       _ub(lambda xp, g, ans, x, y: g * ans * xp.log(x), 1)],
-      [lambda xp, t, ans, x, y: t * y * x ** (y - 1), lambda xp, t, ans, x, y: t * ans * xp.log(x)])
-defop("maximum", lambda xp, x, y: xp.maximum(x, y),
-      [_ub(lambda xp, g, ans, x, y: g * _mask(xp, x > y, g) + 0.5 * g * _mask(xp, x == y, g), 0),
-       _ub(lambda xp, g, ans, x, y: g * _mask(xp, y > x, g) + 0.5 * g * _mask(xp, x == y, g), 1)],
-      [lambda xp, t, ans, x, y: t * (_mask(xp, x > y, ans) + 0.5 * _mask(xp, x == y, ans)),
-       lambda xp, t, ans, x, y: t * (_mask(xp, y > x, ans) + 0.5 * _mask(xp, x == y, ans))])
-defop("minimum", lambda xp, x, y: xp.minimum(x, y),
-      [_ub(lambda xp, g, ans, x, y: g * _mask(xp, x < y, g) + 0.5 * g * _mask(xp, x == y, g), 0),
-       _ub(lambda xp, g, ans, x, y: g * _mask(xp, y < x, g) + 0.5 * g * _mask(xp, x == y, g), 1)],
-      [lambda xp, t, ans, x, y: t * (_mask(xp, x < y, ans) + 0.5 * _mask(xp, x == y, ans)),
-       lambda xp, t, ans, x, y: t * (_mask(xp, y < x, ans) + 0.5 * _mask(xp, x == y, ans))])
-defop("where", lambda xp, c, x, y: xp.where(c, x, y),
-      [None,
-       _ub(lambda xp, g, ans, c, x, y: xp.where(c, g, xp.zeros_like(g)), 1),
-       _ub(lambda xp, g, ans, c, x, y: xp.where(c, xp.zeros_like(g), g), 2)],
-      [None,
-       lambda xp, t, ans, c, x, y: xp.where(c, t, xp.zeros_like(ans)),
-       lambda xp, t, ans, c, x, y: xp.where(c, xp.zeros_like(ans), t)])
+defop(
+    "add",
+    lambda xp, x, y: x + y,
+    [_ub(lambda xp, g, ans, x, y: g, 0), _ub(lambda xp, g, ans, x, y: g, 1)],
+    [lambda xp, t, ans, x, y: t, lambda xp, t, ans, x, y: t],
+)
+defop(
+    "sub",
+    lambda xp, x, y: x - y,
+    [_ub(lambda xp, g, ans, x, y: g, 0), _ub(lambda xp, g, ans, x, y: -g, 1)],
+    [lambda xp, t, ans, x, y: t, lambda xp, t, ans, x, y: -t],
+)
+defop(
+    "mul",
+    lambda xp, x, y: x * y,
+    [_ub(lambda xp, g, ans, x, y: g * y, 0), _ub(lambda xp, g, ans, x, y: g * x, 1)],
+    [lambda xp, t, ans, x, y: t * y, lambda xp, t, ans, x, y: x * t],
+)
+defop(
+    "div",
+    lambda xp, x, y: x / y,
+    [_ub(lambda xp, g, ans, x, y: g / y, 0), _ub(lambda xp, g, ans, x, y: -g * ans / y, 1)],
+    [lambda xp, t, ans, x, y: t / y, lambda xp, t, ans, x, y: -t * ans / y],
+)
+defop(
+    "pow",
+    lambda xp, x, y: x**y,
+    [
+        _ub(lambda xp, g, ans, x, y: g * y * x ** (y - 1), 0),
+        _ub(lambda xp, g, ans, x, y: g * ans * xp.log(x), 1),
+    ],
+    [lambda xp, t, ans, x, y: t * y * x ** (y - 1), lambda xp, t, ans, x, y: t * ans * xp.log(x)],
+)
+defop(
+    "maximum",
+    lambda xp, x, y: xp.maximum(x, y),
+    [
+        _ub(lambda xp, g, ans, x, y: g * _mask(xp, x > y, g) + 0.5 * g * _mask(xp, x == y, g), 0),
+        _ub(lambda xp, g, ans, x, y: g * _mask(xp, y > x, g) + 0.5 * g * _mask(xp, x == y, g), 1),
+    ],
+    [
+        lambda xp, t, ans, x, y: t * (_mask(xp, x > y, ans) + 0.5 * _mask(xp, x == y, ans)),
+        lambda xp, t, ans, x, y: t * (_mask(xp, y > x, ans) + 0.5 * _mask(xp, x == y, ans)),
+    ],
+)
+defop(
+    "minimum",
+    lambda xp, x, y: xp.minimum(x, y),
+    [
+        _ub(lambda xp, g, ans, x, y: g * _mask(xp, x < y, g) + 0.5 * g * _mask(xp, x == y, g), 0),
+        _ub(lambda xp, g, ans, x, y: g * _mask(xp, y < x, g) + 0.5 * g * _mask(xp, x == y, g), 1),
+    ],
+    [
+        lambda xp, t, ans, x, y: t * (_mask(xp, x < y, ans) + 0.5 * _mask(xp, x == y, ans)),
+        lambda xp, t, ans, x, y: t * (_mask(xp, y < x, ans) + 0.5 * _mask(xp, x == y, ans)),
+    ],
+)
+defop(
+    "where",
+    lambda xp, c, x, y: xp.where(c, x, y),
+    [
+        None,
+        _ub(lambda xp, g, ans, c, x, y: xp.where(c, g, xp.zeros_like(g)), 1),
+        _ub(lambda xp, g, ans, c, x, y: xp.where(c, xp.zeros_like(g), g), 2),
+    ],
+    [
+        None,
+        lambda xp, t, ans, c, x, y: xp.where(c, t, xp.zeros_like(ans)),
+        lambda xp, t, ans, c, x, y: xp.where(c, xp.zeros_like(ans), t),
+    ],
+)
 
 # Elementwise unary.
 defop("neg", lambda xp, x: -x, [lambda xp, g, ans, x: -g], [lambda xp, t, ans, x: -t])
-defop("exp", lambda xp, x: xp.exp(x),
-      [lambda xp, g, ans, x: g * ans], [lambda xp, t, ans, x: t * ans])
-defop("log", lambda xp, x: xp.log(x),
-      [lambda xp, g, ans, x: g / x], [lambda xp, t, ans, x: t / x])
-defop("sqrt", lambda xp, x: xp.sqrt(x),
-      [lambda xp, g, ans, x: g * 0.5 / ans], [lambda xp, t, ans, x: t * 0.5 / ans])
-defop("abs", lambda xp, x: xp.abs(x),
-      [lambda xp, g, ans, x: g * xp.sign(x)], [lambda xp, t, ans, x: t * xp.sign(x)])
-defop("tanh", lambda xp, x: xp.tanh(x),
-      [lambda xp, g, ans, x: g * (1.0 - ans**2)], [lambda xp, t, ans, x: t * (1.0 - ans**2)])
-defop("sigmoid", _sigmoid,
-      [lambda xp, g, ans, x: g * ans * (1.0 - ans)], [lambda xp, t, ans, x: t * ans * (1.0 - ans)])
-defop("relu", lambda xp, x: xp.maximum(x, xp.zeros_like(x)),
-      [lambda xp, g, ans, x: g * _mask(xp, x > 0, g)],
-      [lambda xp, t, ans, x: t * _mask(xp, x > 0, t)])
-defop("gelu", _gelu,
-      [lambda xp, g, ans, x, approximate: g * _gelu_grad(xp, x, approximate)],
-      [lambda xp, t, ans, x, approximate: t * _gelu_grad(xp, x, approximate)])
-defop("softplus",
-      lambda xp, x: xp.log1p(xp.exp(-xp.abs(x))) + xp.maximum(x, xp.zeros_like(x)),
-      [lambda xp, g, ans, x: g * _sigmoid(xp, x)], [lambda xp, t, ans, x: t * _sigmoid(xp, x)])
-defop("dropout", lambda xp, x, mask, p: x * mask / (1.0 - p),
-      [lambda xp, g, ans, x, mask, p: g * mask / (1.0 - p), None],
-      [lambda xp, t, ans, x, mask, p: t * mask / (1.0 - p), None])
+defop(
+    "exp", lambda xp, x: xp.exp(x), [lambda xp, g, ans, x: g * ans], [lambda xp, t, ans, x: t * ans]
+)
+defop("log", lambda xp, x: xp.log(x), [lambda xp, g, ans, x: g / x], [lambda xp, t, ans, x: t / x])
+defop(
+    "sqrt",
+    lambda xp, x: xp.sqrt(x),
+    [lambda xp, g, ans, x: g * 0.5 / ans],
+    [lambda xp, t, ans, x: t * 0.5 / ans],
+)
+defop(
+    "abs",
+    lambda xp, x: xp.abs(x),
+    [lambda xp, g, ans, x: g * xp.sign(x)],
+    [lambda xp, t, ans, x: t * xp.sign(x)],
+)
+defop(
+    "tanh",
+    lambda xp, x: xp.tanh(x),
+    [lambda xp, g, ans, x: g * (1.0 - ans**2)],
+    [lambda xp, t, ans, x: t * (1.0 - ans**2)],
+)
+defop(
+    "sigmoid",
+    _sigmoid,
+    [lambda xp, g, ans, x: g * ans * (1.0 - ans)],
+    [lambda xp, t, ans, x: t * ans * (1.0 - ans)],
+)
+defop(
+    "relu",
+    lambda xp, x: xp.maximum(x, xp.zeros_like(x)),
+    [lambda xp, g, ans, x: g * _mask(xp, x > 0, g)],
+    [lambda xp, t, ans, x: t * _mask(xp, x > 0, t)],
+)
+defop(
+    "gelu",
+    _gelu,
+    [lambda xp, g, ans, x, approximate: g * _gelu_grad(xp, x, approximate)],
+    [lambda xp, t, ans, x, approximate: t * _gelu_grad(xp, x, approximate)],
+)
+defop(
+    "softplus",
+    lambda xp, x: xp.log1p(xp.exp(-xp.abs(x))) + xp.maximum(x, xp.zeros_like(x)),
+    [lambda xp, g, ans, x: g * _sigmoid(xp, x)],
+    [lambda xp, t, ans, x: t * _sigmoid(xp, x)],
+)
+defop(
+    "dropout",
+    lambda xp, x, mask, p: x * mask / (1.0 - p),
+    [lambda xp, g, ans, x, mask, p: g * mask / (1.0 - p), None],
+    [lambda xp, t, ans, x, mask, p: t * mask / (1.0 - p), None],
+)
 
 # Linear algebra.
-defop("matmul", lambda xp, a, b: xp.matmul(a, b),
-      [_ub(lambda xp, g, ans, a, b: xp.matmul(g, _swap(xp, b)), 0),
-       _ub(lambda xp, g, ans, a, b: xp.matmul(_swap(xp, a), g), 1)],
-      [lambda xp, t, ans, a, b: xp.matmul(t, b), lambda xp, t, ans, a, b: xp.matmul(a, t)])
+defop(
+    "matmul",
+    lambda xp, a, b: xp.matmul(a, b),
+    [
+        _ub(lambda xp, g, ans, a, b: xp.matmul(g, _swap(xp, b)), 0),
+        _ub(lambda xp, g, ans, a, b: xp.matmul(_swap(xp, a), g), 1),
+    ],
+    [lambda xp, t, ans, a, b: xp.matmul(t, b), lambda xp, t, ans, a, b: xp.matmul(a, t)],
+)
 
 # Reductions (axis is a tuple of non-negative ints; the engine normalizes it).
-defop("sum", lambda xp, x, axis, keepdims: xp.sum(x, axis=axis, keepdims=keepdims),
-      [lambda xp, g, ans, x, axis, keepdims:
-       xp.broadcast_to(_keep(xp, g, x.shape, axis, keepdims), x.shape)],
-      [lambda xp, t, ans, x, axis, keepdims: xp.sum(t, axis=axis, keepdims=keepdims)])
-defop("mean", lambda xp, x, axis, keepdims: xp.mean(x, axis=axis, keepdims=keepdims),
-      [lambda xp, g, ans, x, axis, keepdims:
-       xp.broadcast_to(_keep(xp, g, x.shape, axis, keepdims), x.shape) / _count(x.shape, axis)],
-      [lambda xp, t, ans, x, axis, keepdims: xp.mean(t, axis=axis, keepdims=keepdims)])
+defop(
+    "sum",
+    lambda xp, x, axis, keepdims: xp.sum(x, axis=axis, keepdims=keepdims),
+    [
+        lambda xp, g, ans, x, axis, keepdims: xp.broadcast_to(
+            _keep(xp, g, x.shape, axis, keepdims), x.shape
+        )
+    ],
+    [lambda xp, t, ans, x, axis, keepdims: xp.sum(t, axis=axis, keepdims=keepdims)],
+)
+defop(
+    "mean",
+    lambda xp, x, axis, keepdims: xp.mean(x, axis=axis, keepdims=keepdims),
+    [
+        lambda xp, g, ans, x, axis, keepdims: (
+            xp.broadcast_to(_keep(xp, g, x.shape, axis, keepdims), x.shape) / _count(x.shape, axis)
+        )
+    ],
+    [lambda xp, t, ans, x, axis, keepdims: xp.mean(t, axis=axis, keepdims=keepdims)],
+)
 
 
 def _max_share(xp: Any, ans: Any, x: Any, axis: tuple[int, ...], keepdims: bool) -> Any:
@@ -364,93 +469,189 @@ def _max_share(xp: Any, ans: Any, x: Any, axis: tuple[int, ...], keepdims: bool)
     return hit / xp.sum(hit, axis=axis, keepdims=True)  # ties share the gradient
 
 
-defop("max", lambda xp, x, axis, keepdims: xp.max(x, axis=axis, keepdims=keepdims),
-      [lambda xp, g, ans, x, axis, keepdims:
-       _keep(xp, g, x.shape, axis, keepdims) * _max_share(xp, ans, x, axis, keepdims)],
-      [lambda xp, t, ans, x, axis, keepdims:
-       xp.sum(t * _max_share(xp, ans, x, axis, keepdims), axis=axis, keepdims=keepdims)])
+defop(
+    "max",
+    lambda xp, x, axis, keepdims: xp.max(x, axis=axis, keepdims=keepdims),
+    [
+        lambda xp, g, ans, x, axis, keepdims: (
+            _keep(xp, g, x.shape, axis, keepdims) * _max_share(xp, ans, x, axis, keepdims)
+        )
+    ],
+    [
+        lambda xp, t, ans, x, axis, keepdims: xp.sum(
+            t * _max_share(xp, ans, x, axis, keepdims), axis=axis, keepdims=keepdims
+        )
+    ],
+)
 
 
 def _logsumexp(xp: Any, x: Any, axis: tuple[int, ...], keepdims: bool) -> Any:
     m = xp.max(x, axis=axis, keepdims=True)
     out = m + xp.log(xp.sum(xp.exp(x - m), axis=axis, keepdims=True))
-    return out if keepdims else xp.reshape(out, tuple(n for i, n in enumerate(x.shape)
-                                                      if i not in axis))
+    return (
+        out
+        if keepdims
+        else xp.reshape(out, tuple(n for i, n in enumerate(x.shape) if i not in axis))
+    )
 
 
-defop("logsumexp", _logsumexp,
-      [lambda xp, g, ans, x, axis, keepdims:
-       _keep(xp, g, x.shape, axis, keepdims) * xp.exp(x - _keep(xp, ans, x.shape, axis, keepdims))],
-      [lambda xp, t, ans, x, axis, keepdims: xp.sum(
-          t * xp.exp(x - _keep(xp, ans, x.shape, axis, keepdims)), axis=axis, keepdims=keepdims)])
+defop(
+    "logsumexp",
+    _logsumexp,
+    [
+        lambda xp, g, ans, x, axis, keepdims: (
+            _keep(xp, g, x.shape, axis, keepdims)
+            * xp.exp(x - _keep(xp, ans, x.shape, axis, keepdims))
+        )
+    ],
+    [
+        lambda xp, t, ans, x, axis, keepdims: xp.sum(
+            t * xp.exp(x - _keep(xp, ans, x.shape, axis, keepdims)), axis=axis, keepdims=keepdims
+        )
+    ],
+)
 
 # Shape ops.
-defop("reshape", lambda xp, x, shape: xp.reshape(x, shape),
-      [lambda xp, g, ans, x, shape: xp.reshape(g, x.shape)],
-      [lambda xp, t, ans, x, shape: xp.reshape(t, shape)])
-defop("transpose", lambda xp, x, axes: xp.permute_dims(x, axes),
-      [lambda xp, g, ans, x, axes: xp.permute_dims(g, _inverse(axes))],
-      [lambda xp, t, ans, x, axes: xp.permute_dims(t, axes)])
-defop("broadcast_to", lambda xp, x, shape: xp.broadcast_to(x, shape),
-      [lambda xp, g, ans, x, shape: unbroadcast(xp, g, x.shape)],
-      [lambda xp, t, ans, x, shape: xp.broadcast_to(t, shape)])
-defop("getitem", lambda xp, x, key: x[key],
-      [_getitem_vjp], [lambda xp, t, ans, x, key: t[key]])
-defop("take", _take,
-      [_take_vjp, None], [lambda xp, t, ans, x, idx: _take(xp, t, idx), None])
-defop("concat", lambda xp, *xs, axis: xp.concat(list(xs), axis=axis),
-      ForEachArg(_concat_vjp), ForEachArg(_concat_jvp))
-defop("stack", lambda xp, *xs, axis: xp.stack(list(xs), axis=axis),
-      ForEachArg(_stack_vjp), ForEachArg(_stack_jvp))
+defop(
+    "reshape",
+    lambda xp, x, shape: xp.reshape(x, shape),
+    [lambda xp, g, ans, x, shape: xp.reshape(g, x.shape)],
+    [lambda xp, t, ans, x, shape: xp.reshape(t, shape)],
+)
+defop(
+    "transpose",
+    lambda xp, x, axes: xp.permute_dims(x, axes),
+    [lambda xp, g, ans, x, axes: xp.permute_dims(g, _inverse(axes))],
+    [lambda xp, t, ans, x, axes: xp.permute_dims(t, axes)],
+)
+defop(
+    "broadcast_to",
+    lambda xp, x, shape: xp.broadcast_to(x, shape),
+    [lambda xp, g, ans, x, shape: unbroadcast(xp, g, x.shape)],
+    [lambda xp, t, ans, x, shape: xp.broadcast_to(t, shape)],
+)
+defop("getitem", lambda xp, x, key: x[key], [_getitem_vjp], [lambda xp, t, ans, x, key: t[key]])
+defop("take", _take, [_take_vjp, None], [lambda xp, t, ans, x, idx: _take(xp, t, idx), None])
+defop(
+    "concat",
+    lambda xp, *xs, axis: xp.concat(list(xs), axis=axis),
+    ForEachArg(_concat_vjp),
+    ForEachArg(_concat_jvp),
+)
+defop(
+    "stack",
+    lambda xp, *xs, axis: xp.stack(list(xs), axis=axis),
+    ForEachArg(_stack_vjp),
+    ForEachArg(_stack_jvp),
+)
 
 # Normalized exponentials (axis is one int).
-defop("softmax", lambda xp, x, axis: _softmax(xp, x, axis),
-      [lambda xp, g, ans, x, axis: ans * (g - xp.sum(g * ans, axis=axis, keepdims=True))],
-      [lambda xp, t, ans, x, axis: ans * (t - xp.sum(t * ans, axis=axis, keepdims=True))])
-defop("log_softmax", lambda xp, x, axis: _log_softmax(xp, x, axis),
-      [lambda xp, g, ans, x, axis: g - xp.exp(ans) * xp.sum(g, axis=axis, keepdims=True)],
-      [lambda xp, t, ans, x, axis: t - xp.sum(xp.exp(ans) * t, axis=axis, keepdims=True)])
+defop(
+    "softmax",
+    lambda xp, x, axis: _softmax(xp, x, axis),
+    [lambda xp, g, ans, x, axis: ans * (g - xp.sum(g * ans, axis=axis, keepdims=True))],
+    [lambda xp, t, ans, x, axis: ans * (t - xp.sum(t * ans, axis=axis, keepdims=True))],
+)
+defop(
+    "log_softmax",
+    lambda xp, x, axis: _log_softmax(xp, x, axis),
+    [lambda xp, g, ans, x, axis: g - xp.exp(ans) * xp.sum(g, axis=axis, keepdims=True)],
+    [lambda xp, t, ans, x, axis: t - xp.sum(xp.exp(ans) * t, axis=axis, keepdims=True)],
+)
 
 # Convolution and pooling (NCHW; kernel/stride/padding are (h, w) pairs).
-defop("conv2d", _conv2d,
-      [_conv2d_vjp_x, _conv2d_vjp_w],
-      [lambda xp, t, ans, x, w, stride, padding: _conv2d(xp, t, w, stride, padding),
-       lambda xp, t, ans, x, w, stride, padding: _conv2d(xp, x, t, stride, padding)])
-defop("max_pool2d",
-      lambda xp, x, kernel, stride, padding: xp.max(
-          _pool_windows(xp, x, kernel, stride, padding, -math.inf), axis=2),
-      [lambda xp, g, ans, x, kernel, stride, padding: _unwindow(
-          xp, g[:, :, None, ...] * _max_pool_mask(xp, ans, x, kernel, stride, padding),
-          x, kernel, stride, padding)],
-      [lambda xp, t, ans, x, kernel, stride, padding: xp.sum(
-          _pool_windows(xp, t, kernel, stride, padding, 0.0)
-          * _max_pool_mask(xp, ans, x, kernel, stride, padding), axis=2)])
-defop("avg_pool2d",
-      lambda xp, x, kernel, stride, padding: xp.mean(
-          _pool_windows(xp, x, kernel, stride, padding, 0.0), axis=2),
-      [lambda xp, g, ans, x, kernel, stride, padding: _unwindow(
-          xp, xp.broadcast_to(g[:, :, None, ...], (g.shape[0], g.shape[1], kernel[0] * kernel[1])
-                              + tuple(g.shape[2:])) / (kernel[0] * kernel[1]),
-          x, kernel, stride, padding)],
-      [lambda xp, t, ans, x, kernel, stride, padding: xp.mean(
-          _pool_windows(xp, t, kernel, stride, padding, 0.0), axis=2)])
+defop(
+    "conv2d",
+    _conv2d,
+    [_conv2d_vjp_x, _conv2d_vjp_w],
+    [
+        lambda xp, t, ans, x, w, stride, padding: _conv2d(xp, t, w, stride, padding),
+        lambda xp, t, ans, x, w, stride, padding: _conv2d(xp, x, t, stride, padding),
+    ],
+)
+defop(
+    "max_pool2d",
+    lambda xp, x, kernel, stride, padding: xp.max(
+        _pool_windows(xp, x, kernel, stride, padding, -math.inf), axis=2
+    ),
+    [
+        lambda xp, g, ans, x, kernel, stride, padding: _unwindow(
+            xp,
+            g[:, :, None, ...] * _max_pool_mask(xp, ans, x, kernel, stride, padding),
+            x,
+            kernel,
+            stride,
+            padding,
+        )
+    ],
+    [
+        lambda xp, t, ans, x, kernel, stride, padding: xp.sum(
+            _pool_windows(xp, t, kernel, stride, padding, 0.0)
+            * _max_pool_mask(xp, ans, x, kernel, stride, padding),
+            axis=2,
+        )
+    ],
+)
+defop(
+    "avg_pool2d",
+    lambda xp, x, kernel, stride, padding: xp.mean(
+        _pool_windows(xp, x, kernel, stride, padding, 0.0), axis=2
+    ),
+    [
+        lambda xp, g, ans, x, kernel, stride, padding: _unwindow(
+            xp,
+            xp.broadcast_to(
+                g[:, :, None, ...],
+                (g.shape[0], g.shape[1], kernel[0] * kernel[1]) + tuple(g.shape[2:]),
+            )
+            / (kernel[0] * kernel[1]),
+            x,
+            kernel,
+            stride,
+            padding,
+        )
+    ],
+    [
+        lambda xp, t, ans, x, kernel, stride, padding: xp.mean(
+            _pool_windows(xp, t, kernel, stride, padding, 0.0), axis=2
+        )
+    ],
+)
 
 # Normalization: (x - mean) / sqrt(var + eps) over `axis`; layer and batch norm add the affine.
-defop("normalize", lambda xp, x, axis, eps: _normalize_stats(xp, x, axis, eps)[0],
-      [lambda xp, g, ans, x, axis, eps: _normalize_linear(xp, g, x, axis, eps)],
-      [lambda xp, t, ans, x, axis, eps: _normalize_linear(xp, t, x, axis, eps)])
+defop(
+    "normalize",
+    lambda xp, x, axis, eps: _normalize_stats(xp, x, axis, eps)[0],
+    [lambda xp, g, ans, x, axis, eps: _normalize_linear(xp, g, x, axis, eps)],
+    [lambda xp, t, ans, x, axis, eps: _normalize_linear(xp, t, x, axis, eps)],
+)
 
 # Losses (mean over the batch; cross-entropy takes class probabilities over the last axis).
-defop("mse", lambda xp, p, y: xp.mean((p - y) ** 2),
-      [lambda xp, g, ans, p, y: g * 2.0 * (p - y) / math.prod(p.shape),
-       lambda xp, g, ans, p, y: -g * 2.0 * (p - y) / math.prod(p.shape)],
-      [lambda xp, t, ans, p, y: xp.mean(2.0 * (p - y) * t),
-       lambda xp, t, ans, p, y: -xp.mean(2.0 * (p - y) * t)])
-defop("cross_entropy",
-      lambda xp, z, q: -xp.sum(q * _log_softmax(xp, z, -1)) / _ce_batch(z),
-      [lambda xp, g, ans, z, q: g * (_softmax(xp, z, -1) * xp.sum(q, axis=-1, keepdims=True) - q)
-       / _ce_batch(z),
-       lambda xp, g, ans, z, q: -g * _log_softmax(xp, z, -1) / _ce_batch(z)],
-      [lambda xp, t, ans, z, q: xp.sum(
-          (_softmax(xp, z, -1) * xp.sum(q, axis=-1, keepdims=True) - q) * t) / _ce_batch(z),
-       lambda xp, t, ans, z, q: -xp.sum(_log_softmax(xp, z, -1) * t) / _ce_batch(z)])
+defop(
+    "mse",
+    lambda xp, p, y: xp.mean((p - y) ** 2),
+    [
+        lambda xp, g, ans, p, y: g * 2.0 * (p - y) / math.prod(p.shape),
+        lambda xp, g, ans, p, y: -g * 2.0 * (p - y) / math.prod(p.shape),
+    ],
+    [
+        lambda xp, t, ans, p, y: xp.mean(2.0 * (p - y) * t),
+        lambda xp, t, ans, p, y: -xp.mean(2.0 * (p - y) * t),
+    ],
+)
+defop(
+    "cross_entropy",
+    lambda xp, z, q: -xp.sum(q * _log_softmax(xp, z, -1)) / _ce_batch(z),
+    [
+        lambda xp, g, ans, z, q: (
+            g * (_softmax(xp, z, -1) * xp.sum(q, axis=-1, keepdims=True) - q) / _ce_batch(z)
+        ),
+        lambda xp, g, ans, z, q: -g * _log_softmax(xp, z, -1) / _ce_batch(z),
+    ],
+    [
+        lambda xp, t, ans, z, q: (
+            xp.sum((_softmax(xp, z, -1) * xp.sum(q, axis=-1, keepdims=True) - q) * t) / _ce_batch(z)
+        ),
+        lambda xp, t, ans, z, q: -xp.sum(_log_softmax(xp, z, -1) * t) / _ce_batch(z),
+    ],
+)

@@ -110,17 +110,30 @@ class ValidationReport:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
         return {
-            "framework": self.framework, "dtype": self.dtype, "loss": self.loss,
-            "framework_loss": self.framework_loss, "ok": self.ok,
+            "framework": self.framework,
+            "dtype": self.dtype,
+            "loss": self.loss,
+            "framework_loss": self.framework_loss,
+            "ok": self.ok,
             "layers": [asdict(a) for a in self.layers],
             "custom_ops": [asdict(c) for c in self.custom_ops],
-            "findings": [f.to_dict() for f in self.findings], "notes": list(self.notes),
+            "findings": [f.to_dict() for f in self.findings],
+            "notes": list(self.notes),
         }
 
 
-def validate(model: Any, example_inputs: Any, loss_fn: Any, targets: Any, *, step: int = 0,
-             rtol: float | None = None, training: bool = False,
-             check_custom_ops: bool = True, seed: int = 0) -> ValidationReport:
+def validate(
+    model: Any,
+    example_inputs: Any,
+    loss_fn: Any,
+    targets: Any,
+    *,
+    step: int = 0,
+    rtol: float | None = None,
+    training: bool = False,
+    check_custom_ops: bool = True,
+    seed: int = 0,
+) -> ValidationReport:
     """Compare a torch or Keras model's parameter gradients with the reference engine's.
 
     Args:
@@ -186,8 +199,9 @@ def _framework(model: Any) -> str | None:
     return None
 
 
-def _engine_grads(graph: Any, inputs: tuple[Any, ...],
-                  loss: Callable[[Any], Tensor]) -> tuple[float, dict[str, Any]]:
+def _engine_grads(
+    graph: Any, inputs: tuple[Any, ...], loss: Callable[[Any], Tensor]
+) -> tuple[float, dict[str, Any]]:
     params = {k: Tensor(v, requires_grad=True, name=k) for k, v in graph.parameters.items()}
     out = loss(graph(params, *inputs))
     out.backward()
@@ -198,8 +212,13 @@ def _zeros_if_none(grad: Any, like: Any) -> np.ndarray:
     return np.zeros_like(like) if grad is None else np.asarray(grad, dtype=np.float64)
 
 
-def _directional_check(name: str, f: Callable[..., np.ndarray], backward: Callable[..., list],
-                       inputs: list[np.ndarray], seed: int) -> CustomOpCheck:
+def _directional_check(
+    name: str,
+    f: Callable[..., np.ndarray],
+    backward: Callable[..., list],
+    inputs: list[np.ndarray],
+    seed: int,
+) -> CustomOpCheck:
     """<u, J v> by the op's own backward vs by central differences of its forward."""
     rng = np.random.default_rng(seed)
     floats = [i for i, a in enumerate(inputs) if np.issubdtype(a.dtype, np.floating)]
@@ -220,8 +239,15 @@ def _directional_check(name: str, f: Callable[..., np.ndarray], backward: Callab
 # ------------------------------------------------------------------------------------ torch
 
 
-def _validate_torch(model: Any, inputs: tuple[Any, ...], loss_fn: Any, targets: Any,
-                    training: bool, check_custom_ops: bool, seed: int) -> _Run:
+def _validate_torch(
+    model: Any,
+    inputs: tuple[Any, ...],
+    loss_fn: Any,
+    targets: Any,
+    training: bool,
+    check_custom_ops: bool,
+    seed: int,
+) -> _Run:
     import torch
 
     from graddiag.reference.importers.torch_fx import import_torch
@@ -240,24 +266,31 @@ def _validate_torch(model: Any, inputs: tuple[Any, ...], loss_fn: Any, targets: 
         return m
 
     if any(isinstance(s, dropout) and s.training and s.p > 0 for s in model.modules()):
-        notes.append("dropout modules were switched to eval for the check (their masks are "
-                     "random and cannot be replayed)")
+        notes.append(
+            "dropout modules were switched to eval for the check (their masks are "
+            "random and cannot be replayed)"
+        )
 
     def cast_inputs(cast: Any) -> list[Any]:
-        return [x.to(cast) if torch.is_tensor(x) and x.is_floating_point() and cast else x
-                for x in (*inputs, targets)]
+        return [
+            x.to(cast) if torch.is_tensor(x) and x.is_floating_point() and cast else x
+            for x in (*inputs, targets)
+        ]
 
     def framework(cast: Any) -> tuple[float, dict[str, np.ndarray]]:
         m = prepared(cast)
         *xs, y = cast_inputs(cast)
         loss = loss_fn(m(*xs), y)
-        grads = torch.autograd.grad(loss, [p for p in m.parameters() if p.requires_grad],
-                                    allow_unused=True)
+        grads = torch.autograd.grad(
+            loss, [p for p in m.parameters() if p.requires_grad], allow_unused=True
+        )
         named = [n for n, p in m.named_parameters() if p.requires_grad]
         params = dict(m.named_parameters())
         return float(loss.detach()), {
-            n: _zeros_if_none(None if g is None else g.detach().double().cpu().numpy(),
-                              params[n].detach().double().cpu().numpy())
+            n: _zeros_if_none(
+                None if g is None else g.detach().double().cpu().numpy(),
+                params[n].detach().double().cpu().numpy(),
+            )
             for n, g in zip(named, grads, strict=True)
         }
 
@@ -276,10 +309,23 @@ def _validate_torch(model: Any, inputs: tuple[Any, ...], loss_fn: Any, targets: 
     loss_graph = import_torch(Loss(loss_fn))
     *xs, y = cast_inputs(torch.float64)
     engine_loss, engine = _engine_grads(graph, tuple(xs), lambda out: loss_graph({}, out, y))
-    custom = [_check_torch_custom(call, seed, torch) for call in graph.custom_calls] \
-        if check_custom_ops else []
-    return _Run(str(dtype).removeprefix("torch."), engine_loss, native_loss, f64_loss, engine,
-                native, f64, {n: n.rpartition(".")[0] or n for n in native}, custom, notes)
+    custom = (
+        [_check_torch_custom(call, seed, torch) for call in graph.custom_calls]
+        if check_custom_ops
+        else []
+    )
+    return _Run(
+        str(dtype).removeprefix("torch."),
+        engine_loss,
+        native_loss,
+        f64_loss,
+        engine,
+        native,
+        f64,
+        {n: n.rpartition(".")[0] or n for n in native},
+        custom,
+        notes,
+    )
 
 
 def _check_torch_custom(call: Any, seed: int, torch: Any) -> CustomOpCheck:
@@ -308,9 +354,12 @@ def _none_or_numpy(g: Any) -> Any:
 KERAS_LOSSES = ("MeanSquaredError", "SparseCategoricalCrossentropy", "CategoricalCrossentropy")
 
 
-KERAS_LOSS_NAMES = {"mse": "MeanSquaredError", "mean_squared_error": "MeanSquaredError",
-                    "sparse_categorical_crossentropy": "SparseCategoricalCrossentropy",
-                    "categorical_crossentropy": "CategoricalCrossentropy"}
+KERAS_LOSS_NAMES = {
+    "mse": "MeanSquaredError",
+    "mean_squared_error": "MeanSquaredError",
+    "sparse_categorical_crossentropy": "SparseCategoricalCrossentropy",
+    "categorical_crossentropy": "CategoricalCrossentropy",
+}
 
 
 def _keras_loss(loss_fn: Any, dtype: str | None = None) -> Any:
@@ -362,14 +411,26 @@ def _keras_float64_clone(model: Any) -> Any:
         return layer.__class__.from_config({**layer.get_config(), "dtype": "float64"})
 
     twin = keras.models.clone_model(model, clone_function=clone)
-    twin.set_weights([np.asarray(w, dtype=np.float64) if np.issubdtype(np.asarray(w).dtype,
-                                                                      np.floating) else w
-                      for w in model.get_weights()])
+    twin.set_weights(
+        [
+            np.asarray(w, dtype=np.float64)
+            if np.issubdtype(np.asarray(w).dtype, np.floating)
+            else w
+            for w in model.get_weights()
+        ]
+    )
     return twin
 
 
-def _validate_keras(model: Any, inputs: tuple[Any, ...], loss_fn: Any, targets: Any,
-                    training: bool, check_custom_ops: bool, seed: int) -> _Run:
+def _validate_keras(
+    model: Any,
+    inputs: tuple[Any, ...],
+    loss_fn: Any,
+    targets: Any,
+    training: bool,
+    check_custom_ops: bool,
+    seed: int,
+) -> _Run:
     import tensorflow as tf
 
     from graddiag.reference.importers.keras import import_keras
@@ -379,17 +440,23 @@ def _validate_keras(model: Any, inputs: tuple[Any, ...], loss_fn: Any, targets: 
     y = np.asarray(targets)
 
     def framework(m: Any, cast: Any, loss_obj: Any) -> tuple[float, dict[str, np.ndarray]]:
-        xs = [tf.cast(x, cast) if cast and np.issubdtype(np.asarray(x).dtype, np.floating)
-              else x for x in inputs]
+        xs = [
+            tf.cast(x, cast) if cast and np.issubdtype(np.asarray(x).dtype, np.floating) else x
+            for x in inputs
+        ]
         with tf.GradientTape() as tape:
             out = m(xs[0] if len(xs) == 1 else xs, training=training)
-            loss = loss_obj(tf.cast(y, out.dtype) if np.issubdtype(y.dtype, np.floating) else y,
-                            out)
+            loss = loss_obj(
+                tf.cast(y, out.dtype) if np.issubdtype(y.dtype, np.floating) else y, out
+            )
         variables = m.trainable_variables
         grads = tape.gradient(loss, variables)
-        return float(loss), {v.path: _zeros_if_none(
-            None if g is None else tf.convert_to_tensor(g).numpy(), v.numpy())  # IndexedSlices
-                             for v, g in zip(variables, grads, strict=True)}
+        return float(loss), {
+            v.path: _zeros_if_none(
+                None if g is None else tf.convert_to_tensor(g).numpy(), v.numpy()
+            )  # IndexedSlices
+            for v, g in zip(variables, grads, strict=True)
+        }
 
     native_loss, native = framework(model, None, loss_obj)
     try:
@@ -397,17 +464,30 @@ def _validate_keras(model: Any, inputs: tuple[Any, ...], loss_fn: Any, targets: 
         f64_loss, f64 = framework(twin, tf.float64, _keras_loss(loss_obj, "float64"))
     except Exception as exc:  # custom layers may not round-trip through get_config
         f64_loss, f64 = None, None
-        notes.append(f"no float64 Keras twin ({type(exc).__name__}: {exc}); compared with the "
-                     "model's own dtype only")
+        notes.append(
+            f"no float64 Keras twin ({type(exc).__name__}: {exc}); compared with the "
+            "model's own dtype only"
+        )
     graph = import_keras(model, training=training)
     engine_loss, engine = _engine_grads(graph, inputs, _keras_engine_loss(loss_obj, y))
     custom = []
     if check_custom_ops:
         custom = [_check_keras_custom(call, seed, tf) for call in graph.custom_calls]
-    dtype = next((layer.compute_dtype for layer in model.layers if layer.trainable_weights),
-                 "float32")
-    return _Run(str(dtype), engine_loss, native_loss, f64_loss, engine, native, f64,
-                graph.layer_of, custom, notes)
+    dtype = next(
+        (layer.compute_dtype for layer in model.layers if layer.trainable_weights), "float32"
+    )
+    return _Run(
+        str(dtype),
+        engine_loss,
+        native_loss,
+        f64_loss,
+        engine,
+        native,
+        f64,
+        graph.layer_of,
+        custom,
+        notes,
+    )
 
 
 def _check_keras_custom(call: Any, seed: int, tf: Any) -> CustomOpCheck:
@@ -420,8 +500,10 @@ def _check_keras_custom(call: Any, seed: int, tf: Any) -> CustomOpCheck:
             for x in xs:
                 tape.watch(x)
             out = call.function(*xs)
-        return [None if g is None else g.numpy()
-                for g in tape.gradient(out, xs, output_gradients=tf.constant(u, out.dtype))]
+        return [
+            None if g is None else g.numpy()
+            for g in tape.gradient(out, xs, output_gradients=tf.constant(u, out.dtype))
+        ]
 
     return _directional_check(f"custom layer {call.name}", f, backward, call.inputs, seed)
 
@@ -435,21 +517,35 @@ def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
 
 def _compare(framework: str, run: _Run, step: int, rtol: float | None) -> ValidationReport:
     tol = rtol if rtol is not None else TOLERANCES.get(run.dtype, TOLERANCES["float32"])
-    report = ValidationReport(framework, run.dtype, run.loss, run.framework_loss,
-                              custom_ops=run.custom_ops, notes=run.notes)
+    report = ValidationReport(
+        framework,
+        run.dtype,
+        run.loss,
+        run.framework_loss,
+        custom_ops=run.custom_ops,
+        notes=run.notes,
+    )
     if run.framework_loss_f64 is not None and not math.isclose(
-            run.loss, run.framework_loss_f64, rel_tol=TOLERANCES["float64"], abs_tol=1e-12):
-        report.findings.append(Finding(
-            step, None, "validation", "error", abs(run.loss - run.framework_loss_f64),
-            f"the engine's float64 loss {run.loss:.12g} differs from {framework}'s float64 loss "
-            f"{run.framework_loss_f64:.12g}: the forward pass was not replayed faithfully",
-            "Report the model to graddiag; gradients below are not comparable.",
-        ))
+        run.loss, run.framework_loss_f64, rel_tol=TOLERANCES["float64"], abs_tol=1e-12
+    ):
+        report.findings.append(
+            Finding(
+                step,
+                None,
+                "validation",
+                "error",
+                abs(run.loss - run.framework_loss_f64),
+                f"the engine's float64 loss {run.loss:.12g} differs from {framework}'s float64 loss "
+                f"{run.framework_loss_f64:.12g}: the forward pass was not replayed faithfully",
+                "Report the model to graddiag; gradients below are not comparable.",
+            )
+        )
     by_layer: dict[str, list[str]] = {}
     for name in run.engine:
         by_layer.setdefault(run.layer_of.get(name, name), []).append(name)
-    floor = SCALE_FLOOR * max((float(np.max(np.abs(g), initial=0.0)) for g in run.engine.values()),
-                              default=0.0)
+    floor = SCALE_FLOOR * max(
+        (float(np.max(np.abs(g), initial=0.0)) for g in run.engine.values()), default=0.0
+    )
     for layer, names in by_layer.items():
         native_abs = max(_max_abs(run.native[n], run.engine[n]) for n in names)
         native_rel = max(relative_error(run.native[n], run.engine[n], floor) for n in names)
@@ -457,39 +553,58 @@ def _compare(framework: str, run: _Run, step: int, rtol: float | None) -> Valida
         if run.f64 is not None:
             f64_abs = max(_max_abs(run.f64[n], run.engine[n]) for n in names)
             f64_rel = max(relative_error(run.f64[n], run.engine[n], floor) for n in names)
-        agreement = LayerAgreement(layer, tuple(names), run.dtype, native_abs, native_rel,
-                                   f64_abs, f64_rel, tol)
+        agreement = LayerAgreement(
+            layer, tuple(names), run.dtype, native_abs, native_rel, f64_abs, f64_rel, tol
+        )
         report.layers.append(agreement)
         report.findings.extend(_layer_findings(framework, agreement, step))
     for check in run.custom_ops:
         if not check.ok:
-            report.findings.append(Finding(
-                step, check.name, "validation", "error", check.rel_err,
-                f"{check.name}: its backward disagrees with central differences of its forward "
-                f"(relative error {check.rel_err:.2e} > {CUSTOM_OP_RTOL:.0e})",
-                "Fix the hand-written gradient; compare it with torch.autograd.gradcheck or "
-                "tf.test.compute_gradient on float64 inputs.",
-            ))
+            report.findings.append(
+                Finding(
+                    step,
+                    check.name,
+                    "validation",
+                    "error",
+                    check.rel_err,
+                    f"{check.name}: its backward disagrees with central differences of its forward "
+                    f"(relative error {check.rel_err:.2e} > {CUSTOM_OP_RTOL:.0e})",
+                    "Fix the hand-written gradient; compare it with torch.autograd.gradcheck or "
+                    "tf.test.compute_gradient on float64 inputs.",
+                )
+            )
     return report
 
 
 def _layer_findings(framework: str, a: LayerAgreement, step: int) -> list[Finding]:
     if a.max_rel_err_f64 is not None and a.max_rel_err_f64 > TOLERANCES["float64"]:
-        return [Finding(
-            step, a.layer, "validation", "error", a.max_rel_err_f64,
-            f"{framework}'s float64 gradient of {a.layer} differs from the reference engine's: "
-            f"max relative error {a.max_rel_err_f64:.2e} (max abs {a.max_abs_err_f64:.2e}) > "
-            f"{TOLERANCES['float64']:.0e}",
-            "A gradient is wrong, not imprecise: look for a custom autograd.Function or "
-            "custom_gradient upstream of this layer, an in-place op, or a detached tensor.",
-        )]
+        return [
+            Finding(
+                step,
+                a.layer,
+                "validation",
+                "error",
+                a.max_rel_err_f64,
+                f"{framework}'s float64 gradient of {a.layer} differs from the reference engine's: "
+                f"max relative error {a.max_rel_err_f64:.2e} (max abs {a.max_abs_err_f64:.2e}) > "
+                f"{TOLERANCES['float64']:.0e}",
+                "A gradient is wrong, not imprecise: look for a custom autograd.Function or "
+                "custom_gradient upstream of this layer, an in-place op, or a detached tensor.",
+            )
+        ]
     if a.max_rel_err > a.tolerance:
-        return [Finding(
-            step, a.layer, "validation", "warning", a.max_rel_err,
-            f"{framework}'s {a.dtype} gradient of {a.layer} differs from the float64 reference "
-            f"by max relative error {a.max_rel_err:.2e} (max abs {a.max_abs_err:.2e}) > "
-            f"{a.tolerance:.0e} for {a.dtype}",
-            "A precision problem: try float32 for this layer, loss scaling, or a numerically "
-            "stable formulation (log_softmax instead of log(softmax)).",
-        )]
+        return [
+            Finding(
+                step,
+                a.layer,
+                "validation",
+                "warning",
+                a.max_rel_err,
+                f"{framework}'s {a.dtype} gradient of {a.layer} differs from the float64 reference "
+                f"by max relative error {a.max_rel_err:.2e} (max abs {a.max_abs_err:.2e}) > "
+                f"{a.tolerance:.0e} for {a.dtype}",
+                "A precision problem: try float32 for this layer, loss scaling, or a numerically "
+                "stable formulation (log_softmax instead of log(softmax)).",
+            )
+        ]
     return []

@@ -70,24 +70,27 @@ OP_CASES = [
     ("softmax", lambda x: F.softmax(x, axis=0), [randn(3, 4)]),
     ("log_softmax", F.log_softmax, [randn(3, 4)]),
     ("logsumexp", lambda x: F.logsumexp(x, axis=(0, 1)), [randn(2, 3, 4)]),
-    ("conv2d", lambda x, w, b: F.conv2d(x, w, b), [randn(2, 3, 5, 5), randn(4, 3, 3, 3),
-                                                   randn(4)]),
-    ("conv2d_stride_pad", lambda x, w: F.conv2d(x, w, stride=2, padding=1),
-     [randn(2, 2, 6, 5), randn(3, 2, 3, 2)]),
+    ("conv2d", lambda x, w, b: F.conv2d(x, w, b), [randn(2, 3, 5, 5), randn(4, 3, 3, 3), randn(4)]),
+    (
+        "conv2d_stride_pad",
+        lambda x, w: F.conv2d(x, w, stride=2, padding=1),
+        [randn(2, 2, 6, 5), randn(3, 2, 3, 2)],
+    ),
     ("max_pool2d", lambda x: F.max_pool2d(x, 2), [distinct(2, 2, 4, 6)]),
     ("max_pool2d_pad", lambda x: F.max_pool2d(x, 3, stride=2, padding=1), [distinct(1, 2, 5, 5)]),
     ("avg_pool2d", lambda x: F.avg_pool2d(x, (2, 3), stride=1, padding=1), [randn(2, 2, 4, 5)]),
-    ("layer_norm", lambda x, w, b: F.layer_norm(x, (4,), w, b), [randn(2, 3, 4), randn(4),
-                                                                 randn(4)]),
-    ("batch_norm", lambda x, w, b: F.batch_norm(x, w, b), [randn(4, 3, 2, 2), randn(3),
-                                                           randn(3)]),
+    (
+        "layer_norm",
+        lambda x, w, b: F.layer_norm(x, (4,), w, b),
+        [randn(2, 3, 4), randn(4), randn(4)],
+    ),
+    ("batch_norm", lambda x, w, b: F.batch_norm(x, w, b), [randn(4, 3, 2, 2), randn(3), randn(3)]),
     ("dropout", lambda x: F.dropout(x, MASK, p=0.3), [randn(3, 4)]),
     ("mse", F.mse, [randn(3, 4), randn(3, 4)]),
     ("cross_entropy_labels", lambda z: F.cross_entropy(z, LABELS), [randn(2, 3, 4)]),
     ("cross_entropy_probs", F.cross_entropy, [randn(3, 4), RNG.dirichlet(np.ones(4), 3)]),
     ("linear", F.linear, [randn(5, 3), randn(2, 3), randn(2)]),
 ]
-
 
 
 def _external_case(x, y):

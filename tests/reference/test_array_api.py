@@ -22,8 +22,12 @@ def small_net(x, w1, w2, kernel):
 
 
 rng = np.random.default_rng(11)
-ARGS_NP = [rng.standard_normal((2, 2, 4, 4)), rng.standard_normal((12, 6)),
-           rng.standard_normal((6, 3)), rng.standard_normal((3, 2, 3, 3))]
+ARGS_NP = [
+    rng.standard_normal((2, 2, 4, 4)),
+    rng.standard_normal((12, 6)),
+    rng.standard_normal((6, 3)),
+    rng.standard_normal((3, 2, 3, 3)),
+]
 LABELS_NP = np.array([0, 2])
 
 

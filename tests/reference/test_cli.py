@@ -17,7 +17,7 @@ app = typer.Typer()
 app.command("validate")(validate_command)
 app.command("noop")(lambda: None)  # two commands, so `validate` stays a subcommand
 
-FACTORIES = textwrap.dedent('''
+FACTORIES = textwrap.dedent("""
     import torch
     from torch import nn
 
@@ -70,7 +70,7 @@ FACTORIES = textwrap.dedent('''
 
     def raises():
         raise RuntimeError("no data")
-''')
+""")
 
 
 @pytest.fixture
@@ -126,7 +126,9 @@ def test_usage_and_input_errors_exit_2_with_one_line(factory_file, spec, message
 
 def test_bad_format_exits_2(factory_file):
     result = invoke(f"{factory_file}:good", "--format", "xml")
-    assert result.exit_code == 2 and "--format must be 'table' or 'json', got 'xml'" in result.output
+    assert (
+        result.exit_code == 2 and "--format must be 'table' or 'json', got 'xml'" in result.output
+    )
 
 
 def test_load_factory_accepts_module_paths():

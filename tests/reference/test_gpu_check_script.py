@@ -21,9 +21,14 @@ def load_script():
 
 
 def test_script_exits_0_and_says_skipped_or_ok():
-    result = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True,
-                            timeout=120, cwd=SCRIPT.parents[1],
-                            env={"PYTHONPATH": str(SCRIPT.parents[1]), "PATH": ""})
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=SCRIPT.parents[1],
+        env={"PYTHONPATH": str(SCRIPT.parents[1]), "PATH": ""},
+    )
     assert result.returncode == 0, result.stderr
     assert "skipped" in result.stdout or "-> ok" in result.stdout
 

@@ -21,7 +21,8 @@ def test_reference_package_imports_without_torch_or_tensorflow():
         (F.tanh(x) * 2.0).backward()
         print("ok", callable(ref.validate))
     """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok True"

@@ -33,17 +33,29 @@ def float64():
 
 
 def mlp():
-    return keras.Sequential([keras.Input((6,)), layers.Dense(16, activation="tanh"),
-                             layers.Dense(16, activation="softplus"), layers.Dense(4)])
+    return keras.Sequential(
+        [
+            keras.Input((6,)),
+            layers.Dense(16, activation="tanh"),
+            layers.Dense(16, activation="softplus"),
+            layers.Dense(4),
+        ]
+    )
 
 
 def cnn():
-    return keras.Sequential([
-        keras.Input((8, 8, 2)), layers.Conv2D(4, 3, padding="same", activation="relu"),
-        layers.BatchNormalization(), layers.MaxPooling2D(2),
-        layers.Conv2D(4, 3, activation="sigmoid"), layers.AveragePooling2D(2),
-        layers.Flatten(), layers.Dense(3),
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 2)),
+            layers.Conv2D(4, 3, padding="same", activation="relu"),
+            layers.BatchNormalization(),
+            layers.MaxPooling2D(2),
+            layers.Conv2D(4, 3, activation="sigmoid"),
+            layers.AveragePooling2D(2),
+            layers.Flatten(),
+            layers.Dense(3),
+        ]
+    )
 
 
 def transformer(vocab=11, dim=8, steps=5):
@@ -66,8 +78,9 @@ def data(case, rng):
     return rng.integers(0, 11, (2, 5)).astype("int32"), rng.integers(0, 11, (2, 5))
 
 
-@pytest.mark.parametrize(("case", "training"), [("mlp", True), ("cnn", True), ("cnn", False),
-                                                ("transformer", True)])
+@pytest.mark.parametrize(
+    ("case", "training"), [("mlp", True), ("cnn", True), ("cnn", False), ("transformer", True)]
+)
 def test_engine_matches_tensorflow_float64_gradients(case, training, float64):
     model = {"mlp": mlp, "cnn": cnn, "transformer": transformer}[case]()
     x, y = data(case, np.random.default_rng(1))
@@ -75,12 +88,20 @@ def test_engine_matches_tensorflow_float64_gradients(case, training, float64):
         bn = next(layer for layer in model.layers if "batch_norm" in layer.name)
         bn.moving_mean.assign(np.linspace(-0.5, 0.5, 4))
         bn.moving_variance.assign(np.linspace(0.5, 2.0, 4))
-    tf_loss_fn = keras.losses.MeanSquaredError() if case == "mlp" else \
-        keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    tf_loss_fn = (
+        keras.losses.MeanSquaredError()
+        if case == "mlp"
+        else keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     with tf.GradientTape() as tape:
         loss = tf_loss_fn(y, model(x, training=training))
-    tf_grads = dict(zip([v.path for v in model.trainable_variables],
-                        tape.gradient(loss, model.trainable_variables), strict=True))
+    tf_grads = dict(
+        zip(
+            [v.path for v in model.trainable_variables],
+            tape.gradient(loss, model.trainable_variables),
+            strict=True,
+        )
+    )
 
     graph = import_keras(model, training=training)
     params = {k: Tensor(v, requires_grad=True) for k, v in graph.parameters.items()}
@@ -90,9 +111,13 @@ def test_engine_matches_tensorflow_float64_gradients(case, training, float64):
     assert float(ours.value) == pytest.approx(float(loss), rel=FRAMEWORK_RTOL)
     assert set(params) == set(tf_grads)
     for name, p in params.items():
-        np.testing.assert_allclose(p.grad, tf.convert_to_tensor(tf_grads[name]).numpy(),
-                                   rtol=FRAMEWORK_RTOL,
-                                   atol=1e-13, err_msg=name)
+        np.testing.assert_allclose(
+            p.grad,
+            tf.convert_to_tensor(tf_grads[name]).numpy(),
+            rtol=FRAMEWORK_RTOL,
+            atol=1e-13,
+            err_msg=name,
+        )
 
 
 def test_tf_float64_gelu_is_less_accurate_than_the_engine():
@@ -141,10 +166,17 @@ LABELS = np.array([0, 1, 2, 1, 0])
 
 def test_validate_passes_a_correct_float32_model():
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((4,)), layers.Dense(8, activation="gelu"),
-                              layers.Dropout(0.3), layers.Dense(3)])
-    report = validate(model, BATCH, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                      LABELS)
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            layers.Dense(8, activation="gelu"),
+            layers.Dropout(0.3),
+            layers.Dense(3),
+        ]
+    )
+    report = validate(
+        model, BATCH, keras.losses.SparseCategoricalCrossentropy(from_logits=True), LABELS
+    )
     assert report.ok, report.findings
     assert report.dtype == "float32"
     # Not 1e-12: Keras' float64 GELU is off by up to ~1e-8 (see the GELU test), and the float64
@@ -192,8 +224,9 @@ def tf_params_and_grads(fn, variables, *args):
 
     with tf.GradientTape() as tape:
         loss = fn(*[tf.constant(a) for a in args])
-    tf_grads = {v.name: g.numpy() for v, g in zip(variables, tape.gradient(loss, variables),
-                                                   strict=True)}
+    tf_grads = {
+        v.name: g.numpy() for v, g in zip(variables, tape.gradient(loss, variables), strict=True)
+    }
     graph = import_tf_function(fn, *[tf.constant(a) for a in args])
     params = {k: Tensor(v, requires_grad=True) for k, v in graph.parameters.items()}
     ours = graph(params, *args)

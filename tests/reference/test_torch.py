@@ -27,8 +27,11 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x):
         b, t, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).reshape(b, t, 3, self.heads, d // self.heads) \
+        q, k, v = (
+            self.qkv(self.norm1(x))
+            .reshape(b, t, 3, self.heads, d // self.heads)
             .permute(2, 0, 3, 1, 4)
+        )
         att = torch.softmax(q @ k.transpose(-2, -1) / (d // self.heads) ** 0.5, dim=-1)
         x = x + self.proj((att @ v).transpose(1, 2).reshape(b, t, d))
         return x + self.mlp(self.norm2(x))
@@ -46,15 +49,22 @@ class TinyLM(nn.Module):
 
 
 def mlp():
-    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Softplus(),
-                         nn.Linear(16, 4))
+    return nn.Sequential(
+        nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Softplus(), nn.Linear(16, 4)
+    )
 
 
 def cnn():
     return nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.Sigmoid(), nn.AvgPool2d(2),
-        nn.Flatten(), nn.Linear(4, 3),
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 3, stride=2, padding=1),
+        nn.Sigmoid(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4, 3),
     )
 
 
@@ -72,8 +82,12 @@ def engine_vs_torch(model, inputs, loss_fn, target):
 CASES = {
     "mlp": (mlp, lambda g: [torch.randn(5, 6, generator=g)], "mse", (5, 4)),
     "cnn": (cnn, lambda g: [torch.randn(3, 2, 8, 8, generator=g)], "ce", 3),
-    "transformer": (TinyLM, lambda g: [torch.randint(0, 11, (2, 5), generator=g)], "ce_seq",
-                    (2, 5)),
+    "transformer": (
+        TinyLM,
+        lambda g: [torch.randint(0, 11, (2, 5), generator=g)],
+        "ce_seq",
+        (2, 5),
+    ),
 }
 
 
@@ -103,7 +117,10 @@ def test_engine_matches_torch_float64_autograd(case):
         torch_loss, engine_loss = tnf.mse_loss, lambda out: F.mse(out, target.numpy())
     elif loss_kind == "ce":
         target = torch.randint(0, 3, (target_shape,), generator=g)
-        torch_loss, engine_loss = tnf.cross_entropy, lambda out: F.cross_entropy(out, target.numpy())
+        torch_loss, engine_loss = (
+            tnf.cross_entropy,
+            lambda out: F.cross_entropy(out, target.numpy()),
+        )
     else:
         target = torch.randint(0, 11, target_shape, generator=g)
 
@@ -118,8 +135,9 @@ def test_engine_matches_torch_float64_autograd(case):
     ours.backward()
     assert float(ours.value) == pytest.approx(loss.item(), rel=FRAMEWORK_RTOL)
     for name, p in params.items():
-        np.testing.assert_allclose(p.grad, torch_params[name].grad.numpy(),
-                                   rtol=FRAMEWORK_RTOL, atol=1e-13, err_msg=name)
+        np.testing.assert_allclose(
+            p.grad, torch_params[name].grad.numpy(), rtol=FRAMEWORK_RTOL, atol=1e-13, err_msg=name
+        )
 
 
 class Square(torch.autograd.Function):
@@ -158,8 +176,12 @@ def batch():
 def test_validate_passes_a_correct_float32_model():
     torch.manual_seed(0)
     x, y = batch()
-    report = validate(nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Dropout(0.2), nn.Linear(8, 3)),
-                      x, nn.CrossEntropyLoss(), y)
+    report = validate(
+        nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Dropout(0.2), nn.Linear(8, 3)),
+        x,
+        nn.CrossEntropyLoss(),
+        y,
+    )
     assert report.ok, report.findings
     assert [a.layer for a in report.layers] == ["0", "3"]
     assert all(a.max_rel_err_f64 < 1e-12 and a.max_rel_err < 1e-3 for a in report.layers)
@@ -198,8 +220,9 @@ def test_validate_judges_an_exactly_zero_gradient_on_the_models_scale():
     # A conv bias followed by batch norm (training mode) has gradient 0 in exact arithmetic:
     # both sides are rounding noise, which must not read as a mismatch.
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(4 * 4 * 4, 3))
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)
+    )
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(8, 1, 6, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
     report = validate(model, x, tnf.cross_entropy, y)
@@ -242,8 +265,9 @@ def test_untraceable_control_flow_is_a_clear_error():
 
 
 def test_validate_rejects_non_models():
-    with pytest.raises(TypeError, match="`model` to be a torch.nn.Module or a keras.Model, got "
-                                        "str"):
+    with pytest.raises(
+        TypeError, match="`model` to be a torch.nn.Module or a keras.Model, got str"
+    ):
         validate("resnet", None, None, None)
 
 
@@ -262,8 +286,10 @@ def test_tracing_restores_autograd_function_apply():
 def test_validate_a_small_language_model_with_a_python_loss():
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(4)
-    tokens, targets = torch.randint(0, 11, (2, 5), generator=g), torch.randint(0, 11, (2, 5),
-                                                                                  generator=g)
+    tokens, targets = (
+        torch.randint(0, 11, (2, 5), generator=g),
+        torch.randint(0, 11, (2, 5), generator=g),
+    )
 
     def sequence_loss(logits, y):
         return tnf.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))

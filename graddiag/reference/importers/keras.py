@@ -90,8 +90,10 @@ class KerasGraph:
                     f"importer (supported: {sorted(OPS)})"
                 )
             return lambda *args, **kwargs: op(layer, *args, **kwargs)
-        weights = {v.path.rsplit("/", 1)[-1]: params[v.path] if v.path in params
-                   else Tensor(_to_numpy(v)) for v in layer.weights}
+        weights = {
+            v.path.rsplit("/", 1)[-1]: params[v.path] if v.path in params else Tensor(_to_numpy(v))
+            for v in layer.weights
+        }
         handler = LAYERS.get(kind)
         if handler is not None:
             return lambda *args, **kwargs: handler(layer, weights, self.training, *args)
@@ -106,12 +108,14 @@ class KerasGraph:
         import tensorflow as tf
 
         def fn(*arrays: np.ndarray) -> np.ndarray:
-            return np.asarray(layer.call(*[tf.constant(a, tf.float64) for a in arrays]),
-                              dtype=np.float64)
+            return np.asarray(
+                layer.call(*[tf.constant(a, tf.float64) for a in arrays]), dtype=np.float64
+            )
 
         arrays = [a.value if isinstance(a, Tensor) else np.asarray(a) for a in args]
-        self.custom_calls.append(CustomCall(f"{layer.name} ({type(layer).__name__})",
-                                            layer.call, arrays))
+        self.custom_calls.append(
+            CustomCall(f"{layer.name} ({type(layer).__name__})", layer.call, arrays)
+        )
         return external(fn, *args, name=layer.name)
 
 
@@ -165,8 +169,9 @@ def _to_nhwc(x: Any) -> Tensor:
     return F.transpose(x, (0, 2, 3, 1))
 
 
-def _same_padding(layer: Any, size: tuple[int, int], kernel: tuple[int, int],
-                  strides: tuple[int, int]) -> tuple[int, int]:
+def _same_padding(
+    layer: Any, size: tuple[int, int], kernel: tuple[int, int], strides: tuple[int, int]
+) -> tuple[int, int]:
     pads = []
     for n, k, s in zip(size, kernel, strides, strict=True):
         total = max((math.ceil(n / s) - 1) * s + k - n, 0)
@@ -190,8 +195,11 @@ def _conv2d(layer: Any, w: dict[str, Any], training: bool, x: Any) -> Tensor:
         raise UnsupportedOpError(f"layer `{layer.name}`: only dilation 1 and groups 1")
     kernel = tuple(layer.kernel_size)
     strides = tuple(layer.strides)
-    padding = (0, 0) if layer.padding == "valid" else _same_padding(
-        layer, tuple(x.shape[1:3]), kernel, strides)
+    padding = (
+        (0, 0)
+        if layer.padding == "valid"
+        else _same_padding(layer, tuple(x.shape[1:3]), kernel, strides)
+    )
     weight = F.transpose(w["kernel"], (3, 2, 0, 1))  # (kh, kw, in, out) -> (out, in, kh, kw)
     y = _to_nhwc(F.conv2d(_to_nchw(x), weight, stride=strides, padding=padding))
     y = y + w["bias"] if "bias" in w else y
@@ -204,6 +212,7 @@ def _pool(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         if layer.padding != "valid":
             raise UnsupportedOpError(f"layer `{layer.name}`: only padding='valid' for pooling")
         return _to_nhwc(fn(_to_nchw(x), tuple(layer.pool_size), tuple(layer.strides)))
+
     return pool
 
 
@@ -249,6 +258,7 @@ def _merge(fn: Callable[[Any, Any], Any]) -> Callable[..., Any]:
         for x in xs[1:]:
             out = fn(out, x)
         return out
+
     return merge
 
 
@@ -265,8 +275,11 @@ LAYERS: dict[str, Callable[..., Any]] = {
     "BatchNormalization": _batch_norm,
     "Embedding": lambda layer, w, training, x: F.take(w["embeddings"], x.value),
     "Activation": lambda layer, w, training, x: _activation(layer.activation, layer)(x),
-    "ReLU": lambda layer, w, training, x: F.relu(x) if layer.max_value is None
-    and not layer.negative_slope and not layer.threshold else _unsupported(layer),
+    "ReLU": lambda layer, w, training, x: (
+        F.relu(x)
+        if layer.max_value is None and not layer.negative_slope and not layer.threshold
+        else _unsupported(layer)
+    ),
     "Softmax": lambda layer, w, training, x: F.softmax(x, axis=layer.axis),
     "Add": _merge(lambda a, b: a + b),
     "Subtract": _merge(lambda a, b: a - b),
@@ -377,8 +390,11 @@ def import_tf_function(fn: Any, *example_args: Any) -> TFFunctionGraph:
             captured[internal.name] = var.name
             if var.trainable:
                 params[var.name] = _to_numpy(var)
-    custom = [op.name for op in concrete.graph.get_operations()
-              if op.type == "IdentityN" and "_gradient_op_type" in op.node_def.attr]
+    custom = [
+        op.name
+        for op in concrete.graph.get_operations()
+        if op.type == "IdentityN" and "_gradient_op_type" in op.node_def.attr
+    ]
     return TFFunctionGraph(concrete, params, custom, captured, constants)
 
 
@@ -418,8 +434,11 @@ def _tf_conv2d(op: Any, x: Any, kernel: Any) -> Tensor:
     strides = tuple(op.get_attr("strides"))[1:3]
     kh, kw = _tensor(kernel).shape[:2]
     padding = op.get_attr("padding")
-    pads = (0, 0) if padding == b"VALID" else _same_padding(
-        op, tuple(_tensor(x).shape[1:3]), (kh, kw), strides)
+    pads = (
+        (0, 0)
+        if padding == b"VALID"
+        else _same_padding(op, tuple(_tensor(x).shape[1:3]), (kh, kw), strides)
+    )
     weight = F.transpose(kernel, (3, 2, 0, 1))
     return _to_nhwc(F.conv2d(_to_nchw(x), weight, stride=strides, padding=pads))
 
@@ -430,6 +449,7 @@ def _tf_pool(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
             raise UnsupportedOpError(f"TF op `{op.name}`: only VALID NHWC pooling")
         kernel = tuple(op.get_attr("ksize"))[1:3]
         return _to_nhwc(fn(_to_nchw(x), kernel, tuple(op.get_attr("strides"))[1:3]))
+
     return pool
 
 

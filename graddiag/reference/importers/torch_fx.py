@@ -53,8 +53,9 @@ def _opaque_custom_functions() -> Iterator[None]:
     def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
         proxies = [a for a in args if isinstance(a, torch.fx.Proxy)]
         if proxies:
-            return proxies[0].tracer.create_proxy("call_function", CustomFunction(cls), args,
-                                                  kwargs)
+            return proxies[0].tracer.create_proxy(
+                "call_function", CustomFunction(cls), args, kwargs
+            )
         return original.__func__(cls, *args, **kwargs)
 
     function.apply = classmethod(apply)
@@ -118,8 +119,11 @@ class TorchGraph:
             if node.op == "placeholder":
                 env[node] = _from_torch(next(feed))
             elif node.op == "get_attr":
-                env[node] = (params[node.target] if node.target in params
-                             else _from_torch(_attr(self.model, node.target)))
+                env[node] = (
+                    params[node.target]
+                    if node.target in params
+                    else _from_torch(_attr(self.model, node.target))
+                )
             elif node.op == "output":
                 return _map(node.args[0], env)
             else:
@@ -127,8 +131,9 @@ class TorchGraph:
                 env[node] = self._call(node, args, kwargs, params, torch)
         raise UnsupportedOpError("the fx graph has no output node")
 
-    def _call(self, node: Any, args: Any, kwargs: Any, params: dict[str, Tensor],
-              torch: Any) -> Any:
+    def _call(
+        self, node: Any, args: Any, kwargs: Any, params: dict[str, Tensor], torch: Any
+    ) -> Any:
         if node.op == "call_module":
             module = self.model.get_submodule(node.target)
             handler = MODULES.get(type(module))
@@ -137,8 +142,12 @@ class TorchGraph:
                     f"module `{node.target}` of type {type(module).__name__} is not supported by "
                     f"the reference importer (supported: {sorted(t.__name__ for t in MODULES)})"
                 )
-            weights = {k: params[f"{node.target}.{k}"] if f"{node.target}.{k}" in params
-                       else _from_torch(getattr(module, k, None)) for k in ("weight", "bias")}
+            weights = {
+                k: params[f"{node.target}.{k}"]
+                if f"{node.target}.{k}" in params
+                else _from_torch(getattr(module, k, None))
+                for k in ("weight", "bias")
+            }
             return handler(module, weights, *args, **kwargs)
         if node.op == "call_method":
             handler = METHODS.get(node.target)
@@ -185,8 +194,11 @@ def import_torch(model: Any) -> TorchGraph:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"Expected `model` to be a torch.nn.Module, got {type(model).__name__}")
     graph = trace(model)
-    params = {name: p.detach().cpu().double().numpy()
-              for name, p in model.named_parameters() if p.requires_grad}
+    params = {
+        name: p.detach().cpu().double().numpy()
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
     return TorchGraph(model, graph, params)
 
 
@@ -235,7 +247,7 @@ def _resolve_shape(x: Any, shape: Any) -> tuple[int, ...]:
 def _flatten(x: Any, start_dim: int = 0, end_dim: int = -1) -> Tensor:
     shape = _shape(x)
     s, e = start_dim % len(shape), end_dim % len(shape)
-    return F.reshape(x, shape[:s] + (math.prod(shape[s:e + 1]),) + shape[e + 1:])
+    return F.reshape(x, shape[:s] + (math.prod(shape[s : e + 1]),) + shape[e + 1 :])
 
 
 def _permute(x: Any, *dims: Any) -> Tensor:
@@ -266,6 +278,7 @@ def _squeeze(x: Any, dim: int | None = None) -> Tensor:
 def _reduce(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
     def reduce(x: Any, dim: Any = None, keepdim: bool = False, dtype: Any = None) -> Tensor:
         return fn(x, axis=dim, keepdims=keepdim)
+
     return reduce
 
 
@@ -274,6 +287,7 @@ def _softmax(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         if dim is None:
             raise UnsupportedOpError("softmax without an explicit `dim` is not supported")
         return fn(x, axis=dim)
+
     return softmax
 
 
@@ -289,8 +303,15 @@ def _linear(x: Any, weight: Any, bias: Any = None) -> Tensor:
     return F.linear(x, weight, bias)
 
 
-def _conv2d(x: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: Any = 0,
-            dilation: Any = 1, groups: int = 1) -> Tensor:
+def _conv2d(
+    x: Any,
+    weight: Any,
+    bias: Any = None,
+    stride: Any = 1,
+    padding: Any = 0,
+    dilation: Any = 1,
+    groups: int = 1,
+) -> Tensor:
     if dilation not in (1, (1, 1)) or groups != 1:
         raise UnsupportedOpError(
             f"conv2d with dilation={dilation!r}, groups={groups!r} is not supported "
@@ -310,16 +331,29 @@ def _pool_args(kernel_size: Any, stride: Any, padding: Any, ceil_mode: bool, wha
     return kernel_size, (stride or None), padding
 
 
-def _max_pool2d(x: Any, kernel_size: Any, stride: Any = None, padding: Any = 0,
-                dilation: Any = 1, ceil_mode: bool = False, return_indices: bool = False) -> Tensor:
+def _max_pool2d(
+    x: Any,
+    kernel_size: Any,
+    stride: Any = None,
+    padding: Any = 0,
+    dilation: Any = 1,
+    ceil_mode: bool = False,
+    return_indices: bool = False,
+) -> Tensor:
     if dilation not in (1, (1, 1)) or return_indices:
         raise UnsupportedOpError("max_pool2d with dilation or return_indices is not supported")
     return F.max_pool2d(x, *_pool_args(kernel_size, stride, padding, ceil_mode, "max_pool2d"))
 
 
-def _avg_pool2d(x: Any, kernel_size: Any, stride: Any = None, padding: Any = 0,
-                ceil_mode: bool = False, count_include_pad: bool = True,
-                divisor_override: Any = None) -> Tensor:
+def _avg_pool2d(
+    x: Any,
+    kernel_size: Any,
+    stride: Any = None,
+    padding: Any = 0,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+    divisor_override: Any = None,
+) -> Tensor:
     if not count_include_pad or divisor_override is not None:
         raise UnsupportedOpError(
             "avg_pool2d with count_include_pad=False or divisor_override is not supported"
@@ -327,8 +361,9 @@ def _avg_pool2d(x: Any, kernel_size: Any, stride: Any = None, padding: Any = 0,
     return F.avg_pool2d(x, *_pool_args(kernel_size, stride, padding, ceil_mode, "avg_pool2d"))
 
 
-def _layer_norm(x: Any, normalized_shape: Any, weight: Any = None, bias: Any = None,
-                eps: float = 1e-5) -> Tensor:
+def _layer_norm(
+    x: Any, normalized_shape: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5
+) -> Tensor:
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
     return F.layer_norm(x, tuple(shape), weight, bias, eps)
 
@@ -348,14 +383,27 @@ def _reduction(loss: Tensor, reduction: str, what: str) -> Tensor:
     return loss
 
 
-def _mse_loss(input: Any, target: Any, size_average: Any = None, reduce: Any = None,  # noqa: A002
-              reduction: str = "mean", weight: Any = None) -> Tensor:
+def _mse_loss(
+    input: Any,
+    target: Any,
+    size_average: Any = None,
+    reduce: Any = None,  # noqa: A002
+    reduction: str = "mean",
+    weight: Any = None,
+) -> Tensor:
     return _reduction(F.mse(input, target), reduction, "mse_loss")
 
 
-def _cross_entropy(input: Any, target: Any, weight: Any = None, size_average: Any = None,  # noqa: A002
-                   ignore_index: int = -100, reduce: Any = None, reduction: str = "mean",
-                   label_smoothing: float = 0.0) -> Tensor:
+def _cross_entropy(
+    input: Any,
+    target: Any,
+    weight: Any = None,
+    size_average: Any = None,  # noqa: A002
+    ignore_index: int = -100,
+    reduce: Any = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> Tensor:
     if weight is not None or label_smoothing:
         raise UnsupportedOpError("cross_entropy with class weights or label smoothing")
     if _ndim(input) > 2:  # torch puts classes on axis 1; the engine on the last axis
@@ -367,8 +415,16 @@ def _embedding(input: Any, weight: Any, *args: Any, **kwargs: Any) -> Tensor:  #
     return F.take(weight, input)
 
 
-def _sdpa(q: Any, k: Any, v: Any, attn_mask: Any = None, dropout_p: float = 0.0,
-          is_causal: bool = False, scale: float | None = None, **kwargs: Any) -> Tensor:
+def _sdpa(
+    q: Any,
+    k: Any,
+    v: Any,
+    attn_mask: Any = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    **kwargs: Any,
+) -> Tensor:
     if attn_mask is not None or is_causal or dropout_p:
         raise UnsupportedOpError("scaled_dot_product_attention with a mask or dropout")
     scale = 1.0 / math.sqrt(_shape(q)[-1]) if scale is None else scale
@@ -425,6 +481,7 @@ def _pow(x: Any, y: Any) -> Any:
 def _arith(op: Callable[[Any, Any], Any]) -> Callable[..., Any]:
     def arith(x: Any, y: Any, *, alpha: float = 1.0) -> Any:
         return op(x, y if alpha == 1.0 else y * alpha)
+
     return arith
 
 
@@ -433,42 +490,105 @@ def _build_functions() -> dict[Any, Callable[..., Any]]:
     import torch.nn.functional as tf
 
     table: dict[Any, Callable[..., Any]] = {
-        operator.add: operator.add, operator.sub: operator.sub, operator.mul: operator.mul,
-        operator.truediv: operator.truediv, operator.neg: operator.neg, operator.pow: _pow,
-        operator.matmul: F.matmul, operator.getitem: _getitem, builtins.getattr: getattr,
-        operator.floordiv: operator.floordiv, operator.mod: operator.mod,
-        torch.add: _arith(operator.add), torch.sub: _arith(operator.sub), torch.mul: operator.mul,
-        torch.div: operator.truediv, torch.neg: operator.neg, torch.pow: _pow,
-        torch.matmul: F.matmul, torch.bmm: F.matmul, torch.mm: F.matmul,
-        torch.exp: F.exp, torch.log: F.log, torch.sqrt: F.sqrt, torch.abs: F.abs,
-        torch.tanh: F.tanh, torch.sigmoid: F.sigmoid, torch.relu: F.relu,
-        torch.maximum: F.maximum, torch.minimum: F.minimum, torch.where: _where,
-        torch.cat: _cat, torch.concat: _cat, torch.stack: _stack, torch.flatten: _flatten,
-        torch.reshape: _reshape, torch.transpose: _transpose, torch.permute: _permute,
-        torch.unsqueeze: _unsqueeze, torch.squeeze: _squeeze,
-        torch.softmax: _softmax(F.softmax), torch.log_softmax: _softmax(F.log_softmax),
-        torch.logsumexp: _logsumexp, torch.sum: _reduce(F.sum), torch.mean: _reduce(F.mean),
-        torch.amax: _reduce(F.max), torch.max: _max,
-        tf.relu: lambda x, inplace=False: F.relu(x), tf.gelu: _gelu, tf.softplus: _softplus,
-        tf.softmax: _softmax(F.softmax), tf.log_softmax: _softmax(F.log_softmax),
-        tf.linear: _linear, tf.conv2d: _conv2d, tf.max_pool2d: _max_pool2d,
-        tf.avg_pool2d: _avg_pool2d, tf.layer_norm: _layer_norm, tf.dropout: _dropout,
-        tf.embedding: _embedding, tf.mse_loss: _mse_loss, tf.cross_entropy: _cross_entropy,
-        tf.scaled_dot_product_attention: _sdpa, tf.sigmoid: F.sigmoid, tf.tanh: F.tanh,
+        operator.add: operator.add,
+        operator.sub: operator.sub,
+        operator.mul: operator.mul,
+        operator.truediv: operator.truediv,
+        operator.neg: operator.neg,
+        operator.pow: _pow,
+        operator.matmul: F.matmul,
+        operator.getitem: _getitem,
+        builtins.getattr: getattr,
+        operator.floordiv: operator.floordiv,
+        operator.mod: operator.mod,
+        torch.add: _arith(operator.add),
+        torch.sub: _arith(operator.sub),
+        torch.mul: operator.mul,
+        torch.div: operator.truediv,
+        torch.neg: operator.neg,
+        torch.pow: _pow,
+        torch.matmul: F.matmul,
+        torch.bmm: F.matmul,
+        torch.mm: F.matmul,
+        torch.exp: F.exp,
+        torch.log: F.log,
+        torch.sqrt: F.sqrt,
+        torch.abs: F.abs,
+        torch.tanh: F.tanh,
+        torch.sigmoid: F.sigmoid,
+        torch.relu: F.relu,
+        torch.maximum: F.maximum,
+        torch.minimum: F.minimum,
+        torch.where: _where,
+        torch.cat: _cat,
+        torch.concat: _cat,
+        torch.stack: _stack,
+        torch.flatten: _flatten,
+        torch.reshape: _reshape,
+        torch.transpose: _transpose,
+        torch.permute: _permute,
+        torch.unsqueeze: _unsqueeze,
+        torch.squeeze: _squeeze,
+        torch.softmax: _softmax(F.softmax),
+        torch.log_softmax: _softmax(F.log_softmax),
+        torch.logsumexp: _logsumexp,
+        torch.sum: _reduce(F.sum),
+        torch.mean: _reduce(F.mean),
+        torch.amax: _reduce(F.max),
+        torch.max: _max,
+        tf.relu: lambda x, inplace=False: F.relu(x),
+        tf.gelu: _gelu,
+        tf.softplus: _softplus,
+        tf.softmax: _softmax(F.softmax),
+        tf.log_softmax: _softmax(F.log_softmax),
+        tf.linear: _linear,
+        tf.conv2d: _conv2d,
+        tf.max_pool2d: _max_pool2d,
+        tf.avg_pool2d: _avg_pool2d,
+        tf.layer_norm: _layer_norm,
+        tf.dropout: _dropout,
+        tf.embedding: _embedding,
+        tf.mse_loss: _mse_loss,
+        tf.cross_entropy: _cross_entropy,
+        tf.scaled_dot_product_attention: _sdpa,
+        tf.sigmoid: F.sigmoid,
+        tf.tanh: F.tanh,
     }
     return table
 
 
 METHODS: dict[str, Callable[..., Any]] = {
-    "view": _reshape, "reshape": _reshape, "flatten": _flatten, "permute": _permute,
-    "transpose": _transpose, "unsqueeze": _unsqueeze, "squeeze": _squeeze, "size": _size,
-    "contiguous": _identity, "float": _identity, "double": _identity,
-    "t": lambda x: F.transpose(x), "sum": _reduce(F.sum), "mean": _reduce(F.mean),
-    "amax": _reduce(F.max), "softmax": _softmax(F.softmax),
-    "log_softmax": _softmax(F.log_softmax), "exp": F.exp, "log": F.log, "sqrt": F.sqrt,
-    "abs": F.abs, "tanh": F.tanh, "sigmoid": F.sigmoid, "relu": F.relu, "pow": _pow,
-    "matmul": F.matmul, "add": _arith(operator.add), "sub": _arith(operator.sub),
-    "mul": operator.mul, "div": operator.truediv, "neg": operator.neg,
+    "view": _reshape,
+    "reshape": _reshape,
+    "flatten": _flatten,
+    "permute": _permute,
+    "transpose": _transpose,
+    "unsqueeze": _unsqueeze,
+    "squeeze": _squeeze,
+    "size": _size,
+    "contiguous": _identity,
+    "float": _identity,
+    "double": _identity,
+    "t": lambda x: F.transpose(x),
+    "sum": _reduce(F.sum),
+    "mean": _reduce(F.mean),
+    "amax": _reduce(F.max),
+    "softmax": _softmax(F.softmax),
+    "log_softmax": _softmax(F.log_softmax),
+    "exp": F.exp,
+    "log": F.log,
+    "sqrt": F.sqrt,
+    "abs": F.abs,
+    "tanh": F.tanh,
+    "sigmoid": F.sigmoid,
+    "relu": F.relu,
+    "pow": _pow,
+    "matmul": F.matmul,
+    "add": _arith(operator.add),
+    "sub": _arith(operator.sub),
+    "mul": operator.mul,
+    "div": operator.truediv,
+    "neg": operator.neg,
     "dim": lambda x: _ndim(x),
 }
 
@@ -490,6 +610,7 @@ def _loss_module(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         if hasattr(m, "label_smoothing"):
             kwargs.update(label_smoothing=m.label_smoothing, weight=m.weight)
         return fn(input, target, **kwargs)
+
     return loss
 
 
@@ -498,9 +619,11 @@ def _build_modules() -> dict[type, Callable[..., Any]]:
 
     return {
         nn.Linear: lambda m, w, x: F.linear(x, w["weight"], w["bias"]),
-        nn.Conv2d: lambda m, w, x: _conv2d(x, w["weight"], w["bias"], m.stride,
-                                           m.padding, m.dilation, m.groups)
-        if m.padding_mode == "zeros" else _unsupported_padding(m),
+        nn.Conv2d: lambda m, w, x: (
+            _conv2d(x, w["weight"], w["bias"], m.stride, m.padding, m.dilation, m.groups)
+            if m.padding_mode == "zeros"
+            else _unsupported_padding(m)
+        ),
         nn.ReLU: lambda m, w, x: F.relu(x),
         nn.GELU: lambda m, w, x: F.gelu(x, approximate=m.approximate),
         nn.Tanh: lambda m, w, x: F.tanh(x),
@@ -509,15 +632,23 @@ def _build_modules() -> dict[type, Callable[..., Any]]:
         nn.Identity: lambda m, w, x: x,
         nn.Flatten: lambda m, w, x: _flatten(x, m.start_dim, m.end_dim),
         nn.Dropout: lambda m, w, x: _dropout(x, m.p, m.training),
-        nn.LayerNorm: lambda m, w, x: F.layer_norm(x, tuple(m.normalized_shape), w["weight"],
-                                                   w["bias"], m.eps),
+        nn.LayerNorm: lambda m, w, x: F.layer_norm(
+            x, tuple(m.normalized_shape), w["weight"], w["bias"], m.eps
+        ),
         nn.BatchNorm1d: _batch_norm,
         nn.BatchNorm2d: _batch_norm,
-        nn.MaxPool2d: lambda m, w, x: _max_pool2d(x, m.kernel_size, m.stride, m.padding,
-                                                  m.dilation, m.ceil_mode, m.return_indices),
-        nn.AvgPool2d: lambda m, w, x: _avg_pool2d(x, m.kernel_size, m.stride, m.padding,
-                                                  m.ceil_mode, m.count_include_pad,
-                                                  m.divisor_override),
+        nn.MaxPool2d: lambda m, w, x: _max_pool2d(
+            x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, m.return_indices
+        ),
+        nn.AvgPool2d: lambda m, w, x: _avg_pool2d(
+            x,
+            m.kernel_size,
+            m.stride,
+            m.padding,
+            m.ceil_mode,
+            m.count_include_pad,
+            m.divisor_override,
+        ),
         nn.Embedding: lambda m, w, x: F.take(w["weight"], x),
         nn.Softmax: lambda m, w, x: _softmax(F.softmax)(x, m.dim),
         nn.LogSoftmax: lambda m, w, x: _softmax(F.log_softmax)(x, m.dim),
