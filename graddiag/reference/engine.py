@@ -4,6 +4,15 @@ Every op records its inputs on the output `Tensor`; `Tensor.backward()` sorts th
 topologically and walks it once in reverse, asking the rule table (`ops.RULES`) for each
 input's share of the gradient. A tensor may also carry a `tangent`: forward mode rides along
 the same ops (dual numbers), see `graddiag.reference.forward`.
+
+The worked example: E = (w·x − y)² with x = 2, y = 10, w = 3. Forward: w·x − y = −4, E = 16.
+Backward: dE/dw = 2·(w·x − y)·x = 2·(−4)·2 = −16.
+
+>>> w = Tensor(3.0, requires_grad=True)
+>>> E = (w * 2.0 - 10.0) ** 2
+>>> E.backward()
+>>> float(E.value), float(w.grad)
+(16.0, -16.0)
 """
 
 from __future__ import annotations
@@ -28,14 +37,10 @@ class Tensor:
         tangent: an optional forward-mode tangent (same shape as `value`).
 
     Example:
-        The worked example E = (w·x − y)² with x = 2, y = 10, w = 3: w·x − y = −4, so
-        dE/dw = 2·(−4)·x = −16.
-
-        >>> w = Tensor(3.0, requires_grad=True)
-        >>> E = (w * 2.0 - 10.0) ** 2
-        >>> E.backward()
-        >>> float(E.value), float(w.grad)
-        (16.0, -16.0)
+        >>> x = Tensor([1.0, 2.0], requires_grad=True)
+        >>> (x * x).sum().backward()
+        >>> x.grad.tolist()
+        [2.0, 4.0]
     """
 
     __array_priority__ = 1000  # so that `ndarray + Tensor` defers to Tensor.__radd__
