@@ -1,0 +1,1 @@
+"""Third-party trainer glue, installed as `graddiag.integrations` (see pyproject's package-dir)."""
