@@ -566,8 +566,8 @@ class GradientMonitor:
         step, old = self._snapshot
         self._snapshot = None
         new = [p.detach() for p in self.params]
-        delta = torch.stack(torch._foreach_norm(torch._foreach_sub(new, old))).double().cpu().numpy()
-        pn = torch.stack(torch._foreach_norm(old)).double().cpu().numpy()
+        both = torch.stack(torch._foreach_norm(torch._foreach_sub(new, old)) + torch._foreach_norm(old))
+        delta, pn = both.double().numpy(force=True).reshape(2, -1)
         d = np.sqrt(np.bincount(self.layer_of, weights=delta**2, minlength=self._n_layers))
         w = np.sqrt(np.bincount(self.layer_of, weights=pn**2, minlength=self._n_layers))
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -598,7 +598,7 @@ class GradientMonitor:
         """First module (in backward order) whose incoming gradient is finite but outgoing is not."""
         if not self._trace:
             return None
-        flags = torch.stack([torch.stack([fo, fi]) for _, fo, fi in self._trace]).cpu().numpy()
+        flags = torch.stack([torch.stack([fo, fi]) for _, fo, fi in self._trace]).numpy(force=True)
         for (name, _, _), (fo, fi) in zip(self._trace, flags, strict=True):
             if fo and not fi:
                 return name
@@ -677,8 +677,8 @@ class GradientMonitor:
             torch.stack([torch.count_nonzero(g) for g in dl]).float(),
         ]) if dl else None
         pnorm = torch.stack(torch._foreach_norm([p.detach() for p in self.params])).double()
-        host = stacked.double().cpu().numpy() if stacked is not None else None
-        pn = pnorm.cpu().numpy()
+        host = stacked.double().numpy(force=True) if stacked is not None else None
+        pn = pnorm.numpy(force=True)  # detail steps only: a second small read is acceptable
         gmax = np.zeros(P)
         nnz = self._numel.copy()
         if host is not None:
@@ -703,8 +703,8 @@ class GradientMonitor:
         out = {"grad_max": lmax, "zero_frac": zero_frac,
                "param_norm": np.sqrt(np.bincount(lo, weights=pn**2, minlength=L))}
         if not np.all(np.isfinite(gmax[has])):
-            nan = torch.stack([torch.isnan(g).sum() for g in live]).cpu().numpy()
-            inf = torch.stack([torch.isinf(g).sum() for g in live]).cpu().numpy()
+            nan = torch.stack([torch.isnan(g).sum() for g in live]).numpy(force=True)
+            inf = torch.stack([torch.isinf(g).sum() for g in live]).numpy(force=True)
             out["nan_count"] = np.bincount(lo[present], weights=nan, minlength=L)
             out["inf_count"] = np.bincount(lo[present], weights=inf, minlength=L)
         return out
@@ -724,7 +724,7 @@ class GradientMonitor:
                 lo, hi = float(vals.min()), float(vals.max())
                 if hi <= lo:
                     hi = lo + 1e-12
-                counts = torch.histc(vals, bins=bins, min=lo, max=hi).double().cpu().numpy()
+                counts = torch.histc(vals, bins=bins, min=lo, max=hi).double().numpy(force=True)
                 edges = np.linspace(lo, hi, bins + 1)[1:]
                 self.core.sink.write_histogram(step, name, counts, edges, lo, hi, float(vals.sum()),
                                                float((vals * vals).sum()), float(vals.numel()), nan, inf)
@@ -737,7 +737,7 @@ class GradientMonitor:
             return []
         n = len(self._pending)
         first_row = self._pending[0][0] % self.every
-        rows = self._buf[first_row:first_row + n].double().cpu().numpy()
+        rows = self._buf[first_row:first_row + n].double().numpy(force=True)
         L, lo = self._n_layers, self.layer_of
         new: list[Finding] = []
         for j, (step, has, reset, calls, skipped, origin, clipped) in enumerate(self._pending):
