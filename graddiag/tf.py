@@ -129,6 +129,21 @@ def _layer_and_var(path: str, prefix: str) -> tuple[str, str]:
     return (layer or name), name
 
 
+def _frozen_variables(model: Any, trainable: set[int]) -> list[Any]:
+    """Variables that would be trained but for `layer.trainable = False` (not BatchNorm statistics,
+    which Keras creates non-trainable)."""
+    flatten = getattr(model, "_flatten_layers", None)
+    out, seen = [], set(trainable)
+    for layer in (flatten(include_self=True) if flatten else [model]):
+        if getattr(layer, "trainable", True):
+            continue
+        for v in getattr(layer, "_trainable_variables", ()):
+            if _key(v) not in seen:
+                seen.add(_key(v))
+                out.append(v)
+    return out
+
+
 def _sumsq(g) -> tf.Tensor:
     """Sum of squares of one gradient, accumulated in float32 (IndexedSlices: of the dense sum)."""
     if isinstance(g, tf.IndexedSlices):
@@ -178,8 +193,8 @@ class GradientMonitor:
             next log step), "skip" (report it at once and return all-zero gradients, so plain SGD
             makes no update; stateful optimizers still advance their moments unless you use
             `apply` or the Keras callback, which skip the optimizer call) or "raise" (raise
-            `NonFiniteGradientError` at that step; under `tf.function` it surfaces as
-            `tf.errors.InvalidArgumentError` carrying the same message, and `monitor.error` holds
+            `NonFiniteGradientError` at that step; under `tf.function` it surfaces as a
+            `tf.errors.OpError` (`UnknownError`) carrying the same message, and `monitor.error` holds
             the original).
         detectors: detector settings, see `graddiag.detectors.build_detectors`.
         history: how many recent `StepStats` to keep in memory.
@@ -197,7 +212,8 @@ class GradientMonitor:
         run_meta: extra JSON-able facts written with the model description.
 
     Raises:
-        ValueError: for a bad argument, naming it and showing its value.
+        TypeError: if `model_or_variables` is neither a Keras model/layer nor variables.
+        ValueError: for a bad setting, naming the argument and showing its value.
     """
 
     def __init__(self, model_or_variables: Any, logdir: str | os.PathLike | None = None, *,
@@ -209,13 +225,13 @@ class GradientMonitor:
         if not _is_model(model_or_variables):
             if isinstance(model_or_variables, (str, bytes)) or not isinstance(
                     model_or_variables, Iterable):
-                raise ValueError("Expected `model_or_variables` to be a Keras model/layer or a "
-                                 f"sequence of variables, got {model_or_variables!r}")
+                raise TypeError("Expected `model_or_variables` to be a Keras model/layer or a "
+                                f"sequence of variables, got {model_or_variables!r:.80}")
             model_or_variables = list(model_or_variables)
             bad = [v for v in model_or_variables if not hasattr(v, "assign")]
             if not model_or_variables or bad:
-                raise ValueError("Expected `model_or_variables` to be a Keras model/layer or a "
-                                 f"non-empty sequence of variables, got {(bad or [[]])[0]!r}")
+                raise TypeError("Expected `model_or_variables` to be a Keras model/layer or a "
+                                f"non-empty sequence of variables, got {(bad or [[]])[0]!r:.80}")
         if logdir is not None and not isinstance(logdir, (str, os.PathLike)):
             raise ValueError(f"Expected `logdir` to be a path or None, got {logdir!r}")
         self.every = check_int("every", every)
@@ -257,9 +273,7 @@ class GradientMonitor:
             if not variables:
                 raise ValueError(f"The model {getattr(target, 'name', target)!r} has no trainable "
                                  "variables yet: build it (call it once) or pass variables.")
-            trainable = {_key(v) for v in variables}
-            frozen_vars = [v for v in target.weights
-                           if _key(v) not in trainable and getattr(v, "trainable", False)]
+            frozen_vars = _frozen_variables(target, {_key(v) for v in variables})
             prefix = getattr(target, "path", None) or getattr(target, "name", "")
         else:
             variables, frozen_vars, prefix = list(target), [], ""
@@ -615,7 +629,7 @@ class GradientMonitor:
             opt = {k: (None if math.isnan(c[k]) else c[k]) for k in _COLS}
             stats = StepStats(
                 step=step, grad_norm=norms, has_grad=layer_has, nonfinite=layer_bad,
-                global_norm=global_norm(norms) if np.isfinite(sumsq).all() else float(np.sum(sumsq)),
+                global_norm=global_norm(norms) if np.isfinite(sumsq).all() else float(np.sqrt(np.sum(sumsq))),
                 clip_coef=opt["clip_coef"],
                 layer_clip_coef=None if lcoef_rows is None else lcoef_rows[step % self.every].astype(np.float64),
                 grad_reset=None if opt["grad_reset"] is None else bool(opt["grad_reset"]),
