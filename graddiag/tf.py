@@ -44,8 +44,9 @@ from graddiag.stats import ModelInfo, StepStats, global_norm, layer_norms_from_s
 log = logging.getLogger("graddiag")
 
 READ_BACK = ("callback", "poll")
-#: Columns after the per-variable sums of squares in a buffer row.
-_COLS = ("clip_coef", "skipped", "grad_reset", "backward_calls", "loss")
+#: Columns after the per-variable sums of squares in a buffer row. Device state holds no NaN
+#: sentinels (they would trip `tf.debugging.enable_check_numerics`): -1 / 0 mean "none" instead.
+_COLS = ("clip_coef", "skipped", "grad_reset", "backward_calls", "has_loss", "loss")
 #: Sum of squares written for a variable without a gradient (real sums are >= 0, NaN or Inf).
 _NO_GRAD = -1.0
 
@@ -305,7 +306,7 @@ class GradientMonitor:
                 "variables": self.var_names, **self._core_args.pop("run_meta")}
         n, nl = len(variables), len(layers)
         with tf.init_scope():
-            self._rows = tf.Variable(tf.fill([self.every, n + len(_COLS)], math.nan),
+            self._rows = tf.Variable(tf.zeros([self.every, n + len(_COLS)]),
                                      trainable=False, name="graddiag_rows")
             self._lcoef_rows = (tf.Variable(tf.ones([self.every, nl]), trainable=False,
                                             name="graddiag_layer_clip")
@@ -313,7 +314,7 @@ class GradientMonitor:
             self._count = tf.Variable(0, dtype=tf.int64, trainable=False, name="graddiag_step")
             self._bad = tf.Variable(False, trainable=False, name="graddiag_nonfinite")
             self._micro = tf.Variable(0.0, trainable=False, name="graddiag_backward_calls")
-            self._reset = tf.Variable(math.nan, trainable=False, name="graddiag_grad_reset")
+            self._reset = tf.Variable(-1.0, trainable=False, name="graddiag_grad_reset")
             self._clip_state = []
             if self.chain is not None:
                 for p, st in zip(self.chain.policies, self.chain.init(nl, TFOps), strict=True):
@@ -535,7 +536,7 @@ class GradientMonitor:
         vec, has = self._measure(grads, slots, inv2)
         total = tf.reduce_sum(vec)
         ok = tf.math.is_finite(total)
-        clip_coef = tf.constant(math.nan)
+        clip_coef = tf.constant(-1.0)
         lcoef = None
         if self.chain is not None:
             grads, gcoef, lcoef = self._clip(grads, variables, slots, vec, scale)
@@ -548,17 +549,17 @@ class GradientMonitor:
         step = self._count.read_value()
         row = tf.cast(tf.math.floormod(step, self.every), tf.int32)
         micro = self._micro.read_value()
-        extra = tf.stack([clip_coef, skipped, self._reset.read_value(),
-                          tf.where(micro > 0, micro, tf.constant(math.nan)),
-                          tf.constant(math.nan) if loss is None else tf.cast(
-                              tf.reshape(loss, []), tf.float32)])
+        extra = tf.stack([clip_coef, skipped, self._reset.read_value(), micro,
+                          tf.constant(0.0 if loss is None else 1.0),
+                          tf.constant(0.0) if loss is None else tf.cast(tf.reshape(loss, []),
+                                                                         tf.float32)])
         values = tf.concat([tf.where(has, vec, _NO_GRAD), extra], 0)
         writes = [self._rows.scatter_nd_update([[row]], values[None]),
                   self._bad.assign(~ok)]
         if self._lcoef_rows is not None:
             writes.append(self._lcoef_rows.scatter_nd_update([[row]], lcoef[None]))
         if self._accumulators is not None:
-            writes += [self._micro.assign(0.0), self._reset.assign(math.nan)]
+            writes += [self._micro.assign(0.0), self._reset.assign(-1.0)]
         with tf.control_dependencies(writes):
             done = self._count.assign_add(1)
         log_now = tf.equal(tf.math.floormod(done, self.every), 0)
@@ -626,7 +627,10 @@ class GradientMonitor:
             np.logical_or.at(layer_has, self._layer_index, has)
             norms = layer_norms_from_sumsq(sumsq, self._layer_index, nl)
             c = dict(zip(_COLS, r[n:], strict=True))
-            opt = {k: (None if math.isnan(c[k]) else c[k]) for k in _COLS}
+            opt = {"clip_coef": None if c["clip_coef"] < 0 else c["clip_coef"],
+                   "grad_reset": None if c["grad_reset"] < 0 else c["grad_reset"],
+                   "backward_calls": None if c["backward_calls"] <= 0 else c["backward_calls"],
+                   "loss": c["loss"] if c["has_loss"] else None, "skipped": c["skipped"]}
             stats = StepStats(
                 step=step, grad_norm=norms, has_grad=layer_has, nonfinite=layer_bad,
                 global_norm=global_norm(norms) if np.isfinite(sumsq).all() else float(np.sqrt(np.sum(sumsq))),
