@@ -192,8 +192,9 @@ class GradientMonitor:
             norm) or None.
         nonfinite: what to do with a step whose gradients hold NaN/Inf: "warn" (report it at the
             next log step), "skip" (report it at once and return all-zero gradients, so plain SGD
-            makes no update; stateful optimizers still advance their moments unless you use
-            `apply` or the Keras callback, which skip the optimizer call) or "raise" (raise
+            makes no update; stateful optimizers still advance their moments unless you apply
+            through `monitor.apply(optimizer, grads, variables)` or the Keras callback, which skip
+            the optimizer call) or "raise" (raise
             `NonFiniteGradientError` at that step; under `tf.function` it surfaces as a
             `tf.errors.OpError` (`UnknownError`) carrying the same message, and `monitor.error` holds
             the original).
@@ -382,24 +383,33 @@ class GradientMonitor:
         return out
 
     @tf.autograph.experimental.do_not_convert
-    def apply(self, optimizer: Any, grads: Sequence[Any], variables: Sequence[Any],
-              loss: Any = None) -> None:
-        """`step()` then `optimizer.apply_gradients`, skipping the optimizer call entirely on a
-        non-finite step under `nonfinite="skip"` (so Adam's moments do not move either)."""
+    def apply(self, optimizer: Any, grads: Sequence[Any], variables: Sequence[Any]) -> None:
+        """`optimizer.apply_gradients` for gradients this monitor has just measured (by `step()` or
+        a monitored tape, in the same step function), skipping the optimizer call entirely on a
+        non-finite step under `nonfinite="skip"`, so stateful optimizers (Adam's moments, the
+        iteration count) do not move either.
+
+        Raises:
+            RuntimeError: if no step was measured before.
+        """
         variables = list(variables)
-        out = self.step(grads, variables, loss=loss)
+        pairs = list(zip(grads, variables, strict=True))
         if self.nonfinite != "skip":
-            optimizer.apply_gradients(zip(out, variables, strict=True))
+            optimizer.apply_gradients(pairs)
             return
+        ok = getattr(self, "_last_ok", None)
+        if ok is None:
+            raise RuntimeError("GradientMonitor.apply: measure the gradients first (monitor.step() "
+                               "or a monitor.tape()'s gradient()) in the same step function")
         if not getattr(optimizer, "built", True):
             with tf.init_scope():
                 optimizer.build(variables)
 
         def run():
-            optimizer.apply_gradients(zip(out, variables, strict=True))
+            optimizer.apply_gradients(pairs)
             return tf.constant(True)
 
-        tf.cond(self._last_ok, run, lambda: tf.constant(False))
+        tf.cond(ok, run, lambda: tf.constant(False))
 
     def poll(self, steps_done: int | None = None) -> list[Finding]:
         """Read the buffer back if a log step has passed (`read_back="poll"`; harmless otherwise).

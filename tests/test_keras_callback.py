@@ -107,3 +107,12 @@ def test_bad_settings_fail_at_construction():
         GradDiagCallback(every=0)
     with pytest.raises(ValueError, match="`nonfinite`.*'never'"):
         GradDiagCallback(nonfinite="never")
+
+
+def test_keras_fit_example_finds_exploding_gradients():
+    import keras_fit
+
+    cb = keras_fit.run(epochs=1)
+    got = {(f.kind, f.layer, f.step, f.severity) for f in cb.findings}
+    assert ("exploding", "hidden", 0, "warning") in got
+    assert ("clipped", None, 15, "warning") in got

@@ -295,7 +295,8 @@ def test_skip_policy_apply_leaves_adam_untouched():
     opt = keras.optimizers.Adam(0.1)
     mon = GradientMonitor(model, every=100, nonfinite="skip", detectors=NO_SPIKE)
     before = [v.numpy().copy() for v in model.trainable_variables]
-    mon.apply(opt, make_grads(model, nan_layers=("fc0",)), model.trainable_variables)
+    grads = mon.step(make_grads(model, nan_layers=("fc0",)), model.trainable_variables)
+    mon.apply(opt, grads, model.trainable_variables)
     for v, b in zip(model.trainable_variables, before, strict=True):
         np.testing.assert_array_equal(v.numpy(), b)
     assert int(opt.iterations) == 0
@@ -411,3 +412,12 @@ def test_bad_inputs_give_clear_errors():
         mon.step([tf.constant(1.0)], [other])
     with pytest.raises(ValueError, match="one gradient per variable"):
         mon.step([None], model.trainable_variables)
+
+
+def test_custom_loop_example_finds_its_two_problems():
+    import tf_custom_loop
+
+    mon = tf_custom_loop.run(steps=tf_custom_loop.NAN_STEP + 2)
+    got = {(f.kind, f.layer, f.step) for f in mon.findings}
+    assert got == {("nonfinite", "mid", tf_custom_loop.NAN_STEP), ("detached", "aux", 2)}
+    assert mon.history[tf_custom_loop.NAN_STEP].skipped
