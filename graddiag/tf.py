@@ -211,6 +211,8 @@ class GradientMonitor:
             the buffers were reset to zero. Call `step(accumulators, variables)` before applying.
         read_back: "callback" (a `tf.py_function` on log steps reads the buffer; automatic) or
             "poll" (no host op in the graph, e.g. for XLA: call `poll()` after each compiled step).
+        detail_every: compute max |g|, zero fraction, parameter norm and NaN/Inf counts on every
+            `detail_every`-th log step (in a `tf.cond`, so other steps pay nothing); 0 disables.
         run_meta: extra JSON-able facts written with the model description.
 
     Raises:
@@ -223,7 +225,7 @@ class GradientMonitor:
                  detectors: Mapping[str, Any] | Iterable[Any] | None = None, history: int = 1000,
                  flush_secs: float = 2.0, loss_scale: Any = None,
                  accumulators: Sequence[Any] | None = None, read_back: str = "callback",
-                 run_meta: Mapping[str, Any] | None = None) -> None:
+                 detail_every: int = 1, run_meta: Mapping[str, Any] | None = None) -> None:
         if not _is_model(model_or_variables):
             if isinstance(model_or_variables, (str, bytes)) or not isinstance(
                     model_or_variables, Iterable):
@@ -240,6 +242,7 @@ class GradientMonitor:
         self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         self.read_back = check_choice("read_back", read_back, READ_BACK)
         check_int("history", history, 0)
+        self.detail_every = check_int("detail_every", detail_every, 0)
         self.chain = cliplib.as_chain(clip)
         if isinstance(loss_scale, bool) or (loss_scale is not None and not (
                 isinstance(loss_scale, (int, float)) or hasattr(loss_scale, "dynamic_scale")
@@ -312,6 +315,11 @@ class GradientMonitor:
             self._lcoef_rows = (tf.Variable(tf.ones([self.every, nl]), trainable=False,
                                             name="graddiag_layer_clip")
                                 if self.chain is not None and self.chain.has_layer_coef else None)
+            # detail rows: max|g|, non-zero count, NaN count, Inf count, parameter sum of squares
+            self._detail = (tf.Variable(tf.zeros([5, n]), trainable=False, name="graddiag_detail")
+                            if self.detail_every else None)
+            self._detail_step = tf.Variable(-1, dtype=tf.int64, trainable=False,
+                                            name="graddiag_detail_step")
             self._count = tf.Variable(0, dtype=tf.int64, trainable=False, name="graddiag_step")
             self._bad = tf.Variable(False, trainable=False, name="graddiag_nonfinite")
             self._micro = tf.Variable(0.0, trainable=False, name="graddiag_backward_calls")
@@ -544,6 +552,7 @@ class GradientMonitor:
         scale = self._scale_value()
         inv2 = None if scale is None else 1.0 / (scale * scale)
         vec, has = self._measure(grads, slots, inv2)
+        grads_in = grads
         total = tf.reduce_sum(vec)
         ok = tf.math.is_finite(total)
         clip_coef = tf.constant(-1.0)
@@ -570,6 +579,11 @@ class GradientMonitor:
             writes.append(self._lcoef_rows.scatter_nd_update([[row]], lcoef[None]))
         if self._accumulators is not None:
             writes += [self._micro.assign(0.0), self._reset.assign(-1.0)]
+        if self._detail is not None:
+            period = self.every * self.detail_every
+            due = tf.equal(tf.math.floormod(step + 1, period), 0)
+            writes.append(tf.cond(due, lambda: self._write_detail(grads_in, slots, step, inv2),
+                                  lambda: tf.constant(False)))
         with tf.control_dependencies(writes):
             done = self._count.assign_add(1)
         log_now = tf.equal(tf.math.floormod(done, self.every), 0)
@@ -587,14 +601,45 @@ class GradientMonitor:
                     grads = [None if g is None else _identity(g) for g in grads]
         return grads, ok
 
-    def _host_read(self, done):
-        deps = [self._rows.read_value()]
-        if self._lcoef_rows is not None:
-            deps.append(self._lcoef_rows.read_value())
-        return tf.py_function(self._host_callback, [done, *deps], Tout=tf.bool)
+    def _write_detail(self, grads, slots, step, inv_scale2):
+        """Detail statistics of this step (pre-clip), one row per statistic and variable."""
+        n = len(self.variables)
+        by_slot = dict(zip(slots, grads, strict=True))
+        cols = []
+        for i, v in enumerate(self.variables):
+            g = by_slot.get(i)
+            p = tf.convert_to_tensor(v)
+            psq = _sumsq(p if p.dtype.is_floating else tf.cast(p, tf.float32))
+            if g is None:
+                cols.append(tf.stack([0.0, 0.0, 0.0, 0.0, psq]))
+                continue
+            values = g.values if isinstance(g, tf.IndexedSlices) else g
+            a = tf.abs(tf.cast(values, tf.float32))
+            if inv_scale2 is not None:
+                a = a * tf.sqrt(inv_scale2)
+            count = lambda m: tf.cast(tf.math.count_nonzero(m), tf.float32)  # noqa: E731
+            cols.append(tf.stack([tf.reduce_max(a) if a.shape.num_elements() != 0 else 0.0,
+                                  count(tf.not_equal(a, 0.0)), count(tf.math.is_nan(a)),
+                                  count(tf.math.is_inf(a)), psq]))
+        assert len(cols) == n
+        with tf.control_dependencies([self._detail.assign(tf.stack(cols, axis=1))]):
+            return tf.identity(self._detail_step.assign(step) >= 0)
 
-    def _host_callback(self, done, rows, lcoef_rows=None):
-        self._process(int(done), rows.numpy(), None if lcoef_rows is None else lcoef_rows.numpy())
+    def _state(self) -> list[tf.Variable]:
+        """The variables the host reads back on a log step."""
+        out = [self._rows]
+        if self._lcoef_rows is not None:
+            out.append(self._lcoef_rows)
+        if self._detail is not None:
+            out += [self._detail, self._detail_step]
+        return out
+
+    def _host_read(self, done):
+        return tf.py_function(self._host_callback, [done, *[v.read_value() for v in self._state()]],
+                              Tout=tf.bool)
+
+    def _host_callback(self, done, *arrays):
+        self._process(int(done), [a.numpy() for a in arrays])
         return True
 
     def _on_backward(self) -> None:
@@ -614,10 +659,29 @@ class GradientMonitor:
     # ------------------------------------------------------------------ host side
     def _fetch(self, steps_done: int) -> list[Finding]:
         """Read the buffer (one device read) and process the steps not yet seen."""
-        return self._process(steps_done, self._rows.numpy(),
-                             None if self._lcoef_rows is None else self._lcoef_rows.numpy())
+        return self._process(steps_done, [v.numpy() for v in self._state()])
 
-    def _process(self, steps_done: int, rows: np.ndarray, lcoef_rows: np.ndarray | None) -> list[Finding]:
+    def _layer_detail(self, detail: np.ndarray, has: np.ndarray) -> dict[str, np.ndarray]:
+        """Per-layer detail statistics from the per-variable detail rows."""
+        nl, lo = len(self.info.layers), self._layer_index
+        gmax, nnz, nan, inf, psq = detail.astype(np.float64)
+        size = np.asarray([float(np.prod(v.shape)) for v in self.variables])
+        lmax = np.zeros(nl)
+        with np.errstate(invalid="ignore"):
+            np.maximum.at(lmax, lo[has], gmax[has])
+        zeros = np.bincount(lo[has], weights=(size - nnz)[has], minlength=nl)
+        numel = np.bincount(lo[has], weights=size[has], minlength=nl)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            zero_frac = np.where(numel > 0, zeros / numel, 0.0)
+        return {"grad_max": lmax, "zero_frac": zero_frac,
+                "param_norm": np.sqrt(np.bincount(lo, weights=psq, minlength=nl)),
+                "nan_count": np.bincount(lo, weights=nan, minlength=nl),
+                "inf_count": np.bincount(lo, weights=inf, minlength=nl)}
+
+    def _process(self, steps_done: int, arrays: list[np.ndarray]) -> list[Finding]:
+        rows = arrays[0]
+        lcoef_rows = arrays[1] if self._lcoef_rows is not None else None
+        detail, detail_step = (arrays[-2], int(arrays[-1])) if self._detail is not None else (None, -1)
         first = max(self._fetched, steps_done - self.every)
         if first > self._fetched:
             log.warning("graddiag: steps %d-%d were overwritten before being read back; poll() "
@@ -649,6 +713,15 @@ class GradientMonitor:
                 grad_reset=None if opt["grad_reset"] is None else bool(opt["grad_reset"]),
                 backward_calls=None if opt["backward_calls"] is None else int(opt["backward_calls"]),
                 skipped=bool(opt["skipped"]), loss=opt["loss"])
+            if step == detail_step:
+                d = self._layer_detail(detail, has)
+                if not (d["nan_count"].any() or d["inf_count"].any()):
+                    d.pop("nan_count")
+                    d.pop("inf_count")
+                else:
+                    stats.nonfinite = np.maximum(d["nan_count"] + d["inf_count"], layer_bad)
+                for k, v in d.items():
+                    setattr(stats, k, v)
             if step == steps_done - 1:
                 self.last_variable_norms = dict(zip(self.var_names, np.sqrt(sumsq).tolist(), strict=True))
             found = self.core.process(stats)

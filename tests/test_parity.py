@@ -113,6 +113,20 @@ def test_same_per_layer_norms_every_step(both):
             assert k.clip_coef == pytest.approx(t.clip_coef, rel=REL)
 
 
+def test_same_detail_statistics_on_log_steps(both):
+    tmon, _, kmon = both
+    detail = [(t, k) for t, k in zip(tmon.history, kmon.history, strict=True) if t.grad_max is not None]
+    assert [t.step for t, _ in detail] == [k.step for k in kmon.history if k.grad_max is not None]
+    assert detail
+    for t, k in detail:
+        for stat in ("zero_frac", "param_norm"):
+            np.testing.assert_allclose(getattr(k, stat), getattr(t, stat), rtol=REL, err_msg=stat)
+        # graddiag.tf measures max|g| before clipping (like grad_norm); graddiag.torch currently
+        # after it: equal up to the step's clip coefficient
+        pre = np.allclose(k.grad_max, t.grad_max, rtol=REL)
+        assert pre or np.allclose(k.grad_max * t.clip_coef, t.grad_max, rtol=REL)
+
+
 def test_same_findings(both):
     tmon, _, kmon = both
 

@@ -67,6 +67,28 @@ def test_layer_norms_equal_tf_norm_of_each_gradient():
     assert s.has_grad.all() and not s.nonfinite.any()
 
 
+def test_detail_statistics_on_log_steps_match_references():
+    model = mlp(activation="relu")
+    x, y = batch()
+    grads = grads_of(model, x, y)
+    mon = GradientMonitor(model, every=2, detectors=NO_SPIKE)
+    for _ in range(2):
+        mon.step(grads, model.trainable_variables)
+    first, second = mon.history
+    assert first.grad_max is None  # not a log step
+    by_layer = {}
+    for v, g in zip(model.trainable_variables, grads, strict=True):
+        by_layer.setdefault(v.path.split("/")[-2], []).append((v, g))
+    for i, name in enumerate(mon.info.layers):
+        gs = [tf.reshape(g, [-1]) for _, g in by_layer[name]]
+        flat = tf.concat(gs, 0)
+        assert second.grad_max[i] == pytest.approx(float(tf.reduce_max(tf.abs(flat))), rel=REL)
+        assert second.zero_frac[i] == pytest.approx(float(tf.reduce_mean(tf.cast(flat == 0, tf.float32))))
+        pn = tf.linalg.global_norm([v for v, _ in by_layer[name]])
+        assert second.param_norm[i] == pytest.approx(float(pn), rel=REL)
+    assert second.nan_count is None
+
+
 def test_global_norm_clip_equals_tf_clip_by_global_norm():
     model = mlp()
     x, y = batch()
