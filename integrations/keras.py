@@ -23,7 +23,10 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from graddiag.clip import as_chain
+from graddiag.detectors import build_detectors
 from graddiag.findings import Finding
+from graddiag.monitor import NONFINITE_POLICIES, check_choice, check_int
 from graddiag.tf import GradientMonitor
 
 
@@ -56,10 +59,14 @@ class GradDiagCallback(keras.callbacks.Callback):
                  detectors: Mapping[str, Any] | Iterable[Any] | None = None,
                  history: int = 1000, flush_secs: float = 2.0, print_summary: bool = True) -> None:
         super().__init__()
-        # validate now, with the same checks the monitor runs later
-        probe = tf.Variable(0.0, trainable=True)
-        GradientMonitor([probe], None, every=every, clip=clip, nonfinite=nonfinite,
-                        detectors=detectors, history=history, flush_secs=flush_secs).close()
+        # fail at construction, not at the start of training, with the monitor's own checks
+        check_int("every", every)
+        check_int("history", history, 0)
+        check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        as_chain(clip)
+        build_detectors(detectors)
+        if logdir is not None and not isinstance(logdir, (str, os.PathLike)):
+            raise ValueError(f"Expected `logdir` to be a path or None, got {logdir!r}")
         self._kwargs = {"every": every, "clip": clip, "nonfinite": nonfinite,
                         "detectors": detectors, "history": history, "flush_secs": flush_secs}
         self.logdir = logdir

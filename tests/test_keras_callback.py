@@ -107,6 +107,18 @@ def test_bad_settings_fail_at_construction():
         GradDiagCallback(every=0)
     with pytest.raises(ValueError, match="`nonfinite`.*'never'"):
         GradDiagCallback(nonfinite="never")
+    with pytest.raises(ValueError, match="`clip`.*'big'"):
+        GradDiagCallback(clip="big")
+    with pytest.raises(ValueError, match="Unknown detector"):
+        GradDiagCallback(detectors={"explode": True})
+
+
+def test_needs_a_compiled_model():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    cb = GradDiagCallback(print_summary=False)
+    cb.set_model(model)
+    with pytest.raises(ValueError, match="no optimizer; call model.compile"):
+        cb.on_train_begin()
 
 
 def test_keras_fit_example_finds_exploding_gradients():
