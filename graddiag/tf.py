@@ -262,7 +262,6 @@ class GradientMonitor:
         self.core: MonitorCore | None = None
         self.error: NonFiniteGradientError | None = None
         self._fetched = 0  # next step whose row has not been processed on the host
-        self._pending: list[Finding] = []
         self.last_variable_norms: dict[str, float] = {}
         if accumulators is not None or not _is_model(model_or_variables):
             self._resolve()
@@ -474,8 +473,7 @@ class GradientMonitor:
         if ls is None:
             return None
         ls = getattr(ls, "dynamic_scale", ls)
-        ls = getattr(ls, "value", ls) if not isinstance(ls, (int, float)) else ls
-        return tf.cast(ls, tf.float32)
+        return tf.cast(tf.convert_to_tensor(ls), tf.float32)
 
     def _measure(self, grads, slots, inv_scale2):
         """Per-variable sums of squares (unscaled) as one vector over all monitored variables."""

@@ -296,10 +296,12 @@ def test_loss_scale_is_divided_out_of_the_statistics():
     grads = grads_of(model, x, y)
     opt = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1), initial_scale=1024.0)
     opt.build(model.trainable_variables)
-    mon = GradientMonitor(model, every=1, loss_scale=opt, detectors=NO_SPIKE)
-    mon.step([g * 1024.0 for g in grads], model.trainable_variables)
     ref = layer_norms_ref(model, grads)
-    np.testing.assert_allclose(mon.history[-1].grad_norm, [ref[n] for n in mon.info.layers], rtol=REL)
+    for scale in (opt, tf.Variable(1024.0), 1024.0):
+        mon = GradientMonitor(model, every=1, loss_scale=scale, detectors=NO_SPIKE)
+        mon.step([g * 1024.0 for g in grads], model.trainable_variables)
+        np.testing.assert_allclose(mon.history[-1].grad_norm, [ref[n] for n in mon.info.layers],
+                                   rtol=REL)
 
 
 def test_skip_policy_zeroes_the_step_and_reports_it_at_once():
