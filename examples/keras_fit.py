@@ -19,7 +19,11 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from graddiag.clip import GlobalNormClip  # noqa: E402
-from integrations.keras import GradDiagCallback  # noqa: E402  (graddiag.integrations.keras once installed)
+
+try:  # installed: graddiag.integrations; from a checkout: the integrations/ folder
+    from graddiag.integrations.keras import GradDiagCallback
+except ImportError:
+    from integrations.keras import GradDiagCallback
 
 
 def run(logdir=None, epochs: int = 3, **callback_kwargs) -> GradDiagCallback:

@@ -211,8 +211,9 @@ class GradientMonitor:
             the buffers were reset to zero. Call `step(accumulators, variables)` before applying.
         read_back: "callback" (a `tf.py_function` on log steps reads the buffer; automatic) or
             "poll" (no host op in the graph, e.g. for XLA: call `poll()` after each compiled step).
-        detail_every: compute max |g|, zero fraction, parameter norm and NaN/Inf counts on every
-            `detail_every`-th log step (in a `tf.cond`, so other steps pay nothing); 0 disables.
+        detail_every: compute max |g|, zero fraction, parameter norm and NaN/Inf counts every
+            this many steps (in a `tf.cond`, so other steps pay nothing; that step is read back at
+            once, like a log step); 0 disables.
         run_meta: extra JSON-able facts written with the model description.
 
     Raises:
@@ -225,7 +226,7 @@ class GradientMonitor:
                  detectors: Mapping[str, Any] | Iterable[Any] | None = None, history: int = 1000,
                  flush_secs: float = 2.0, loss_scale: Any = None,
                  accumulators: Sequence[Any] | None = None, read_back: str = "callback",
-                 detail_every: int = 1, run_meta: Mapping[str, Any] | None = None) -> None:
+                 detail_every: int = 100, run_meta: Mapping[str, Any] | None = None) -> None:
         if not _is_model(model_or_variables):
             if isinstance(model_or_variables, (str, bytes)) or not isinstance(
                     model_or_variables, Iterable):
@@ -432,7 +433,8 @@ class GradientMonitor:
             return []
         if steps_done is None:
             steps_done = int(self._count.numpy())
-        due = steps_done // self.every > self._fetched // self.every and steps_done > self._fetched
+        due = steps_done > self._fetched and any(
+            k and steps_done // k > self._fetched // k for k in (self.every, self.detail_every))
         if not due and self.nonfinite != "warn" and steps_done > self._fetched:
             due = bool(self._bad.numpy())
         if not due:
@@ -578,13 +580,14 @@ class GradientMonitor:
         if self._accumulators is not None:
             writes += [self._micro.assign(0.0), self._reset.assign(-1.0)]
         if self._detail is not None:
-            period = self.every * self.detail_every
-            due = tf.equal(tf.math.floormod(step + 1, period), 0)
-            writes.append(tf.cond(due, lambda: self._write_detail(grads_in, slots, step, inv2),
+            detail_due = tf.equal(tf.math.floormod(step + 1, self.detail_every), 0)
+            writes.append(tf.cond(detail_due, lambda: self._write_detail(grads_in, slots, step, inv2),
                                   lambda: tf.constant(False)))
         with tf.control_dependencies(writes):
             done = self._count.assign_add(1)
         log_now = tf.equal(tf.math.floormod(done, self.every), 0)
+        if self._detail is not None:
+            log_now = log_now | detail_due
         if self.nonfinite != "warn":
             log_now = log_now | ~ok
         if self.read_back == "callback":

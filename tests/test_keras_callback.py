@@ -11,7 +11,11 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
 from graddiag.monitor import NonFiniteGradientError  # noqa: E402
-from integrations.keras import GradDiagCallback  # noqa: E402
+
+try:  # installed: graddiag.integrations; from a checkout: the integrations/ folder
+    from graddiag.integrations.keras import GradDiagCallback
+except ImportError:
+    from integrations.keras import GradDiagCallback
 
 #: float32 norms of the same gradients computed by two code paths.
 REL = 1e-5

@@ -67,15 +67,15 @@ def test_layer_norms_equal_tf_norm_of_each_gradient():
     assert s.has_grad.all() and not s.nonfinite.any()
 
 
-def test_detail_statistics_on_log_steps_match_references():
+def test_detail_statistics_every_detail_every_steps_match_references():
     model = mlp(activation="relu")
     x, y = batch()
     grads = grads_of(model, x, y)
-    mon = GradientMonitor(model, every=2, detectors=NO_SPIKE)
+    mon = GradientMonitor(model, every=1, detail_every=2, detectors=NO_SPIKE)
     for _ in range(2):
         mon.step(grads, model.trainable_variables)
     first, second = mon.history
-    assert first.grad_max is None  # not a log step
+    assert first.grad_max is None  # not a detail step
     by_layer = {}
     for v, g in zip(model.trainable_variables, grads, strict=True):
         by_layer.setdefault(v.path.split("/")[-2], []).append((v, g))
