@@ -114,7 +114,10 @@ def _is_model(obj: Any) -> bool:
 
 def _key(v: Any) -> int:
     """Identity of a variable; a Keras variable and the tf.Variable it wraps share one key."""
-    return id(getattr(v, "value", v)) if not isinstance(v, tf.Variable) else id(v)
+    if isinstance(v, tf.Variable):
+        return id(v)
+    inner = getattr(v, "_value", None)  # keras.Variable (TF backend) holds its tf.Variable here
+    return id(inner) if isinstance(inner, tf.Variable) else id(v)
 
 
 def _var_path(v: Any) -> str:
