@@ -132,3 +132,30 @@ def test_keras_fit_example_finds_exploding_gradients():
     got = {(f.kind, f.layer, f.step, f.severity) for f in cb.findings}
     assert ("exploding", "hidden", 0, "warning") in got
     assert ("clipped", None, 15, "warning") in got
+
+
+def test_works_under_xla_jit_compile():
+    model, x, y = model_and_data()
+    model.compile(keras.optimizers.SGD(0.1), "mse", jit_compile=True)
+    grads = first_batch_grads(model, x, y)
+    cb = GradDiagCallback(every=2, clip=1.0, detectors=NO_SPIKE, print_summary=False)
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[cb])
+    assert [s.step for s in cb.monitor.history] == [0, 1, 2, 3]
+    ref = math.sqrt(sum(float(tf.norm(g)) ** 2 for g in grads[2:]))
+    assert cb.monitor.history[0].grad_norm[1] == pytest.approx(ref, rel=REL)
+
+
+def test_mixed_float16_policy_statistics_are_unscaled():
+    model, x, y = model_and_data()
+    ref = first_batch_grads(model, x, y)
+    try:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        model, x, y = model_and_data()  # same weights, float16 compute, LossScaleOptimizer
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        cb = GradDiagCallback(every=1, detectors=NO_SPIKE, print_summary=False)
+        model.fit(x[:BATCH], y[:BATCH], batch_size=BATCH, epochs=1, verbose=0, callbacks=[cb])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    fp16_rel = 5e-3  # float16 forward/backward against the float32 reference
+    got = cb.monitor.history[0].grad_norm[0]
+    assert got == pytest.approx(math.hypot(float(tf.norm(ref[0])), float(tf.norm(ref[1]))), rel=fp16_rel)
