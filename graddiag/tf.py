@@ -47,6 +47,8 @@ READ_BACK = ("callback", "poll")
 #: Columns after the per-variable sums of squares in a buffer row. Device state holds no NaN
 #: sentinels (they would trip `tf.debugging.enable_check_numerics`): -1 / 0 mean "none" instead.
 _COLS = ("clip_coef", "skipped", "grad_reset", "backward_calls", "has_loss", "loss")
+#: Bins of the gradient histograms (as graddiag.torch).
+HIST_BINS = 30
 #: Sum of squares written for a variable without a gradient (real sums are >= 0, NaN or Inf).
 _NO_GRAD = -1.0
 
@@ -217,6 +219,9 @@ class GradientMonitor:
         detail_every: compute max |g|, zero fraction, parameter norm and NaN/Inf counts every
             this many steps (in a `tf.cond`, so other steps pay nothing; that step is read back at
             once, like a log step); 0 disables.
+        hist_every: with a `logdir`, write a histogram of each layer's gradient values (with its
+            NaN/Inf counts) every this many steps, computed in the graph on those steps only;
+            0 disables.
         run_meta: extra JSON-able facts written with the model description.
 
     Raises:
@@ -229,7 +234,7 @@ class GradientMonitor:
                  detectors: Mapping[str, Any] | Iterable[Any] | None = None, history: int = 1000,
                  flush_secs: float = 2.0, loss_scale: Any = None,
                  accumulators: Sequence[Any] | None = None, read_back: str = "callback",
-                 detail_every: int = 100, run_meta: Mapping[str, Any] | None = None) -> None:
+                 detail_every: int = 100, hist_every: int = 100, run_meta: Mapping[str, Any] | None = None) -> None:
         if not _is_model(model_or_variables):
             if isinstance(model_or_variables, (str, bytes)) or not isinstance(
                     model_or_variables, Iterable):
@@ -247,6 +252,7 @@ class GradientMonitor:
         self.read_back = check_choice("read_back", read_back, READ_BACK)
         check_int("history", history, 0)
         self.detail_every = check_int("detail_every", detail_every, 0)
+        self.hist_every = check_int("hist_every", hist_every, 0) if logdir is not None else 0
         self.chain = cliplib.as_chain(clip)
         if isinstance(loss_scale, bool) or (loss_scale is not None and not (
                 isinstance(loss_scale, (int, float)) or hasattr(loss_scale, "dynamic_scale")
@@ -323,6 +329,12 @@ class GradientMonitor:
                             if self.detail_every else None)
             self._detail_step = tf.Variable(-1, dtype=tf.int64, trainable=False,
                                             name="graddiag_detail_step")
+            # histogram rows per layer: HIST_BINS counts, then min, max, sum, sum of squares,
+            # finite count, NaN count, Inf count (of the step in `_hist_step`)
+            self._hist = (tf.Variable(tf.zeros([nl, HIST_BINS + 7]), trainable=False,
+                                      name="graddiag_hist") if self.hist_every else None)
+            self._hist_step = tf.Variable(-1, dtype=tf.int64, trainable=False,
+                                          name="graddiag_hist_step")
             self._count = tf.Variable(0, dtype=tf.int64, trainable=False, name="graddiag_step")
             self._bad = tf.Variable(False, trainable=False, name="graddiag_nonfinite")
             self._micro = tf.Variable(0.0, trainable=False, name="graddiag_backward_calls")
@@ -437,7 +449,8 @@ class GradientMonitor:
         if steps_done is None:
             steps_done = int(self._count.numpy())
         due = steps_done > self._fetched and any(
-            k and steps_done // k > self._fetched // k for k in (self.every, self.detail_every))
+            k and steps_done // k > self._fetched // k
+            for k in (self.every, self.detail_every, self.hist_every))
         if not due and self.nonfinite != "warn" and steps_done > self._fetched:
             due = bool(self._bad.numpy())
         if not due:
@@ -586,11 +599,17 @@ class GradientMonitor:
             detail_due = tf.equal(tf.math.floormod(step + 1, self.detail_every), 0)
             writes.append(tf.cond(detail_due, lambda: self._write_detail(grads_in, slots, step, inv2),
                                   lambda: tf.constant(False)))
+        if self._hist is not None:
+            hist_due = tf.equal(tf.math.floormod(step, self.hist_every), 0)  # as graddiag.torch
+            writes.append(tf.cond(hist_due, lambda: self._write_hist(grads_in, slots, step, inv2),
+                                  lambda: tf.constant(False)))
         with tf.control_dependencies(writes):
             done = self._count.assign_add(1)
         log_now = tf.equal(tf.math.floormod(done, self.every), 0)
         if self._detail is not None:
             log_now = log_now | detail_due
+        if self._hist is not None:
+            log_now = log_now | hist_due
         if self.nonfinite != "warn":
             log_now = log_now | ~ok
         if self.read_back == "callback":
@@ -629,6 +648,56 @@ class GradientMonitor:
         with tf.control_dependencies([self._detail.assign(tf.stack(cols, axis=1))]):
             return tf.identity(self._detail_step.assign(step) >= 0)
 
+    def _write_hist(self, grads, slots, step, inv_scale2):
+        """Per-layer histograms of this step's finite gradient values (pre-clip), with fixed shapes
+        (no boolean masks), so the branch also compiles under XLA."""
+        by_slot = dict(zip(slots, grads, strict=True))
+        rows = []
+        for li in range(len(self.info.layers)):
+            parts = []
+            for i in np.flatnonzero(self._layer_index == li):
+                g = by_slot.get(int(i))
+                if g is not None:
+                    g = g.values if isinstance(g, tf.IndexedSlices) else g
+                    parts.append(tf.reshape(tf.cast(g, tf.float32), [-1]))
+            if not parts:
+                rows.append(tf.zeros([HIST_BINS + 7]))
+                continue
+            v = tf.concat(parts, 0)
+            if inv_scale2 is not None:
+                v = v * tf.sqrt(inv_scale2)
+            fin = tf.math.is_finite(v)
+            finf = tf.cast(fin, tf.float32)
+            vf = tf.where(fin, v, 0.0)
+            lo = tf.reduce_min(tf.where(fin, v, math.inf))
+            hi = tf.reduce_max(tf.where(fin, v, -math.inf))
+            width = tf.maximum(hi - lo, 1e-12)
+            idx = tf.clip_by_value(tf.cast(tf.floor((vf - lo) / width * HIST_BINS), tf.int32),
+                                   0, HIST_BINS - 1)
+            counts = tf.math.unsorted_segment_sum(finf, idx, HIST_BINS)
+            nan = tf.reduce_sum(tf.cast(tf.math.is_nan(v), tf.float32))
+            rows.append(tf.concat([counts, tf.stack([
+                lo, hi, tf.reduce_sum(vf), tf.reduce_sum(vf * vf), tf.reduce_sum(finf), nan,
+                tf.cast(tf.size(v), tf.float32) - tf.reduce_sum(finf) - nan])], 0))
+        with tf.control_dependencies([self._hist.assign(tf.stack(rows))]):
+            return tf.identity(self._hist_step.assign(step) >= 0)
+
+    def _emit_hist(self, step: int, hist: np.ndarray, has: np.ndarray) -> None:
+        """Write the per-layer histograms read back from the device."""
+        for li, name in enumerate(self.info.layers):
+            if not has[li]:
+                continue
+            r = hist[li].astype(np.float64)
+            counts = r[:HIST_BINS]
+            lo, hi, vsum, vsumsq, num, nan, inf = r[HIST_BINS:]
+            if num > 0:
+                edges = np.linspace(lo, max(hi, lo + 1e-12), HIST_BINS + 1)[1:]
+                self.core.sink.write_histogram(step, name, counts, edges, lo, hi, vsum, vsumsq, num,
+                                               int(nan), int(inf))
+            else:
+                self.core.sink.write_histogram(step, name, [], [], 0.0, 0.0, 0.0, 0.0, 0.0,
+                                               int(nan), int(inf))
+
     def _state(self) -> list[tf.Variable]:
         """The variables the host reads back on a log step."""
         out = [self._rows]
@@ -636,6 +705,8 @@ class GradientMonitor:
             out.append(self._lcoef_rows)
         if self._detail is not None:
             out += [self._detail, self._detail_step]
+        if self._hist is not None:
+            out += [self._hist, self._hist_step]
         return out
 
     def _host_read(self, done):
@@ -685,6 +756,9 @@ class GradientMonitor:
     def _process(self, steps_done: int, arrays: list[np.ndarray]) -> list[Finding]:
         rows = arrays[0]
         lcoef_rows = arrays[1] if self._lcoef_rows is not None else None
+        hist, hist_step = (arrays[-2], int(arrays[-1])) if self._hist is not None else (None, -1)
+        if self._hist is not None:
+            arrays = arrays[:-2]
         detail, detail_step = (arrays[-2], int(arrays[-1])) if self._detail is not None else (None, -1)
         first = max(self._fetched, steps_done - self.every)
         if first > self._fetched:
@@ -729,6 +803,8 @@ class GradientMonitor:
             if step == steps_done - 1:
                 self.last_variable_norms = dict(zip(self.var_names, np.sqrt(sumsq).tolist(), strict=True))
             found = self.core.process(stats)
+            if step == hist_step and self.core.sink is not None:
+                self._emit_hist(step, hist, layer_has)
             new.extend(found)
             if self.nonfinite == "raise" and stats.any_nonfinite and self.error is None:
                 bad = [f for f in found if f.kind == "nonfinite"] or [Finding(

@@ -413,6 +413,31 @@ def test_writes_tensorboard_scalars(tmp_path):
     assert "graddiag/grad_norm/fc0" in tags and "graddiag/global/grad_norm" in tags
 
 
+def test_gradient_histograms_every_hist_every_steps(tmp_path):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    model = mlp()
+    x, y = batch()
+    grads = grads_of(model, x, y)
+    grads[0] = tf.tensor_scatter_nd_update(grads[0], [[0, 0]], [math.inf])
+    mon = GradientMonitor(model, tmp_path / "run", every=5, hist_every=3, detectors=NO_SPIKE)
+    step = tf.function(lambda g: mon.step(g, model.trainable_variables))
+    for _ in range(7):
+        step(grads)
+    mon.close()
+    ea = event_accumulator.EventAccumulator(str(tmp_path / "run"), size_guidance={"histograms": 0})
+    ea.Reload()
+    events = ea.Histograms("graddiag/hist/fc1")
+    assert [e.step for e in events] == [0, 3, 6]
+    h = events[0].histogram_value
+    flat = tf.concat([tf.reshape(g, [-1]) for g in grads[2:4]], 0)
+    assert h.num == flat.shape[0] and sum(h.bucket) == h.num
+    assert h.min == pytest.approx(float(tf.reduce_min(flat)), rel=REL)
+    assert h.max == pytest.approx(float(tf.reduce_max(flat)), rel=REL)
+    assert h.sum_squares == pytest.approx(float(tf.reduce_sum(flat**2)), rel=REL)
+    assert ea.Histograms("graddiag/hist/fc0")[0].histogram_value.num == 4 * 8 + 8 - 1  # Inf left out
+
+
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"every": 0}, "`every`.*0"),
     ({"nonfinite": "ignore"}, "`nonfinite`.*'ignore'"),
