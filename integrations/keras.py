@@ -42,6 +42,9 @@ class GradDiagCallback(keras.callbacks.Callback):
             (`NonFiniteGradientError` from `on_train_batch_end`, at the end of the offending batch
             under `steps_per_execution=1`; this reads one flag from the device per batch).
         detectors: detector settings, see `graddiag.detectors.build_detectors`.
+        detail_every: max |g|, zero fraction, parameter norm and NaN/Inf counts every this many
+            steps (0: never).
+        hist_every: gradient histograms every this many steps, with a `logdir` (0: never).
         history: how many recent `StepStats` the monitor keeps.
         flush_secs: event-file flush interval.
         print_summary: print the findings summary at the end of training.
@@ -57,18 +60,22 @@ class GradDiagCallback(keras.callbacks.Callback):
     def __init__(self, logdir: str | os.PathLike | None = None, *, every: int = 10,
                  clip: Any = None, nonfinite: str = "warn",
                  detectors: Mapping[str, Any] | Iterable[Any] | None = None,
-                 history: int = 1000, flush_secs: float = 2.0, print_summary: bool = True) -> None:
+                 detail_every: int = 100, hist_every: int = 100, history: int = 1000,
+                 flush_secs: float = 2.0, print_summary: bool = True) -> None:
         super().__init__()
         # fail at construction, not at the start of training, with the monitor's own checks
         check_int("every", every)
         check_int("history", history, 0)
+        check_int("detail_every", detail_every, 0)
+        check_int("hist_every", hist_every, 0)
         check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         as_chain(clip)
         build_detectors(detectors)
         if logdir is not None and not isinstance(logdir, (str, os.PathLike)):
             raise ValueError(f"Expected `logdir` to be a path or None, got {logdir!r}")
         self._kwargs = {"every": every, "clip": clip, "nonfinite": nonfinite,
-                        "detectors": detectors, "history": history, "flush_secs": flush_secs}
+                        "detectors": detectors, "history": history, "flush_secs": flush_secs,
+                        "detail_every": detail_every, "hist_every": hist_every}
         self.logdir = logdir
         self.print_summary = bool(print_summary)
         self.monitor: GradientMonitor | None = None

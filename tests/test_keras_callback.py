@@ -134,15 +134,17 @@ def test_keras_fit_example_finds_exploding_gradients():
     assert ("clipped", None, 15, "warning") in got
 
 
-def test_works_under_xla_jit_compile():
+def test_works_under_xla_jit_compile(tmp_path):
     model, x, y = model_and_data()
     model.compile(keras.optimizers.SGD(0.1), "mse", jit_compile=True)
     grads = first_batch_grads(model, x, y)
-    cb = GradDiagCallback(every=2, clip=1.0, detectors=NO_SPIKE, print_summary=False)
+    cb = GradDiagCallback(tmp_path, every=2, clip=1.0, detail_every=2, hist_every=2,
+                          detectors=NO_SPIKE, print_summary=False)
     model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[cb])
     assert [s.step for s in cb.monitor.history] == [0, 1, 2, 3]
     ref = math.sqrt(sum(float(tf.norm(g)) ** 2 for g in grads[2:]))
     assert cb.monitor.history[0].grad_norm[1] == pytest.approx(ref, rel=REL)
+    assert cb.monitor.history[1].grad_max is not None  # the detail branch ran under XLA
 
 
 def test_mixed_float16_policy_statistics_are_unscaled():
