@@ -10,8 +10,8 @@ step, and graddiag's extra time as a multiple of `clip_grad_norm_`'s.
 from __future__ import annotations
 
 import argparse
-import logging
 import copy
+import logging
 import statistics
 import sys
 import tempfile

@@ -313,7 +313,7 @@ class Chain:
         gcoef = None
         lcoef = None
         new_states = []
-        for p, st in zip(stage_policies, states):
+        for p, st in zip(stage_policies, states, strict=False):
             scale, st = p.update(layer_norms, global_norm, st, ops)
             new_states.append(st)
             if scale.layer_coef is not None:

@@ -131,13 +131,8 @@ class EventFileWriter:
         logdir = os.fspath(logdir)
         try:
             os.makedirs(logdir, exist_ok=True)
-            name = "events.out.tfevents.%010d.%s.%d.%d%s" % (
-                int(time.time()),
-                socket.gethostname(),
-                os.getpid(),
-                _next_id(),
-                filename_suffix,
-            )
+            name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
+                    f"{os.getpid()}.{_next_id()}{filename_suffix}")
             self.path = os.path.join(logdir, name)
             self._records = RecordWriter(self.path)
         except OSError as e:

@@ -121,51 +121,45 @@ class TensorBoardSink:
 
     def write_step(self, s: StepStats, n_findings: int) -> None:
         """All scalars of one step, as one event."""
-        names: list[str] = []
-        values: list[np.ndarray] = []
-
-        def add_global(stat: str, value) -> None:
+        gnames: list[str] = []
+        gvals: list[float] = []
+        for stat, value in (
+            ("grad_norm", s.global_norm),
+            ("nonfinite", int(np.count_nonzero(s.nonfinite))),
+            ("findings", n_findings),
+            ("clip_coef", s.clip_coef),
+            ("grad_reset", None if s.grad_reset is None else int(s.grad_reset)),
+            ("backward_calls", s.backward_calls),
+            ("skipped", 1 if s.skipped else None),
+            ("loss", s.loss),
+        ):
             if value is not None:
-                names.append(tags.tag(stat))
-                values.append(np.asarray([float(value)]))
-
-        add_global("grad_norm", s.global_norm)
-        add_global("nonfinite", int(np.count_nonzero(s.nonfinite)))
-        add_global("findings", n_findings)
-        add_global("clip_coef", s.clip_coef)
-        add_global("grad_reset", None if s.grad_reset is None else int(s.grad_reset))
-        add_global("backward_calls", s.backward_calls)
-        add_global("skipped", int(s.skipped) if s.skipped else None)
-        add_global("loss", s.loss)
+                gnames.append(stat)
+                gvals.append(float(value))
         has = s.has_grad
+        all_have = bool(has.all())
         bad = s.nonfinite > 0
-        per_layer = [("grad_norm", s.grad_norm, has), ("nonfinite", np.where(bad, s.nonfinite, 0), bad),
-                     ("grad_max", s.grad_max, has), ("zero_frac", s.zero_frac, has),
-                     ("param_norm", s.param_norm, None), ("update_ratio", s.update_ratio, None),
-                     ("nan_count", s.nan_count, None), ("inf_count", s.inf_count, None),
-                     ("clip_coef", s.layer_clip_coef, has)]
-        key = [tuple(names)]
-        for stat, arr, mask in per_layer:
-            if arr is None:
-                continue
-            sel = slice(None) if mask is None else mask
-            if mask is not None and mask.all():
-                key.append((stat, None))
-            else:
-                key.append((stat, None if mask is None else mask.tobytes()))
-            values.append(np.asarray(arr, dtype=np.float64)[sel])
-        k = tuple(key)
-        tag_tuple = self._keys.get(k)
+        any_bad = bool(bad.any())
+        per_layer = [("grad_norm", s.grad_norm, None if all_have else has)]
+        if any_bad:
+            per_layer.append(("nonfinite", s.nonfinite, bad))
+        for stat, arr, mask in (("grad_max", s.grad_max, has), ("zero_frac", s.zero_frac, has),
+                                ("param_norm", s.param_norm, None), ("update_ratio", s.update_ratio, None),
+                                ("nan_count", s.nan_count, None), ("inf_count", s.inf_count, None),
+                                ("clip_coef", s.layer_clip_coef, has)):
+            if arr is not None:
+                per_layer.append((stat, arr, None if mask is None or all_have else mask))
+        key = (tuple(gnames),) + tuple((stat, None if m is None else m.tobytes()) for stat, _, m in per_layer)
+        tag_tuple = self._keys.get(key)
         if tag_tuple is None:
-            all_tags = list(names)
-            for stat, arr, mask in per_layer:
-                if arr is None:
-                    continue
+            all_tags = [tags.tag(n) for n in gnames]
+            for stat, _, mask in per_layer:
                 lt = self._layer_tags[stat]
-                all_tags.extend(lt if mask is None else [t for t, m in zip(lt, mask) if m])
-            tag_tuple = self._keys[k] = tuple(all_tags)
+                all_tags.extend(lt if mask is None else [t for t, m in zip(lt, mask, strict=True) if m])
             if len(self._keys) > 256:
                 self._keys.clear()
+            tag_tuple = self._keys[key] = tuple(all_tags)
+        values = [np.asarray(gvals)] + [arr if m is None else np.asarray(arr)[m] for _, arr, m in per_layer]
         self.writer.add_scalars(s.step, tag_tuple, np.concatenate(values))
 
     def write_findings(self, step: int, findings: list[Finding]) -> None:

@@ -114,27 +114,31 @@ class _Plan:
                 self.stacks.append(members)
         self.singles = singles
         self.sparse = sparse
+        self.present = list(idx)
+        self.mask = np.zeros(len(params), dtype=bool)
+        self.mask[idx] = True
+        self.has_sparse = bool(sparse)
         order = [i for g in self.stacks for i in g] + singles + sparse
         self.order = np.asarray(order, dtype=np.int64)
         self.order_t = torch.as_tensor(self.order, device=device)
         self.layer_t = torch.as_tensor(layer_of[self.order], device=device)
 
 
-def _sumsq(tensors: list[torch.Tensor], plan: _Plan, slot: dict[int, int], device) -> torch.Tensor:
-    """float32 sums of squares of `tensors` (indexed through `slot`) in `plan.order`."""
+def _sumsq(tensors: list[torch.Tensor], plan: _Plan, device) -> torch.Tensor:
+    """float32 sums of squares of `tensors` (indexed like the parameters) in `plan.order`."""
     parts = []
     for members in plan.stacks:
-        m = torch.stack([tensors[slot[i]] for i in members]).view(len(members), 1, -1)
+        m = torch.stack([tensors[i] for i in members]).view(len(members), 1, -1)
         parts.append(torch.bmm(m, m.transpose(1, 2)).view(-1).float())
     for i in plan.singles:
-        g = tensors[slot[i]]
+        g = tensors[i]
         if g.dtype in _LOW_PRECISION:
             parts.append(torch.linalg.vector_norm(g, dtype=torch.float32).square().view(1))
         else:
             f = g.reshape(-1)
             parts.append(torch.dot(f, f).float().view(1))
     for i in plan.sparse:
-        v = tensors[slot[i]].coalesce().values().reshape(-1).float()
+        v = tensors[i].coalesce().values().reshape(-1).float()
         parts.append(torch.dot(v, v).view(1))
     parts = [p if p.device == device else p.to(device, non_blocking=True) for p in parts]
     return torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -292,6 +296,7 @@ class GradientMonitor:
         P = len(params)
         self._buf = torch.zeros(self.every, P + 2, dtype=torch.float32, device=self.device)
         self._pending: list[tuple] = []
+        self._no_grad = np.zeros(P, dtype=bool)
         self._backward_calls = 0
         self._probe: nn.Parameter | None = None
         self._probe_ref = None
@@ -487,7 +492,11 @@ class GradientMonitor:
         params = self.params
         grads = [p.grad for p in params]
         key = tuple(g is not None for g in grads)
-        present = [i for i, k in enumerate(key) if k]
+        plan = self._plans.get(key)
+        if plan is None and any(key):
+            plan = self._plans[key] = _Plan([i for i, k in enumerate(key) if k], params,
+                                            self.layer_of, self.device)
+        present = plan.present if plan is not None else []
         reset = self._grad_reset()
         calls = self._backward_calls if self._probe is not None else None
         self._backward_calls = 0
@@ -499,11 +508,7 @@ class GradientMonitor:
             sumsq = None
             coef = None
         else:
-            plan = self._plans.get(key)
-            if plan is None:
-                plan = self._plans[key] = _Plan(present, params, self.layer_of, self.device)
-            slot = {i: i for i in present}
-            sumsq = self._measure(grads, plan, slot)
+            sumsq = self._measure(grads, plan)
             total = sumsq.sum()
             if self.nonfinite != "warn" or self.trace_nonfinite:
                 bad = not bool(torch.isfinite(total))  # the one sync these modes pay for
@@ -514,16 +519,20 @@ class GradientMonitor:
             self._trace.clear()
             coef = None
             if self.chain is not None and not report.skipped:
-                coef = self._clip(grads, present, plan, slot, sumsq, total)
+                coef = self._clip(grads, plan, sumsq, total)
         # one device row: per-param sums of squares (param order), clip coef, loss
         buf_row = self._buf[row]
         if sumsq is not None:
             buf_row.index_copy_(0, plan.order_t, sumsq)
-        buf_row[-2:].copy_(torch.stack([
-            torch.as_tensor(1.0 if coef is None else coef, dtype=torch.float32, device=self.device),
-            torch.as_tensor(float("nan") if loss is None else loss.detach() if isinstance(loss, torch.Tensor) else float(loss),
-                            dtype=torch.float32, device=self.device).reshape(())]))
-        self._pending.append((step, np.asarray(key, dtype=bool), reset, calls, report.skipped, origin,
+        if coef is None:
+            buf_row[-2].fill_(1.0)
+        else:
+            buf_row[-2].copy_(coef)
+        if isinstance(loss, torch.Tensor):
+            buf_row[-1].copy_(loss.detach().reshape(()))
+        else:
+            buf_row[-1].fill_(float("nan") if loss is None else float(loss))
+        self._pending.append((step, plan.mask if plan is not None else self._no_grad, reset, calls, report.skipped, origin,
                               coef is not None))
         detail = bool(self.detail_every and (step + 1) % self.detail_every == 0)
         if log_step or detail or report.skipped:  # detail/skip steps sync anyway: report now
@@ -569,9 +578,9 @@ class GradientMonitor:
         if self.core is not None and self.core.history and self.core.history[-1].step == step:
             self.core.history[-1].update_ratio = ratio
 
-    def _measure(self, grads, plan: _Plan, slot) -> torch.Tensor:
+    def _measure(self, grads, plan: _Plan) -> torch.Tensor:
         """Per-parameter sums of squares in `plan.order`, unscaled under a GradScaler."""
-        sumsq = _sumsq(grads, plan, slot, self.device)
+        sumsq = _sumsq(grads, plan, self.device)
         inv = self._unscale_factor()
         return sumsq if inv is None else sumsq * (inv * inv)
 
@@ -595,7 +604,7 @@ class GradientMonitor:
                 return name
         return None
 
-    def _clip(self, grads, present, plan: _Plan, slot, sumsq, total):
+    def _clip(self, grads, plan: _Plan, sumsq, total):
         """Apply the clipping chain in place.
 
         Returns the clip coefficient: global norm after clipping / before (a device scalar).
@@ -603,8 +612,9 @@ class GradientMonitor:
         ops = self._ops
         states = self._clip_states
         k = 0
+        present = plan.present
         live = [grads[i] for i in present]
-        has_sparse = any(g.is_sparse for g in live)
+        has_sparse = plan.has_sparse
         measured = True
         only_global = True
         coef = None
@@ -618,7 +628,7 @@ class GradientMonitor:
                 k += len(policies)
                 continue
             if not measured:
-                sumsq = self._measure(grads, plan, slot)
+                sumsq = self._measure(grads, plan)
                 total = sumsq.sum()
             layer_norms = torch.zeros(self._n_layers, dtype=torch.float32, device=self.device)
             layer_norms = layer_norms.index_add_(0, plan.layer_t, sumsq).sqrt()
@@ -631,13 +641,13 @@ class GradientMonitor:
                 only_global = False
                 _mul_(targets, list(lc[plan.layer_t].unbind()), has_sparse)
             if g is not None:
-                _mul_(live, g.to(torch.float32), has_sparse)
+                _mul_(live, g, has_sparse)
                 coef = g if coef is None else coef * g
             measured = True
         if only_global:
             return coef
         if not measured:
-            after = self._measure(grads, plan, slot).sum().sqrt()
+            after = self._measure(grads, plan).sum().sqrt()
         return after / pre
 
     def _apply_elementwise(self, policy, present, live) -> None:

@@ -22,7 +22,7 @@ def _acc(logdir):
 def test_every_step_is_logged_with_history_values(logdir):
     from healthy import run
 
-    mon = run(logdir=logdir, steps=25, every=10, hist_every=10)
+    mon = run(logdir=logdir, steps=25, every=10, hist_every=10, detail_every=10)
     acc = _acc(logdir)
     for layer_i, layer in enumerate(mon.layers):
         events = acc.Scalars(tags.tag("grad_norm", layer))
