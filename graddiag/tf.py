@@ -1,0 +1,867 @@
+"""TensorFlow 2 / Keras 3 adapter: per-layer gradient statistics inside the compiled step.
+
+`GradientMonitor.step(grads, variables)` runs in the graph (eagerly or under `tf.function`): one
+fused pass computes each variable's sum of squares (``2 * tf.nn.l2_loss``, float32), the global norm
+and a single `is_finite` check on it, applies the clipping policies of `graddiag.clip` (their math
+runs here through `TFOps`, with their state in `tf.Variable`s) and writes one row of a
+`tf.Variable` ring buffer of `every` rows. Python sees the buffer only on log steps: through a
+`tf.py_function` placed in a `tf.cond` (default), or when the caller polls after the compiled step
+(`read_back="poll"`, XLA-friendly; the Keras callback does this). From there on, the framework-neutral
+`MonitorCore` runs the detectors and writes TensorBoard events.
+
+Example:
+    >>> monitor = GradientMonitor(model, "runs/exp1", clip=GlobalNormClip(1.0))
+    >>> @tf.function
+    ... def train_step(x, y):
+    ...     with monitor.tape() as tape:          # was: tf.GradientTape()
+    ...         loss = loss_fn(y, model(x, training=True))
+    ...     grads = tape.gradient(loss, model.trainable_variables)   # monitored and clipped
+    ...     optimizer.apply_gradients(zip(grads, model.trainable_variables))
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from graddiag import clip as cliplib
+from graddiag.findings import Finding
+from graddiag.monitor import (
+    NONFINITE_POLICIES,
+    MonitorCore,
+    NonFiniteGradientError,
+    check_choice,
+    check_int,
+)
+from graddiag.stats import ModelInfo, StepStats, global_norm, layer_norms_from_sumsq
+
+log = logging.getLogger("graddiag")
+
+READ_BACK = ("callback", "poll")
+#: Columns after the per-variable sums of squares in a buffer row. Device state holds no NaN
+#: sentinels (they would trip `tf.debugging.enable_check_numerics`): -1 / 0 mean "none" instead.
+_COLS = ("clip_coef", "skipped", "grad_reset", "backward_calls", "has_loss", "loss")
+#: Bins of the gradient histograms (as graddiag.torch).
+HIST_BINS = 30
+#: Sum of squares written for a variable without a gradient (real sums are >= 0, NaN or Inf).
+_NO_GRAD = -1.0
+
+
+class TFOps:
+    """The array namespace of `graddiag.clip` in TensorFlow float32, usable inside `tf.function`."""
+
+    @staticmethod
+    def asarray(x):
+        return tf.cast(x, tf.float32)
+
+    @staticmethod
+    def sqrt(x):
+        return tf.sqrt(x)
+
+    @staticmethod
+    def minimum1(x):
+        return tf.minimum(x, 1.0)
+
+    @staticmethod
+    def maximum(x, floor: float):
+        return tf.maximum(x, floor)
+
+    @staticmethod
+    def where(cond, a, b):
+        a = tf.cast(a, tf.float32)
+        b = tf.cast(b, tf.float32)
+        shape = tf.broadcast_dynamic_shape(tf.shape(a), tf.shape(b))
+        return tf.where(cond, tf.broadcast_to(a, shape), tf.broadcast_to(b, shape))
+
+    @staticmethod
+    def sum(x):
+        return tf.reduce_sum(x)
+
+    @staticmethod
+    def full(n: int, value: float):
+        return tf.fill([n], tf.constant(value, tf.float32))
+
+    @staticmethod
+    def scalar(value: float):
+        return tf.constant(value, tf.float32)
+
+    @staticmethod
+    def nanquantile(x, q: float):
+        """`numpy.nanquantile` (linear interpolation); NaN when every entry is NaN."""
+        nan = tf.math.is_nan(x)
+        n = tf.reduce_sum(tf.cast(~nan, tf.int32))
+        ranked = tf.sort(tf.where(nan, tf.constant(math.inf, tf.float32), x))
+        pos = tf.cast(q, tf.float32) * tf.cast(tf.maximum(n - 1, 0), tf.float32)
+        lo = tf.cast(tf.floor(pos), tf.int32)
+        hi = tf.minimum(lo + 1, tf.maximum(n - 1, 0))
+        a, b = tf.gather(ranked, lo), tf.gather(ranked, hi)
+        value = a + (b - a) * (pos - tf.cast(lo, tf.float32))
+        return tf.where(n > 0, value, tf.constant(math.nan, tf.float32))
+
+    @staticmethod
+    def roll_in(buf, index, value):
+        i = tf.math.floormod(tf.cast(index, tf.int32), tf.shape(buf)[0])
+        return tf.tensor_scatter_nd_update(buf, [[i]], tf.reshape(tf.cast(value, buf.dtype), [1]))
+
+
+def _is_model(obj: Any) -> bool:
+    return hasattr(obj, "trainable_variables") and hasattr(obj, "weights")
+
+
+def _key(v: Any) -> int:
+    """Identity of a variable; a Keras variable and the tf.Variable it wraps share one key."""
+    if isinstance(v, tf.Variable):
+        return id(v)
+    inner = getattr(v, "_value", None)  # keras.Variable (TF backend) holds its tf.Variable here
+    return id(inner) if isinstance(inner, tf.Variable) else id(v)
+
+
+def _var_path(v: Any) -> str:
+    path = getattr(v, "path", None) or v.name
+    return path[:-2] if path.endswith(":0") else path
+
+
+def _layer_and_var(path: str, prefix: str) -> tuple[str, str]:
+    """Split a variable path into (layer, variable name), dropping the model's own name."""
+    if prefix and path.startswith(prefix + "/"):
+        path = path[len(prefix) + 1:]
+    layer, _, name = path.rpartition("/")
+    return (layer or name), name
+
+
+def _frozen_variables(model: Any, trainable: set[int]) -> list[Any]:
+    """Variables that would be trained but for `layer.trainable = False` (not BatchNorm statistics,
+    which Keras creates non-trainable)."""
+    flatten = getattr(model, "_flatten_layers", None)
+    out, seen = [], set(trainable)
+    for layer in (flatten(include_self=True) if flatten else [model]):
+        if getattr(layer, "trainable", True):
+            continue
+        for v in getattr(layer, "_trainable_variables", ()):
+            if _key(v) not in seen:
+                seen.add(_key(v))
+                out.append(v)
+    return out
+
+
+def _sumsq(g) -> tf.Tensor:
+    """Sum of squares of one gradient, accumulated in float32 (IndexedSlices: of the dense sum)."""
+    if isinstance(g, tf.IndexedSlices):
+        g = _dedup(g).values
+    if g.dtype != tf.float32:
+        g = tf.cast(g, tf.float32)
+    return 2.0 * tf.nn.l2_loss(g)
+
+
+def _dedup(g: tf.IndexedSlices) -> tf.IndexedSlices:
+    """Sum the rows of repeated indices, so norms and value clipping see the dense gradient."""
+    unique, idx = tf.unique(g.indices)
+    values = tf.math.unsorted_segment_sum(g.values, idx, tf.size(unique))
+    return tf.IndexedSlices(values, unique, g.dense_shape)
+
+
+def _scale(g, factor):
+    """`g * factor` (factor: float32 scalar or broadcastable), keeping dtype and IndexedSlices."""
+    if isinstance(g, tf.IndexedSlices):
+        return tf.IndexedSlices(_scale(g.values, factor), g.indices, g.dense_shape)
+    return g * tf.cast(factor, g.dtype)
+
+
+def _unit_norms(x, scale=None):
+    """Norms per output unit (the last axis of a Keras kernel); one unit for vectors/scalars."""
+    x = tf.convert_to_tensor(x)
+    x = tf.cast(x, tf.float32) if x.dtype != tf.float32 else x
+    if scale is not None:
+        x = x / scale
+    axes = list(range(x.shape.rank - 1)) if x.shape.rank > 1 else None
+    return tf.sqrt(tf.reduce_sum(tf.square(x), axis=axes, keepdims=x.shape.rank > 1))
+
+
+class GradientMonitor:
+    """Monitors (and optionally clips) the gradients of a Keras model or a list of variables.
+
+    Args:
+        model_or_variables: a Keras model/layer (layers are named by their path inside the model,
+            e.g. ``"encoder/dense_1"``) or a sequence of variables (named by their path or name).
+            An unbuilt model is resolved at the first step.
+        logdir: TensorBoard run directory, or None for in-memory findings only.
+        every: statistics are gathered on the device every step and read back to Python once every
+            `every` steps (a ring buffer of `every` rows).
+        clip: a clipping policy from `graddiag.clip`, a list of them, a `Chain`, a number (global
+            norm) or None.
+        nonfinite: what to do with a step whose gradients hold NaN/Inf: "warn" (report it at the
+            next log step), "skip" (report it at once and return all-zero gradients, so plain SGD
+            makes no update; stateful optimizers still advance their moments unless you apply
+            through `monitor.apply(optimizer, grads, variables)` or the Keras callback, which skip
+            the optimizer call) or "raise" (raise
+            `NonFiniteGradientError` at that step; under `tf.function` it surfaces as a
+            `tf.errors.OpError` (`UnknownError`) carrying the same message, and `monitor.error` holds
+            the original).
+        detectors: detector settings, see `graddiag.detectors.build_detectors`.
+        history: how many recent `StepStats` to keep in memory.
+        flush_secs: event-file flush interval.
+        loss_scale: the loss scale the gradients are multiplied by (a number, a variable, or a
+            Keras `LossScaleOptimizer`, whose `dynamic_scale` is read each step): statistics and
+            clipping thresholds refer to the unscaled gradients. Overflow steps are expected then,
+            so the non-finite detector defaults to `amp=True`.
+        accumulators: your gradient-accumulation buffers (variables, one per monitored variable,
+            in the same order). With them, a monitored tape's `gradient()` does not count as an
+            optimizer step: it counts micro-batches and, at the first one after a step, checks that
+            the buffers were reset to zero. Call `step(accumulators, variables)` before applying.
+        read_back: "callback" (a `tf.py_function` on log steps reads the buffer; automatic) or
+            "poll" (no host op in the graph, e.g. for XLA: call `poll()` after each compiled step).
+        detail_every: compute max |g|, zero fraction, parameter norm and NaN/Inf counts every
+            this many steps (in a `tf.cond`, so other steps pay nothing; that step is read back at
+            once, like a log step); 0 disables.
+        hist_every: with a `logdir`, write a histogram of each layer's gradient values (with its
+            NaN/Inf counts) every this many steps, computed in the graph on those steps only;
+            0 disables.
+        run_meta: extra JSON-able facts written with the model description.
+
+    Raises:
+        TypeError: if `model_or_variables` is neither a Keras model/layer nor variables.
+        ValueError: for a bad setting, naming the argument and showing its value.
+    """
+
+    def __init__(self, model_or_variables: Any, logdir: str | os.PathLike | None = None, *,
+                 every: int = 10, clip: Any = None, nonfinite: str = "warn",
+                 detectors: Mapping[str, Any] | Iterable[Any] | None = None, history: int = 1000,
+                 flush_secs: float = 2.0, loss_scale: Any = None,
+                 accumulators: Sequence[Any] | None = None, read_back: str = "callback",
+                 detail_every: int = 100, hist_every: int = 100, run_meta: Mapping[str, Any] | None = None) -> None:
+        if not _is_model(model_or_variables):
+            if isinstance(model_or_variables, (str, bytes)) or not isinstance(
+                    model_or_variables, Iterable):
+                raise TypeError("Expected `model_or_variables` to be a Keras model/layer or a "
+                                f"sequence of variables, got {model_or_variables!r:.80}")
+            model_or_variables = list(model_or_variables)
+            bad = [v for v in model_or_variables if not hasattr(v, "assign")]
+            if not model_or_variables or bad:
+                raise TypeError("Expected `model_or_variables` to be a Keras model/layer or a "
+                                f"non-empty sequence of variables, got {(bad or [[]])[0]!r:.80}")
+        if logdir is not None and not isinstance(logdir, (str, os.PathLike)):
+            raise ValueError(f"Expected `logdir` to be a path or None, got {logdir!r}")
+        self.every = check_int("every", every)
+        self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        self.read_back = check_choice("read_back", read_back, READ_BACK)
+        check_int("history", history, 0)
+        self.detail_every = check_int("detail_every", detail_every, 0)
+        self.hist_every = check_int("hist_every", hist_every, 0) if logdir is not None else 0
+        self.chain = cliplib.as_chain(clip)
+        if isinstance(loss_scale, bool) or (loss_scale is not None and not (
+                isinstance(loss_scale, (int, float)) or hasattr(loss_scale, "dynamic_scale")
+                or hasattr(loss_scale, "assign"))):
+            raise ValueError("Expected `loss_scale` to be a number, a variable or a "
+                             f"LossScaleOptimizer, got {loss_scale!r}")
+        if isinstance(loss_scale, (int, float)) and not (loss_scale > 0 and math.isfinite(loss_scale)):
+            raise ValueError(f"Expected `loss_scale` to be a positive finite number, got {loss_scale!r}")
+        self.loss_scale = loss_scale
+        if loss_scale is not None and (detectors is None or (
+                isinstance(detectors, Mapping) and "nonfinite" not in detectors)):
+            detectors = {**(detectors or {}), "nonfinite": {"amp": True}}
+        self._target = model_or_variables
+        self._accumulators = None if accumulators is None else list(accumulators)
+        self._core_args = {"logdir": logdir, "detectors": detectors, "history": history,
+                           "flush_secs": flush_secs, "run_meta": dict(run_meta or {})}
+        self.core: MonitorCore | None = None
+        self.error: NonFiniteGradientError | None = None
+        self._fetched = 0  # next step whose row has not been processed on the host
+        self.last_variable_norms: dict[str, float] = {}
+        if accumulators is not None or not _is_model(model_or_variables):
+            self._resolve()
+
+    # ------------------------------------------------------------------ setup
+    def _resolve(self) -> None:
+        """Name the layers and create the device state (eagerly, even when first called in a trace)."""
+        if self.core is not None:
+            return
+        target = self._target
+        if _is_model(target):
+            variables = list(target.trainable_variables)
+            if not variables:
+                raise ValueError(f"The model {getattr(target, 'name', target)!r} has no trainable "
+                                 "variables yet: build it (call it once) or pass variables.")
+            frozen_vars = _frozen_variables(target, {_key(v) for v in variables})
+            prefix = getattr(target, "path", None) or getattr(target, "name", "")
+        else:
+            variables, frozen_vars, prefix = list(target), [], ""
+        names = [_layer_and_var(_var_path(v), prefix) for v in variables]
+        self.variables = variables
+        self.var_names = [f"{layer}.{name}" if layer != name else name for layer, name in names]
+        layers: list[str] = []
+        for layer, _ in names:
+            if layer not in layers:
+                layers.append(layer)
+        self._layer_index = np.array([layers.index(layer) for layer, _ in names], dtype=np.int64)
+        self._index = {_key(v): i for i, v in enumerate(variables)}
+        if len(self._index) != len(variables):
+            raise ValueError("Expected `model_or_variables` to hold each variable once.")
+        counts = np.zeros(len(layers), dtype=np.int64)
+        np.add.at(counts, self._layer_index, [int(np.prod(v.shape)) for v in variables])
+        frozen = []
+        for v in frozen_vars:
+            layer, name = _layer_and_var(_var_path(v), prefix)
+            frozen.append(f"{layer}.{name}")
+        self.info = ModelInfo(layers=tuple(layers), param_counts=tuple(int(c) for c in counts),
+                              backward_order=tuple(reversed(layers)), frozen=tuple(frozen),
+                              framework="tensorflow")
+        if self._accumulators is not None and len(self._accumulators) != len(variables):
+            raise ValueError(f"Expected `accumulators` to hold one buffer per monitored variable "
+                             f"({len(variables)}), got {len(self._accumulators)}")
+        meta = {"framework": "tensorflow", "tensorflow": tf.__version__, "every": self.every,
+                "clip": repr(self.chain), "nonfinite": self.nonfinite,
+                "variables": self.var_names, **self._core_args.pop("run_meta")}
+        n, nl = len(variables), len(layers)
+        with tf.init_scope():
+            self._rows = tf.Variable(tf.zeros([self.every, n + len(_COLS)]),
+                                     trainable=False, name="graddiag_rows")
+            self._lcoef_rows = (tf.Variable(tf.ones([self.every, nl]), trainable=False,
+                                            name="graddiag_layer_clip")
+                                if self.chain is not None and self.chain.has_layer_coef else None)
+            # detail rows: max|g|, non-zero count, NaN count, Inf count, parameter sum of squares
+            self._detail = (tf.Variable(tf.zeros([5, n]), trainable=False, name="graddiag_detail")
+                            if self.detail_every else None)
+            self._detail_step = tf.Variable(-1, dtype=tf.int64, trainable=False,
+                                            name="graddiag_detail_step")
+            # histogram rows per layer: HIST_BINS counts, then min, max, sum, sum of squares,
+            # finite count, NaN count, Inf count (of the step in `_hist_step`)
+            self._hist = (tf.Variable(tf.zeros([nl, HIST_BINS + 7]), trainable=False,
+                                      name="graddiag_hist") if self.hist_every else None)
+            self._hist_step = tf.Variable(-1, dtype=tf.int64, trainable=False,
+                                          name="graddiag_hist_step")
+            self._count = tf.Variable(0, dtype=tf.int64, trainable=False, name="graddiag_step")
+            self._bad = tf.Variable(False, trainable=False, name="graddiag_nonfinite")
+            self._micro = tf.Variable(0.0, trainable=False, name="graddiag_backward_calls")
+            self._reset = tf.Variable(-1.0, trainable=False, name="graddiag_grad_reset")
+            self._clip_state = []
+            if self.chain is not None:
+                for p, st in zip(self.chain.policies, self.chain.init(nl, TFOps), strict=True):
+                    self._clip_state.append({k: tf.Variable(v, trainable=False,
+                                                            name=f"graddiag_{type(p).__name__}_{k}")
+                                             for k, v in st.items()})
+        self.core = MonitorCore(self.info, run_meta=meta, **self._core_args)
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def findings(self) -> list[Finding]:
+        """Every finding so far (static ones, then those of the steps read back)."""
+        return [] if self.core is None else self.core.findings
+
+    @property
+    def logdir(self) -> str | None:
+        return None if self.core is None else self.core.logdir
+
+    @property
+    def history(self):
+        """Recent `StepStats`, oldest first."""
+        return [] if self.core is None else list(self.core.history)
+
+    def tape(self, persistent: bool = False, watch_accessed_variables: bool = True) -> MonitoredTape:
+        """A `tf.GradientTape` whose `gradient()` is monitored (see `MonitoredTape`)."""
+        return MonitoredTape(self, persistent=persistent,
+                             watch_accessed_variables=watch_accessed_variables)
+
+    @tf.autograph.experimental.do_not_convert
+    def step(self, grads: Sequence[Any], variables: Sequence[Any] | None = None,
+             loss: Any = None) -> list[Any]:
+        """Measure one optimizer step's gradients and return them after clipping.
+
+        Runs eagerly or inside `tf.function` (traced once per input signature; no host sync except
+        on log steps).
+
+        Args:
+            grads: one gradient per variable (`None`, a tensor or `tf.IndexedSlices`), or the
+                accumulation buffers.
+            variables: the variables the gradients belong to (default: all monitored variables,
+                in order). Monitored variables left out count as receiving no gradient.
+            loss: optionally the step's loss (a scalar), logged beside the statistics.
+
+        Returns:
+            The gradients after clipping (and zeroed under `nonfinite="skip"` on a non-finite
+            step), in the order given, ready for `optimizer.apply_gradients`.
+        """
+        self._resolve()
+        grads = list(grads)
+        variables = self.variables if variables is None else list(variables)
+        if len(grads) != len(variables):
+            raise ValueError(f"Expected one gradient per variable, got {len(grads)} gradients for "
+                             f"{len(variables)} variables")
+        slots = []
+        for i, v in enumerate(variables):
+            slot = self._index.get(_key(v))
+            if slot is None:
+                raise ValueError(f"variables[{i}] ({_var_path(v)!r}) is not monitored by this "
+                                 f"GradientMonitor (monitored: {len(self.variables)} variables)")
+            slots.append(slot)
+        grads = [tf.convert_to_tensor(g) if hasattr(g, "assign") else g for g in grads]
+        grads = [_dedup(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
+        out, ok = self._step_graph(grads, variables, slots, loss)
+        self._last_ok = ok
+        return out
+
+    @tf.autograph.experimental.do_not_convert
+    def apply(self, optimizer: Any, grads: Sequence[Any], variables: Sequence[Any]) -> None:
+        """`optimizer.apply_gradients` for gradients this monitor has just measured (by `step()` or
+        a monitored tape, in the same step function), skipping the optimizer call entirely on a
+        non-finite step under `nonfinite="skip"`, so stateful optimizers (Adam's moments, the
+        iteration count) do not move either.
+
+        Raises:
+            RuntimeError: if no step was measured before.
+        """
+        variables = list(variables)
+        pairs = list(zip(grads, variables, strict=True))
+        if self.nonfinite != "skip":
+            optimizer.apply_gradients(pairs)
+            return
+        ok = getattr(self, "_last_ok", None)
+        if ok is None:
+            raise RuntimeError("GradientMonitor.apply: measure the gradients first (monitor.step() "
+                               "or a monitor.tape()'s gradient()) in the same step function")
+        if not getattr(optimizer, "built", True):
+            with tf.init_scope():
+                optimizer.build(variables)
+
+        def run():
+            optimizer.apply_gradients(pairs)
+            return tf.constant(True)
+
+        tf.cond(ok, run, lambda: tf.constant(False))
+
+    def poll(self, steps_done: int | None = None) -> list[Finding]:
+        """Read the buffer back if a log step has passed (`read_back="poll"`; harmless otherwise).
+
+        Args:
+            steps_done: optimizer steps taken so far, if the caller counts them (saves reading the
+                step counter from the device).
+
+        Returns:
+            The new findings.
+        """
+        if self.core is None:
+            return []
+        if steps_done is None:
+            steps_done = int(self._count.numpy())
+        due = steps_done > self._fetched and any(
+            k and steps_done // k > self._fetched // k
+            for k in (self.every, self.detail_every, self.hist_every))
+        if not due and self.nonfinite != "warn" and steps_done > self._fetched:
+            due = bool(self._bad.numpy())
+        if not due:
+            return []
+        return self._fetch(steps_done)
+
+    def flush(self) -> list[Finding]:
+        """Process every step measured so far (also those before the next log step)."""
+        if self.core is None:
+            return []
+        steps_done = int(self._count.numpy())
+        new = self._fetch(steps_done) if steps_done > self._fetched else []
+        self.core.flush()
+        return new
+
+    def close(self) -> list[Finding]:
+        """Process the remaining steps, run end-of-run summaries and close the event file."""
+        if self.core is None or self.core.closed:
+            return []
+        new = self.flush()
+        return new + self.core.close()
+
+    def summary(self, min_severity: str = "info") -> str:
+        """A plain-text summary of the findings so far."""
+        if self.core is None:
+            return "graddiag: no findings."
+        return self.core.summary(min_severity)
+
+    def __enter__(self) -> GradientMonitor:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ graph side
+    def _scale_value(self):
+        ls = self.loss_scale
+        if ls is None:
+            return None
+        ls = getattr(ls, "dynamic_scale", ls)
+        return tf.cast(tf.convert_to_tensor(ls), tf.float32)
+
+    def _measure(self, grads, slots, inv_scale2):
+        """Per-variable sums of squares (unscaled) as one vector over all monitored variables."""
+        n = len(self.variables)
+        by_slot = dict(zip(slots, grads, strict=True))
+        parts = [(_sumsq(by_slot[i]) if by_slot.get(i) is not None else None) for i in range(n)]
+        present = [p for p in parts if p is not None]
+        if not present:
+            return tf.zeros([n]), tf.zeros([n], tf.bool)
+        vec = tf.stack([p if p is not None else tf.constant(0.0) for p in parts])
+        if inv_scale2 is not None:
+            vec = vec * inv_scale2
+        has = tf.constant([p is not None for p in parts])
+        return vec, has
+
+    def _norms(self, vec):
+        layer_sumsq = tf.math.unsorted_segment_sum(vec, self._layer_index.astype(np.int32), len(self.info.layers))
+        return tf.sqrt(layer_sumsq), tf.sqrt(tf.reduce_sum(vec))
+
+    def _clip(self, grads, variables, slots, vec, scale):
+        """Apply the clipping chain in the graph; returns (grads, global coef, layer coefs)."""
+        gtotal = None
+        ltotal = None
+        k = 0
+        inv2 = None if scale is None else 1.0 / (scale * scale)
+        for elementwise, policies in self.chain.stages():
+            if elementwise:
+                for p in policies:
+                    grads = [self._elementwise(p, g, v, scale) for g, v in zip(grads, variables, strict=True)]
+                k += len(policies)
+                vec = None  # later norm stages re-measure
+                continue
+            if vec is None:
+                vec, _ = self._measure(grads, slots, inv2)
+            layer_norms, gnorm = self._norms(vec)
+            vars_ = self._clip_state[k:k + len(policies)]
+            states = [{n: v.read_value() for n, v in st.items()} for st in vars_]
+            # [:3]: newer cores also return the norm after the stage
+            gcoef, lcoef, new_states = self.chain.update_norm_stage(
+                policies, layer_norms, gnorm, states, TFOps)[:3]
+            for st_vars, st_new in zip(vars_, new_states, strict=True):
+                for name, value in st_new.items():
+                    st_vars[name].assign(value)
+            k += len(policies)
+            factor = tf.ones([len(self.variables)])
+            if lcoef is not None:
+                ltotal = lcoef if ltotal is None else ltotal * lcoef
+                factor = tf.gather(lcoef, self._layer_index.astype(np.int32))
+            if gcoef is not None:
+                gtotal = gcoef if gtotal is None else gtotal * gcoef
+                factor = factor * gcoef
+            grads = [None if g is None else _scale(g, factor[s]) for g, s in zip(grads, slots, strict=True)]
+            vec = vec * tf.square(factor)
+        return grads, gtotal, ltotal
+
+    @staticmethod
+    def _elementwise(p, g, v, scale):
+        if g is None:
+            return None
+        if isinstance(g, tf.IndexedSlices):
+            if isinstance(p, cliplib.AGC):
+                g = tf.convert_to_tensor(g)
+            else:
+                return tf.IndexedSlices(GradientMonitor._elementwise(p, g.values, v, scale),
+                                        g.indices, g.dense_shape)
+        if isinstance(p, cliplib.ValueClip):
+            c = p.clip_value if scale is None else p.clip_value * scale
+            c = tf.cast(c, g.dtype)
+            return tf.clip_by_value(g, -c, c)
+        factor = p.scale(_unit_norms(g, scale), _unit_norms(v), TFOps)
+        return _scale(g, factor)
+
+    def _step_graph(self, grads, variables, slots, loss):
+        scale = self._scale_value()
+        inv2 = None if scale is None else 1.0 / (scale * scale)
+        vec, has = self._measure(grads, slots, inv2)
+        grads_in = grads
+        total = tf.reduce_sum(vec)
+        ok = tf.math.is_finite(total)
+        clip_coef = tf.constant(-1.0)
+        lcoef = None
+        if self.chain is not None:
+            grads, gcoef, lcoef = self._clip(grads, variables, slots, vec, scale)
+            if gcoef is not None:
+                clip_coef = tf.cast(gcoef, tf.float32)
+        skipped = tf.constant(0.0)
+        if self.nonfinite == "skip":
+            grads = [None if g is None else _zero_unless(ok, g) for g in grads]
+            skipped = 1.0 - tf.cast(ok, tf.float32)
+        step = self._count.read_value()
+        row = tf.cast(tf.math.floormod(step, self.every), tf.int32)
+        micro = self._micro.read_value()
+        extra = tf.stack([clip_coef, skipped, self._reset.read_value(), micro,
+                          tf.constant(0.0 if loss is None else 1.0),
+                          tf.constant(0.0) if loss is None else tf.cast(tf.reshape(loss, []),
+                                                                         tf.float32)])
+        values = tf.concat([tf.where(has, vec, _NO_GRAD), extra], 0)
+        writes = [self._rows.scatter_nd_update([[row]], values[None]),
+                  self._bad.assign(~ok)]
+        if self._lcoef_rows is not None:
+            writes.append(self._lcoef_rows.scatter_nd_update([[row]], lcoef[None]))
+        if self._accumulators is not None:
+            writes += [self._micro.assign(0.0), self._reset.assign(-1.0)]
+        if self._detail is not None:
+            detail_due = tf.equal(tf.math.floormod(step + 1, self.detail_every), 0)
+            writes.append(tf.cond(detail_due, lambda: self._write_detail(grads_in, slots, step, inv2),
+                                  lambda: tf.constant(False)))
+        if self._hist is not None:
+            hist_due = tf.equal(tf.math.floormod(step, self.hist_every), 0)  # as graddiag.torch
+            writes.append(tf.cond(hist_due, lambda: self._write_hist(grads_in, slots, step, inv2),
+                                  lambda: tf.constant(False)))
+        with tf.control_dependencies(writes):
+            done = self._count.assign_add(1)
+        log_now = tf.equal(tf.math.floormod(done, self.every), 0)
+        if self._detail is not None:
+            log_now = log_now | detail_due
+        if self._hist is not None:
+            log_now = log_now | hist_due
+        if self.nonfinite != "warn":
+            log_now = log_now | ~ok
+        if self.read_back == "callback":
+            if tf.executing_eagerly():
+                if bool(log_now):
+                    self._fetch(int(done))
+                fetched = tf.constant(True)
+            else:
+                fetched = tf.cond(log_now, lambda: self._host_read(done), lambda: tf.constant(False))
+            if self.nonfinite == "raise":  # no update may run before the check
+                with tf.control_dependencies([fetched]):
+                    grads = [None if g is None else _identity(g) for g in grads]
+        return grads, ok
+
+    def _write_detail(self, grads, slots, step, inv_scale2):
+        """Detail statistics of this step (pre-clip), one row per statistic and variable."""
+        n = len(self.variables)
+        by_slot = dict(zip(slots, grads, strict=True))
+        cols = []
+        for i, v in enumerate(self.variables):
+            g = by_slot.get(i)
+            p = tf.convert_to_tensor(v)
+            psq = _sumsq(p if p.dtype.is_floating else tf.cast(p, tf.float32))
+            if g is None:
+                cols.append(tf.stack([0.0, 0.0, 0.0, 0.0, psq]))
+                continue
+            values = g.values if isinstance(g, tf.IndexedSlices) else g
+            a = tf.abs(tf.cast(values, tf.float32))
+            if inv_scale2 is not None:
+                a = a * tf.sqrt(inv_scale2)
+            count = lambda m: tf.cast(tf.math.count_nonzero(m), tf.float32)  # noqa: E731
+            cols.append(tf.stack([tf.reduce_max(a) if a.shape.num_elements() != 0 else 0.0,
+                                  count(tf.not_equal(a, 0.0)), count(tf.math.is_nan(a)),
+                                  count(tf.math.is_inf(a)), psq]))
+        assert len(cols) == n
+        with tf.control_dependencies([self._detail.assign(tf.stack(cols, axis=1))]):
+            return tf.identity(self._detail_step.assign(step) >= 0)
+
+    def _write_hist(self, grads, slots, step, inv_scale2):
+        """Per-layer histograms of this step's finite gradient values (pre-clip), with fixed shapes
+        (no boolean masks), so the branch also compiles under XLA."""
+        by_slot = dict(zip(slots, grads, strict=True))
+        rows = []
+        for li in range(len(self.info.layers)):
+            parts = []
+            for i in np.flatnonzero(self._layer_index == li):
+                g = by_slot.get(int(i))
+                if g is not None:
+                    g = g.values if isinstance(g, tf.IndexedSlices) else g
+                    parts.append(tf.reshape(tf.cast(g, tf.float32), [-1]))
+            if not parts:
+                rows.append(tf.zeros([HIST_BINS + 7]))
+                continue
+            v = tf.concat(parts, 0)
+            if inv_scale2 is not None:
+                v = v * tf.sqrt(inv_scale2)
+            fin = tf.math.is_finite(v)
+            finf = tf.cast(fin, tf.float32)
+            vf = tf.where(fin, v, 0.0)
+            lo = tf.reduce_min(tf.where(fin, v, math.inf))
+            hi = tf.reduce_max(tf.where(fin, v, -math.inf))
+            width = tf.maximum(hi - lo, 1e-12)
+            idx = tf.clip_by_value(tf.cast(tf.floor((vf - lo) / width * HIST_BINS), tf.int32),
+                                   0, HIST_BINS - 1)
+            counts = tf.math.unsorted_segment_sum(finf, idx, HIST_BINS)
+            nan = tf.reduce_sum(tf.cast(tf.math.is_nan(v), tf.float32))
+            rows.append(tf.concat([counts, tf.stack([
+                lo, hi, tf.reduce_sum(vf), tf.reduce_sum(vf * vf), tf.reduce_sum(finf), nan,
+                tf.cast(tf.size(v), tf.float32) - tf.reduce_sum(finf) - nan])], 0))
+        with tf.control_dependencies([self._hist.assign(tf.stack(rows))]):
+            return tf.identity(self._hist_step.assign(step) >= 0)
+
+    def _emit_hist(self, step: int, hist: np.ndarray, has: np.ndarray) -> None:
+        """Write the per-layer histograms read back from the device."""
+        for li, name in enumerate(self.info.layers):
+            if not has[li]:
+                continue
+            r = hist[li].astype(np.float64)
+            counts = r[:HIST_BINS]
+            lo, hi, vsum, vsumsq, num, nan, inf = r[HIST_BINS:]
+            if num > 0:
+                edges = np.linspace(lo, max(hi, lo + 1e-12), HIST_BINS + 1)[1:]
+                self.core.sink.write_histogram(step, name, counts, edges, lo, hi, vsum, vsumsq, num,
+                                               int(nan), int(inf))
+            else:
+                self.core.sink.write_histogram(step, name, [], [], 0.0, 0.0, 0.0, 0.0, 0.0,
+                                               int(nan), int(inf))
+
+    def _state(self) -> list[tf.Variable]:
+        """The variables the host reads back on a log step."""
+        out = [self._rows]
+        if self._lcoef_rows is not None:
+            out.append(self._lcoef_rows)
+        if self._detail is not None:
+            out += [self._detail, self._detail_step]
+        if self._hist is not None:
+            out += [self._hist, self._hist_step]
+        return out
+
+    def _host_read(self, done):
+        return tf.py_function(self._host_callback, [done, *[v.read_value() for v in self._state()]],
+                              Tout=tf.bool)
+
+    def _host_callback(self, done, *arrays):
+        self._process(int(done), [a.numpy() for a in arrays])
+        return True
+
+    def _on_backward(self) -> None:
+        """Called by a monitored tape under gradient accumulation: count micro-batches and, at the
+        first one after an optimizer step, check that the accumulation buffers were reset."""
+        first = tf.equal(self._micro.read_value(), 0.0)
+
+        def check():
+            total = tf.add_n([tf.reduce_sum(tf.abs(tf.cast(a, tf.float32)))
+                              for a in self._accumulators])
+            return self._reset.assign(tf.cast(tf.equal(total, 0.0), tf.float32))
+
+        checked = tf.cond(first, check, lambda: self._reset.read_value())
+        with tf.control_dependencies([checked]):
+            self._micro.assign_add(1.0)
+
+    # ------------------------------------------------------------------ host side
+    def _fetch(self, steps_done: int) -> list[Finding]:
+        """Read the buffer (one device read) and process the steps not yet seen."""
+        return self._process(steps_done, [v.numpy() for v in self._state()])
+
+    def _layer_detail(self, detail: np.ndarray, has: np.ndarray) -> dict[str, np.ndarray]:
+        """Per-layer detail statistics from the per-variable detail rows."""
+        nl, lo = len(self.info.layers), self._layer_index
+        gmax, nnz, nan, inf, psq = detail.astype(np.float64)
+        size = np.asarray([float(np.prod(v.shape)) for v in self.variables])
+        lmax = np.zeros(nl)
+        with np.errstate(invalid="ignore"):
+            np.maximum.at(lmax, lo[has], gmax[has])
+        zeros = np.bincount(lo[has], weights=(size - nnz)[has], minlength=nl)
+        numel = np.bincount(lo[has], weights=size[has], minlength=nl)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            zero_frac = np.where(numel > 0, zeros / numel, 0.0)
+        return {"grad_max": lmax, "zero_frac": zero_frac,
+                "param_norm": np.sqrt(np.bincount(lo, weights=psq, minlength=nl)),
+                "nan_count": np.bincount(lo, weights=nan, minlength=nl),
+                "inf_count": np.bincount(lo, weights=inf, minlength=nl)}
+
+    def _process(self, steps_done: int, arrays: list[np.ndarray]) -> list[Finding]:
+        rows = arrays[0]
+        lcoef_rows = arrays[1] if self._lcoef_rows is not None else None
+        hist, hist_step = (arrays[-2], int(arrays[-1])) if self._hist is not None else (None, -1)
+        if self._hist is not None:
+            arrays = arrays[:-2]
+        detail, detail_step = (arrays[-2], int(arrays[-1])) if self._detail is not None else (None, -1)
+        first = max(self._fetched, steps_done - self.every)
+        if first > self._fetched:
+            log.warning("graddiag: steps %d-%d were overwritten before being read back; poll() "
+                        "at least every %d steps", self._fetched, first - 1, self.every)
+        new: list[Finding] = []
+        n = len(self.variables)
+        for step in range(first, steps_done):
+            r = rows[step % self.every].astype(np.float64)
+            sumsq = r[:n]
+            has = ~(sumsq == _NO_GRAD)
+            sumsq = np.where(has, sumsq, 0.0)
+            bad_var = ~np.isfinite(sumsq)
+            nl = len(self.info.layers)
+            layer_bad = np.zeros(nl, dtype=np.int64)
+            np.add.at(layer_bad, self._layer_index, bad_var.astype(np.int64))
+            layer_has = np.zeros(nl, dtype=bool)
+            np.logical_or.at(layer_has, self._layer_index, has)
+            norms = layer_norms_from_sumsq(sumsq, self._layer_index, nl)
+            c = dict(zip(_COLS, r[n:], strict=True))
+            opt = {"clip_coef": None if c["clip_coef"] < 0 else c["clip_coef"],
+                   "grad_reset": None if c["grad_reset"] < 0 else c["grad_reset"],
+                   "backward_calls": None if c["backward_calls"] <= 0 else c["backward_calls"],
+                   "loss": c["loss"] if c["has_loss"] else None, "skipped": c["skipped"]}
+            stats = StepStats(
+                step=step, grad_norm=norms, has_grad=layer_has, nonfinite=layer_bad,
+                global_norm=global_norm(norms) if np.isfinite(sumsq).all() else float(np.sqrt(np.sum(sumsq))),
+                clip_coef=opt["clip_coef"],
+                layer_clip_coef=None if lcoef_rows is None else lcoef_rows[step % self.every].astype(np.float64),
+                grad_reset=None if opt["grad_reset"] is None else bool(opt["grad_reset"]),
+                backward_calls=None if opt["backward_calls"] is None else int(opt["backward_calls"]),
+                skipped=bool(opt["skipped"]), loss=opt["loss"])
+            if step == detail_step:
+                d = self._layer_detail(detail, has)
+                if not (d["nan_count"].any() or d["inf_count"].any()):
+                    d.pop("nan_count")
+                    d.pop("inf_count")
+                else:
+                    stats.nonfinite = np.maximum(d["nan_count"] + d["inf_count"], layer_bad)
+                for k, v in d.items():
+                    setattr(stats, k, v)
+            if step == steps_done - 1:
+                self.last_variable_norms = dict(zip(self.var_names, np.sqrt(sumsq).tolist(), strict=True))
+            found = self.core.process(stats)
+            if step == hist_step and self.core.sink is not None:
+                self._emit_hist(step, hist, layer_has)
+            new.extend(found)
+            if self.nonfinite == "raise" and stats.any_nonfinite and self.error is None:
+                bad = [f for f in found if f.kind == "nonfinite"] or [Finding(
+                    step=step, layer=None, kind="nonfinite", severity="error", value=None,
+                    message="NaN/Inf gradient.", suggestion="")]
+                self._fetched = step + 1
+                self.error = NonFiniteGradientError(bad[0])
+                raise self.error
+        self._fetched = steps_done
+        return new
+
+
+def _zero_unless(ok, g):
+    if isinstance(g, tf.IndexedSlices):
+        return tf.IndexedSlices(_zero_unless(ok, g.values), g.indices, g.dense_shape)
+    return tf.where(ok, g, tf.zeros_like(g))
+
+
+def _identity(g):
+    if isinstance(g, tf.IndexedSlices):
+        return tf.IndexedSlices(tf.identity(g.values), g.indices, g.dense_shape)
+    return tf.identity(g)
+
+
+class MonitoredTape(tf.GradientTape):
+    """A drop-in `tf.GradientTape` whose `gradient()` goes through a `GradientMonitor`.
+
+    Without accumulation buffers, each `gradient()` call is one optimizer step: the gradients of
+    monitored variables are measured and returned clipped (sources that are not monitored variables
+    pass through). With `accumulators=` set on the monitor, `gradient()` only counts the micro-batch
+    and checks the buffers were reset; call `monitor.step(accumulators, variables)` before applying.
+    """
+
+    def __init__(self, monitor: GradientMonitor, persistent: bool = False,
+                 watch_accessed_variables: bool = True) -> None:
+        super().__init__(persistent=persistent, watch_accessed_variables=watch_accessed_variables)
+        self._monitor = monitor
+
+    @tf.autograph.experimental.do_not_convert
+    def gradient(self, target, sources, output_gradients=None,
+                 unconnected_gradients=tf.UnconnectedGradients.NONE):
+        grads = super().gradient(target, sources, output_gradients=output_gradients,
+                                 unconnected_gradients=unconnected_gradients)
+        m = self._monitor
+        m._resolve()
+        if m._accumulators is not None:
+            m._on_backward()
+            return grads
+        single = len(tf.nest.flatten(sources)) == 1 and not isinstance(sources, (list, tuple, dict))
+        flat_src = tf.nest.flatten(sources)
+        flat_g = [grads] if single else tf.nest.flatten(grads)
+        pick = [i for i, s in enumerate(flat_src) if _key(s) in m._index]
+        if not pick:
+            return grads
+        clipped = m.step([flat_g[i] for i in pick], [flat_src[i] for i in pick])
+        for i, g in zip(pick, clipped, strict=True):
+            flat_g[i] = g
+        if single:
+            return flat_g[0]
+        return tf.nest.pack_sequence_as(grads, flat_g)

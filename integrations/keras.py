@@ -1,0 +1,139 @@
+"""Keras `fit` integration: one callback that monitors the real gradients of each training step.
+
+`GradDiagCallback` wraps the model's optimizer for the duration of `fit`: at `on_train_begin` it
+sets an `apply` attribute on the optimizer *instance* that passes the gradients through a
+`graddiag.tf.GradientMonitor` (measured, clipped) before the optimizer's own `apply`, and forces
+Keras to retrace its train function; `on_train_end` deletes the attribute (the class method is
+back) and drops the traced function again. The optimizer's class, config and variables never
+change, so `model.save`/`keras.models.load_model` see a plain model, during and after the run.
+
+Statistics are read back from the device in `on_train_batch_end` once every `every` steps (no host
+op inside the compiled step, so XLA `jit_compile` keeps working).
+
+Example:
+    >>> model.fit(x, y, epochs=3, callbacks=[GradDiagCallback(logdir="runs/fit")])
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from graddiag.clip import as_chain
+from graddiag.detectors import build_detectors
+from graddiag.findings import Finding
+from graddiag.monitor import NONFINITE_POLICIES, check_choice, check_int
+from graddiag.tf import GradientMonitor
+
+
+class GradDiagCallback(keras.callbacks.Callback):
+    """Monitor gradients during `model.fit` (TensorFlow backend).
+
+    Args:
+        logdir: TensorBoard run directory, or None for in-memory findings only.
+        every: read statistics back (and log them) once every `every` optimizer steps.
+        clip: clipping policy (see `graddiag.tf.GradientMonitor`); applied to the gradients the
+            optimizer receives.
+        nonfinite: "warn", "skip" (the optimizer step is not taken on a non-finite step) or "raise"
+            (`NonFiniteGradientError` from `on_train_batch_end`, at the end of the offending batch
+            under `steps_per_execution=1`; this reads one flag from the device per batch).
+        detectors: detector settings, see `graddiag.detectors.build_detectors`.
+        detail_every: max |g|, zero fraction, parameter norm and NaN/Inf counts every this many
+            steps (0: never).
+        hist_every: gradient histograms every this many steps, with a `logdir` (0: never).
+        history: how many recent `StepStats` the monitor keeps.
+        flush_secs: event-file flush interval.
+        print_summary: print the findings summary at the end of training.
+
+    Attributes:
+        monitor: the `GradientMonitor` of the current or last run (None before training).
+
+    Raises:
+        ValueError: for a bad argument (at construction) or a non-TensorFlow backend / a model
+            without optimizer (at `on_train_begin`).
+    """
+
+    def __init__(self, logdir: str | os.PathLike | None = None, *, every: int = 10,
+                 clip: Any = None, nonfinite: str = "warn",
+                 detectors: Mapping[str, Any] | Iterable[Any] | None = None,
+                 detail_every: int = 100, hist_every: int = 100, history: int = 1000,
+                 flush_secs: float = 2.0, print_summary: bool = True) -> None:
+        super().__init__()
+        # fail at construction, not at the start of training, with the monitor's own checks
+        check_int("every", every)
+        check_int("history", history, 0)
+        check_int("detail_every", detail_every, 0)
+        check_int("hist_every", hist_every, 0)
+        check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        as_chain(clip)
+        build_detectors(detectors)
+        if logdir is not None and not isinstance(logdir, (str, os.PathLike)):
+            raise ValueError(f"Expected `logdir` to be a path or None, got {logdir!r}")
+        self._kwargs = {"every": every, "clip": clip, "nonfinite": nonfinite,
+                        "detectors": detectors, "history": history, "flush_secs": flush_secs,
+                        "detail_every": detail_every, "hist_every": hist_every}
+        self.logdir = logdir
+        self.print_summary = bool(print_summary)
+        self.monitor: GradientMonitor | None = None
+        self._optimizer = None
+
+    @property
+    def findings(self) -> list[Finding]:
+        return [] if self.monitor is None else self.monitor.findings
+
+    def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
+        if keras.backend.backend() != "tensorflow":
+            raise ValueError("GradDiagCallback needs the TensorFlow backend, got "
+                             f"{keras.backend.backend()!r}")
+        model = self.model
+        optimizer = getattr(model, "optimizer", None)
+        if optimizer is None:
+            raise ValueError("GradDiagCallback: the model has no optimizer; call model.compile().")
+        lso = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        self.monitor = GradientMonitor(model, self.logdir, read_back="poll",
+                                       loss_scale=optimizer if lso else None, **self._kwargs)
+        self.monitor._resolve()
+        if not optimizer.built:
+            optimizer.build(model.trainable_variables)
+        monitor = self.monitor
+        original = type(optimizer).apply.__get__(optimizer)
+        skip = self._kwargs["nonfinite"] == "skip" and not lso  # a LossScaleOptimizer skips itself
+
+        def apply(grads, trainable_variables=None):
+            variables = list(trainable_variables if trainable_variables is not None
+                             else model.trainable_variables)
+            grads = monitor.step(list(grads), variables)
+            if not skip:
+                return original(grads, variables)
+
+            def run():
+                original(grads, variables)
+                return tf.constant(True)
+
+            return tf.cond(monitor._last_ok, run, lambda: tf.constant(False))
+
+        optimizer.apply = apply
+        self._optimizer = optimizer
+        model.make_train_function(force=True)
+
+    def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
+        if self.monitor is None or self._optimizer is None:
+            return
+        self.monitor.poll()  # reads the step counter (one scalar); the buffer on log steps only
+
+    def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
+        self._restore()
+        if self.monitor is not None:
+            self.monitor.close()
+            if self.print_summary:
+                print(self.monitor.summary())
+
+    def _restore(self) -> None:
+        if self._optimizer is not None:
+            self._optimizer.__dict__.pop("apply", None)
+            self._optimizer = None
+            self.model.train_function = None  # retrace without the monitor next time

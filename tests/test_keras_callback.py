@@ -1,0 +1,163 @@
+"""integrations.keras.GradDiagCallback: real gradients from model.fit, clipping, save/load."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+from graddiag.monitor import NonFiniteGradientError  # noqa: E402
+
+try:  # installed: graddiag.integrations; from a checkout: the integrations/ folder
+    from graddiag.integrations.keras import GradDiagCallback
+except ImportError:
+    from integrations.keras import GradDiagCallback
+
+#: float32 norms of the same gradients computed by two code paths.
+REL = 1e-5
+NO_SPIKE = {"spike": False}
+BATCH = 16
+
+
+def model_and_data(seed: int = 0, optimizer=None):
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="tanh", name="fc"),
+                              keras.layers.Dense(1, name="head")], name="net")
+    model.compile(optimizer or keras.optimizers.SGD(0.1), "mse")
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(64, 4)).astype("float32")
+    y = rng.normal(size=(64, 1)).astype("float32")
+    return model, x, y
+
+
+def first_batch_grads(model, x, y):
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean((model(x[:BATCH]) - y[:BATCH]) ** 2)
+    return tape.gradient(loss, model.trainable_variables)
+
+
+def test_fit_monitors_the_real_gradients_and_clips_them():
+    model, x, y = model_and_data()
+    grads = first_batch_grads(model, x, y)
+    start = [v.numpy().copy() for v in model.trainable_variables]
+    max_norm = float(tf.linalg.global_norm(grads)) / 2
+    cb = GradDiagCallback(every=2, clip=max_norm, detectors=NO_SPIKE, print_summary=False)
+    model.fit(x[:BATCH], y[:BATCH], batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
+              callbacks=[cb])
+    s = cb.monitor.history[0]
+    ref = [math.hypot(float(tf.norm(grads[0])), float(tf.norm(grads[1]))),
+           math.hypot(float(tf.norm(grads[2])), float(tf.norm(grads[3])))]
+    np.testing.assert_allclose(s.grad_norm, ref, rtol=REL)
+    assert s.clip_coef == pytest.approx(0.5, rel=REL)
+    clipped, _ = tf.clip_by_global_norm(grads, max_norm)
+    for v, w0, g in zip(model.trainable_variables, start, clipped, strict=True):
+        np.testing.assert_allclose(v.numpy(), w0 - 0.1 * g.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_every_step_is_seen_and_the_optimizer_is_restored(tmp_path):
+    model, x, y = model_and_data()
+    cb = GradDiagCallback(tmp_path / "run", every=3, detectors=NO_SPIKE, print_summary=False)
+    ckpt = keras.callbacks.ModelCheckpoint(str(tmp_path / "ckpt.keras"))
+    model.fit(x, y, batch_size=BATCH, epochs=2, verbose=0, callbacks=[cb, ckpt])
+    assert [s.step for s in cb.monitor.history] == list(range(8))
+    assert "apply" not in vars(model.optimizer)
+    assert list(tmp_path.glob("run/events.out.tfevents.*"))
+    for path in (tmp_path / "ckpt.keras", tmp_path / "final.keras"):
+        if path.name == "final.keras":
+            model.save(path)
+        loaded = keras.models.load_model(path)
+        assert type(loaded.optimizer) is type(model.optimizer)
+    np.testing.assert_allclose(loaded.predict(x[:4], verbose=0), model.predict(x[:4], verbose=0),
+                               rtol=1e-6)
+    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)  # plain again, no monitor traced in
+    assert len(cb.monitor.history) == 8
+
+
+def test_nan_batch_is_reported_at_its_step_and_skipped():
+    model, x, y = model_and_data()
+    x[3 * BATCH] = np.nan  # the fourth batch (step 3)
+    cb = GradDiagCallback(every=10, nonfinite="skip", detectors=NO_SPIKE, print_summary=False)
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[cb])
+    [f] = [f for f in cb.findings if f.kind == "nonfinite"]
+    assert (f.step, f.layer) == (3, "head")
+    assert cb.monitor.history[3].skipped
+    assert all(np.isfinite(v.numpy()).all() for v in model.trainable_variables)
+
+
+def test_raise_policy_stops_fit_with_the_step_and_layer():
+    model, x, y = model_and_data()
+    x[BATCH] = np.nan
+    cb = GradDiagCallback(every=10, nonfinite="raise", detectors=NO_SPIKE, print_summary=False)
+    with pytest.raises(NonFiniteGradientError, match="step 1.*'head'"):
+        model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[cb])
+
+
+def test_loss_scale_optimizer_statistics_are_unscaled():
+    opt = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1), initial_scale=2.0**10)
+    model, x, y = model_and_data(optimizer=opt)
+    grads = first_batch_grads(model, x, y)
+    cb = GradDiagCallback(every=1, detectors=NO_SPIKE, print_summary=False)
+    model.fit(x[:BATCH], y[:BATCH], batch_size=BATCH, epochs=1, verbose=0, callbacks=[cb])
+    ref = math.sqrt(sum(float(tf.norm(g)) ** 2 for g in grads[2:]))
+    assert cb.monitor.history[0].grad_norm[1] == pytest.approx(ref, rel=REL)
+
+
+def test_bad_settings_fail_at_construction():
+    with pytest.raises(ValueError, match="`every`.*0"):
+        GradDiagCallback(every=0)
+    with pytest.raises(ValueError, match="`nonfinite`.*'never'"):
+        GradDiagCallback(nonfinite="never")
+    with pytest.raises(ValueError, match="`clip`.*'big'"):
+        GradDiagCallback(clip="big")
+    with pytest.raises(ValueError, match="Unknown detector"):
+        GradDiagCallback(detectors={"explode": True})
+
+
+def test_needs_a_compiled_model():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    cb = GradDiagCallback(print_summary=False)
+    cb.set_model(model)
+    with pytest.raises(ValueError, match="no optimizer; call model.compile"):
+        cb.on_train_begin()
+
+
+def test_keras_fit_example_finds_exploding_gradients():
+    import keras_fit
+
+    cb = keras_fit.run(epochs=1)
+    got = {(f.kind, f.layer, f.step, f.severity) for f in cb.findings}
+    assert ("exploding", "hidden", 0, "warning") in got
+    assert ("clipped", None, 15, "warning") in got
+
+
+def test_works_under_xla_jit_compile(tmp_path):
+    model, x, y = model_and_data()
+    model.compile(keras.optimizers.SGD(0.1), "mse", jit_compile=True)
+    grads = first_batch_grads(model, x, y)
+    cb = GradDiagCallback(tmp_path, every=2, clip=1.0, detail_every=2, hist_every=2,
+                          detectors=NO_SPIKE, print_summary=False)
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[cb])
+    assert [s.step for s in cb.monitor.history] == [0, 1, 2, 3]
+    ref = math.sqrt(sum(float(tf.norm(g)) ** 2 for g in grads[2:]))
+    assert cb.monitor.history[0].grad_norm[1] == pytest.approx(ref, rel=REL)
+    assert cb.monitor.history[1].grad_max is not None  # the detail branch ran under XLA
+
+
+def test_mixed_float16_policy_statistics_are_unscaled():
+    model, x, y = model_and_data()
+    ref = first_batch_grads(model, x, y)
+    try:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        model, x, y = model_and_data()  # same weights, float16 compute, LossScaleOptimizer
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        cb = GradDiagCallback(every=1, detectors=NO_SPIKE, print_summary=False)
+        model.fit(x[:BATCH], y[:BATCH], batch_size=BATCH, epochs=1, verbose=0, callbacks=[cb])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    fp16_rel = 5e-3  # float16 forward/backward against the float32 reference
+    got = cb.monitor.history[0].grad_norm[0]
+    assert got == pytest.approx(math.hypot(float(tf.norm(ref[0])), float(tf.norm(ref[1]))), rel=fp16_rel)

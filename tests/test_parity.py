@@ -1,0 +1,143 @@
+"""Cross-framework parity: the same network, weights and batches in PyTorch and TensorFlow give the
+same per-layer gradient norms and the same findings."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+torch = pytest.importorskip("torch")
+
+from graddiag import tf as gd_tf  # noqa: E402
+from graddiag import torch as gd_torch  # noqa: E402
+from graddiag.clip import GlobalNormClip  # noqa: E402
+
+#: float32 forward/backward in two frameworks: a few ulps per op, a few layers deep.
+REL = 1e-5
+SIZES = (4, 8, 8, 8, 1)
+TORCH_TO_TF = {"0": "fc0", "2": "fc1", "4": "fc2", "6": "head"}
+STEPS = 12
+EXPLODE_AT = 6  # targets scaled by 1e5: gradients explode linearly (no tanh saturation)
+NAN_AT = 9
+DETAIL = 5  # detail statistics every 5 steps (off the log steps, to cover that path too)
+
+
+def networks():
+    rng = np.random.default_rng(0)
+    weights = [(rng.normal(size=(o, i)) / math.sqrt(i), rng.normal(size=o) * 0.1)
+               for i, o in zip(SIZES[:-1], SIZES[1:], strict=True)]
+    mods = []
+    for i, (w, b) in enumerate(weights):
+        lin = torch.nn.Linear(w.shape[1], w.shape[0])
+        with torch.no_grad():
+            lin.weight.copy_(torch.tensor(w, dtype=torch.float32))
+            lin.bias.copy_(torch.tensor(b, dtype=torch.float32))
+        mods += [lin] if i == len(weights) - 1 else [lin, torch.nn.Tanh()]
+    tnet = torch.nn.Sequential(*mods)
+    tnet[4].requires_grad_(False)  # fc2 frozen on both sides
+
+    names = ["fc0", "fc1", "fc2", "head"]
+    knet = keras.Sequential(
+        [keras.Input((SIZES[0],))]
+        + [keras.layers.Dense(o, activation=None if n == "head" else "tanh", name=n)
+           for o, n in zip(SIZES[1:], names, strict=True)], name="net")
+    for layer, (w, b) in zip(knet.layers, weights, strict=True):
+        layer.set_weights([w.T.astype("float32"), b.astype("float32")])
+    knet.get_layer("fc2").trainable = False
+    return tnet, knet
+
+
+def batches():
+    rng = np.random.default_rng(1)
+    for step in range(STEPS):
+        x = rng.normal(size=(32, SIZES[0])).astype("float32")
+        y = rng.normal(size=(32, 1)).astype("float32")
+        if step == EXPLODE_AT:
+            y *= 1e5
+        if step == NAN_AT:
+            x[0, 0] = np.nan
+        yield x, y
+
+
+def run_torch(tnet):
+    mon = gd_torch.GradientMonitor(tnet, every=4, clip=GlobalNormClip(1.0), detail_every=DETAIL)
+    hand = []
+    for x, y in batches():
+        tnet.zero_grad()
+        ((tnet(torch.from_numpy(x)) - torch.from_numpy(y)) ** 2).mean().backward()
+        hand.append([math.sqrt(sum(float(torch.linalg.vector_norm(p.grad)) ** 2
+                                   for p in tnet[i].parameters())) for i in (0, 2, 6)])
+        mon.step()
+    mon.close()
+    return mon, np.array(hand)
+
+
+def run_tf(knet):
+    mon = gd_tf.GradientMonitor(knet, every=4, clip=GlobalNormClip(1.0), detail_every=DETAIL)
+
+    @tf.function
+    def step(x, y):
+        with mon.tape() as tape:
+            loss = tf.reduce_mean((knet(x) - y) ** 2)
+        return tape.gradient(loss, knet.trainable_variables)
+
+    for x, y in batches():
+        step(tf.constant(x), tf.constant(y))
+    mon.close()
+    return mon
+
+
+@pytest.fixture(scope="module")
+def both():
+    tnet, knet = networks()
+    tmon, hand = run_torch(tnet)
+    return tmon, hand, run_tf(knet)
+
+
+def test_same_layers_and_frozen_parameters(both):
+    tmon, _, kmon = both
+    assert [TORCH_TO_TF[n] for n in tmon.core.info.layers] == list(kmon.info.layers)
+    assert kmon.info.frozen == ("fc2.kernel", "fc2.bias")
+
+
+def test_same_per_layer_norms_every_step(both):
+    tmon, hand, kmon = both
+    assert [s.step for s in tmon.history] == [s.step for s in kmon.history] == list(range(STEPS))
+    for t, k, h in zip(tmon.history, kmon.history, hand, strict=True):
+        np.testing.assert_allclose(k.grad_norm, t.grad_norm, rtol=REL, equal_nan=True)
+        np.testing.assert_allclose(k.grad_norm, h, rtol=REL, equal_nan=True)
+        if t.step != NAN_AT:
+            assert k.clip_coef == pytest.approx(t.clip_coef, rel=REL)
+
+
+def test_same_detail_statistics(both):
+    tmon, _, kmon = both
+    detail = [(t, k) for t, k in zip(tmon.history, kmon.history, strict=True) if t.grad_max is not None]
+    assert [t.step for t, _ in detail] == [k.step for k in kmon.history if k.grad_max is not None]
+    assert detail
+    assert NAN_AT in [k.step for _, k in detail]
+    for t, k in detail:
+        for stat in ("zero_frac", "param_norm", "nonfinite"):
+            np.testing.assert_allclose(getattr(k, stat), getattr(t, stat), rtol=REL, err_msg=stat)
+        # graddiag.tf measures max|g| before clipping (like grad_norm); graddiag.torch currently
+        # after it: equal up to the step's clip coefficient
+        pre = np.allclose(k.grad_max, t.grad_max, rtol=REL, equal_nan=True)
+        assert pre or np.allclose(k.grad_max * t.clip_coef, t.grad_max, rtol=REL)
+
+
+def test_same_findings(both):
+    tmon, _, kmon = both
+
+    def key(f, rename=lambda n: n):
+        return (f.step, f.kind, f.severity, None if f.layer is None else rename(f.layer))
+
+    torch_findings = sorted(key(f, lambda n: TORCH_TO_TF.get(n, n)) for f in tmon.findings)
+    tf_findings = sorted(key(f) for f in kmon.findings)
+    assert tf_findings == torch_findings
+    kinds = {f[1] for f in tf_findings}
+    assert {"nonfinite", "exploding", "frozen", "clipped"} <= kinds
+    assert (NAN_AT, "nonfinite", "error", "head") in tf_findings

@@ -1,0 +1,472 @@
+"""graddiag.tf.GradientMonitor against TensorFlow's own reference computations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+from graddiag import clip as cliplib  # noqa: E402
+from graddiag.monitor import NonFiniteGradientError  # noqa: E402
+from graddiag.tf import GradientMonitor, TFOps  # noqa: E402
+
+#: float32 sums of squares of a few hundred elements vs. tf.norm: rounding only.
+REL = 1e-5
+#: our clip coefficient is max_norm / (norm + NORM_EPS), TF's is max_norm / max(norm, max_norm).
+CLIP_REL = 1e-5
+NO_SPIKE = {"spike": False}
+
+
+def mlp(seed: int = 0, hidden: int = 8, depth: int = 2, activation: str = "tanh"):
+    keras.utils.set_random_seed(seed)
+    layers = [keras.Input((4,))]
+    layers += [keras.layers.Dense(hidden, activation=activation, name=f"fc{i}") for i in range(depth)]
+    layers.append(keras.layers.Dense(1, name="head"))
+    return keras.Sequential(layers, name="net")
+
+
+def batch(seed: int = 1, n: int = 16):
+    rng = np.random.default_rng(seed)
+    return (tf.constant(rng.normal(size=(n, 4)), tf.float32),
+            tf.constant(rng.normal(size=(n, 1)), tf.float32))
+
+
+def grads_of(model, x, y):
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean((model(x) - y) ** 2)
+    return tape.gradient(loss, model.trainable_variables)
+
+
+def layer_norms_ref(model, grads):
+    """Per-layer norms from tf.norm of each gradient, grouped by owning layer."""
+    out = {}
+    for v, g in zip(model.trainable_variables, grads, strict=True):
+        layer = v.path.split("/")[-2]
+        out[layer] = out.get(layer, 0.0) + float(tf.norm(tf.convert_to_tensor(g))) ** 2
+    return {k: math.sqrt(s) for k, s in out.items()}
+
+
+def test_layer_norms_equal_tf_norm_of_each_gradient():
+    model = mlp()
+    x, y = batch()
+    grads = grads_of(model, x, y)
+    mon = GradientMonitor(model, every=1, detectors=NO_SPIKE)
+    mon.step(grads, model.trainable_variables)
+    s = mon.history[-1]
+    ref = layer_norms_ref(model, grads)
+    assert mon.info.layers == ("fc0", "fc1", "head")
+    np.testing.assert_allclose(s.grad_norm, [ref[n] for n in mon.info.layers], rtol=REL)
+    for v, g in zip(model.trainable_variables, grads, strict=True):
+        name = v.path.split("/", 1)[1].replace("/", ".")
+        assert mon.last_variable_norms[name] == pytest.approx(float(tf.norm(g)), rel=REL)
+    assert s.global_norm == pytest.approx(float(tf.linalg.global_norm(grads)), rel=REL)
+    assert s.has_grad.all() and not s.nonfinite.any()
+
+
+def test_detail_statistics_every_detail_every_steps_match_references():
+    model = mlp(activation="relu")
+    x, y = batch()
+    grads = grads_of(model, x, y)
+    mon = GradientMonitor(model, every=1, detail_every=2, detectors=NO_SPIKE)
+    for _ in range(2):
+        mon.step(grads, model.trainable_variables)
+    first, second = mon.history
+    assert first.grad_max is None  # not a detail step
+    by_layer = {}
+    for v, g in zip(model.trainable_variables, grads, strict=True):
+        by_layer.setdefault(v.path.split("/")[-2], []).append((v, g))
+    for i, name in enumerate(mon.info.layers):
+        gs = [tf.reshape(g, [-1]) for _, g in by_layer[name]]
+        flat = tf.concat(gs, 0)
+        assert second.grad_max[i] == pytest.approx(float(tf.reduce_max(tf.abs(flat))), rel=REL)
+        assert second.zero_frac[i] == pytest.approx(float(tf.reduce_mean(tf.cast(flat == 0, tf.float32))))
+        pn = tf.linalg.global_norm([v for v, _ in by_layer[name]])
+        assert second.param_norm[i] == pytest.approx(float(pn), rel=REL)
+    assert second.nan_count is None
+
+
+def test_global_norm_clip_equals_tf_clip_by_global_norm():
+    model = mlp()
+    x, y = batch()
+    grads = grads_of(model, x, y)
+    norm = float(tf.linalg.global_norm(grads))
+    mon = GradientMonitor(model, every=1, clip=cliplib.GlobalNormClip(norm / 4), detectors=NO_SPIKE)
+    ours = mon.step(grads, model.trainable_variables)
+    ref, ref_norm = tf.clip_by_global_norm(grads, norm / 4)
+    for a, b in zip(ours, ref, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=CLIP_REL, atol=1e-9)
+    assert mon.history[-1].clip_coef == pytest.approx(0.25, rel=CLIP_REL)
+    assert mon.history[-1].global_norm == pytest.approx(float(ref_norm), rel=REL)
+
+
+def test_eager_and_tf_function_give_same_stats_and_bounded_traces():
+    x, y = batch()
+    runs = []
+    for compiled in (False, True):
+        model = mlp()
+        opt = keras.optimizers.SGD(0.05)
+        mon = GradientMonitor(model, every=4, clip=[cliplib.ZClip(warmup=3), cliplib.GlobalNormClip(2.0)],
+                              detectors=NO_SPIKE)
+
+        def train_step(x, y, model=model, opt=opt, mon=mon):
+            with mon.tape() as tape:
+                loss = tf.reduce_mean((model(x) - y) ** 2)
+            g = tape.gradient(loss, model.trainable_variables)
+            opt.apply_gradients(zip(g, model.trainable_variables, strict=True))
+            return loss
+
+        fn = tf.function(train_step) if compiled else train_step
+        for _ in range(12):
+            fn(x, y)
+        if compiled:
+            # one trace plus TF's retrace after the optimizer created its variables, never per step
+            assert fn.experimental_get_tracing_count() <= 2
+        mon.close()
+        runs.append(mon.history)
+    eager, graph = runs
+    assert [s.step for s in eager] == [s.step for s in graph] == list(range(12))
+    for a, b in zip(eager, graph, strict=True):
+        np.testing.assert_allclose(a.grad_norm, b.grad_norm, rtol=REL)
+        assert a.clip_coef == pytest.approx(b.clip_coef, rel=REL)
+
+
+def test_host_reads_only_on_log_steps():
+    model = mlp()
+    x, y = batch()
+    mon = GradientMonitor(model, every=5, detectors=NO_SPIKE)
+    calls = []
+    real = mon._process
+    mon._process = lambda *a: calls.append(a[0]) or real(*a)
+
+    @tf.function
+    def train_step(x, y):
+        with mon.tape() as tape:
+            loss = tf.reduce_mean((model(x) - y) ** 2)
+        return tape.gradient(loss, model.trainable_variables)
+
+    for _ in range(12):
+        train_step(x, y)
+    assert calls == [5, 10]
+    assert [s.step for s in mon.history] == list(range(10))
+    mon.close()
+    assert [s.step for s in mon.history] == list(range(12))
+
+
+def test_poll_mode_reads_after_the_compiled_step():
+    model = mlp()
+    x, y = batch()
+    mon = GradientMonitor(model, every=3, read_back="poll", detectors=NO_SPIKE)
+
+    @tf.function(jit_compile=True)
+    def train_step(x, y):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean((model(x) - y) ** 2)
+        return mon.step(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+
+    for i in range(7):
+        train_step(x, y)
+        mon.poll(i + 1)
+    assert [s.step for s in mon.history] == list(range(6))
+
+
+def make_grads(model, scale_by_layer=None, nan_layers=(), none_layers=()):
+    out = []
+    for v in model.trainable_variables:
+        layer = v.path.split("/")[-2]
+        g = tf.ones_like(v) * (scale_by_layer or {}).get(layer, 0.1)
+        if layer in nan_layers:
+            g = g * math.nan
+        out.append(None if layer in none_layers else g)
+    return out
+
+
+def test_nonfinite_names_first_layer_in_backward_order_at_its_step():
+    model = mlp()
+    mon = GradientMonitor(model, every=4, detectors=NO_SPIKE)
+    for step in range(8):
+        bad = ("fc0", "fc1") if step == 5 else ()
+        mon.step(make_grads(model, nan_layers=bad), model.trainable_variables)
+    mon.close()
+    [f] = [f for f in mon.findings if f.kind == "nonfinite"]
+    assert (f.step, f.layer, f.severity) == (5, "fc1", "error")
+
+
+def test_healthy_run_has_no_warnings():
+    model = mlp()
+    x, y = batch()
+    opt = keras.optimizers.SGD(0.01)
+    mon = GradientMonitor(model, every=5)
+    for _ in range(30):
+        with mon.tape() as tape:
+            loss = tf.reduce_mean((model(x) - y) ** 2)
+        g = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(g, model.trainable_variables, strict=True))
+    mon.close()
+    assert [f for f in mon.findings if f.severity != "info"] == []
+
+
+def test_vanishing_and_exploding_name_the_layer_and_step():
+    model = mlp()
+    mon = GradientMonitor(model, every=5, detectors={"spike": False, "vanishing": {"patience": 4}})
+    for _ in range(6):
+        mon.step(make_grads(model, {"fc0": 1e-10}), model.trainable_variables)
+    mon.step(make_grads(model, {"head": 1e4}), model.trainable_variables)
+    mon.close()
+    [v] = [f for f in mon.findings if f.kind == "vanishing"]
+    assert (v.layer, v.step) == ("fc0", 3)
+    [e] = [f for f in mon.findings if f.kind == "exploding"]
+    assert (e.layer, e.step) == ("head", 6)
+
+
+class TwoHeads(keras.Model):
+    """`unused` owns variables but the forward pass never reaches it; `frozen` is not trainable."""
+
+    def __init__(self):
+        super().__init__(name="two_heads")
+        self.used = keras.layers.Dense(3, name="used")
+        self.unused = keras.layers.Dense(3, name="unused")
+        self.frozen = keras.layers.Dense(1, name="frozen")
+        self.frozen.trainable = False
+
+    def build(self, shape):
+        for layer in (self.used, self.unused):
+            layer.build(shape)
+        self.frozen.build((None, 3))
+
+    def call(self, x):
+        return self.frozen(self.used(x))
+
+
+def test_disconnected_layer_is_detached_and_non_trainable_layer_is_frozen():
+    keras.utils.set_random_seed(0)
+    model = TwoHeads()
+    x, _ = batch()
+    model(x)
+    mon = GradientMonitor(model, every=2, detectors={"spike": False, "detached": {"patience": 3}})
+    for _ in range(4):
+        with mon.tape() as tape:
+            loss = tf.reduce_sum(model(x))
+        grads = tape.gradient(loss, model.trainable_variables)
+    assert grads[2] is None  # None passes through for apply_gradients to skip
+    mon.close()
+    [d] = [f for f in mon.findings if f.kind == "detached"]
+    assert (d.layer, d.step) == ("unused", 2)
+    [fr] = [f for f in mon.findings if f.kind == "frozen"]
+    assert (fr.layer, fr.severity) == ("frozen", "info")
+    assert mon.info.frozen == ("frozen.kernel", "frozen.bias")
+
+
+def test_embedding_indexed_slices_norm_counts_repeated_rows_once_summed():
+    keras.utils.set_random_seed(0)
+    emb = keras.layers.Embedding(10, 3, name="emb")
+    model = keras.Sequential([keras.Input((4,), dtype="int32"), emb, keras.layers.Flatten(),
+                              keras.layers.Dense(1, name="head")])
+    ids = tf.constant([[1, 1, 2, 1], [2, 3, 3, 1]])
+    mon = GradientMonitor(model, every=1, clip=cliplib.ValueClip(0.05), detectors=NO_SPIKE)
+    with mon.tape() as tape:
+        loss = tf.reduce_sum(model(ids))
+    clipped = tape.gradient(loss, model.trainable_variables)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(model(ids))
+    raw = tape.gradient(loss, model.trainable_variables)
+    assert isinstance(raw[0], tf.IndexedSlices)
+    dense = tf.convert_to_tensor(raw[0])
+    assert mon.history[-1].grad_norm[0] == pytest.approx(float(tf.norm(dense)), rel=REL)
+    np.testing.assert_allclose(tf.convert_to_tensor(clipped[0]).numpy(),
+                               tf.clip_by_value(dense, -0.05, 0.05).numpy(), rtol=1e-6)
+
+
+def test_half_precision_gradients_accumulate_in_float32():
+    v = tf.Variable(tf.zeros([1000], tf.float16), name="w")
+    g = tf.fill([1000], tf.constant(300.0, tf.float16))  # 300**2 * 1000 overflows float16
+    mon = GradientMonitor([v], every=1, detectors=NO_SPIKE)
+    out = mon.step([g], [v])
+    assert out[0].dtype == tf.float16
+    assert mon.history[-1].grad_norm[0] == pytest.approx(300.0 * math.sqrt(1000), rel=1e-4)
+    assert not mon.history[-1].any_nonfinite
+
+
+def test_loss_scale_is_divided_out_of_the_statistics():
+    model = mlp()
+    x, y = batch()
+    grads = grads_of(model, x, y)
+    opt = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1), initial_scale=1024.0)
+    opt.build(model.trainable_variables)
+    ref = layer_norms_ref(model, grads)
+    for scale in (opt, tf.Variable(1024.0), 1024.0):
+        mon = GradientMonitor(model, every=1, loss_scale=scale, detectors=NO_SPIKE)
+        mon.step([g * 1024.0 for g in grads], model.trainable_variables)
+        np.testing.assert_allclose(mon.history[-1].grad_norm, [ref[n] for n in mon.info.layers],
+                                   rtol=REL)
+
+
+def test_skip_policy_zeroes_the_step_and_reports_it_at_once():
+    model = mlp()
+    mon = GradientMonitor(model, every=100, nonfinite="skip", detectors=NO_SPIKE)
+    mon.step(make_grads(model), model.trainable_variables)
+    out = mon.step(make_grads(model, nan_layers=("head",)), model.trainable_variables)
+    assert all(float(tf.reduce_sum(tf.abs(g))) == 0.0 for g in out)
+    assert mon.history[-1].skipped and mon.history[-1].step == 1
+    assert [f.kind for f in mon.findings] == ["nonfinite"]
+
+
+def test_skip_policy_apply_leaves_adam_untouched():
+    model = mlp()
+    opt = keras.optimizers.Adam(0.1)
+    mon = GradientMonitor(model, every=100, nonfinite="skip", detectors=NO_SPIKE)
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    grads = mon.step(make_grads(model, nan_layers=("fc0",)), model.trainable_variables)
+    mon.apply(opt, grads, model.trainable_variables)
+    for v, b in zip(model.trainable_variables, before, strict=True):
+        np.testing.assert_array_equal(v.numpy(), b)
+    assert int(opt.iterations) == 0
+
+
+def test_raise_policy_raises_eagerly_and_inside_tf_function():
+    model = mlp()
+    mon = GradientMonitor(model, every=100, nonfinite="raise", detectors=NO_SPIKE)
+    with pytest.raises(NonFiniteGradientError, match="step 0.*'head'"):
+        mon.step(make_grads(model, nan_layers=("head",)), model.trainable_variables)
+
+    mon2 = GradientMonitor(model, every=100, nonfinite="raise", detectors=NO_SPIKE)
+    step = tf.function(lambda g: mon2.step(g, model.trainable_variables))
+    with pytest.raises(tf.errors.OpError, match="NonFiniteGradientError: step 0: NaN/Inf gradient"):
+        step(make_grads(model, nan_layers=("fc1",)))
+    assert isinstance(mon2.error, NonFiniteGradientError) and mon2.error.finding.layer == "fc1"
+
+
+def test_unreset_accumulation_buffers_are_reported():
+    model = mlp()
+    x, y = batch()
+    opt = keras.optimizers.SGD(0.01)
+    acc = [tf.Variable(tf.zeros_like(v), trainable=False) for v in model.trainable_variables]
+    mon = GradientMonitor(model, every=2, accumulators=acc, detectors=NO_SPIKE)
+
+    @tf.function
+    def micro(x, y):
+        with mon.tape() as tape:
+            loss = tf.reduce_mean((model(x) - y) ** 2)
+        for a, g in zip(acc, tape.gradient(loss, model.trainable_variables), strict=True):
+            a.assign_add(g)
+
+    @tf.function
+    def apply(reset):
+        opt.apply_gradients(zip(mon.step(acc, model.trainable_variables), model.trainable_variables, strict=True))
+        if reset:
+            for a in acc:
+                a.assign(tf.zeros_like(a))
+
+    for step in range(4):
+        for _ in range(3):
+            micro(x, y)
+        apply(step != 1)  # the buffers are not reset after step 1
+    mon.close()
+    assert [s.backward_calls for s in mon.history] == [3, 3, 3, 3]
+    assert [s.grad_reset for s in mon.history] == [True, True, False, True]
+    [f] = [f for f in mon.findings if f.kind == "accumulation"]
+    assert f.step == 2
+
+
+@pytest.mark.parametrize("policy", [cliplib.AutoClip(percentile=50, history=4),
+                                    cliplib.ZClip(warmup=3, z_threshold=1.0),
+                                    cliplib.LayerNormClip(0.5)])
+def test_stateful_policies_in_graph_match_numpy(policy):
+    rng = np.random.default_rng(0)
+    norms = rng.lognormal(size=(12, 3)) * np.array([1, 1, 1])[None]
+    norms[7] *= 20  # an outlier
+    chain = cliplib.as_chain(policy)
+    np_state = chain.init(3)
+    tf_state = chain.init(3, TFOps)
+    for row in norms:
+        g = float(np.sqrt(np.sum(row ** 2)))
+        np_g, np_l, np_state = chain.update_norm_stage(chain.policies, row, g, np_state)[:3]
+        tf_g, tf_l, tf_state = chain.update_norm_stage(
+            chain.policies, tf.constant(row, tf.float32), tf.constant(g, tf.float32), tf_state, TFOps)[:3]
+        for a, b in ((np_g, tf_g), (np_l, tf_l)):
+            if a is not None:
+                np.testing.assert_allclose(np.asarray(b), a, rtol=1e-5)
+
+
+def test_agc_scales_each_output_unit():
+    w = tf.Variable([[1.0, 10.0], [0.0, 0.0]], name="k")  # unit norms (columns): 1, 10
+    g = tf.constant([[1.0, 1.0], [0.0, 0.0]])
+    mon = GradientMonitor([w], every=1, clip=cliplib.AGC(clipping=0.5), detectors=NO_SPIKE)
+    [out] = mon.step([g], [w])
+    np.testing.assert_allclose(out.numpy(), [[0.5, 1.0], [0.0, 0.0]], rtol=1e-5)
+
+
+def test_writes_tensorboard_scalars(tmp_path):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    model = mlp()
+    mon = GradientMonitor(model, tmp_path / "run", every=2, detectors=NO_SPIKE)
+    for _ in range(4):
+        mon.step(make_grads(model), model.trainable_variables)
+    mon.close()
+    ea = event_accumulator.EventAccumulator(str(tmp_path / "run"), size_guidance={"tensors": 0})
+    ea.Reload()
+    tags = ea.Tags()["tensors"] + ea.Tags()["scalars"]
+    assert "graddiag/grad_norm/fc0" in tags and "graddiag/global/grad_norm" in tags
+
+
+def test_gradient_histograms_every_hist_every_steps(tmp_path):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    model = mlp()
+    x, y = batch()
+    grads = grads_of(model, x, y)
+    grads[0] = tf.tensor_scatter_nd_update(grads[0], [[0, 0]], [math.inf])
+    mon = GradientMonitor(model, tmp_path / "run", every=5, hist_every=3, detectors=NO_SPIKE)
+    step = tf.function(lambda g: mon.step(g, model.trainable_variables))
+    for _ in range(7):
+        step(grads)
+    mon.close()
+    ea = event_accumulator.EventAccumulator(str(tmp_path / "run"), size_guidance={"histograms": 0})
+    ea.Reload()
+    events = ea.Histograms("graddiag/hist/fc1")
+    assert [e.step for e in events] == [0, 3, 6]
+    h = events[0].histogram_value
+    flat = tf.concat([tf.reshape(g, [-1]) for g in grads[2:4]], 0)
+    assert h.num == flat.shape[0] and sum(h.bucket) == h.num
+    assert h.min == pytest.approx(float(tf.reduce_min(flat)), rel=REL)
+    assert h.max == pytest.approx(float(tf.reduce_max(flat)), rel=REL)
+    assert h.sum_squares == pytest.approx(float(tf.reduce_sum(flat**2)), rel=REL)
+    assert ea.Histograms("graddiag/hist/fc0")[0].histogram_value.num == 4 * 8 + 8 - 1  # Inf left out
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"every": 0}, "`every`.*0"),
+    ({"nonfinite": "ignore"}, "`nonfinite`.*'ignore'"),
+    ({"clip": "1.0"}, "`clip`.*'1.0'"),
+    ({"read_back": "sometimes"}, "`read_back`.*'sometimes'"),
+    ({"loss_scale": -2.0}, "`loss_scale`.*-2.0"),
+    ({"logdir": 3}, "`logdir`.*3"),
+])
+def test_bad_arguments_name_the_argument_and_value(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GradientMonitor(mlp(), **kwargs)
+
+
+def test_bad_inputs_give_clear_errors():
+    with pytest.raises(TypeError, match="`model_or_variables`.*42"):
+        GradientMonitor(42)
+    model = mlp()
+    mon = GradientMonitor(model, detectors=NO_SPIKE)
+    other = tf.Variable(1.0, name="stranger")
+    with pytest.raises(ValueError, match=r"variables\[0\] \('stranger'\) is not monitored"):
+        mon.step([tf.constant(1.0)], [other])
+    with pytest.raises(ValueError, match="one gradient per variable"):
+        mon.step([None], model.trainable_variables)
+
+
+def test_custom_loop_example_finds_its_two_problems():
+    import tf_custom_loop
+
+    mon = tf_custom_loop.run(steps=tf_custom_loop.NAN_STEP + 2)
+    got = {(f.kind, f.layer, f.step) for f in mon.findings}
+    assert got == {("nonfinite", "mid", tf_custom_loop.NAN_STEP), ("detached", "aux", 2)}
+    assert mon.history[tf_custom_loop.NAN_STEP].skipped
