@@ -504,6 +504,11 @@ class GradientMonitor:
         row = step % self.every
         log_step = row == self.every - 1
         origin = None
+        detail = bool(self.detail_every and (step + 1) % self.detail_every == 0)
+        # detail statistics and histograms describe the gradients before clipping, like grad_norm
+        extra = self._detail(grads, present) if detail and present else None
+        if self.hist_every and step % self.hist_every == 0 and self.core.sink is not None and present:
+            self._histograms(step, grads)
         if not present:
             sumsq = None
             coef = None
@@ -532,16 +537,12 @@ class GradientMonitor:
             buf_row[-1].copy_(loss.detach().reshape(()))
         else:
             buf_row[-1].fill_(float("nan") if loss is None else float(loss))
-        self._pending.append((step, plan.mask if plan is not None else self._no_grad, reset, calls, report.skipped, origin,
-                              coef is not None))
-        detail = bool(self.detail_every and (step + 1) % self.detail_every == 0)
+        self._pending.append((step, plan.mask if plan is not None else self._no_grad, reset, calls,
+                              report.skipped, origin, coef is not None))
         if log_step or detail or report.skipped:  # detail/skip steps sync anyway: report now
-            extra = self._detail(grads, present) if detail else None
             report.findings = self._drain(extra)
             report.logged = True
             report.stats = self.core.history[-1] if self.core.history else None
-        if self.hist_every and step % self.hist_every == 0 and self.core.sink is not None and present:
-            self._histograms(step, grads)
         if detail and self.optimizer is not None:
             self._snapshot = (step, [p.detach().clone() for p in params])
         self._record_probe()

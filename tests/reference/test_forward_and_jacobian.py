@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from reference_op_cases import OP_CASES
+from reference.reference_op_cases import OP_CASES
 
 from graddiag.reference import functional as F
 from graddiag.reference import jacobian, jvp, vjp

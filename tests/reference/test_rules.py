@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from reference_op_cases import OP_CASES
+from reference.reference_op_cases import OP_CASES
 
 from graddiag.reference import RULES, check_grads
 from graddiag.reference.engine import Tensor
