@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from reference.reference_op_cases import OP_CASES
 
 from graddiag.reference import functional as F
 from graddiag.reference import jacobian, jvp, vjp
 from graddiag.reference.gradcheck import numerical_gradient
+from reference.reference_op_cases import OP_CASES
 
 DUALITY_RTOL = 1e-12  # both sides are exact up to float64 rounding
 FD_DUALITY_RTOL = 1e-7  # external ops differentiate by central differences on both sides

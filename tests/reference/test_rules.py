@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from reference.reference_op_cases import OP_CASES
 
 from graddiag.reference import RULES, check_grads
 from graddiag.reference.engine import Tensor
+from reference.reference_op_cases import OP_CASES
 
 RULE_RTOL = 1e-6  # central differences in float64 with h = 1e-6 are good to ~1e-9
 
