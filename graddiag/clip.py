@@ -304,7 +304,9 @@ class Chain:
         return any(isinstance(p, LayerNormClip) for p in self.policies)
 
     def update_norm_stage(self, stage_policies, layer_norms, global_norm, states: list, ops=NumpyOps):
-        """Run consecutive norm policies; returns (global_coef, layer_coef, new states).
+        """Run consecutive norm policies.
+
+        Returns `(global_coef, layer_coef, new_states, global_norm_after)`.
 
         `states` holds the states of `stage_policies`, in order.
         """
@@ -322,7 +324,7 @@ class Chain:
                 gcoef = scale.global_coef if gcoef is None else gcoef * scale.global_coef
                 layer_norms = layer_norms * scale.global_coef
                 global_norm = global_norm * scale.global_coef
-        return gcoef, lcoef, new_states
+        return gcoef, lcoef, new_states, global_norm
 
     def __repr__(self) -> str:
         return f"chain({', '.join(map(repr, self.policies))})"

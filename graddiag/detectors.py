@@ -186,11 +186,11 @@ class NonFiniteDetector(Detector):
 
 
 class VanishingDetector(Detector):
-    """A layer's gradient tiny in absolute terms and relative to the median layer, for `patience` steps.
+    """A layer's gradient tiny in absolute terms and relative to the largest layer, for `patience` steps.
 
     Args:
         abs_threshold: a layer norm below this is tiny in absolute terms.
-        rel_threshold: ... and below this fraction of the median layer norm of the step.
+        rel_threshold: ... and below this fraction of the largest layer norm of the step.
         patience: consecutive steps before reporting.
     """
 
@@ -214,7 +214,7 @@ class VanishingDetector(Detector):
         ok = s.has_grad & np.isfinite(g) & (g > 0)
         if not ok.any():
             return []
-        ref = float(np.median(g[ok]))
+        ref = float(np.max(g[ok]))
         tiny = ok & (g < self.abs_threshold) & (g < self.rel_threshold * ref)
         self._count = np.where(tiny, self._count + 1, 0)
         out = []
@@ -223,7 +223,7 @@ class VanishingDetector(Detector):
             out.append(self._finding(
                 s.step, name, "warning", g[i],
                 f"Gradient norm of {name!r} is {g[i]:.2e} for {self.patience} steps, "
-                f"{g[i] / ref:.1e} of the median layer ({ref:.2e}): this layer has almost stopped "
+                f"{g[i] / ref:.1e} of the largest layer ({ref:.2e}): this layer has almost stopped "
                 f"learning."))
         return out
 
@@ -322,7 +322,7 @@ class SpikeDetector(Detector):
                     f"Gradient norm spiked to {s.global_norm:.3g}, {math.exp(x - self._mean):.1f}x its "
                     f"running mean (z={z:.1f} on log scale){at}."))
                 return out  # keep the spike out of the history
-        alpha = 1.0 / self._n if self._n < self.window else 2.0 / (self.window + 1)
+        alpha = 1.0 / (self._n + 1) if self._n < self.window else 2.0 / (self.window + 1)
         self._n += 1
         if self._n == 1:
             self._mean = x
@@ -437,6 +437,10 @@ class AccumulationDetector(Detector):
                               "applies the sum of all gradients so far (zero_grad was not called).")]
 
 
+#: A clip coefficient within this of 1 means "not clipped" (norm ratios carry rounding).
+CLIP_TOL = 1e-6
+
+
 class ClipRateDetector(Detector):
     """Reports, at the end of a run, how often clipping changed the gradients.
 
@@ -458,12 +462,9 @@ class ClipRateDetector(Detector):
         self._clipped = 0
 
     def update(self, s: StepStats) -> list[Finding]:
-        coefs = [c for c in (s.clip_coef,) if c is not None]
-        if s.layer_clip_coef is not None:
-            coefs.append(float(np.min(s.layer_clip_coef)))
-        if coefs:
+        if s.clip_coef is not None and math.isfinite(s.clip_coef):
             self._seen += 1
-            self._clipped += int(min(coefs) < 1.0)
+            self._clipped += int(s.clip_coef < 1.0 - CLIP_TOL)
         return []
 
     def finalize(self, step: int) -> list[Finding]:

@@ -1,0 +1,762 @@
+"""PyTorch adapter: measure per-layer gradient statistics on the device, clip, and diagnose.
+
+Usage::
+
+    monitor = GradientMonitor(model, optimizer, logdir="runs/exp1", clip=GlobalNormClip(1.0))
+    for x, y in loader:
+        optimizer.zero_grad()
+        loss_fn(model(x), y).backward()
+        optimizer.step()          # hooked: stats, clipping and findings happen here
+    monitor.close()
+    print(monitor.summary())
+
+Cost model (see docs/benchmarks.md): every step runs a handful of fused device ops (stacked
+same-shape gradients reduced with one batched dot, one dot per large tensor) and writes a row into a
+device ring buffer; the host reads that buffer once per log step (`every`), so detectors still see
+every step. `nonfinite="skip"`/`"raise"` and `trace_nonfinite=True` add one host sync per step.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import weakref
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from graddiag import __version__
+from graddiag.clip import AGC, Chain, ValueClip, as_chain
+from graddiag.detectors import Detector
+from graddiag.findings import Finding
+from graddiag.monitor import (
+    NONFINITE_POLICIES,
+    MonitorCore,
+    NonFiniteGradientError,
+    StepReport,
+    check_choice,
+    check_int,
+)
+from graddiag.stats import ModelInfo, StepStats
+
+__all__ = ["GradientMonitor", "NonFiniteGradientError", "TorchOps"]
+
+#: Tensors up to this many elements that share a shape are stacked and reduced with one batched dot.
+STACK_MAX_NUMEL = 1 << 16
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class TorchOps:
+    """`graddiag.clip` array namespace over torch tensors on one device (no host sync)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def asarray(self, x):
+        return torch.as_tensor(x, dtype=torch.float32, device=self.device)
+
+    sqrt = staticmethod(torch.sqrt)
+    sum = staticmethod(torch.sum)
+
+    @staticmethod
+    def minimum1(x):
+        return torch.clamp(x, max=1.0)
+
+    @staticmethod
+    def maximum(x, floor: float):
+        return torch.clamp(x, min=floor)
+
+    @staticmethod
+    def where(cond, a, b):
+        return torch.where(cond, a, b)
+
+    def full(self, n: int, value: float):
+        return torch.full((n,), value, dtype=torch.float32, device=self.device)
+
+    def scalar(self, value: float):
+        return torch.tensor(value, dtype=torch.float32, device=self.device)
+
+    @staticmethod
+    def nanquantile(x, q: float):
+        return torch.nanquantile(x, q)
+
+    @staticmethod
+    def roll_in(buf, index, value):
+        out = buf.clone()
+        i = (index.long() % buf.shape[0]).view(1)
+        return out.index_put_((i,), value.to(buf.dtype).view(1))
+
+
+class _Plan:
+    """How to reduce one pattern of present gradients: groups of same-shape small tensors are
+    stacked, large or unique ones reduced alone; `order` maps output positions to param indices."""
+
+    def __init__(self, idx: list[int], params: list[nn.Parameter], layer_of: np.ndarray, device) -> None:
+        groups: dict[tuple, list[int]] = {}
+        singles: list[int] = []
+        sparse: list[int] = []
+        for i in idx:
+            p = params[i]
+            if p.grad is not None and p.grad.is_sparse:
+                sparse.append(i)
+            elif p.numel() <= STACK_MAX_NUMEL and p.dtype not in _LOW_PRECISION:
+                groups.setdefault((tuple(p.shape), p.dtype, p.device), []).append(i)
+            else:
+                singles.append(i)
+        self.stacks = []
+        for members in groups.values():
+            if len(members) == 1:
+                singles.extend(members)
+            else:
+                self.stacks.append(members)
+        self.singles = singles
+        self.sparse = sparse
+        order = [i for g in self.stacks for i in g] + singles + sparse
+        self.order = np.asarray(order, dtype=np.int64)
+        self.order_t = torch.as_tensor(self.order, device=device)
+        self.layer_t = torch.as_tensor(layer_of[self.order], device=device)
+
+
+def _sumsq(tensors: list[torch.Tensor], plan: _Plan, slot: dict[int, int], device) -> torch.Tensor:
+    """float32 sums of squares of `tensors` (indexed through `slot`) in `plan.order`."""
+    parts = []
+    for members in plan.stacks:
+        m = torch.stack([tensors[slot[i]] for i in members]).view(len(members), 1, -1)
+        parts.append(torch.bmm(m, m.transpose(1, 2)).view(-1).float())
+    for i in plan.singles:
+        g = tensors[slot[i]]
+        if g.dtype in _LOW_PRECISION:
+            parts.append(torch.linalg.vector_norm(g, dtype=torch.float32).square().view(1))
+        else:
+            f = g.reshape(-1)
+            parts.append(torch.dot(f, f).float().view(1))
+    for i in plan.sparse:
+        v = tensors[slot[i]].coalesce().values().reshape(-1).float()
+        parts.append(torch.dot(v, v).view(1))
+    parts = [p if p.device == device else p.to(device, non_blocking=True) for p in parts]
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _mul_(tensors: list[torch.Tensor], factors, has_sparse: bool) -> None:
+    """In-place multiply by one factor or one per tensor (a plain loop where sparse grads forbid
+    the fused op)."""
+    if not has_sparse:
+        torch._foreach_mul_(tensors, factors)
+        return
+    for i, t in enumerate(tensors):
+        t.mul_(factors[i] if isinstance(factors, list) else factors)
+
+
+def _layers_of(model: nn.Module) -> tuple[list[str], list[nn.Parameter], list[str], np.ndarray, list[str], list[str]]:
+    """Layers (modules directly owning trainable parameters), their params, names and frozen ones."""
+    seen: dict[int, str] = {}
+    layers: list[str] = []
+    params: list[nn.Parameter] = []
+    pnames: list[str] = []
+    layer_of: list[int] = []
+    frozen: list[str] = []
+    shared: list[str] = []
+    root = type(model).__name__
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for pname, p in module.named_parameters(recurse=False):
+            full = f"{mname}.{pname}" if mname else pname
+            if id(p) in seen:
+                if seen[id(p)] != full:
+                    shared.append(full)
+                continue
+            seen[id(p)] = full
+            if not p.requires_grad:
+                frozen.append(full)
+                continue
+            lname = mname or root
+            if not layers or layers[-1] != lname:
+                if lname in layers:
+                    layer_idx = layers.index(lname)
+                else:
+                    layers.append(lname)
+                    layer_idx = len(layers) - 1
+            else:
+                layer_idx = len(layers) - 1
+            params.append(p)
+            pnames.append(full)
+            layer_of.append(layer_idx)
+    return layers, params, pnames, np.asarray(layer_of, dtype=np.int64), frozen, shared
+
+
+class GradientMonitor:
+    """Watches a PyTorch model's gradients: per-layer statistics, clipping, findings, TensorBoard.
+
+    Args:
+        model: the `torch.nn.Module` to watch.
+        optimizer: if given, its `step()` is hooked so no call to `monitor.step()` is needed
+            (statistics are taken just before the update; `nonfinite="skip"` skips the update).
+        logdir: TensorBoard run directory, or None to keep results in memory only.
+        every: host reads of the statistics happen every `every` steps (the log step); all steps are
+            still measured, diagnosed and written.
+        clip: a clipping policy from `graddiag.clip`, a list of them (applied in order), a number
+            (global-norm clipping to that value), or None.
+        nonfinite: "warn" (report at the log step; no extra sync), "skip" (check every step — one
+            host sync per step — and skip the optimizer step when a gradient is NaN/Inf), or "raise"
+            (same check; raise `NonFiniteGradientError` naming the step and the layer).
+        detectors: detector settings (see `graddiag.detectors.build_detectors`).
+        detail_every: compute max |g|, zero fraction, parameter norm and update/weight ratio on
+            every `detail_every`-th log step (default 1: every log step); 0 disables.
+        hist_every: write gradient histograms every this many steps (0 disables).
+        scaler: the `torch.amp.GradScaler` in use, if any: statistics are unscaled and overflow
+            steps are expected (requires `optimizer`).
+        trace_nonfinite: find the module where a NaN/Inf is born in the backward pass (full backward
+            hooks on every module and one host sync per step; opt-in).
+        history: how many recent `StepStats` to keep in `monitor.history`.
+        flush_secs: event-file flush interval; `close()` always flushes.
+
+    Raises:
+        TypeError: if `model` is not an `nn.Module` or `optimizer` not a `torch.optim.Optimizer`.
+        ValueError: for bad settings (the message names the argument and the value), or a model with
+            no trainable parameters.
+        OSError: if `logdir` cannot be written.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> with GradientMonitor(model, opt) as mon:
+        ...     model(torch.randn(8, 4)).square().mean().backward()
+        ...     opt.step()
+        >>> mon.step_count
+        1
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        logdir: str | os.PathLike | None = None,
+        *,
+        every: int = 10,
+        clip: Any = None,
+        nonfinite: str = "warn",
+        detectors: Mapping[str, Any] | Iterable[Detector] | None = None,
+        detail_every: int = 1,
+        hist_every: int = 100,
+        scaler: Any = None,
+        trace_nonfinite: bool = False,
+        history: int = 1000,
+        flush_secs: float = 2.0,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Expected `model` to be a torch.nn.Module, got {type(model).__name__}: {model!r:.80}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"Expected `optimizer` to be a torch.optim.Optimizer or None, got {optimizer!r:.80}")
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise ValueError("`optimizer` LBFGS re-evaluates its closure; hook it manually with monitor.step()")
+        self.every = check_int("every", every)
+        self.detail_every = check_int("detail_every", detail_every, 0)
+        self.hist_every = check_int("hist_every", hist_every, 0)
+        check_int("history", history, 0)
+        self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        if scaler is not None and optimizer is None:
+            raise ValueError("`scaler` needs `optimizer` (to know whether gradients are unscaled yet)")
+        self.chain: Chain | None = as_chain(clip)
+        if logdir is not None:
+            if not isinstance(logdir, (str, os.PathLike)):
+                raise ValueError(f"Expected `logdir` to be a path or None, got {logdir!r}")
+            _check_writable(os.fspath(logdir))
+
+        layers, params, pnames, layer_of, frozen, shared = _layers_of(model)
+        if not params:
+            raise ValueError(f"`model` {type(model).__name__} has no trainable parameters (requires_grad=True)")
+        self.model = model
+        self.optimizer = optimizer
+        self.scaler = scaler
+        self.layers = layers
+        self.params = params
+        self.param_names = pnames
+        self.layer_of = layer_of
+        self._n_layers = len(layers)
+        unoptimized: list[str] = []
+        if optimizer is not None:
+            held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            unoptimized = [n for n, p in zip(pnames, params, strict=True) if id(p) not in held]
+        self._frozen, self._shared, self._unoptimized = frozen, shared, unoptimized
+        self._numel = np.asarray([p.numel() for p in params], dtype=np.float64)
+        self.device = params[0].device
+        self._ops = TorchOps(self.device)
+        self._clip_states = self.chain.init(self._n_layers, self._ops) if self.chain else None
+        self._core_args = dict(logdir=logdir, detectors=detectors, history=history, flush_secs=flush_secs)
+        self.core: MonitorCore | None = None
+        self.step_count = 0
+        self.closed = False
+        self._plans: dict[tuple, _Plan] = {}
+        P = len(params)
+        self._buf = torch.zeros(self.every, P + 2, dtype=torch.float32, device=self.device)
+        self._pending: list[tuple] = []
+        self._backward_calls = 0
+        self._probe: nn.Parameter | None = None
+        self._probe_ref = None
+        self._probe_version = 0
+        self._snapshot: tuple[int, list[torch.Tensor]] | None = None
+        self._handles: list[Any] = []
+        self._order_seen: list[int] = []
+        self._order_handles = [p.register_post_accumulate_grad_hook(self._make_order_hook(i))
+                               for i, p in enumerate(params)]
+        self._trace: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        self.trace_nonfinite = bool(trace_nonfinite)
+        if self.trace_nonfinite:
+            for name, m in model.named_modules():
+                self._handles.append(m.register_full_backward_hook(self._make_trace_hook(name or type(model).__name__)))
+        self._restore: list[tuple[Any, str, Any]] = []
+        if optimizer is not None:
+            self._wrap(optimizer, "step", self._hooked_optimizer_step)
+            if scaler is not None:
+                self._wrap(scaler, "step", self._hooked_scaler_step)
+        self._in_scaler_step = False
+
+    # ----------------------------------------------------------------------------- hooks
+    def _wrap(self, obj: Any, attr: str, make) -> None:
+        orig = getattr(obj, attr)
+        had_instance_attr = attr in vars(obj)
+        wrapper = functools.wraps(orig)(make(orig))
+        setattr(obj, attr, wrapper)
+        self._restore.append((obj, attr, (had_instance_attr, orig, wrapper)))
+
+    def _hooked_optimizer_step(self, orig):
+        def step(*args, **kwargs):
+            if self.closed or self._in_scaler_step:
+                return orig(*args, **kwargs)
+            closure = kwargs.pop("closure", args[0] if args else None)
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            report = self._on_step(loss)
+            if report.skipped:
+                return loss
+            out = orig() if closure is None else orig(lambda: loss)
+            self._after_update()
+            return out
+        return step
+
+    def _hooked_scaler_step(self, orig):
+        def step(optimizer, *args, **kwargs):
+            if self.closed or optimizer is not self.optimizer:
+                return orig(optimizer, *args, **kwargs)
+            report = self._on_step(None)
+            if report.skipped:
+                return None
+            self._in_scaler_step = True
+            try:
+                out = orig(optimizer, *args, **kwargs)
+            finally:
+                self._in_scaler_step = False
+            self._after_update()
+            return out
+        return step
+
+    def _make_order_hook(self, i: int):
+        def hook(_p):
+            self._order_seen.append(i)
+        return hook
+
+    def _count_backward(self, _p) -> None:
+        self._backward_calls += 1
+
+    def _make_trace_hook(self, name: str):
+        def hook(_module, grad_input, grad_output):
+            outs = [g for g in grad_output if g is not None]
+            ins = [g for g in grad_input if g is not None]
+            if outs and ins:
+                fo = torch.stack([torch.isfinite(g).all() for g in outs]).all()
+                fi = torch.stack([torch.isfinite(g).all() for g in ins]).all()
+                self._trace.append((name, fo, fi))
+        return hook
+
+    # ----------------------------------------------------------------------------- public API
+    def step(self, loss: torch.Tensor | float | None = None) -> StepReport:
+        """Measure (and clip) the current gradients: call after `backward()`, before `optimizer.step()`.
+
+        Not needed when the optimizer was passed to the constructor (its step is hooked).
+
+        Args:
+            loss: optional loss of this step, logged as `graddiag/global/loss`.
+
+        Returns:
+            The step's `StepReport`; when `report.skipped` (non-finite policy "skip"), do not call
+            `optimizer.step()` for this step.
+        """
+        if self.closed:
+            raise RuntimeError("GradientMonitor is closed; create a new one to keep monitoring")
+        if self.optimizer is not None and not self._in_scaler_step:
+            raise RuntimeError("GradientMonitor was given the optimizer and hooks its step(); "
+                               "do not also call monitor.step()")
+        report = self._on_step(loss)
+        self._after_update()
+        return report
+
+    @property
+    def findings(self) -> list[Finding]:
+        return [] if self.core is None else self.core.findings
+
+    @property
+    def history(self):
+        return [] if self.core is None else self.core.history
+
+    @property
+    def logdir(self) -> str | None:
+        return self._core_args["logdir"] if self._core_args["logdir"] is None else os.fspath(self._core_args["logdir"])
+
+    def summary(self, min_severity: str = "info") -> str:
+        return "graddiag: no steps seen." if self.core is None else self.core.summary(min_severity)
+
+    def flush(self) -> list[Finding]:
+        """Read pending statistics now (one host sync), diagnose and log them."""
+        return self._drain()
+
+    def close(self) -> list[Finding]:
+        """Process pending steps, write end-of-run findings, close the log, remove hooks."""
+        if self.closed:
+            return []
+        new = self._drain()
+        self.closed = True
+        for h in self._order_handles + self._handles:
+            h.remove()
+        for obj, attr, (had, orig, wrapper) in reversed(self._restore):
+            if getattr(obj, attr, None) is wrapper:
+                if had:
+                    setattr(obj, attr, orig)
+                else:
+                    delattr(obj, attr)
+        if self.core is not None:
+            new += self.core.close()
+        return new
+
+    def __enter__(self) -> GradientMonitor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------------------- per step
+    def _start(self) -> None:
+        """First step: fix the backward order, the accumulation probe and the neutral core."""
+        for h in self._order_handles:
+            h.remove()
+        self._order_handles = []
+        order: list[str] = []
+        for i in self._order_seen:
+            name = self.layers[self.layer_of[i]]
+            if name not in order:
+                order.append(name)
+        if self._order_seen:
+            self._probe = self.params[self._order_seen[0]]
+            self._handles.append(self._probe.register_post_accumulate_grad_hook(self._count_backward))
+            self._backward_calls = 1
+        info = ModelInfo(
+            layers=tuple(self.layers),
+            param_counts=tuple(int(np.sum(self._numel[self.layer_of == i])) for i in range(self._n_layers)),
+            backward_order=tuple(order) if order else None,
+            frozen=tuple(self._frozen), unoptimized=tuple(self._unoptimized),
+            framework="torch", shared=tuple(self._shared))
+        detectors = self._core_args["detectors"]
+        if self.scaler is not None and (detectors is None or isinstance(detectors, Mapping)):
+            detectors = dict(detectors or {})
+            nf = detectors.get("nonfinite", {})
+            if isinstance(nf, Mapping):
+                detectors["nonfinite"] = {"amp": True, **nf}
+        meta = {"framework_version": torch.__version__, "graddiag_version": __version__,
+                "every": self.every, "clip": repr(self.chain) if self.chain else None,
+                "nonfinite_policy": self.nonfinite}
+        self.core = MonitorCore(info, self._core_args["logdir"], detectors,
+                                history=self._core_args["history"],
+                                flush_secs=self._core_args["flush_secs"], run_meta=meta)
+
+    def _grad_reset(self) -> bool | None:
+        if self._probe is None or self._probe_ref is None:
+            return None
+        g = self._probe.grad
+        if g is None or self._probe_ref() is not g:
+            return True
+        return (g._version - self._probe_version) > self._backward_calls
+
+    def _on_step(self, loss) -> StepReport:
+        if self.core is None:
+            self._start()
+        step = self.step_count
+        self.step_count += 1
+        params = self.params
+        grads = [p.grad for p in params]
+        key = tuple(g is not None for g in grads)
+        present = [i for i, k in enumerate(key) if k]
+        reset = self._grad_reset()
+        calls = self._backward_calls if self._probe is not None else None
+        self._backward_calls = 0
+        report = StepReport(step=step)
+        row = step % self.every
+        log_step = row == self.every - 1
+        origin = None
+        if not present:
+            sumsq = None
+            coef = None
+        else:
+            plan = self._plans.get(key)
+            if plan is None:
+                plan = self._plans[key] = _Plan(present, params, self.layer_of, self.device)
+            slot = {i: i for i in present}
+            sumsq = self._measure(grads, plan, slot)
+            total = sumsq.sum()
+            if self.nonfinite != "warn" or self.trace_nonfinite:
+                bad = not bool(torch.isfinite(total))  # the one sync these modes pay for
+                if bad and self.trace_nonfinite:
+                    origin = self._find_origin()
+                if bad and self.nonfinite != "warn":
+                    report.skipped = True
+            self._trace.clear()
+            coef = None
+            if self.chain is not None and not report.skipped:
+                coef = self._clip(grads, present, plan, slot, sumsq, total)
+        # one device row: per-param sums of squares (param order), clip coef, loss
+        buf_row = self._buf[row]
+        if sumsq is not None:
+            buf_row.index_copy_(0, plan.order_t, sumsq)
+        buf_row[-2:].copy_(torch.stack([
+            torch.as_tensor(1.0 if coef is None else coef, dtype=torch.float32, device=self.device),
+            torch.as_tensor(float("nan") if loss is None else loss.detach() if isinstance(loss, torch.Tensor) else float(loss),
+                            dtype=torch.float32, device=self.device).reshape(())]))
+        self._pending.append((step, np.asarray(key, dtype=bool), reset, calls, report.skipped, origin,
+                              coef is not None))
+        detail = bool(log_step and self.detail_every and ((step + 1) // self.every) % self.detail_every == 0)
+        if log_step or report.skipped:  # a skipped step was synced already: report it now
+            extra = self._detail(grads, present) if detail else None
+            report.findings = self._drain(extra)
+            report.logged = True
+            report.stats = self.core.history[-1] if self.core.history else None
+        if self.hist_every and step % self.hist_every == 0 and self.core.sink is not None and present:
+            self._histograms(step, grads)
+        if detail and self.optimizer is not None:
+            self._snapshot = (step, [p.detach().clone() for p in params])
+        self._record_probe()
+        if report.skipped and self.nonfinite == "raise":
+            nf = [f for f in report.findings if f.kind == "nonfinite"] or [
+                Finding(step, None, "nonfinite", "error", None, "NaN/Inf gradient.", "")]
+            raise NonFiniteGradientError(nf[0])
+        return report
+
+    def _record_probe(self) -> None:
+        if self._probe is not None and self._probe.grad is not None:
+            self._probe_ref = weakref.ref(self._probe.grad)
+            self._probe_version = self._probe.grad._version
+        elif self._probe is not None:
+            self._probe_ref = None
+
+    def _after_update(self) -> None:
+        """After the optimizer step: resolve the update/weight ratio of a detail step."""
+        self._record_probe()
+        if self._snapshot is None:
+            return
+        step, old = self._snapshot
+        self._snapshot = None
+        new = [p.detach() for p in self.params]
+        delta = torch.stack(torch._foreach_norm(torch._foreach_sub(new, old))).double().cpu().numpy()
+        pn = torch.stack(torch._foreach_norm(old)).double().cpu().numpy()
+        d = np.sqrt(np.bincount(self.layer_of, weights=delta**2, minlength=self._n_layers))
+        w = np.sqrt(np.bincount(self.layer_of, weights=pn**2, minlength=self._n_layers))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(w > 0, d / w, np.nan)
+        if self.core is not None and self.core.sink is not None:
+            from graddiag import tags
+            self.core.sink.writer.add_scalars(step, tuple(tags.tag("update_ratio", n) for n in self.layers), ratio)
+        if self.core is not None and self.core.history and self.core.history[-1].step == step:
+            self.core.history[-1].update_ratio = ratio
+
+    def _measure(self, grads, plan: _Plan, slot) -> torch.Tensor:
+        """Per-parameter sums of squares in `plan.order`, unscaled under a GradScaler."""
+        sumsq = _sumsq(grads, plan, slot, self.device)
+        inv = self._unscale_factor()
+        return sumsq if inv is None else sumsq * (inv * inv)
+
+    def _unscale_factor(self):
+        if self.scaler is None or getattr(self.scaler, "_scale", None) is None:
+            return None
+        from torch.amp.grad_scaler import OptState
+
+        state = self.scaler._per_optimizer_states.get(id(self.optimizer), {})
+        if state.get("stage") is OptState.UNSCALED:
+            return None
+        return self.scaler._scale.double().reciprocal().float()
+
+    def _find_origin(self) -> str | None:
+        """First module (in backward order) whose incoming gradient is finite but outgoing is not."""
+        if not self._trace:
+            return None
+        flags = torch.stack([torch.stack([fo, fi]) for _, fo, fi in self._trace]).cpu().numpy()
+        for (name, _, _), (fo, fi) in zip(self._trace, flags, strict=True):
+            if fo and not fi:
+                return name
+        return None
+
+    def _clip(self, grads, present, plan: _Plan, slot, sumsq, total):
+        """Apply the clipping chain in place.
+
+        Returns the clip coefficient: global norm after clipping / before (a device scalar).
+        """
+        ops = self._ops
+        states = self._clip_states
+        k = 0
+        live = [grads[i] for i in present]
+        has_sparse = any(g.is_sparse for g in live)
+        measured = True
+        only_global = True
+        coef = None
+        pre = total.sqrt()
+        after = pre
+        for elementwise, policies in self.chain.stages():
+            if elementwise:
+                for p in policies:
+                    self._apply_elementwise(p, present, live)
+                measured = only_global = False
+                k += len(policies)
+                continue
+            if not measured:
+                sumsq = self._measure(grads, plan, slot)
+                total = sumsq.sum()
+            layer_norms = torch.zeros(self._n_layers, dtype=torch.float32, device=self.device)
+            layer_norms = layer_norms.index_add_(0, plan.layer_t, sumsq).sqrt()
+            g, lc, new, after = self.chain.update_norm_stage(
+                policies, layer_norms, total.sqrt(), states[k:k + len(policies)], ops)
+            states[k:k + len(policies)] = new
+            k += len(policies)
+            targets = [grads[i] for i in plan.order]
+            if lc is not None:
+                only_global = False
+                _mul_(targets, list(lc[plan.layer_t].unbind()), has_sparse)
+            if g is not None:
+                _mul_(live, g.to(torch.float32), has_sparse)
+                coef = g if coef is None else coef * g
+            measured = True
+        if only_global:
+            return coef
+        if not measured:
+            after = self._measure(grads, plan, slot).sum().sqrt()
+        return after / pre
+
+    def _apply_elementwise(self, policy, present, live) -> None:
+        for i in present:
+            if self.params[i].grad.is_sparse:
+                raise ValueError(f"{type(policy).__name__} does not support the sparse gradient of "
+                                 f"parameter {self.param_names[i]!r}; use a norm-based policy")
+        if isinstance(policy, ValueClip):
+            torch._foreach_clamp_min_(live, -policy.clip_value)
+            torch._foreach_clamp_max_(live, policy.clip_value)
+        elif isinstance(policy, AGC):
+            for i in present:
+                p, g = self.params[i].detach(), self.params[i].grad
+                dims = tuple(range(1, g.dim())) if g.dim() > 1 else None
+                gn = torch.linalg.vector_norm(g, dim=dims, keepdim=True, dtype=torch.float32)
+                pn = torch.linalg.vector_norm(p, dim=dims, keepdim=True, dtype=torch.float32)
+                g.mul_(policy.scale(gn, pn, self._ops).to(g.dtype))
+
+    def _detail(self, grads, present) -> dict[str, np.ndarray]:
+        """Detail statistics of the current step (per layer), one host read."""
+        live = [grads[i] for i in present]
+        P = len(self.params)
+        dense = [i for i in present if not grads[i].is_sparse]
+        dl = [grads[i] for i in dense]
+        stacked = torch.stack([
+            torch.stack(torch._foreach_norm(dl, float("inf"))).float(),
+            torch.stack([torch.count_nonzero(g) for g in dl]).float(),
+        ]) if dl else None
+        pnorm = torch.stack(torch._foreach_norm([p.detach() for p in self.params])).double()
+        host = stacked.double().cpu().numpy() if stacked is not None else None
+        pn = pnorm.cpu().numpy()
+        gmax = np.zeros(P)
+        nnz = self._numel.copy()
+        if host is not None:
+            gmax[dense] = host[0]
+            nnz[dense] = host[1]
+        for i in present:
+            if grads[i].is_sparse:
+                v = grads[i].coalesce().values()
+                gmax[i] = float(v.abs().max()) if v.numel() else 0.0
+                nnz[i] = float(torch.count_nonzero(v))
+        L = self._n_layers
+        lo = self.layer_of
+        has = np.zeros(P, dtype=bool)
+        has[present] = True
+        lmax = np.zeros(L)
+        with np.errstate(invalid="ignore"):
+            np.maximum.at(lmax, lo[has], gmax[has])
+        zeros = np.bincount(lo[has], weights=(self._numel - nnz)[has], minlength=L)
+        numel = np.bincount(lo[has], weights=self._numel[has], minlength=L)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            zero_frac = np.where(numel > 0, zeros / numel, 0.0)
+        out = {"grad_max": lmax, "zero_frac": zero_frac,
+               "param_norm": np.sqrt(np.bincount(lo, weights=pn**2, minlength=L))}
+        if not np.all(np.isfinite(gmax[has])):
+            nan = torch.stack([torch.isnan(g).sum() for g in live]).cpu().numpy()
+            inf = torch.stack([torch.isinf(g).sum() for g in live]).cpu().numpy()
+            out["nan_count"] = np.bincount(lo[present], weights=nan, minlength=L)
+            out["inf_count"] = np.bincount(lo[present], weights=inf, minlength=L)
+        return out
+
+    def _histograms(self, step: int, grads, bins: int = 30) -> None:
+        for li, name in enumerate(self.layers):
+            gs = [grads[i].reshape(-1).float() if not grads[i].is_sparse else grads[i].coalesce().values().reshape(-1).float()
+                  for i in np.flatnonzero(self.layer_of == li) if grads[i] is not None]
+            if not gs:
+                continue
+            v = torch.cat(gs)
+            fin = torch.isfinite(v)
+            vals = v[fin]
+            nan = int(torch.isnan(v).sum())
+            inf = int((~fin).sum()) - nan
+            if vals.numel():
+                lo, hi = float(vals.min()), float(vals.max())
+                if hi <= lo:
+                    hi = lo + 1e-12
+                counts = torch.histc(vals, bins=bins, min=lo, max=hi).double().cpu().numpy()
+                edges = np.linspace(lo, hi, bins + 1)[1:]
+                self.core.sink.write_histogram(step, name, counts, edges, lo, hi, float(vals.sum()),
+                                               float((vals * vals).sum()), float(vals.numel()), nan, inf)
+            else:
+                self.core.sink.write_histogram(step, name, [], [], 0.0, 0.0, 0.0, 0.0, 0.0, nan, inf)
+
+    def _drain(self, detail: dict[str, np.ndarray] | None = None) -> list[Finding]:
+        """Fetch the ring buffer (one host sync), build StepStats per pending step, diagnose, log."""
+        if not self._pending or self.core is None:
+            return []
+        n = len(self._pending)
+        first_row = self._pending[0][0] % self.every
+        rows = self._buf[first_row:first_row + n].double().cpu().numpy()
+        L, lo = self._n_layers, self.layer_of
+        new: list[Finding] = []
+        for j, (step, has, reset, calls, skipped, origin, clipped) in enumerate(self._pending):
+            r = rows[j]
+            sq = np.where(has, r[:-2], 0.0)
+            layer_sq = np.bincount(lo, weights=sq, minlength=L)
+            bad_param = has & ~np.isfinite(r[:-2])
+            nonfinite = np.bincount(lo, weights=bad_param.astype(np.float64), minlength=L)
+            layer_has = np.bincount(lo, weights=has.astype(np.float64), minlength=L) > 0
+            stats = StepStats(
+                step=step, grad_norm=np.sqrt(layer_sq), has_grad=layer_has, nonfinite=nonfinite,
+                global_norm=float(np.sqrt(np.sum(sq))),
+                clip_coef=float(r[-2]) if clipped else None,
+                grad_reset=reset, backward_calls=calls, skipped=skipped,
+                loss=None if np.isnan(r[-1]) else float(r[-1]), nonfinite_origin=origin)
+            if detail is not None and j == n - 1:
+                for k, v in detail.items():
+                    setattr(stats, k, v)
+                if "nan_count" in detail:
+                    stats.nonfinite = np.maximum(detail["nan_count"] + detail["inf_count"], nonfinite)
+            new += self.core.process(stats)
+        self._pending.clear()
+        return new
+
+
+def _check_writable(logdir: str) -> None:
+    try:
+        os.makedirs(logdir, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"cannot create logdir {logdir!r}: {e.strerror or e}") from e
+    if not os.access(logdir, os.W_OK | os.X_OK):
+        raise OSError(f"logdir {logdir!r} is not writable")
