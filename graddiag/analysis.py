@@ -352,7 +352,7 @@ class Report:
         out = [f"# graddiag report: `{_md(self.logdir)}`", ""]
         for r in self.runs:
             d = r.to_dict()
-            out += [f"## run `{_md(r.run)}`", "", _summary_line(d), ""]
+            out += [f"## run `{_md(r.run)}`", "", _md(_summary_line(d)), ""]
             out += ["| step | severity | kind | layer | message | suggestion |",
                     "|---:|---|---|---|---|---|"]
             for f in r.findings:
@@ -552,8 +552,7 @@ def plot_run(r: RunReport, path: str | os.PathLike | None = None, *, width: floa
     else:
         steps_h = steps
     edges = _edges(steps_h, steps[-1] if len(steps) else 0.0)
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("#dddddd")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
     finite = z[np.isfinite(z)]
     vmin, vmax = (np.percentile(finite, [1, 99]) if finite.size else (-1.0, 1.0))
     if vmin == vmax:
