@@ -467,6 +467,9 @@ def analyze_logs(data: LogData, *, detectors: Mapping[str, Any] | None = None,
                        framework=info.framework, series=series, findings=list(diag.findings),
                        notes=run_notes, top=top, backward_order=info.backward_order)
         runs.append(rr)
+    if not runs and data.read_stats.unreadable_files:
+        path, reason = data.read_stats.unreadable_files[0]
+        raise LogReadError(f"{path}: cannot read event file ({reason})")
     if not runs:
         raise LogReadError(
             f"{data.logdir}: no gradient tags found (looked for graddiag/grad_norm/*, Lightning's "

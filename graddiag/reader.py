@@ -75,6 +75,7 @@ _U32 = struct.Struct("<I")
 _F32 = struct.Struct("<f")
 _F64 = struct.Struct("<d")
 _PROGRESS_MIN_BYTES = 32 << 20
+_MAX_TEMPLATES_PER_LENGTH = 32
 
 #: How several tags that map to one (step, layer, stat) are combined.
 _COMBINE = {"grad_norm": "rss", "param_norm": "rss", "grad_max": "max", "nonfinite": "sum",
@@ -181,6 +182,8 @@ class LogData:
 
 
 def _cat(arrays: list[np.ndarray], dtype) -> np.ndarray:
+    if len(arrays) == 1:
+        return arrays[0].astype(dtype, copy=False)
     return np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.empty(0, dtype)
 
 
@@ -540,11 +543,11 @@ class _Reader:
         if not run.own:
             run.own = any(self.t_own[i] for i in set(tag_ids.tolist()))
         if per_row:
-            tid = tag_ids
+            tid = tag_ids.astype(np.int32)
             rs, rw, rv = steps, walls, vals[:, 0].astype(np.float64)
         else:
             k = len(tag_ids)
-            tid = np.tile(tag_ids, len(steps))
+            tid = np.tile(tag_ids.astype(np.int32), len(steps))
             rs, rw = np.repeat(steps, k), np.repeat(walls, k)
             rv = vals.reshape(-1).astype(np.float64)
         keep = t_stat[tid] >= 0
@@ -608,7 +611,9 @@ class _Reader:
             self.stats.corrupt_records += 1
             return
         if simple and offsets:
-            self.templates.setdefault(e - s, []).append(_Template(bytes(buf[s:e]), offsets, tag_list))
+            same_length = self.templates.setdefault(e - s, [])
+            if len(same_length) < _MAX_TEMPLATES_PER_LENGTH:
+                same_length.append(_Template(bytes(buf[s:e]), offsets, tag_list))
 
     def _value(self, buf: bytes, s: int, e: int, step: int, wall: float, run: _Run):
         """Decode one `Summary.Value`; return (float offset, tag id) if it is tag + simple_value."""
@@ -688,16 +693,14 @@ class _Reader:
     def _finish(self, run: _Run) -> RunData:
         t_layer, t_stat, t_comb = self.lut()
         if run.cols:
-            step = np.concatenate([c[0] for c in run.cols])
-            wall = np.concatenate([c[1] for c in run.cols])
-            tid = np.concatenate([c[2] for c in run.cols])
-            value = np.concatenate([c[3] for c in run.cols])
+            cols, run.cols = run.cols, []
+            step, wall, tid, value = (np.concatenate([c[i] for c in cols]) for i in range(4))
+            del cols
         else:
             step = np.empty(0, np.int64)
             wall = np.empty(0, np.float64)
-            tid = np.empty(0, np.int64)
+            tid = np.empty(0, np.int32)
             value = np.empty(0, np.float64)
-        run.cols = []
         layer, stat = t_layer[tid], t_stat[tid]
         comb = t_comb[tid].astype(bool)
         if comb.any():

@@ -338,3 +338,7 @@ def test_reader_imports_no_framework_or_tensorboard(run_dir):
     p = subprocess.run([sys.executable, "-c", code, run_dir], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_progress_bar_does_not_change_the_rows(run_dir):
+    assert_same(rows(read(run_dir, progress=True)), rows(read(run_dir, progress=False)))
