@@ -182,3 +182,47 @@ def test_plot_is_a_png_of_the_expected_size(tmp_path, layers, height_in):
     data = plot_run(analyze(d).runs[0], str(out), width=10.0, dpi=50)
     assert out.read_bytes() == data
     assert png_size(data) == (10 * 50, int(round(height_in * 50)))
+
+
+@pytest.mark.slow
+def test_real_lightning_run_is_analyzed_per_layer(tmp_path):
+    torch = pytest.importorskip("torch")
+    pl = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.utilities import grad_norm
+    from test_reader import reference_scalars
+
+    class Net(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.enc = torch.nn.Linear(8, 16)
+            self.dec = torch.nn.Linear(16, 1)
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.dec(torch.relu(self.enc(x))), y)
+
+        def on_before_optimizer_step(self, optimizer):
+            self.log_dict(grad_norm(self, norm_type=2))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 8), torch.randn(64, 1))
+    trainer = pl.Trainer(max_steps=12, logger=TensorBoardLogger(str(tmp_path), name="lit"),
+                         log_every_n_steps=1, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu", devices=1)
+    trainer.fit(Net(), torch.utils.data.DataLoader(data, batch_size=16))
+    report = analyze(str(tmp_path))
+    r = report.runs[0]
+    assert r.source == "foreign" and set(r.layers) == {"enc", "dec"}
+    assert len(r.steps) == 12
+    ref = reference_scalars(str(tmp_path))
+    s = r.series
+    for i, step in enumerate(s.steps):
+        j = s.layers.index("enc")
+        w, b = ref[(step, "grad_2.0_norm/enc.weight")], ref[(step, "grad_2.0_norm/enc.bias")]
+        assert s.grad_norm[i, j] == pytest.approx(math.hypot(w, b), rel=1e-12)
+        assert s.glob["grad_norm"][i] == ref[(step, "grad_2.0_norm_total")]
