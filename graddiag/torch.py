@@ -202,8 +202,8 @@ class GradientMonitor:
             host sync per step — and skip the optimizer step when a gradient is NaN/Inf), or "raise"
             (same check; raise `NonFiniteGradientError` naming the step and the layer).
         detectors: detector settings (see `graddiag.detectors.build_detectors`).
-        detail_every: compute max |g|, zero fraction, parameter norm and update/weight ratio on
-            every `detail_every`-th log step (default 1: every log step); 0 disables.
+        detail_every: compute max |g|, zero fraction, parameter norm and update/weight ratio every
+            this many steps (a host read at that step); 0 disables.
         hist_every: write gradient histograms every this many steps (0 disables).
         scaler: the `torch.amp.GradScaler` in use, if any: statistics are unscaled and overflow
             steps are expected (requires `optimizer`).
@@ -238,7 +238,7 @@ class GradientMonitor:
         clip: Any = None,
         nonfinite: str = "warn",
         detectors: Mapping[str, Any] | Iterable[Detector] | None = None,
-        detail_every: int = 1,
+        detail_every: int = 100,
         hist_every: int = 100,
         scaler: Any = None,
         trace_nonfinite: bool = False,
@@ -525,8 +525,8 @@ class GradientMonitor:
                             dtype=torch.float32, device=self.device).reshape(())]))
         self._pending.append((step, np.asarray(key, dtype=bool), reset, calls, report.skipped, origin,
                               coef is not None))
-        detail = bool(log_step and self.detail_every and ((step + 1) // self.every) % self.detail_every == 0)
-        if log_step or report.skipped:  # a skipped step was synced already: report it now
+        detail = bool(self.detail_every and (step + 1) % self.detail_every == 0)
+        if log_step or detail or report.skipped:  # detail/skip steps sync anyway: report now
             extra = self._detail(grads, present) if detail else None
             report.findings = self._drain(extra)
             report.logged = True

@@ -1,0 +1,204 @@
+"""Per-step overhead of gradient monitoring in PyTorch, side by side in one process (CPU, 2 threads).
+
+    python benchmarks/bench_torch.py [--reps 60] [--out docs/bench_torch.md]
+
+Each variant trains its own copy of the same model; variants run round-robin (one step each per
+round) so drift hits all of them alike. Reported: median step time, the extra time over the plain
+step, and graddiag's extra time as a multiple of `clip_grad_norm_`'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import copy
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from graddiag.clip import GlobalNormClip
+from graddiag.events import EventFileWriter
+from graddiag.torch import GradientMonitor
+
+
+def models():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(*[m for _ in range(8) for m in (nn.Linear(1024, 1024), nn.ReLU())])
+    deep = nn.Sequential(*[m for _ in range(100) for m in (nn.Linear(64, 64), nn.ReLU())])
+    layer = nn.TransformerEncoderLayer(128, 4, 256, dropout=0.0, batch_first=True)
+    tr = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    return [
+        ("MLP 8x1024, batch 64", mlp, lambda: torch.randn(64, 1024), 1.0),
+        ("MLP 100x64 (200 tensors), batch 64, clipping every step", deep, lambda: torch.randn(64, 64), 1e-4),
+        ("TransformerEncoder 2x128, batch 16x32", tr, lambda: torch.randn(16, 32, 128), 1.0),
+    ]
+
+
+def variants(max_norm, tmp):
+    """name -> (setup(model, opt) -> state, after_backward(model, opt, state))."""
+    def plain(model, opt):
+        return None
+
+    def clip(model, opt, st):
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+    def naive(model, opt, st):
+        st["log"] = [p.grad.norm().item() for p in model.parameters()]
+
+    def lightning(model, opt, st):
+        from lightning.pytorch.utilities import grad_norm
+
+        st["log"] = {k: v.item() for k, v in grad_norm(model, norm_type=2).items()}
+
+    def wandb_hist(model, opt, st):
+        st["log"] = [p.grad.histc(bins=64).tolist() for p in model.parameters()]
+
+    def tb_add_scalar(model, opt, st):
+        norms = torch.stack(torch._foreach_norm([p.grad for p in model.parameters()])).tolist()
+        for i, v in enumerate(norms):
+            st["writer"].add_scalar(f"grad_norm/{i}", v, st["step"])
+        st["step"] += 1
+
+    def setup_tb(model, opt):
+        from torch.utils.tensorboard import SummaryWriter
+
+        return {"writer": SummaryWriter(tempfile.mkdtemp(dir=tmp)), "step": 0}
+
+    def setup_gd(every):
+        def s(model, opt):
+            return {"mon": GradientMonitor(model, opt, logdir=tempfile.mkdtemp(dir=tmp), every=every,
+                                           clip=GlobalNormClip(max_norm), hist_every=0)}
+        return s
+
+    none = lambda model, opt, st: None  # noqa: E731
+    return {
+        "plain step": (plain, none),
+        "clip_grad_norm_": (lambda m, o: {}, clip),
+        "per-param .norm().item()": (lambda m, o: {}, naive),
+        "Lightning grad_norm + .item()": (lambda m, o: {}, lightning),
+        "wandb-style per-param histc": (lambda m, o: {}, wandb_hist),
+        "detect_anomaly": ("anomaly", none),
+        "SummaryWriter.add_scalar per layer": (setup_tb, tb_add_scalar),
+        "graddiag every step (stats+NaN+clip+log)": (setup_gd(1), none),
+        "graddiag every=10 (default)": (setup_gd(10), none),
+    }
+
+
+def bench_model(name, model0, make_x, max_norm, reps, tmp):
+    vs = variants(max_norm, tmp)
+    runs = {}
+    for vname, (setup, after) in vs.items():
+        model = copy.deepcopy(model0)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-5)
+        st = None if setup == "anomaly" else setup(model, opt)
+        runs[vname] = (model, opt, st, after, setup == "anomaly")
+    times = {v: [] for v in vs}
+    x = make_x()
+    target = torch.randn_like(model0(x))
+    for r in range(reps + 5):
+        for vname, (model, opt, st, after, anomaly) in runs.items():
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            if anomaly:
+                with torch.autograd.detect_anomaly(check_nan=True):
+                    (model(x) - target).square().mean().backward()
+            else:
+                (model(x) - target).square().mean().backward()
+            after(model, opt, st)
+            opt.step()
+            dt = time.perf_counter() - t0
+            if r >= 5:
+                times[vname].append(dt)
+    for _, (_, _, st, _, _) in runs.items():
+        if isinstance(st, dict) and "mon" in st:
+            st["mon"].close()
+        if isinstance(st, dict) and "writer" in st:
+            st["writer"].close()
+    med = {v: statistics.median(t) * 1e3 for v, t in times.items()}
+    base = med["plain step"]
+    clip_extra = med["clip_grad_norm_"] - base
+    lines = [f"\n### {name}\n", "| variant | median step (ms) | extra vs plain (ms) | extra / clip_grad_norm_ extra |",
+             "|---|---:|---:|---:|"]
+    for v, m in med.items():
+        extra = m - base
+        ratio = "" if v == "plain step" else f"{extra / clip_extra:.2f}x" if clip_extra > 0 else "n/a"
+        lines.append(f"| {v} | {m:.2f} | {extra:+.2f} | {ratio} |")
+    return "\n".join(lines), med
+
+
+def norms_vs_bandwidth(reps=50):
+    """graddiag's norm pass vs one read of all gradient bytes at the measured read bandwidth."""
+    from graddiag.torch import _Plan, _sumsq
+
+    big = torch.randn(64 * 1024 * 1024 // 4)  # 64 MB: read bandwidth with a dot
+    t = []
+    for _ in range(10):
+        t0 = time.perf_counter(); torch.dot(big, big); t.append(time.perf_counter() - t0)  # noqa: E702
+    bw = big.numel() * 4 / statistics.median(t)
+    out = ["\n### Norm pass vs memory bandwidth\n",
+           f"Measured read bandwidth (dot over 64 MB): {bw / 1e9:.1f} GB/s\n",
+           "| model | gradient bytes | norm pass (ms) | one read at bandwidth (ms) | ratio |", "|---|---:|---:|---:|---:|"]
+    for name, model, make_x, _ in models():
+        model(make_x()).square().mean().backward()
+        params = [p for p in model.parameters()]
+        grads = [p.grad for p in params]
+        idx = list(range(len(params)))
+        plan = _Plan(idx, params, np.zeros(len(params), dtype=np.int64), params[0].device)
+        slot = {i: i for i in idx}
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            _sumsq(grads, plan, slot, params[0].device).sum()
+            ts.append(time.perf_counter() - t0)
+        nbytes = sum(g.numel() * g.element_size() for g in grads)
+        m = statistics.median(ts)
+        out.append(f"| {name} | {nbytes / 1e6:.1f} MB | {m * 1e3:.3f} | {nbytes / bw * 1e3:.3f} | {m / (nbytes / bw):.2f}x |")
+    return "\n".join(out)
+
+
+def logging_cost(tmp, n=2000):
+    w = EventFileWriter(tempfile.mkdtemp(dir=tmp))
+    tags = tuple(f"graddiag/grad_norm/blocks.{i}.fc" for i in range(200))
+    vals = np.random.rand(200)
+    ts = []
+    for s in range(n):
+        t0 = time.perf_counter()
+        w.add_scalars(s, tags, vals)
+        ts.append(time.perf_counter() - t0)
+    w.close()
+    m = statistics.median(ts) * 1e6
+    return f"\n### Logging\n\nOne event with 200 scalars: {m:.1f} µs median ({m / 200:.3f} µs per scalar).\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=60)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    torch.set_flush_denormal(True)  # the deep ReLU net's tiny gradients would time denormal math
+    logging.getLogger("graddiag").setLevel(logging.ERROR)  # the models' findings are not the point
+    parts = [f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; {args.reps} steps per variant, medians.\n"
+             f"Command: `python benchmarks/bench_torch.py --reps {args.reps}`"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, model, make_x, max_norm in models():
+            table, _ = bench_model(name, model, make_x, max_norm, args.reps, tmp)
+            print(table, flush=True)
+            parts.append(table)
+        parts.append(norms_vs_bandwidth())
+        parts.append(logging_cost(tmp))
+    text = "\n".join(parts)
+    print(parts[-2], parts[-1])
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

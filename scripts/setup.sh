@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create .venv with graddiag and what it needs. `scripts/setup.sh test` adds the test/benchmark deps.
+# torch is pinned to 2.13.0 here only (a CPU wheel on this machine); pyproject declares a loose range.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+pip() { .venv/bin/python -m pip "$@"; }
+pip install -q --upgrade pip
+pip install -q "torch==2.13.0"
+if [ "${1:-}" = "test" ]; then
+  pip install -q "tensorflow-cpu>=2.15" -e ".[plot,test,bench]"
+else
+  pip install -q -e ".[plot]"
+fi

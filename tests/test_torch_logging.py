@@ -1,0 +1,74 @@
+"""A real run's TensorBoard logs, read back through TensorBoard's own loader."""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+from graddiag import tags  # noqa: E402
+
+SIZE = {"scalars": 0, "tensors": 0, "histograms": 0}
+
+
+def _acc(logdir):
+    acc = EventAccumulator(logdir, size_guidance=SIZE)
+    acc.Reload()
+    return acc
+
+
+def test_every_step_is_logged_with_history_values(logdir):
+    from healthy import run
+
+    mon = run(logdir=logdir, steps=25, every=10, hist_every=10, detail_every=10)
+    acc = _acc(logdir)
+    for layer_i, layer in enumerate(mon.layers):
+        events = acc.Scalars(tags.tag("grad_norm", layer))
+        assert [e.step for e in events] == list(range(25))  # ring buffer: no step lost
+        np.testing.assert_allclose([e.value for e in events],
+                                   [s.grad_norm[layer_i] for s in mon.history], rtol=1e-6)
+    assert len(acc.Scalars(tags.tag("grad_norm"))) == 25
+    # detail statistics on log steps (9, 19)
+    assert [e.step for e in acc.Scalars(tags.tag("grad_max", mon.layers[0]))] == [9, 19]
+    assert [e.step for e in acc.Scalars(tags.tag("update_ratio", mon.layers[0]))] == [9, 19]
+    # histograms every 10 steps, with NaN/Inf counts beside them
+    assert [e.step for e in acc.Histograms(tags.hist_tag(mon.layers[0]))] == [0, 10, 20]
+    assert [e.value for e in acc.Scalars(tags.tag("nan_count", mon.layers[0]))] == [0, 0, 0]
+    meta = json.loads(acc.Tensors(tags.MODEL)[0].tensor_proto.string_val[0])
+    assert meta["info"]["layers"] == list(mon.layers)
+    assert meta["detectors"]["vanishing"]["patience"] == 10
+
+
+def test_findings_text_and_custom_scalars_layout(logdir):
+    from nan_layer import NAN_STEP, run
+
+    run(logdir=logdir, steps=35)
+    acc = _acc(logdir)
+    texts = {e.step: e.tensor_proto.string_val[0].decode() for e in acc.Tensors(tags.FINDINGS)}
+    assert "nonfinite" in texts[NAN_STEP] and "'mid'" in texts[NAN_STEP]
+    nonfinite = acc.Scalars(tags.tag("nonfinite"))
+    assert [e.value for e in nonfinite if e.step == NAN_STEP] == [2.0]
+    assert tags.tag("nonfinite", "mid") in acc.Tags()["scalars"]
+    layout = acc.Tensors("custom_scalars__config__")
+    assert len(layout) == 1
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    parsed = layout_pb2.Layout.FromString(layout[0].tensor_proto.string_val[0])
+    assert [c.title for c in parsed.category] == [
+        "graddiag: global", "graddiag: per-layer gradient norms", "graddiag: clipping", "graddiag: findings"]
+
+
+def test_nan_histogram_counts_not_dropped(logdir):
+    model = torch.nn.Linear(4, 2)
+    from graddiag.torch import GradientMonitor
+
+    mon = GradientMonitor(model, logdir=logdir, every=1, hist_every=1)
+    model(torch.tensor([[1.0, float("nan"), 0.0, 1.0]])).sum().backward()
+    mon.step()
+    mon.close()
+    acc = _acc(logdir)
+    assert acc.Scalars(tags.tag("nan_count", "Linear"))[0].value == 2.0  # weight column 1, both rows
+    hist = acc.Histograms(tags.hist_tag("Linear"))[0].histogram_value
+    assert hist.num == 8  # 6 finite weight entries + 2 bias entries
