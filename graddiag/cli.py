@@ -374,14 +374,15 @@ def export(
 @app.command()
 def demo(
     logdir: Annotated[str, typer.Option(
-        "--logdir", help="Where the demo writes its TensorBoard logs.")] = "runs/graddiag-demo",
+        "--logdir", help="Where the demo writes its TensorBoard logs.")] = "runs/demo",
 ) -> None:
-    """Train a small model with a planted gradient problem, then analyze its logs."""
+    """Train a small model with planted gradient problems, then analyze its logs."""
     try:
         from graddiag.demo import run_demo
+
+        run_demo(logdir)
     except ImportError as e:
         raise _fail(f"graddiag demo needs graddiag.demo.run_demo and PyTorch ({e})") from None
-    run_demo(logdir)
     analyze(logdir=logdir, format=Format.table, fail_on=None, run=None, steps=None,
             tag_pattern=None, output=None, top=5)
 

@@ -230,3 +230,11 @@ def test_analyze_starts_fast_without_frameworks(logs):
     assert "HEAVY []" in p.stderr
     json.loads(p.stdout)
     assert elapsed < 3.0  # generous for loaded CI machines; measured ~0.3 s (docs/cli.md)
+
+
+@pytest.mark.slow
+def test_demo_trains_and_reports(tmp_path):
+    pytest.importorskip("torch")
+    r = invoke("demo", "--logdir", tmp_path / "demo")
+    assert r.exit_code == 0, r.output
+    assert "vanishing" in r.output and "detached" in r.output
