@@ -102,6 +102,19 @@ def test_reads_every_scalar_that_tensorboard_reads(run_dir):
     assert df.attrs["read_stats"]["corrupt_records"] == 0
 
 
+def test_values_match_tensorboard_event_file_loader(run_dir):
+    """TensorBoard's EventFileLoader (which migrates simple_value to tensors) as the reference."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util import tensor_util
+
+    ref = {}
+    for ev in EventFileLoader(_event_file(run_dir)).Load():
+        for v in ev.summary.value:
+            if v.metadata.plugin_data.plugin_name == "scalars":
+                ref[(ev.step, v.tag)] = float(tensor_util.make_ndarray(v.tensor))
+    assert_same(rows(read(run_dir)), ref)
+
+
 def test_columns_and_global_layer_policy(run_dir):
     df = read(run_dir)
     assert list(df.columns) == ["run", "step", "wall_time", "layer", "stat", "value"]
