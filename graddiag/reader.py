@@ -75,7 +75,7 @@ _U32 = struct.Struct("<I")
 _F32 = struct.Struct("<f")
 _F64 = struct.Struct("<d")
 _PROGRESS_MIN_BYTES = 32 << 20
-_MAX_TEMPLATES_PER_LENGTH = 32
+_MAX_TEMPLATES_PER_KEY = 16
 
 #: How several tags that map to one (step, layer, stat) are combined.
 _COMBINE = {"grad_norm": "rss", "param_norm": "rss", "grad_max": "max", "nonfinite": "sum",
@@ -318,7 +318,10 @@ class _Reader:
         self.lo, self.hi = step_range
         self.chunk_size = chunk_size
         self.stats = ReadStats()
-        self.templates: dict[int, list[_Template]] = {}
+        # templates by (summary length, static bytes before the first float); the prefixes'
+        # lengths in use per summary length are in `sig_ends`
+        self.templates: dict[tuple[int, bytes], list[_Template]] = {}
+        self.sig_ends: dict[int, list[int]] = {}
         self.tag_ids: dict[tuple[str, bool], int] = {}
         # per tag id: layer code, stat code (-1: skip), combine (0 direct, 1 needs combining)
         self.t_layer: list[int] = []
@@ -412,7 +415,7 @@ class _Reader:
                 if self.progress is not None:
                     self.progress.advance(self.task, len(chunk))
                 buf = buf[pos:] + chunk if pos < len(buf) else chunk
-                pending: dict[int, tuple[list, list, list]] = {}
+                pending: dict[tuple[int, bytes], tuple[list, list, list]] = {}
                 pos = self._scan(buf, run, pending)
                 self._flush(buf, run, pending)
         tail = len(buf) - pos
@@ -430,6 +433,7 @@ class _Reader:
         unpack_u32 = _U32.unpack_from
         unpack_f64 = _F64.unpack_from
         templates = self.templates
+        sig_ends = self.sig_ends
         st = self.stats
         while pos + 12 <= n:
             length, hcrc = unpack_header(buf, pos)
@@ -465,15 +469,24 @@ class _Reader:
                     step, p = _varint(buf, p)
                     if step >= 1 << 63:
                         step -= 1 << 64
-                if p < end and buf[p] == 0x2A:
-                    slen, q = _varint(buf, p + 1)
+                if p + 1 < end and buf[p] == 0x2A:
+                    slen = buf[p + 1]
+                    if slen < 0x80:
+                        q = p + 2
+                    else:
+                        slen, q = _varint(buf, p + 1)
                     if q + slen == end:
                         st.events += 1
-                        cands = templates.get(slen)
-                        if cands is not None:
-                            pend = pending.get(slen)
+                        key = None
+                        for se in sig_ends.get(slen, ()):
+                            k = (slen, buf[q:q + se])
+                            if k in templates:
+                                key = k
+                                break
+                        if key is not None:
+                            pend = pending.get(key)
                             if pend is None:
-                                pend = pending[slen] = ([], [], [])
+                                pend = pending[key] = ([], [], [])
                             pend[0].append(q)
                             pend[1].append(step)
                             pend[2].append(wall)
@@ -490,11 +503,12 @@ class _Reader:
         """Verify pending summaries against their templates and gather their floats."""
         mv = memoryview(buf)
         self._flush_generic(run)
-        for slen, (starts, steps, walls) in pending.items():
+        for key, (starts, steps, walls) in pending.items():
+            slen = key[0]
             starts_a = np.asarray(starts, np.int64)
             steps_a = np.asarray(steps, np.int64)
             walls_a = np.asarray(walls, np.float64)
-            for tpl in self.templates[slen]:
+            for tpl in self.templates[key]:
                 if not len(starts_a):
                     break
                 pad = tpl.pad
@@ -611,9 +625,15 @@ class _Reader:
             self.stats.corrupt_records += 1
             return
         if simple and offsets:
-            same_length = self.templates.setdefault(e - s, [])
-            if len(same_length) < _MAX_TEMPLATES_PER_LENGTH:
-                same_length.append(_Template(bytes(buf[s:e]), offsets, tag_list))
+            # a summary of simple_values only: later summaries with the same static bytes take
+            # the vectorized path
+            se = min(offsets)
+            same = self.templates.setdefault((e - s, bytes(buf[s:s + se])), [])
+            if len(same) < _MAX_TEMPLATES_PER_KEY:
+                same.append(_Template(bytes(buf[s:e]), offsets, tag_list))
+            ends = self.sig_ends.setdefault(e - s, [])
+            if se not in ends and len(ends) < _MAX_TEMPLATES_PER_KEY:
+                ends.append(se)
 
     def _value(self, buf: bytes, s: int, e: int, step: int, wall: float, run: _Run):
         """Decode one `Summary.Value`; return (float offset, tag id) if it is tag + simple_value."""

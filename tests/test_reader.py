@@ -306,7 +306,8 @@ def test_torch_summarywriter_scalars_match_tensorboard(tmp_path):
     torch_tb = pytest.importorskip("torch.utils.tensorboard")
     w = torch_tb.SummaryWriter(str(tmp_path))
     for s in range(20):
-        w.add_scalar(tags.tag("grad_norm", "fc"), 1.0 / (s + 1), s)
+        for i in range(10):  # one event per value; tags of equal length
+            w.add_scalar(tags.tag("grad_norm", f"fc{i}"), (i + 1) / (s + 1), s)
         w.add_scalar(tags.tag("grad_norm"), float("inf") if s == 7 else 2.0, s)
     w.close()
     assert_same(rows(read(str(tmp_path))), reference_scalars(str(tmp_path)))
