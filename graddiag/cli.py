@@ -75,7 +75,8 @@ RunOpt = Annotated[list[str] | None, typer.Option(
 StepsOpt = Annotated[str | None, typer.Option(
     "--steps", help="Only steps A:B (A included, B excluded; ends optional).")]
 PatternOpt = Annotated[str | None, typer.Option(
-    "--tag-pattern", help="Regex with (?P<layer>...) [and (?P<stat>...)] mapping foreign tags.")]
+    "--tag-pattern",
+    help="Regex mapping foreign tags, with a group (?P<layer>...) and optionally (?P<stat>...).")]
 LogdirArg = Annotated[str, typer.Argument(
     help="TensorBoard log directory (runs are found in subdirectories).")]
 
