@@ -378,14 +378,30 @@ def demo(
         "--logdir", help="Where the demo writes its TensorBoard logs.")] = "runs/demo",
 ) -> None:
     """Train a small model with planted gradient problems, then analyze its logs."""
+    import logging
+    import time
+
+    run_dir = os.path.join(logdir, time.strftime("run-%Y%m%d-%H%M%S"))
     try:
         from graddiag.demo import run_demo
 
-        run_demo(logdir)
+        logging.getLogger("graddiag").setLevel(logging.ERROR)  # the report below lists them all
+        typer.echo(f"Training the demo model with graddiag attached; logs: {run_dir}")
+        run_demo(run_dir)
     except ImportError as e:
-        raise _fail(f"graddiag demo needs graddiag.demo.run_demo and PyTorch ({e})") from None
-    analyze(logdir=logdir, format=Format.table, fail_on=None, run=None, steps=None,
+        raise _fail(f"graddiag demo needs PyTorch ({e})") from None
+    analyze(logdir=run_dir, format=Format.table, fail_on=None, run=None, steps=None,
             tag_pattern=None, output=None, top=5)
+    typer.echo(f"\nTensorBoard: tensorboard --logdir {run_dir}")
+
+
+def _register_validate() -> None:
+    from graddiag.reference.cli import validate_command
+
+    app.command("validate")(validate_command)
+
+
+_register_validate()
 
 
 def main() -> None:

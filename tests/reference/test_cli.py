@@ -11,11 +11,8 @@ typer = pytest.importorskip("typer")
 pytest.importorskip("torch")
 from typer.testing import CliRunner  # noqa: E402
 
-from graddiag.reference.cli import load_factory, validate_command  # noqa: E402
-
-app = typer.Typer()
-app.command("validate")(validate_command)
-app.command("noop")(lambda: None)  # two commands, so `validate` stays a subcommand
+from graddiag.cli import app  # noqa: E402  - `graddiag validate` on the real console app
+from graddiag.reference.cli import load_factory  # noqa: E402
 
 FACTORIES = textwrap.dedent("""
     import torch
