@@ -95,6 +95,21 @@ def test_posthoc_equals_live_on_torch_example_runs(tmp_path, example):
     assert_same_findings(mon.findings, report.findings)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("example", ["tf_custom_loop", "keras_fit"])
+def test_posthoc_equals_live_on_tensorflow_example_runs(tmp_path, example):
+    pytest.importorskip("tensorflow")
+    import importlib
+
+    mod = importlib.import_module(example)
+    mon = mod.run(logdir=str(tmp_path / "run"))
+    mon = getattr(mon, "monitor", mon)  # the Keras callback holds its monitor
+    assert mon.findings, "the example should produce findings"
+    report = analyze(str(tmp_path))
+    assert report.runs[0].source == "graddiag" and report.runs[0].framework == "tensorflow"
+    assert_same_findings(mon.findings, report.findings)
+
+
 def test_detectors_disabled_live_stay_disabled(tmp_path):
     d = str(tmp_path / "run")
     live = make_run(d, steps=20, detectors={"clipped": False})
