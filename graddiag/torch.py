@@ -11,7 +11,7 @@ Usage::
     print(monitor.summary())
 
 Cost model (see docs/benchmarks.md): every step runs a handful of fused device ops (stacked
-same-shape gradients reduced with one batched dot, one dot per large tensor) and writes a row into a
+same-shape gradients reduced with one row-wise norm, one dot per large tensor) and writes a row into a
 device ring buffer; the host reads that buffer once per log step (`every`), so detectors still see
 every step. `nonfinite="skip"`/`"raise"` and `trace_nonfinite=True` add one host sync per step.
 """
@@ -45,7 +45,7 @@ from graddiag.stats import ModelInfo, StepStats
 __all__ = ["GradientMonitor", "NonFiniteGradientError", "TorchOps"]
 
 #: Tensors up to this many elements that share a shape (at least STACK_MIN of them) are stacked and
-#: reduced with one batched dot; larger ones get one dot each. Measured in benchmarks/bench_torch.py.
+#: reduced with one row-wise norm; larger ones get one dot each. Measured in benchmarks/bench_torch.py.
 STACK_MAX_NUMEL = 1 << 16
 STACK_MIN = 8
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -95,7 +95,8 @@ class TorchOps:
 class _Plan:
     """How to reduce one pattern of present gradients with few device ops.
 
-    - `stacks`: groups of at least `STACK_MIN` small same-shape tensors: one `stack` + one batched dot;
+    - `stacks`: groups of at least `STACK_MIN` small same-shape tensors: one `stack` + one row-wise
+      `vector_norm` (measured: 7x faster than `_foreach_norm` over the same 100 tensors);
     - `dots`: large dense float32/float64 tensors: one `dot` each (reads at full bandwidth, about
       twice as fast as `vector_norm` on CPU);
     - `bucket`: everything else, one `_foreach_norm` (float32 accumulation for fp16/bf16);
@@ -145,8 +146,8 @@ def _sumsq(tensors: list[torch.Tensor], plan: _Plan, device) -> torch.Tensor:
     """float32 sums of squares of `tensors` (indexed like the parameters) in `plan.order`."""
     parts = []
     for members in plan.stacks:
-        m = torch.stack([tensors[i] for i in members]).view(len(members), 1, -1)
-        parts.append(torch.bmm(m, m.transpose(1, 2)).view(-1).float())
+        m = torch.stack([tensors[i] for i in members]).view(len(members), -1)
+        parts.append(torch.linalg.vector_norm(m, dim=1).float().square())
     for members in plan.buckets:
         ts = [tensors[i] for i in members]
         low = ts[0].dtype in _LOW_PRECISION
