@@ -1,10 +1,12 @@
 """Per-step overhead of gradient monitoring in PyTorch, side by side in one process (CPU, 2 threads).
 
-    python benchmarks/bench_torch.py [--reps 60] [--out docs/bench_torch.md]
+    python benchmarks/bench_torch.py [--reps 120] [--out FILE.md]
 
 Each variant trains its own copy of the same model; variants run round-robin (one step each per
-round) so drift hits all of them alike. Reported: median step time, the extra time over the plain
-step, and graddiag's extra time as a multiple of `clip_grad_norm_`'s.
+round) so drift hits all of them alike. Reported: median step time and the extra time over the
+plain step (both include forward/backward noise of about +-0.5 ms on the larger models), and the
+mean time of the call each variant adds between `backward()` and `optimizer.step()` (graddiag in
+manual mode, so that call holds all its work, log steps included) — the precise overhead.
 """
 
 from __future__ import annotations
@@ -70,10 +72,13 @@ def variants(max_norm, tmp):
         return {"writer": SummaryWriter(tempfile.mkdtemp(dir=tmp)), "step": 0}
 
     def setup_gd(every):
-        def s(model, opt):
-            return {"mon": GradientMonitor(model, opt, logdir=tempfile.mkdtemp(dir=tmp), every=every,
-                                           clip=GlobalNormClip(max_norm), hist_every=0)}
+        def s(model, opt):  # manual mode, so the added call can be timed on its own
+            return {"mon": GradientMonitor(model, None, logdir=tempfile.mkdtemp(dir=tmp), every=every,
+                                           clip=GlobalNormClip(max_norm))}
         return s
+
+    def gd_step(model, opt, st):
+        st["mon"].step()
 
     none = lambda model, opt, st: None  # noqa: E731
     return {
@@ -84,8 +89,8 @@ def variants(max_norm, tmp):
         "wandb-style per-param histc": (lambda m, o: {}, wandb_hist),
         "detect_anomaly": ("anomaly", none),
         "SummaryWriter.add_scalar per layer": (setup_tb, tb_add_scalar),
-        "graddiag every step (stats+NaN+clip+log)": (setup_gd(1), none),
-        "graddiag every=10 (default)": (setup_gd(10), none),
+        "graddiag every step (stats+NaN+clip+log)": (setup_gd(1), gd_step),
+        "graddiag every=10 (default)": (setup_gd(10), gd_step),
     }
 
 
@@ -98,6 +103,7 @@ def bench_model(name, model0, make_x, max_norm, reps, tmp):
         st = None if setup == "anomaly" else setup(model, opt)
         runs[vname] = (model, opt, st, after, setup == "anomaly")
     times = {v: [] for v in vs}
+    added = {v: [] for v in vs}
     x = make_x()
     target = torch.randn_like(model0(x))
     for r in range(reps + 5):
@@ -109,25 +115,34 @@ def bench_model(name, model0, make_x, max_norm, reps, tmp):
                     (model(x) - target).square().mean().backward()
             else:
                 (model(x) - target).square().mean().backward()
+            t1 = time.perf_counter()
             after(model, opt, st)
+            t2 = time.perf_counter()
             opt.step()
             dt = time.perf_counter() - t0
             if r >= 5:
                 times[vname].append(dt)
+                added[vname].append(t2 - t1)
     for _, (_, _, st, _, _) in runs.items():
         if isinstance(st, dict) and "mon" in st:
             st["mon"].close()
         if isinstance(st, dict) and "writer" in st:
             st["writer"].close()
     med = {v: statistics.median(t) * 1e3 for v, t in times.items()}
+    # mean, not median, of the added call: log steps (every=10) are 1 in 10 and must count
+    call = {v: statistics.fmean(t) * 1e3 for v, t in added.items()}
     base = med["plain step"]
     clip_extra = med["clip_grad_norm_"] - base
-    lines = [f"\n### {name}\n", "| variant | median step (ms) | extra vs plain (ms) | extra / clip_grad_norm_ extra |",
-             "|---|---:|---:|---:|"]
+    clip_call = call["clip_grad_norm_"]
+    lines = [f"\n### {name}\n",
+             "| variant | median step (ms) | extra vs plain (ms) | extra / clip's | added call, mean (ms) | added call / clip's |",
+             "|---|---:|---:|---:|---:|---:|"]
     for v, m in med.items():
         extra = m - base
         ratio = "" if v == "plain step" else f"{extra / clip_extra:.2f}x" if clip_extra > 0 else "n/a"
-        lines.append(f"| {v} | {m:.2f} | {extra:+.2f} | {ratio} |")
+        c = "" if v in ("plain step", "detect_anomaly") else f"{call[v]:.3f}"
+        cr = "" if v in ("plain step", "detect_anomaly") else f"{call[v] / clip_call:.2f}x"
+        lines.append(f"| {v} | {m:.2f} | {extra:+.2f} | {ratio} | {c} | {cr} |")
     return "\n".join(lines), med
 
 

@@ -308,7 +308,8 @@ class Chain:
 
         Returns `(global_coef, layer_coef, new_states, global_norm_after)`.
 
-        `states` holds the states of `stage_policies`, in order.
+        `states` holds the states of `stage_policies`, in order. `layer_norms` may be None when no
+        policy of the stage is per-layer.
         """
         gcoef = None
         lcoef = None
@@ -322,7 +323,8 @@ class Chain:
                 global_norm = ops.sqrt(ops.sum(layer_norms * layer_norms))
             if scale.global_coef is not None:
                 gcoef = scale.global_coef if gcoef is None else gcoef * scale.global_coef
-                layer_norms = layer_norms * scale.global_coef
+                if layer_norms is not None:
+                    layer_norms = layer_norms * scale.global_coef
                 global_norm = global_norm * scale.global_coef
         return gcoef, lcoef, new_states, global_norm
 

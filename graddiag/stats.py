@@ -6,7 +6,7 @@ NumPy arrays indexed by layer (the order of `ModelInfo.layers`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -101,7 +101,6 @@ class StepStats:
     skipped: bool = False
     loss: float | None = None
     nonfinite_origin: str | None = None
-    extra: dict[str, float] = field(default_factory=dict)
 
     @property
     def any_nonfinite(self) -> bool:

@@ -163,6 +163,11 @@ def _sumsq(tensors: list[torch.Tensor], plan: _Plan, device) -> torch.Tensor:
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
+def _flat(g: torch.Tensor) -> torch.Tensor:
+    """The stored values of a gradient as a flat tensor (a sparse gradient's coalesced values)."""
+    return g.coalesce().values().reshape(-1) if g.is_sparse else g.reshape(-1)
+
+
 def _mul_(tensors: list[torch.Tensor], factors, has_sparse: bool) -> None:
     """In-place multiply by one factor or one per tensor (a plain loop where sparse grads forbid
     the fused op)."""
@@ -313,7 +318,11 @@ class GradientMonitor:
         self.closed = False
         self._plans: dict[tuple, _Plan] = {}
         P = len(params)
-        self._buf = torch.zeros(self.every, P + 2, dtype=torch.float32, device=self.device)
+        # ring-buffer row: [0, P) per-parameter sums of squares, P clip coef, P+1 loss,
+        # [P+2, P+2+L) per-layer clip coefficients (only with per-layer policies)
+        self._col_coef, self._col_loss = P, P + 1
+        lc_cols = self._n_layers if self.chain is not None and self.chain.has_layer_coef else 0
+        self._buf = torch.zeros(self.every, P + 2 + lc_cols, dtype=torch.float32, device=self.device)
         self._pending: list[tuple] = []
         self._no_grad = np.zeros(P, dtype=bool)
         self._backward_calls = 0
@@ -529,8 +538,7 @@ class GradientMonitor:
         if self.hist_every and step % self.hist_every == 0 and self.core.sink is not None and present:
             self._histograms(step, grads)
         if not present:
-            sumsq = None
-            coef = None
+            sumsq = coef = layer_coef = None
         else:
             sumsq = self._measure(grads, plan)
             total = sumsq.sum()
@@ -541,21 +549,25 @@ class GradientMonitor:
                 if bad and self.nonfinite != "warn":
                     report.skipped = True
             self._trace.clear()
-            coef = None
+            coef = layer_coef = None
             if self.chain is not None and not report.skipped:
-                coef = self._clip(grads, plan, sumsq, total)
+                coef, layer_coef = self._clip(grads, plan, sumsq, total)
         # one device row: per-param sums of squares (param order), clip coef, loss
         buf_row = self._buf[row]
         if sumsq is not None:
             buf_row.index_copy_(0, plan.order_t, sumsq)
         if coef is None:
-            buf_row[-2].fill_(1.0)
+            buf_row[self._col_coef].fill_(1.0)
         else:
-            buf_row[-2].copy_(coef)
+            buf_row[self._col_coef].copy_(coef)
         if isinstance(loss, torch.Tensor):
-            buf_row[-1].copy_(loss.detach().reshape(()))
+            buf_row[self._col_loss].copy_(loss.detach().reshape(()))
         else:
-            buf_row[-1].fill_(float("nan") if loss is None else float(loss))
+            buf_row[self._col_loss].fill_(float("nan") if loss is None else float(loss))
+        if layer_coef is not None:
+            buf_row[self._col_loss + 1:].copy_(layer_coef)
+        elif buf_row.shape[0] > self._col_loss + 1:
+            buf_row[self._col_loss + 1:].fill_(1.0)
         self._pending.append((step, plan.mask if plan is not None else self._no_grad, reset, calls,
                               report.skipped, origin, coef is not None))
         if log_step or detail or report.skipped:  # detail/skip steps sync anyway: report now
@@ -627,7 +639,8 @@ class GradientMonitor:
     def _clip(self, grads, plan: _Plan, sumsq, total):
         """Apply the clipping chain in place.
 
-        Returns the clip coefficient: global norm after clipping / before (a device scalar).
+        Returns `(coef, layer_coef)`: the global norm after clipping / before (a device scalar), and
+        the product of per-layer factors (a device vector) when the chain has per-layer policies.
         """
         ops = self._ops
         states = self._clip_states
@@ -635,9 +648,10 @@ class GradientMonitor:
         present = plan.present
         live = [grads[i] for i in present]
         has_sparse = plan.has_sparse
+        per_layer = self.chain.has_layer_coef
         measured = True
         only_global = True
-        coef = None
+        coef = lcoef = None
         pre = total.sqrt()
         after = pre
         for elementwise, policies in self.chain.stages():
@@ -650,25 +664,29 @@ class GradientMonitor:
             if not measured:
                 sumsq = self._measure(grads, plan)
                 total = sumsq.sum()
-            layer_norms = torch.zeros(self._n_layers, dtype=torch.float32, device=self.device)
-            layer_norms = layer_norms.index_add_(0, plan.layer_t, sumsq).sqrt()
+            layer_norms = None
+            if per_layer:  # global-only chains never need per-layer norms on the device
+                layer_norms = torch.zeros(self._n_layers, dtype=torch.float32, device=self.device)
+                layer_norms = layer_norms.index_add_(0, plan.layer_t, sumsq).sqrt()
             g, lc, new, after = self.chain.update_norm_stage(
                 policies, layer_norms, total.sqrt(), states[k:k + len(policies)], ops)
             states[k:k + len(policies)] = new
             k += len(policies)
-            targets = [grads[i] for i in plan.order]
             if lc is not None:
                 only_global = False
-                _mul_(targets, list(lc[plan.layer_t].unbind()), has_sparse)
+                _mul_([grads[i] for i in plan.order], list(lc[plan.layer_t].unbind()), has_sparse)
+                lcoef = lc if lcoef is None else lcoef * lc
             if g is not None:
                 _mul_(live, g, has_sparse)
                 coef = g if coef is None else coef * g
+                if lcoef is not None:
+                    lcoef = lcoef * g
             measured = True
         if only_global:
-            return coef
+            return coef, None
         if not measured:
             after = self._measure(grads, plan).sum().sqrt()
-        return after / pre
+        return after / pre, lcoef
 
     def _apply_elementwise(self, policy, present, live) -> None:
         for i in present:
@@ -687,69 +705,101 @@ class GradientMonitor:
                 g.mul_(policy.scale(gn, pn, self._ops).to(g.dtype))
 
     def _detail(self, grads, present) -> dict[str, np.ndarray]:
-        """Detail statistics of the current step (per layer), one host read."""
-        live = [grads[i] for i in present]
-        P = len(self.params)
-        dense = [i for i in present if not grads[i].is_sparse]
-        dl = [grads[i] for i in dense]
-        stacked = torch.stack([
-            torch.stack(torch._foreach_norm(dl, float("inf"))).float(),
-            torch.stack([torch.count_nonzero(g) for g in dl]).float(),
-        ]) if dl else None
-        pnorm = torch.stack(torch._foreach_norm([p.detach() for p in self.params])).double()
-        host = stacked.double().numpy(force=True) if stacked is not None else None
-        pn = pnorm.numpy(force=True)  # detail steps only: a second small read is acceptable
+        """Detail statistics of the current step (per layer), in one host read.
+
+        max |g| comes from one `aminmax` pass per tensor (20x faster on CPU than an inf-norm).
+        """
+        P, L, lo = len(self.params), self._n_layers, self.layer_of
+        idx = [i for i in present if grads[i].numel() and _flat(grads[i]).numel()]
+        cols = []
+        for i in idx:
+            v = _flat(grads[i])
+            mn, mx = torch.aminmax(v)
+            cols.append(torch.stack([mn.float(), mx.float(), torch.count_nonzero(v).float()]))
+        pnorm = torch.stack(torch._foreach_norm([p.detach() for p in self.params])).float()
+        host = torch.cat([torch.stack(cols, 1).reshape(-1) if cols else pnorm[:0], pnorm])
+        host = host.double().numpy(force=True)
+        k = len(idx)
+        mm = host[:3 * k].reshape(3, k) if k else np.zeros((3, 0))
+        pn = host[3 * k:]
         gmax = np.zeros(P)
         nnz = self._numel.copy()
-        if host is not None:
-            gmax[dense] = host[0]
-            nnz[dense] = host[1]
+        if k:
+            gmax[idx] = np.maximum(-mm[0], mm[1])
+            bad = ~np.isfinite(mm[0]) | ~np.isfinite(mm[1])
+            gmax[np.asarray(idx)[bad]] = np.nan
+            nnz[idx] = mm[2]
         for i in present:
-            if grads[i].is_sparse:
-                v = grads[i].coalesce().values()
-                gmax[i] = float(v.abs().max()) if v.numel() else 0.0
-                nnz[i] = float(torch.count_nonzero(v))
-        L = self._n_layers
-        lo = self.layer_of
+            if grads[i].is_sparse:  # implicit zeros of a sparse gradient count as zeros
+                nnz[i] = nnz[i] if i in idx else 0.0
         has = np.zeros(P, dtype=bool)
         has[present] = True
         lmax = np.zeros(L)
-        with np.errstate(invalid="ignore"):
-            np.maximum.at(lmax, lo[has], gmax[has])
+        np.fmax.at(lmax, lo[has], gmax[has])
+        bad_layer = np.bincount(lo[has], weights=np.isnan(gmax[has]).astype(float), minlength=L) > 0
+        lmax[bad_layer] = np.nan
         zeros = np.bincount(lo[has], weights=(self._numel - nnz)[has], minlength=L)
         numel = np.bincount(lo[has], weights=self._numel[has], minlength=L)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            zero_frac = np.where(numel > 0, zeros / numel, 0.0)
+        zero_frac = np.divide(zeros, numel, out=np.zeros(L), where=numel > 0)
         out = {"grad_max": lmax, "zero_frac": zero_frac,
                "param_norm": np.sqrt(np.bincount(lo, weights=pn**2, minlength=L))}
-        if not np.all(np.isfinite(gmax[has])):
-            nan = torch.stack([torch.isnan(g).sum() for g in live]).numpy(force=True)
-            inf = torch.stack([torch.isinf(g).sum() for g in live]).numpy(force=True)
-            out["nan_count"] = np.bincount(lo[present], weights=nan, minlength=L)
-            out["inf_count"] = np.bincount(lo[present], weights=inf, minlength=L)
+        if bad_layer.any():
+            live = [grads[i] for i in present]
+            counts = torch.stack([torch.stack([torch.isnan(_flat(g)).sum(), torch.isinf(_flat(g)).sum()])
+                                  for g in live]).numpy(force=True)
+            out["nan_count"] = np.bincount(lo[present], weights=counts[:, 0], minlength=L)
+            out["inf_count"] = np.bincount(lo[present], weights=counts[:, 1], minlength=L)
         return out
 
     def _histograms(self, step: int, grads, bins: int = 30) -> None:
-        for li, name in enumerate(self.layers):
-            gs = [grads[i].reshape(-1).float() if not grads[i].is_sparse else grads[i].coalesce().values().reshape(-1).float()
-                  for i in np.flatnonzero(self.layer_of == li) if grads[i] is not None]
-            if not gs:
+        """Per-layer histograms of finite gradient values, NaN/Inf counts beside them.
+
+        Two host reads for all layers: per-tensor ranges, then per-layer counts and moments.
+        """
+        layer_vals: list[list[torch.Tensor]] = [[] for _ in self.layers]
+        for i, g in enumerate(grads):
+            if g is not None:
+                v = _flat(g)
+                if v.numel():
+                    layer_vals[self.layer_of[i]].append(v if v.dtype not in _LOW_PRECISION else v.float())
+        flat = [v for vs in layer_vals for v in vs]
+        if not flat:
+            return
+        ranges = torch.stack([torch.stack(torch.aminmax(v)).float() for v in flat]).double().numpy(force=True)
+        rows, plans, k = [], [], 0
+        for li, vs in enumerate(layer_vals):
+            if not vs:
                 continue
-            v = torch.cat(gs)
-            fin = torch.isfinite(v)
-            vals = v[fin]
-            nan = int(torch.isnan(v).sum())
-            inf = int((~fin).sum()) - nan
-            if vals.numel():
-                lo, hi = float(vals.min()), float(vals.max())
-                if hi <= lo:
-                    hi = lo + 1e-12
-                counts = torch.histc(vals, bins=bins, min=lo, max=hi).double().numpy(force=True)
-                edges = np.linspace(lo, hi, bins + 1)[1:]
-                self.core.sink.write_histogram(step, name, counts, edges, lo, hi, float(vals.sum()),
-                                               float((vals * vals).sum()), float(vals.numel()), nan, inf)
-            else:
-                self.core.sink.write_histogram(step, name, [], [], 0.0, 0.0, 0.0, 0.0, 0.0, nan, inf)
+            r = ranges[k:k + len(vs)]
+            k += len(vs)
+            lo, hi = float(r[:, 0].min()), float(r[:, 1].max())
+            if np.isfinite(lo) and np.isfinite(hi):  # no NaN/Inf: histogram each tensor in place
+                hi = hi if hi > lo else lo + 1e-12
+                counts = sum(torch.histc(v, bins=bins, min=lo, max=hi) for v in vs)
+                moments = torch.stack([sum(v.sum() for v in vs), sum(torch.dot(v, v) for v in vs)])
+                nan = inf = torch.zeros((), device=self.device)
+            else:  # rare: mask the non-finite values out
+                v = torch.cat(vs)
+                fin = torch.isfinite(v)
+                vals = v[fin]
+                nan = torch.isnan(v).sum()
+                inf = (~fin).sum() - nan
+                lo, hi = (float(vals.min()), float(vals.max())) if vals.numel() else (0.0, 0.0)
+                hi = hi if hi > lo else lo + 1e-12
+                counts = torch.histc(vals, bins=bins, min=lo, max=hi)
+                moments = torch.stack([vals.sum(), (vals * vals).sum()])
+            rows.append(torch.cat([counts.float(), moments.float().reshape(2),
+                                   torch.stack([nan, inf]).float()]))
+            plans.append((self.layers[li], lo, hi))
+        host = torch.stack(rows).double().numpy(force=True)
+        for (name, lo, hi), row in zip(plans, host, strict=True):
+            counts, (vsum, vsumsq), (nan, inf) = row[:bins], row[bins:bins + 2], row[bins + 2:]
+            num = float(counts.sum())
+            edges = np.linspace(lo, hi, bins + 1)[1:]
+            if num == 0:
+                counts = edges = []
+            self.core.sink.write_histogram(step, name, counts, edges, lo, hi, vsum, vsumsq, num,
+                                           int(nan), int(inf))
 
     def _drain(self, detail: dict[str, np.ndarray] | None = None) -> list[Finding]:
         """Fetch the ring buffer (one host sync), build StepStats per pending step, diagnose, log."""
@@ -762,17 +812,19 @@ class GradientMonitor:
         new: list[Finding] = []
         for j, (step, has, reset, calls, skipped, origin, clipped) in enumerate(self._pending):
             r = rows[j]
-            sq = np.where(has, r[:-2], 0.0)
+            P = self._col_coef
+            sq = np.where(has, r[:P], 0.0)
             layer_sq = np.bincount(lo, weights=sq, minlength=L)
-            bad_param = has & ~np.isfinite(r[:-2])
+            bad_param = has & ~np.isfinite(r[:P])
             nonfinite = np.bincount(lo, weights=bad_param.astype(np.float64), minlength=L)
             layer_has = np.bincount(lo, weights=has.astype(np.float64), minlength=L) > 0
             stats = StepStats(
                 step=step, grad_norm=np.sqrt(layer_sq), has_grad=layer_has, nonfinite=nonfinite,
                 global_norm=float(np.sqrt(np.sum(sq))),
-                clip_coef=float(r[-2]) if clipped else None,
+                clip_coef=float(r[P]) if clipped else None,
+                layer_clip_coef=r[P + 2:].copy() if clipped and r.shape[0] > P + 2 else None,
                 grad_reset=reset, backward_calls=calls, skipped=skipped,
-                loss=None if np.isnan(r[-1]) else float(r[-1]), nonfinite_origin=origin)
+                loss=None if np.isnan(r[P + 1]) else float(r[P + 1]), nonfinite_origin=origin)
             if detail is not None and j == n - 1:
                 for k, v in detail.items():
                     setattr(stats, k, v)

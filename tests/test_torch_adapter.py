@@ -150,12 +150,16 @@ def test_layer_norm_clip_by_hand():
     ours, mon = _grads_after(LayerNormClip(0.5), _mlp(), x)
     ref_model = _mlp()
     (ref_model(x) * 50).square().mean().backward()
+    expected_coefs = []
     for m in ref_model:
         ps = list(m.parameters(recurse=False))
         if ps:
-            torch.nn.utils.clip_grad_norm_(ps, 0.5)
+            norm = torch.nn.utils.clip_grad_norm_(ps, 0.5).item()
+            expected_coefs.append(min(1.0, 0.5 / (norm + 1e-6)))
     for a, p in zip(ours, ref_model.parameters(), strict=True):
         torch.testing.assert_close(a, p.grad, atol=CLIP_ATOL, rtol=CLIP_ATOL)
+    np.testing.assert_allclose(mon.history[-1].layer_clip_coef, expected_coefs, rtol=FP32_RTOL)
+    assert min(expected_coefs) < 1.0
 
 
 def test_agc_by_hand():

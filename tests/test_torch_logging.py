@@ -72,3 +72,23 @@ def test_nan_histogram_counts_not_dropped(logdir):
     assert acc.Scalars(tags.tag("nan_count", "Linear"))[0].value == 2.0  # weight column 1, both rows
     hist = acc.Histograms(tags.hist_tag("Linear"))[0].histogram_value
     assert hist.num == 8  # 6 finite weight entries + 2 bias entries
+
+
+def test_histogram_matches_numpy(logdir):
+    from graddiag.torch import GradientMonitor
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64))
+    mon = GradientMonitor(model, logdir=logdir, every=1, hist_every=1)
+    model(torch.randn(32, 16)).square().mean().backward()
+    mon.step()
+    values = torch.cat([p.grad.reshape(-1) for p in model[2].parameters()]).double().numpy()
+    mon.close()
+    hist = _acc(logdir).Histograms(tags.hist_tag("2"))[0].histogram_value
+    ref, edges = np.histogram(values, bins=30, range=(values.min(), values.max()))
+    assert hist.num == values.size and hist.min == pytest.approx(values.min(), rel=1e-6)
+    np.testing.assert_allclose(hist.bucket_limit, edges[1:], rtol=1e-6)
+    # float32 binning may move a value sitting on an edge into the neighbouring bucket
+    assert np.abs(np.asarray(hist.bucket) - ref).max() <= 1
+    assert hist.sum == pytest.approx(values.sum(), rel=1e-5, abs=1e-9)
+    assert hist.sum_squares == pytest.approx((values**2).sum(), rel=1e-5)
