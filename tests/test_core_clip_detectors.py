@@ -1,0 +1,206 @@
+"""The neutral core on its own (NumPy only): clipping math by hand, detectors on synthetic stats."""
+
+import math
+
+import numpy as np
+import pytest
+
+from graddiag.clip import (
+    AGC,
+    AutoClip,
+    GlobalNormClip,
+    LayerNormClip,
+    NumpyOps,
+    ValueClip,
+    ZClip,
+    as_chain,
+    chain,
+)
+from graddiag.detectors import Diagnoser, SpikeDetector, build_detectors
+from graddiag.monitor import MonitorCore
+from graddiag.stats import ModelInfo, StepStats
+
+EXACT = 1e-12
+
+
+def stats(step, norms, has=None, nonfinite=None, **kw):
+    norms = np.asarray(norms, dtype=float)
+    has = np.ones(len(norms), bool) if has is None else np.asarray(has)
+    nf = np.zeros(len(norms)) if nonfinite is None else np.asarray(nonfinite, float)
+    return StepStats(step=step, grad_norm=norms, has_grad=has, nonfinite=nf,
+                     global_norm=float(np.sqrt(np.sum(np.where(has, norms, 0) ** 2))), **kw)
+
+
+# ------------------------------------------------------------------------ clipping, by hand
+def test_global_norm_clip_matches_torch_formula():
+    scale, _ = GlobalNormClip(2.0).update(None, np.float64(8.0), {})
+    assert scale.global_coef == pytest.approx(2.0 / (8.0 + 1e-6), rel=EXACT)
+    scale, _ = GlobalNormClip(2.0).update(None, np.float64(1.0), {})
+    assert scale.global_coef == 1.0
+
+
+def test_autoclip_uses_percentile_of_history_including_current():
+    policy = AutoClip(percentile=25, history=4)
+    state = policy.init(1)
+    seen = []
+    for g in [4.0, 1.0, 3.0, 2.0, 10.0, 0.5]:
+        seen.append(g)
+        scale, state = policy.update(None, np.float64(g), state)
+        threshold = np.percentile(seen[-4:], 25)
+        assert scale.global_coef == pytest.approx(min(1.0, threshold / (g + 1e-6)), rel=EXACT)
+
+
+def test_autoclip_ignores_nan_norms():
+    policy = AutoClip(percentile=50, history=3)
+    state = policy.init(1)
+    _, state = policy.update(None, np.float64(2.0), state)
+    _, state = policy.update(None, np.float64(np.nan), state)
+    assert state["count"] == 1.0 and np.count_nonzero(~np.isnan(state["norms"])) == 1
+
+
+def test_zclip_warmup_then_ema_by_hand():
+    policy = ZClip(alpha=0.9, z_threshold=2.0, warmup=3)
+    state = policy.init(1)
+    for g in (1.0, 2.0, 3.0):  # warmup: no clipping; seeds mean 2, population var 2/3
+        scale, state = policy.update(None, np.float64(g), state)
+        assert scale.global_coef == 1.0
+    assert state["mean"] == pytest.approx(2.0) and state["var"] == pytest.approx(2 / 3)
+    std = math.sqrt(2 / 3)
+    scale, state = policy.update(None, np.float64(10.0), state)  # z = 8/std >> 2
+    target = 2.0 + 2.0 * std
+    assert scale.global_coef == pytest.approx(target / (10.0 + 1e-6), rel=1e-12)
+    d = target - 2.0  # the EMA is updated with the clipped norm
+    assert state["mean"] == pytest.approx(2.0 + 0.1 * d, rel=1e-12)
+    assert state["var"] == pytest.approx(0.9 * (2 / 3 + 0.1 * d * d), rel=1e-12)
+
+
+def test_layer_clip_then_global_composes_analytically():
+    c = chain(LayerNormClip(1.0), GlobalNormClip(1.0))
+    norms = np.array([3.0, 0.5, 4.0])
+    g, lc, _, after = c.update_norm_stage(c.policies, norms, np.sqrt((norms**2).sum()), c.init(3))
+    np.testing.assert_allclose(lc, [1 / (3 + 1e-6), 1.0, 1 / (4 + 1e-6)], rtol=EXACT)
+    clipped = norms * lc
+    expected_g = min(1.0, 1.0 / (np.sqrt((clipped**2).sum()) + 1e-6))
+    assert g == pytest.approx(expected_g, rel=EXACT)
+    assert after == pytest.approx(np.sqrt((clipped**2).sum()) * expected_g, rel=EXACT)
+
+
+def test_agc_unit_scale_by_hand():
+    agc = AGC(clipping=0.1, eps=1e-3)
+    s = agc.scale(np.array([1.0, 0.01, 5.0]), np.array([2.0, 2.0, 0.0]), NumpyOps)
+    np.testing.assert_allclose(s, [0.2 / 1.0, 1.0, 1e-4 / 5.0], rtol=EXACT)
+
+
+def test_chain_stages_split_elementwise_policies():
+    c = chain(ValueClip(1.0), GlobalNormClip(1.0), ZClip(), AGC())
+    assert [(e, len(p)) for e, p in c.stages()] == [(True, 1), (False, 2), (True, 1)]
+    assert as_chain(0.5).policies[0].max_norm == 0.5
+    assert as_chain(None) is None
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: GlobalNormClip(0), "max_norm.*0"),
+    (lambda: GlobalNormClip(float("inf")), "max_norm.*inf"),
+    (lambda: LayerNormClip("1"), "max_norm.*'1'"),
+    (lambda: ValueClip(-0.1), "clip_value.*-0.1"),
+    (lambda: AutoClip(percentile=0), "percentile.*0"),
+    (lambda: AutoClip(percentile=101), "percentile.*101"),
+    (lambda: AutoClip(history=0), "history.*0"),
+    (lambda: ZClip(alpha=1.0), "alpha.*1.0"),
+    (lambda: ZClip(warmup=0), "warmup.*0"),
+    (lambda: AGC(clipping=-1), "clipping.*-1"),
+    (lambda: chain(GlobalNormClip(1.0), "x"), "clipping policies.*'x'"),
+    (lambda: as_chain(True), "clip.*True"),
+])
+def test_bad_clipping_arguments(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+# ------------------------------------------------------------------------ detectors
+INFO = ModelInfo(layers=("in", "mid", "out"))
+
+
+def run(stream, **detectors):
+    d = Diagnoser(INFO, detectors or None)
+    for s in stream:
+        d.update(s)
+    d.finalize()
+    return d.findings
+
+
+def test_healthy_noisy_stream_has_no_findings():
+    rng = np.random.default_rng(0)
+    stream = [stats(t, np.exp(rng.normal(0, 0.3, 3)) * [0.5, 1.0, 2.0]) for t in range(500)]
+    assert run(stream) == []
+
+
+def test_spike_z_score_by_hand():
+    det = SpikeDetector(z_threshold=3.0, min_ratio=2.0, window=10, warmup=5)
+    det.start(INFO)
+    base = [1.0, 1.1, 0.9, 1.05, 0.95, 1.0]
+    for t, g in enumerate(base):
+        assert det.update(stats(t, [g, g, g])) == []
+    (f,) = det.update(stats(6, [1.0, 50.0, 1.0]))
+    assert f.layer == "mid" and f.step == 6
+    # recompute the EMA of log-norms by hand (the global norm is sqrt(3) x the layer norm)
+    xs = [math.log(math.sqrt(3) * g) for g in base]
+    mean, var = xs[0], 0.0
+    for n, x in enumerate(xs[1:], start=1):
+        a = 1.0 / (n + 1)
+        d = x - mean
+        mean += a * d
+        var = (1 - a) * (var + a * d * d)
+    z = (math.log(math.sqrt(1 + 2500 + 1)) - mean) / math.sqrt(var)
+    assert f.value == pytest.approx(z, rel=1e-9)
+
+
+def test_vanishing_needs_absolute_and_relative_smallness():
+    tiny_everywhere = [stats(t, [1e-9, 1e-9, 1e-9]) for t in range(20)]
+    assert run(tiny_everywhere) == []  # small but not relative to the rest: converged, not vanishing
+    stream = [stats(t, [1e-12, 1e-3, 1.0]) for t in range(20)]
+    (f,) = run(stream)
+    assert (f.kind, f.layer, f.step) == ("vanishing", "in", 9)
+
+
+def test_nonfinite_is_edge_triggered_and_names_backward_first():
+    info = ModelInfo(layers=("in", "mid", "out"), backward_order=("out", "mid", "in"))
+    d = Diagnoser(info)
+    for t in range(6):
+        nf = [1, 1, 0] if t in (2, 3) else [0, 0, 0]
+        d.update(stats(t, [1.0, 1.0, 1.0], nonfinite=nf))
+    (f,) = d.findings
+    assert (f.kind, f.step, f.layer, f.severity) == ("nonfinite", 2, "mid", "error")
+
+
+def test_amp_nonfinite_reports_only_persistent_overflow():
+    d = Diagnoser(INFO, {"nonfinite": {"amp": True, "amp_patience": 3}})
+    for t in range(10):
+        d.update(stats(t, [1.0, 1.0, 1.0], nonfinite=[1, 0, 0] if t in (1, 4, 5, 6) else None))
+    (f,) = d.findings
+    assert (f.step, f.kind) == (6, "nonfinite")
+
+
+def test_accumulation_reads_grad_reset():
+    stream = [stats(0, [1, 1, 1])] + [stats(t, [1, 1, 1], grad_reset=t != 3) for t in range(1, 6)]
+    (f,) = run(stream)
+    assert (f.kind, f.step, f.layer) == ("accumulation", 3, None)
+
+
+def test_build_detectors_rejects_bad_specs():
+    with pytest.raises(ValueError, match="Unknown detector.*'bogus'"):
+        build_detectors({"bogus": {}})
+    with pytest.raises(ValueError, match="detectors\\['spike'\\].*3"):
+        build_detectors({"spike": 3})
+    with pytest.raises(ValueError, match="Bad settings for detector 'frozen'"):
+        build_detectors({"frozen": {"nope": 1}})
+    with pytest.raises(ValueError, match="patience.*0"):
+        build_detectors({"frozen": {"patience": 0}})
+    assert [d.name for d in build_detectors({"spike": False})].count("spike") == 0
+
+
+def test_monitor_core_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="history.*-1"):
+        MonitorCore(INFO, history=-1)
+    with pytest.raises(ValueError, match="logdir.*42"):
+        MonitorCore(INFO, logdir=42)
