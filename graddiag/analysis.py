@@ -5,7 +5,7 @@ wrote under ``graddiag/model`` (defaults for foreign logs), turns the recorded s
 `StepStats` per logged step and feeds them to the same `Diagnoser` the live run used. A live run and
 a later analysis of its logs therefore report the same findings, up to float32 rounding of the logged
 values (a value within float32 rounding of a detector threshold may flip) and what the logs do not
-hold (`StepStats.nonfinite_origin`, from backward tracing, is not logged).
+hold; `StepStats.nonfinite_origin` (backward tracing) is read from ``graddiag/nonfinite_origin``.
 
 Rendering (markdown, HTML, CSV, plots) lives here too so that it can be used without the CLI.
 """
@@ -61,6 +61,7 @@ class Series:
     glob: dict[str, np.ndarray]
     glob_logged: dict[str, np.ndarray]
     wall_time: np.ndarray
+    origins: dict[int, str] = field(default_factory=dict)
 
     def global_norm(self) -> np.ndarray:
         """Logged global norm, or the root-sum-square of the layer norms where it was not logged."""
@@ -97,6 +98,7 @@ class Series:
                 backward_calls=_opt(g["backward_calls"][i], int),
                 skipped=bool(_opt(g["skipped"][i], bool) or False),
                 loss=_opt(g["loss"][i], float),
+                nonfinite_origin=self.origins.get(int(step)),
             ))
         return out
 
@@ -159,7 +161,7 @@ def series_of(data: LogData, run: RunData, layers: Sequence[str] | None = None) 
     if S:
         np.fmax.at(wall, pos[on_step], run.wall_time[on_step])
     return Series(steps, layers, grad_norm, has_grad, nonfinite, layer_clip, glob, glob_logged,
-                  wall)
+                  wall, dict(run.nonfinite_origins))
 
 
 @dataclass

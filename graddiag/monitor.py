@@ -161,6 +161,8 @@ class TensorBoardSink:
             tag_tuple = self._keys[key] = tuple(all_tags)
         values = [np.asarray(gvals)] + [arr if m is None else np.asarray(arr)[m] for _, arr, m in per_layer]
         self.writer.add_scalars(s.step, tag_tuple, np.concatenate(values))
+        if s.nonfinite_origin:
+            self.writer.add_text(s.step, tags.NONFINITE_ORIGIN, s.nonfinite_origin)
 
     def write_findings(self, step: int, findings: list[Finding]) -> None:
         rows = ["| severity | kind | layer | message | suggestion |", "|---|---|---|---|---|"]

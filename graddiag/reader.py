@@ -137,6 +137,7 @@ class RunData:
         meta: the ``graddiag/model`` JSON of a graddiag run (model description, detector settings),
             else None.
         graddiag: whether the run holds graddiag's own tags.
+        nonfinite_origins: step -> module where a NaN/Inf was born (``graddiag/nonfinite_origin``).
     """
 
     run: str
@@ -148,6 +149,7 @@ class RunData:
     value: np.ndarray
     meta: dict[str, Any] | None = None
     graddiag: bool = False
+    nonfinite_origins: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -292,6 +294,7 @@ class _Run:
         self.plugins: dict[str, str] = {}
         self.cols: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         self.meta: dict[str, Any] | None = None
+        self.origins: dict[int, str] = {}
         self.own = False
         # generic-path rows, flushed into `cols` per chunk
         self.g_step: list[int] = []
@@ -673,6 +676,11 @@ class _Reader:
             plugin = _plugin_name(buf, *meta)
             if plugin:
                 run.plugins[tag] = plugin
+        if tag == tags.NONFINITE_ORIGIN and tensor is not None:
+            text = _tensor_text(buf, *tensor)
+            if text:
+                run.origins[step] = text
+            return None
         if tag == tags.MODEL and tensor is not None:
             if run.meta is None:
                 text = _tensor_text(buf, *tensor)
@@ -735,7 +743,8 @@ class _Reader:
         if len(step) > 1 and (np.diff(step) < 0).any():
             order = np.argsort(step, kind="stable")
             step, wall, layer, stat, value = (a[order] for a in (step, wall, layer, stat, value))
-        return RunData(run.name, run.path, step, wall, layer, stat, value, run.meta, run.own)
+        return RunData(run.name, run.path, step, wall, layer, stat, value, run.meta, run.own,
+                       dict(run.origins))
 
 
 def _combine(step, wall, layer, stat, value, stat_codes: dict[str, int]):

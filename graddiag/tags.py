@@ -37,6 +37,8 @@ GLOBAL_STATS = (
 HIST = "hist"
 FINDINGS = f"{PREFIX}/findings"
 MODEL = f"{PREFIX}/model"
+#: text: the module where a NaN/Inf was born in the backward pass (`trace_nonfinite=True`)
+NONFINITE_ORIGIN = f"{PREFIX}/nonfinite_origin"
 
 
 def tag(stat: str, layer: str | None = None) -> str:

@@ -95,6 +95,16 @@ def test_posthoc_equals_live_on_torch_example_runs(tmp_path, example):
     assert_same_findings(mon.findings, report.findings)
 
 
+def test_posthoc_keeps_the_traced_nonfinite_origin(tmp_path):
+    pytest.importorskip("torch")
+    from nan_layer import NAN_STEP, run
+
+    mon = run(logdir=str(tmp_path / "run"), trace_nonfinite=True)
+    (live,) = [f for f in mon.findings if f.kind == "nonfinite"]
+    assert (live.step, live.layer) == (NAN_STEP, "norm")
+    assert_same_findings(mon.findings, analyze(str(tmp_path)).findings)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("example", ["tf_custom_loop", "keras_fit"])
 def test_posthoc_equals_live_on_tensorflow_example_runs(tmp_path, example):
