@@ -117,3 +117,52 @@ def layer_norms_from_sumsq(sumsq: np.ndarray, layer_index: np.ndarray, n_layers:
 def global_norm(layer_norms: np.ndarray) -> float:
     """L2 norm over all layers from per-layer norms."""
     return float(np.sqrt(np.sum(np.square(np.asarray(layer_norms, dtype=np.float64)))))
+
+
+def aggregate_layers(sumsq: np.ndarray, has: np.ndarray, layer_of: np.ndarray, n_layers: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Per-layer statistics from per-parameter sums of squares (what adapters fetch each step).
+
+    Args:
+        sumsq: sum of squares per parameter (NaN/Inf where its gradient is non-finite).
+        has: per parameter, whether it received a gradient (other entries are ignored).
+        layer_of: layer index of each parameter.
+        n_layers: number of layers.
+
+    Returns:
+        `(grad_norm, has_grad, nonfinite, global_norm)`: per-layer norms, per-layer "any parameter
+        had a gradient", per-layer count of parameters with non-finite gradients, global norm.
+    """
+    has = np.asarray(has, dtype=bool)
+    sumsq = np.asarray(sumsq, dtype=np.float64)
+    sq = np.where(has, sumsq, 0.0)
+    layer_sq = np.bincount(layer_of, weights=sq, minlength=n_layers)
+    bad = np.bincount(layer_of, weights=(has & ~np.isfinite(sumsq)).astype(np.float64), minlength=n_layers)
+    layer_has = np.bincount(layer_of, weights=has.astype(np.float64), minlength=n_layers) > 0
+    return np.sqrt(layer_sq), layer_has, bad, float(np.sqrt(np.sum(sq)))
+
+
+def aggregate_detail(layer_of: np.ndarray, n_layers: int, has: np.ndarray, numel: np.ndarray,
+                     grad_max: np.ndarray, nonzero: np.ndarray, param_sumsq: np.ndarray,
+                     nan: np.ndarray | None = None, inf: np.ndarray | None = None
+                     ) -> dict[str, np.ndarray]:
+    """Per-layer detail statistics from per-parameter ones (entries where `has` is False ignored).
+
+    Returns a dict of `StepStats` fields: grad_max (NaN where a parameter's max is NaN), zero_frac,
+    param_norm, and nan_count/inf_count when `nan`/`inf` are given.
+    """
+    has = np.asarray(has, dtype=bool)
+    lo = layer_of[has]
+    gmax = np.asarray(grad_max, dtype=np.float64)[has]
+    lmax = np.zeros(n_layers)
+    np.fmax.at(lmax, lo, gmax)
+    lmax[np.bincount(lo, weights=np.isnan(gmax).astype(np.float64), minlength=n_layers) > 0] = np.nan
+    zeros = np.bincount(lo, weights=(numel - nonzero)[has], minlength=n_layers)
+    count = np.bincount(lo, weights=np.asarray(numel, dtype=np.float64)[has], minlength=n_layers)
+    out = {"grad_max": lmax,
+           "zero_frac": np.divide(zeros, count, out=np.zeros(n_layers), where=count > 0),
+           "param_norm": np.sqrt(np.bincount(layer_of, weights=param_sumsq, minlength=n_layers))}
+    if nan is not None and inf is not None:
+        out["nan_count"] = np.bincount(lo, weights=np.asarray(nan, dtype=np.float64)[has], minlength=n_layers)
+        out["inf_count"] = np.bincount(lo, weights=np.asarray(inf, dtype=np.float64)[has], minlength=n_layers)
+    return out

@@ -40,7 +40,7 @@ from graddiag.monitor import (
     check_choice,
     check_int,
 )
-from graddiag.stats import ModelInfo, StepStats
+from graddiag.stats import ModelInfo, StepStats, aggregate_detail, aggregate_layers
 
 __all__ = ["GradientMonitor", "NonFiniteGradientError", "TorchOps"]
 
@@ -709,7 +709,7 @@ class GradientMonitor:
 
         max |g| comes from one `aminmax` pass per tensor (20x faster on CPU than an inf-norm).
         """
-        P, L, lo = len(self.params), self._n_layers, self.layer_of
+        P, L = len(self.params), self._n_layers
         idx = [i for i in present if grads[i].numel() and _flat(grads[i]).numel()]
         cols = []
         for i in idx:
@@ -726,30 +726,21 @@ class GradientMonitor:
         nnz = self._numel.copy()
         if k:
             gmax[idx] = np.maximum(-mm[0], mm[1])
-            bad = ~np.isfinite(mm[0]) | ~np.isfinite(mm[1])
-            gmax[np.asarray(idx)[bad]] = np.nan
+            gmax[np.asarray(idx)[~np.isfinite(mm[0]) | ~np.isfinite(mm[1])]] = np.nan
             nnz[idx] = mm[2]
         for i in present:
-            if grads[i].is_sparse:  # implicit zeros of a sparse gradient count as zeros
-                nnz[i] = nnz[i] if i in idx else 0.0
+            if grads[i].is_sparse and i not in idx:  # an empty sparse gradient is all zeros
+                nnz[i] = 0.0
         has = np.zeros(P, dtype=bool)
         has[present] = True
-        lmax = np.zeros(L)
-        np.fmax.at(lmax, lo[has], gmax[has])
-        bad_layer = np.bincount(lo[has], weights=np.isnan(gmax[has]).astype(float), minlength=L) > 0
-        lmax[bad_layer] = np.nan
-        zeros = np.bincount(lo[has], weights=(self._numel - nnz)[has], minlength=L)
-        numel = np.bincount(lo[has], weights=self._numel[has], minlength=L)
-        zero_frac = np.divide(zeros, numel, out=np.zeros(L), where=numel > 0)
-        out = {"grad_max": lmax, "zero_frac": zero_frac,
-               "param_norm": np.sqrt(np.bincount(lo, weights=pn**2, minlength=L))}
-        if bad_layer.any():
-            live = [grads[i] for i in present]
-            counts = torch.stack([torch.stack([torch.isnan(_flat(g)).sum(), torch.isinf(_flat(g)).sum()])
-                                  for g in live]).numpy(force=True)
-            out["nan_count"] = np.bincount(lo[present], weights=counts[:, 0], minlength=L)
-            out["inf_count"] = np.bincount(lo[present], weights=counts[:, 1], minlength=L)
-        return out
+        nan = inf = None
+        if np.isnan(gmax[has]).any():
+            counts = torch.stack([torch.stack([torch.isnan(_flat(grads[i])).sum(),
+                                               torch.isinf(_flat(grads[i])).sum()]) for i in range(P)
+                                  if has[i]]).double().numpy(force=True)
+            nan, inf = np.zeros(P), np.zeros(P)
+            nan[has], inf[has] = counts[:, 0], counts[:, 1]
+        return aggregate_detail(self.layer_of, L, has, self._numel, gmax, nnz, pn**2, nan, inf)
 
     def _histograms(self, step: int, grads, bins: int = 30) -> None:
         """Per-layer histograms of finite gradient values, NaN/Inf counts beside them.
@@ -813,14 +804,10 @@ class GradientMonitor:
         for j, (step, has, reset, calls, skipped, origin, clipped) in enumerate(self._pending):
             r = rows[j]
             P = self._col_coef
-            sq = np.where(has, r[:P], 0.0)
-            layer_sq = np.bincount(lo, weights=sq, minlength=L)
-            bad_param = has & ~np.isfinite(r[:P])
-            nonfinite = np.bincount(lo, weights=bad_param.astype(np.float64), minlength=L)
-            layer_has = np.bincount(lo, weights=has.astype(np.float64), minlength=L) > 0
+            norms, layer_has, nonfinite, gnorm = aggregate_layers(r[:P], has, lo, L)
             stats = StepStats(
-                step=step, grad_norm=np.sqrt(layer_sq), has_grad=layer_has, nonfinite=nonfinite,
-                global_norm=float(np.sqrt(np.sum(sq))),
+                step=step, grad_norm=norms, has_grad=layer_has, nonfinite=nonfinite,
+                global_norm=gnorm,
                 clip_coef=float(r[P]) if clipped else None,
                 layer_clip_coef=r[P + 2:].copy() if clipped and r.shape[0] > P + 2 else None,
                 grad_reset=reset, backward_calls=calls, skipped=skipped,

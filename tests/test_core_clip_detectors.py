@@ -204,3 +204,33 @@ def test_monitor_core_bad_arguments(tmp_path):
         MonitorCore(INFO, history=-1)
     with pytest.raises(ValueError, match="logdir.*42"):
         MonitorCore(INFO, logdir=42)
+
+
+# ------------------------------------------------------------------------ per-layer aggregation
+def test_aggregate_layers_by_hand():
+    from graddiag.stats import aggregate_layers
+
+    sumsq = np.array([9.0, 16.0, 1.0, np.nan, 4.0])
+    has = np.array([True, True, False, True, True])
+    layer_of = np.array([0, 0, 1, 2, 2])
+    norms, layer_has, bad, g = aggregate_layers(sumsq, has, layer_of, 4)
+    np.testing.assert_allclose(norms[:2], [5.0, 0.0])
+    assert np.isnan(norms[2]) and norms[3] == 0.0
+    assert layer_has.tolist() == [True, False, True, False]
+    assert bad.tolist() == [0, 0, 1, 0]
+    assert math.isnan(g)
+
+
+def test_aggregate_detail_by_hand():
+    from graddiag.stats import aggregate_detail
+
+    layer_of = np.array([0, 0, 1])
+    has = np.array([True, True, False])
+    out = aggregate_detail(layer_of, 2, has, numel=np.array([4.0, 2.0, 3.0]),
+                           grad_max=np.array([0.5, 2.0, 9.0]), nonzero=np.array([3.0, 0.0, 3.0]),
+                           param_sumsq=np.array([1.0, 3.0, 4.0]),
+                           nan=np.array([0.0, 1.0, 5.0]), inf=np.zeros(3))
+    assert out["grad_max"].tolist() == [2.0, 0.0]
+    assert out["zero_frac"].tolist() == [3 / 6, 0.0]
+    np.testing.assert_allclose(out["param_norm"], [2.0, 2.0])
+    assert out["nan_count"].tolist() == [1.0, 0.0]
