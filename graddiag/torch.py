@@ -233,8 +233,9 @@ class GradientMonitor:
         detail_every: compute max |g|, zero fraction, parameter norm and update/weight ratio every
             this many steps (a host read at that step); 0 disables.
         hist_every: write gradient histograms every this many steps (0 disables).
-        scaler: the `torch.amp.GradScaler` in use, if any: statistics are unscaled and overflow
-            steps are expected (requires `optimizer`).
+        scaler: the `torch.amp.GradScaler` in use, if any (requires `optimizer`): its `step()` is
+            hooked, the gradients are unscaled (`scaler.unscale_`, which `scaler.step` would do
+            anyway) before they are measured and clipped, and overflow steps are expected.
         trace_nonfinite: find the module where a NaN/Inf is born in the backward pass (full backward
             hooks on every module and one host sync per step; opt-in).
         history: how many recent `StepStats` to keep in `monitor.history`.
@@ -375,7 +376,13 @@ class GradientMonitor:
         def step(optimizer, *args, **kwargs):
             if self.closed or optimizer is not self.optimizer:
                 return orig(optimizer, *args, **kwargs)
-            report = self._on_step(None)
+            reset = self._grad_reset()  # before unscale_ bumps the gradients' versions
+            try:  # measure and clip true gradients (scaled sums of squares can overflow float32)
+                self.scaler.unscale_(optimizer)
+            except RuntimeError as e:  # the user unscaled already (e.g. to clip themselves)
+                if "already been called" not in str(e):
+                    raise
+            report = self._on_step(None, reset)
             if report.skipped:
                 return None
             self._in_scaler_step = True
@@ -512,7 +519,7 @@ class GradientMonitor:
             return True
         return (g._version - self._probe_version) > self._backward_calls
 
-    def _on_step(self, loss) -> StepReport:
+    def _on_step(self, loss, reset: bool | None | str = "observe") -> StepReport:
         if self.core is None:
             self._start()
         step = self.step_count
@@ -525,7 +532,8 @@ class GradientMonitor:
             plan = self._plans[key] = _Plan([i for i, k in enumerate(key) if k], params,
                                             self.layer_of, self.device)
         present = plan.present if plan is not None else []
-        reset = self._grad_reset()
+        if reset == "observe":
+            reset = self._grad_reset()
         calls = self._backward_calls if self._probe is not None else None
         self._backward_calls = 0
         report = StepReport(step=step)
@@ -540,7 +548,7 @@ class GradientMonitor:
         if not present:
             sumsq = coef = layer_coef = None
         else:
-            sumsq = self._measure(grads, plan)
+            sumsq = _sumsq(grads, plan, self.device)
             total = sumsq.sum()
             if self.nonfinite != "warn" or self.trace_nonfinite:
                 bad = not bool(torch.isfinite(total))  # the one sync these modes pay for
@@ -610,22 +618,6 @@ class GradientMonitor:
         if self.core is not None and self.core.history and self.core.history[-1].step == step:
             self.core.history[-1].update_ratio = ratio
 
-    def _measure(self, grads, plan: _Plan) -> torch.Tensor:
-        """Per-parameter sums of squares in `plan.order`, unscaled under a GradScaler."""
-        sumsq = _sumsq(grads, plan, self.device)
-        inv = self._unscale_factor()
-        return sumsq if inv is None else sumsq * (inv * inv)
-
-    def _unscale_factor(self):
-        if self.scaler is None or getattr(self.scaler, "_scale", None) is None:
-            return None
-        from torch.amp.grad_scaler import OptState
-
-        state = self.scaler._per_optimizer_states.get(id(self.optimizer), {})
-        if state.get("stage") is OptState.UNSCALED:
-            return None
-        return self.scaler._scale.double().reciprocal().float()
-
     def _find_origin(self) -> str | None:
         """First module (in backward order) whose incoming gradient is finite but outgoing is not."""
         if not self._trace:
@@ -662,7 +654,7 @@ class GradientMonitor:
                 k += len(policies)
                 continue
             if not measured:
-                sumsq = self._measure(grads, plan)
+                sumsq = _sumsq(grads, plan, self.device)
                 total = sumsq.sum()
             layer_norms = None
             if per_layer:  # global-only chains never need per-layer norms on the device
@@ -685,7 +677,7 @@ class GradientMonitor:
         if only_global:
             return coef, None
         if not measured:
-            after = self._measure(grads, plan).sum().sqrt()
+            after = _sumsq(grads, plan, self.device).sum().sqrt()
         return after / pre, lcoef
 
     def _apply_elementwise(self, policy, present, live) -> None:

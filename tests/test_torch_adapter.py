@@ -305,3 +305,57 @@ def test_unwritable_logdir(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(OSError, match="logdir"):
         GradientMonitor(_mlp(), logdir=blocker / "run")
+
+
+def test_amp_overflow_steps_are_expected_not_errors():
+    """GradScaler starts far too high: its first steps overflow and are skipped by the scaler —
+    expected under AMP, not a finding — and later steps are measured on unscaled gradients."""
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**108, growth_interval=1000)
+    mon = GradientMonitor(model, opt, scaler=scaler, every=1)
+    x = torch.randn(16, 8)
+    for _ in range(12):
+        opt.zero_grad()
+        scaler.scale((model(x) * 1e4).square().mean()).backward()
+        scaler.step(opt)
+        scaler.update()
+    mon.close()
+    overflowed = [s.step for s in mon.history if s.any_nonfinite]
+    assert overflowed == list(range(len(overflowed))) and 0 < len(overflowed) < 10
+    assert not [f for f in mon.findings if f.kind == "nonfinite"]
+    ref = _mlp()
+    (ref(x) * 1e4).square().mean().backward()
+    expected = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ref.parameters()]))
+    assert mon.history[-1].global_norm == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_amp_scaled_squares_beyond_float32_are_not_reported_as_overflow():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**120)  # scaled grads finite, squares not
+    mon = GradientMonitor(model, opt, scaler=scaler, every=1)
+    for _ in range(3):
+        opt.zero_grad()
+        scaler.scale(model(torch.randn(16, 8)).square().mean()).backward()
+        scaler.step(opt)
+        scaler.update()
+    mon.close()
+    assert not any(s.any_nonfinite for s in mon.history)
+    assert mon.findings == []
+
+
+def test_amp_collapsing_scale_is_reported():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu")
+    mon = GradientMonitor(model, opt, scaler=scaler, every=1, detectors={"nonfinite": {"amp_patience": 5}})
+    for _ in range(8):
+        opt.zero_grad()
+        scaler.scale(model(torch.full((4, 8), float("inf"))).sum()).backward()  # a real NaN source
+        scaler.step(opt)
+        scaler.update()
+    mon.close()
+    (f,) = [f for f in mon.findings if f.kind == "nonfinite"]
+    assert f.step == 4 and f.severity == "error" and "GradScaler" in f.message
