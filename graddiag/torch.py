@@ -18,6 +18,7 @@ every step. `nonfinite="skip"`/`"raise"` and `trace_nonfinite=True` add one host
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import weakref
@@ -315,6 +316,7 @@ class GradientMonitor:
         self._clip_states = self.chain.init(self._n_layers, self._ops) if self.chain else None
         self._core_args = dict(logdir=logdir, detectors=detectors, history=history, flush_secs=flush_secs)
         self.core: MonitorCore | None = None
+        self._atexit = None
         self.step_count = 0
         self.closed = False
         self._plans: dict[tuple, _Plan] = {}
@@ -459,6 +461,8 @@ class GradientMonitor:
             return []
         new = self._drain()
         self.closed = True
+        if self._atexit is not None:
+            atexit.unregister(self._atexit)
         for h in self._order_handles + self._handles:
             h.remove()
         for obj, attr, (had, orig, wrapper) in reversed(self._restore):
@@ -510,6 +514,11 @@ class GradientMonitor:
         self.core = MonitorCore(info, self._core_args["logdir"], detectors,
                                 history=self._core_args["history"],
                                 flush_secs=self._core_args["flush_secs"], run_meta=meta)
+        # registered after the core's own exit hook, so it runs first (LIFO): pending steps in the
+        # ring buffer are drained into the log before the core closes it
+        ref = weakref.ref(self)
+        self._atexit = lambda: (m := ref()) is not None and m.close()
+        atexit.register(self._atexit)
 
     def _grad_reset(self) -> bool | None:
         if self._probe is None or self._probe_ref is None:

@@ -92,3 +92,32 @@ def test_histogram_matches_numpy(logdir):
     assert np.abs(np.asarray(hist.bucket) - ref).max() <= 1
     assert hist.sum == pytest.approx(values.sum(), rel=1e-5, abs=1e-9)
     assert hist.sum_squares == pytest.approx((values**2).sum(), rel=1e-5)
+
+
+CRASH_SCRIPT = """
+import os, sys, torch
+from graddiag.torch import GradientMonitor
+model = torch.nn.Linear(4, 2)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+mon = GradientMonitor(model, opt, logdir=sys.argv[1], every=5, flush_secs=0)
+for _ in range(23):
+    opt.zero_grad()
+    model(torch.randn(8, 4)).square().mean().backward()
+    opt.step()
+if sys.argv[2] == "crash":
+    os._exit(1)  # no close(), no atexit: what was flushed must be readable
+"""
+
+
+@pytest.mark.parametrize("how, steps", [("crash", 20), ("exit", 23)])
+def test_logs_survive_crash_and_unclosed_exit(tmp_path, how, steps):
+    import subprocess
+    import sys
+
+    logdir = str(tmp_path / "run")
+    out = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, logdir, how], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == (1 if how == "crash" else 0), out.stderr[-1000:]
+    logged = [e.step for e in _acc(logdir).Scalars(tags.tag("grad_norm"))]
+    # a crash loses at most the last interval (the unread ring buffer); a normal exit loses nothing
+    assert logged == list(range(steps))
