@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -31,6 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from graddiag import clip as cliplib
+from graddiag import tags
 from graddiag.findings import Finding
 from graddiag.monitor import (
     NONFINITE_POLICIES,
@@ -223,6 +225,9 @@ class GradientMonitor:
             NaN/Inf counts) every this many steps, computed in the graph on those steps only;
             0 disables.
         run_meta: extra JSON-able facts written with the model description.
+        optimizer: the optimizer, when you call its `apply_gradients` yourself: trainable
+            variables it was built without are reported (`frozen` warning). `apply()` and the
+            Keras callback learn this from the variables they apply instead.
 
     Raises:
         TypeError: if `model_or_variables` is neither a Keras model/layer nor variables.
@@ -234,7 +239,8 @@ class GradientMonitor:
                  detectors: Mapping[str, Any] | Iterable[Any] | None = None, history: int = 1000,
                  flush_secs: float = 2.0, loss_scale: Any = None,
                  accumulators: Sequence[Any] | None = None, read_back: str = "callback",
-                 detail_every: int = 100, hist_every: int = 100, run_meta: Mapping[str, Any] | None = None) -> None:
+                 detail_every: int = 100, hist_every: int = 100, run_meta: Mapping[str, Any] | None = None,
+                 optimizer: Any = None) -> None:
         if not _is_model(model_or_variables):
             if isinstance(model_or_variables, (str, bytes)) or not isinstance(
                     model_or_variables, Iterable):
@@ -268,7 +274,11 @@ class GradientMonitor:
         self._target = model_or_variables
         self._accumulators = None if accumulators is None else list(accumulators)
         self._core_args = {"logdir": logdir, "detectors": detectors, "history": history,
-                           "flush_secs": flush_secs, "run_meta": dict(run_meta or {})}
+                           "flush_secs": flush_secs}
+        self._run_meta = dict(run_meta or {})
+        self._optimizer = optimizer
+        self._applied: set[int] | None = None  # keys of the variables `apply` has updated
+        self._ratio_done = -1  # last step whose update ratio was written
         self.core: MonitorCore | None = None
         self.error: NonFiniteGradientError | None = None
         self._fetched = 0  # next step whose row has not been processed on the host
@@ -279,7 +289,7 @@ class GradientMonitor:
     # ------------------------------------------------------------------ setup
     def _resolve(self) -> None:
         """Name the layers and create the device state (eagerly, even when first called in a trace)."""
-        if self.core is not None:
+        if hasattr(self, "_count"):
             return
         target = self._target
         if _is_model(target):
@@ -314,9 +324,9 @@ class GradientMonitor:
         if self._accumulators is not None and len(self._accumulators) != len(variables):
             raise ValueError(f"Expected `accumulators` to hold one buffer per monitored variable "
                              f"({len(variables)}), got {len(self._accumulators)}")
-        meta = {"framework": "tensorflow", "tensorflow": tf.__version__, "every": self.every,
-                "clip": repr(self.chain), "nonfinite": self.nonfinite,
-                "variables": self.var_names, **self._core_args.pop("run_meta")}
+        self._meta = {"framework": "tensorflow", "tensorflow": tf.__version__, "every": self.every,
+                      "clip": repr(self.chain), "nonfinite": self.nonfinite,
+                      "variables": self.var_names, **self._run_meta}
         n, nl = len(variables), len(layers)
         with tf.init_scope():
             self._rows = tf.Variable(tf.zeros([self.every, n + len(_COLS)]),
@@ -335,6 +345,12 @@ class GradientMonitor:
                                       name="graddiag_hist") if self.hist_every else None)
             self._hist_step = tf.Variable(-1, dtype=tf.int64, trainable=False,
                                           name="graddiag_hist_step")
+            # update rows (written by `apply` on detail steps): per variable the sum of squares
+            # of the update, then of the weights before it (of the step in `_update_step`)
+            self._update = (tf.Variable(tf.zeros([2, n]), trainable=False, name="graddiag_update")
+                            if self.detail_every else None)
+            self._update_step = tf.Variable(-1, dtype=tf.int64, trainable=False,
+                                            name="graddiag_update_step")
             self._count = tf.Variable(0, dtype=tf.int64, trainable=False, name="graddiag_step")
             self._bad = tf.Variable(False, trainable=False, name="graddiag_nonfinite")
             self._micro = tf.Variable(0.0, trainable=False, name="graddiag_backward_calls")
@@ -345,7 +361,26 @@ class GradientMonitor:
                     self._clip_state.append({k: tf.Variable(v, trainable=False,
                                                             name=f"graddiag_{type(p).__name__}_{k}")
                                              for k, v in st.items()})
-        self.core = MonitorCore(self.info, run_meta=meta, **self._core_args)
+
+    def _start(self, has: np.ndarray | None) -> None:
+        """Start the core at the first read back (as graddiag.torch at its first step), when the
+        variables `apply` updates are known. `has`: which variables the first step's gradients
+        reach (a variable without any is `detached`, not reported twice)."""
+        self.info = dataclasses.replace(self.info, unoptimized=self._unoptimized(has))
+        self.core = MonitorCore(self.info, run_meta=self._meta, **self._core_args)
+
+    def _unoptimized(self, has: np.ndarray | None) -> tuple[str, ...]:
+        """Trainable monitored variables the optimizer never updates: left out of every variable
+        list `apply` received or, without `apply`, of the variables the optimizer was built with."""
+        held = self._applied
+        opt = self._optimizer
+        if held is None and opt is not None and getattr(opt, "built", False):
+            held = {_key(v) for v in getattr(opt, "_trainable_variables", None) or ()} or None
+        if held is None:
+            return ()
+        has = np.ones(len(self.variables), bool) if has is None else has
+        return tuple(name for v, name, h in zip(self.variables, self.var_names, has, strict=True)
+                     if h and getattr(v, "trainable", True) and _key(v) not in held)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -355,7 +390,10 @@ class GradientMonitor:
 
     @property
     def logdir(self) -> str | None:
-        return None if self.core is None else self.core.logdir
+        if self.core is None:
+            logdir = self._core_args["logdir"]
+            return None if logdir is None else os.fspath(logdir)
+        return self.core.logdir
 
     @property
     def history(self):
@@ -410,29 +448,60 @@ class GradientMonitor:
         """`optimizer.apply_gradients` for gradients this monitor has just measured (by `step()` or
         a monitored tape, in the same step function), skipping the optimizer call entirely on a
         non-finite step under `nonfinite="skip"`, so stateful optimizers (Adam's moments, the
-        iteration count) do not move either.
+        iteration count) do not move either. On detail steps it also measures each layer's
+        update/weight ratio; monitored trainable variables left out of `variables` are reported
+        as never updated (`frozen` warning at step 0).
 
         Raises:
             RuntimeError: if no step was measured before.
         """
         variables = list(variables)
         pairs = list(zip(grads, variables, strict=True))
-        if self.nonfinite != "skip":
-            optimizer.apply_gradients(pairs)
-            return
+        self._update_vars(optimizer, variables, lambda: optimizer.apply_gradients(pairs),
+                          skip=self.nonfinite == "skip")
+
+    def _update_vars(self, optimizer: Any, variables: list[Any], update, skip: bool):
+        """Run `update()` (the optimizer step of `variables`, after `step()`): record the variables
+        it updates, skip it on a non-finite step if `skip`, and on detail steps measure the update
+        in the graph (a `tf.cond`: other steps pay its predicate only)."""
+        self._resolve()
+        self._applied = (self._applied or set()) | {_key(v) for v in variables}
+        if self._optimizer is None:
+            self._optimizer = optimizer
         ok = getattr(self, "_last_ok", None)
-        if ok is None:
+        if skip and ok is None:
             raise RuntimeError("GradientMonitor.apply: measure the gradients first (monitor.step() "
                                "or a monitor.tape()'s gradient()) in the same step function")
-        if not getattr(optimizer, "built", True):
-            with tf.init_scope():
+        if (skip or self._update is not None) and not getattr(optimizer, "built", True):
+            with tf.init_scope():  # no variables may be created inside a tf.cond branch
                 optimizer.build(variables)
 
         def run():
-            optimizer.apply_gradients(pairs)
+            update()
             return tf.constant(True)
 
-        tf.cond(ok, run, lambda: tf.constant(False))
+        step, due = run, None
+        if self._update is not None:
+            due = tf.equal(tf.math.floormod(self._count.read_value(), self.detail_every), 0)
+            step = lambda: tf.cond(due, lambda: self._measure_update(run), run)  # noqa: E731
+        done = tf.cond(ok, step, lambda: tf.constant(False)) if skip else step()
+        if tf.executing_eagerly() and self.read_back == "callback" and (
+                self.core is None or (due is not None and bool(due))):
+            self._fetch(int(self._count.numpy()))  # rows deferred by step(), this update
+        return done
+
+    def _measure_update(self, run):
+        """Run the optimizer step and write each variable's squared update and squared weights
+        before it (the weights are read before the update; TensorFlow copies on write)."""
+        before = [tf.cast(tf.convert_to_tensor(v), tf.float32) for v in self.variables]
+        with tf.control_dependencies(before):
+            done = run()
+        with tf.control_dependencies([done]):
+            after = [tf.cast(tf.convert_to_tensor(v), tf.float32) for v in self.variables]
+        rows = tf.stack([tf.stack([_sumsq(a - b) for a, b in zip(after, before, strict=True)]),
+                         tf.stack([_sumsq(b) for b in before])])
+        with tf.control_dependencies([self._update.assign(rows)]):
+            return tf.identity(self._update_step.assign(self._count.read_value() - 1) >= 0)
 
     def poll(self, steps_done: int | None = None) -> list[Finding]:
         """Read the buffer back if a log step has passed (`read_back="poll"`; harmless otherwise).
@@ -444,7 +513,7 @@ class GradientMonitor:
         Returns:
             The new findings.
         """
-        if self.core is None:
+        if not hasattr(self, "_count"):
             return []
         if steps_done is None:
             steps_done = int(self._count.numpy())
@@ -459,16 +528,17 @@ class GradientMonitor:
 
     def flush(self) -> list[Finding]:
         """Process every step measured so far (also those before the next log step)."""
-        if self.core is None:
+        if not hasattr(self, "_count"):
             return []
         steps_done = int(self._count.numpy())
-        new = self._fetch(steps_done) if steps_done > self._fetched else []
+        new = self._fetch(steps_done) if steps_done > self._fetched or self.core is None or (
+            int(self._update_step.numpy()) > self._ratio_done) else []
         self.core.flush()
         return new
 
     def close(self) -> list[Finding]:
         """Process the remaining steps, run end-of-run summaries and close the event file."""
-        if self.core is None or self.core.closed:
+        if not hasattr(self, "_count") or (self.core is not None and self.core.closed):
             return []
         new = self.flush()
         return new + self.core.close()
@@ -614,7 +684,10 @@ class GradientMonitor:
             log_now = log_now | ~ok
         if self.read_back == "callback":
             if tf.executing_eagerly():
-                if bool(log_now):
+                # given an optimizer, the first read waits until it has updated (`apply`, a later
+                # read), so the core knows what it updates; unless this step must be reported first
+                if bool(log_now) and (self.core is not None or self._optimizer is None or not (
+                        self.nonfinite == "warn" or bool(ok))):
                     self._fetch(int(done))
                 fetched = tf.constant(True)
             else:
@@ -707,6 +780,8 @@ class GradientMonitor:
             out += [self._detail, self._detail_step]
         if self._hist is not None:
             out += [self._hist, self._hist_step]
+        if self._update is not None:
+            out += [self._update, self._update_step]
         return out
 
     def _host_read(self, done):
@@ -753,8 +828,22 @@ class GradientMonitor:
                 "nan_count": np.bincount(lo, weights=nan, minlength=nl),
                 "inf_count": np.bincount(lo, weights=inf, minlength=nl)}
 
+    def _layer_ratio(self, update: np.ndarray) -> np.ndarray:
+        """Per-layer ||w_after - w_before|| / ||w_before|| from per-variable sums of squares."""
+        nl = len(self.info.layers)
+        d, w = (np.sqrt(np.bincount(self._layer_index, weights=r, minlength=nl))
+                for r in update.astype(np.float64))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(w > 0, d / w, np.nan)
+
     def _process(self, steps_done: int, arrays: list[np.ndarray]) -> list[Finding]:
         rows = arrays[0]
+        ratio, ratio_step = None, -1
+        if self._update is not None:
+            ratio_step = int(arrays[-1])
+            if ratio_step > self._ratio_done:
+                ratio = self._layer_ratio(arrays[-2])
+            arrays = arrays[:-2]
         lcoef_rows = arrays[1] if self._lcoef_rows is not None else None
         hist, hist_step = (arrays[-2], int(arrays[-1])) if self._hist is not None else (None, -1)
         if self._hist is not None:
@@ -766,6 +855,8 @@ class GradientMonitor:
                         "at least every %d steps", self._fetched, first - 1, self.every)
         new: list[Finding] = []
         n = len(self.variables)
+        if self.core is None:
+            self._start(None if first >= steps_done else rows[first % self.every][:n] != _NO_GRAD)
         for step in range(first, steps_done):
             r = rows[step % self.every].astype(np.float64)
             sumsq = r[:n]
@@ -800,6 +891,9 @@ class GradientMonitor:
                     stats.nonfinite = np.maximum(d["nan_count"] + d["inf_count"], layer_bad)
                 for k, v in d.items():
                     setattr(stats, k, v)
+            if step == ratio_step and ratio is not None:
+                stats.update_ratio, ratio = ratio, None
+                self._ratio_done = step
             if step == steps_done - 1:
                 self.last_variable_norms = dict(zip(self.var_names, np.sqrt(sumsq).tolist(), strict=True))
             found = self.core.process(stats)
@@ -814,6 +908,14 @@ class GradientMonitor:
                 self.error = NonFiniteGradientError(bad[0])
                 raise self.error
         self._fetched = steps_done
+        if ratio is not None and ratio_step < steps_done:  # the update came after its step's read
+            self._ratio_done = ratio_step
+            if self.core.sink is not None:
+                self.core.sink.writer.add_scalars(
+                    ratio_step, tuple(tags.tag("update_ratio", n) for n in self.info.layers), ratio)
+            for s in self.core.history:
+                if s.step == ratio_step:
+                    s.update_ratio = ratio
         return new
 
 

@@ -21,7 +21,6 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import keras
-import tensorflow as tf
 
 from graddiag.clip import as_chain
 from graddiag.detectors import build_detectors
@@ -95,7 +94,8 @@ class GradDiagCallback(keras.callbacks.Callback):
             raise ValueError("GradDiagCallback: the model has no optimizer; call model.compile().")
         lso = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         self.monitor = GradientMonitor(model, self.logdir, read_back="poll",
-                                       loss_scale=optimizer if lso else None, **self._kwargs)
+                                       loss_scale=optimizer if lso else None, optimizer=optimizer,
+                                       **self._kwargs)
         self.monitor._resolve()
         if not optimizer.built:
             optimizer.build(model.trainable_variables)
@@ -107,14 +107,8 @@ class GradDiagCallback(keras.callbacks.Callback):
             variables = list(trainable_variables if trainable_variables is not None
                              else model.trainable_variables)
             grads = monitor.step(list(grads), variables)
-            if not skip:
-                return original(grads, variables)
-
-            def run():
-                original(grads, variables)
-                return tf.constant(True)
-
-            return tf.cond(monitor._last_ok, run, lambda: tf.constant(False))
+            return monitor._update_vars(optimizer, variables, lambda: original(grads, variables),
+                                        skip=skip)
 
         optimizer.apply = apply
         self._optimizer = optimizer

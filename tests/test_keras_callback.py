@@ -12,10 +12,10 @@ keras = pytest.importorskip("keras")
 
 from graddiag.monitor import NonFiniteGradientError  # noqa: E402
 
-try:  # installed: graddiag.integrations; from a checkout: the integrations/ folder
-    from graddiag.integrations.keras import GradDiagCallback
-except ImportError:
+try:  # a checkout first (an editable install maps graddiag.integrations to its own tree)
     from integrations.keras import GradDiagCallback
+except ImportError:  # installed: graddiag.integrations
+    from graddiag.integrations.keras import GradDiagCallback
 
 #: float32 norms of the same gradients computed by two code paths.
 REL = 1e-5
@@ -161,3 +161,19 @@ def test_mixed_float16_policy_statistics_are_unscaled():
     fp16_rel = 5e-3  # float16 forward/backward against the float32 reference
     got = cb.monitor.history[0].grad_norm[0]
     assert got == pytest.approx(math.hypot(float(tf.norm(ref[0])), float(tf.norm(ref[1]))), rel=fp16_rel)
+
+
+def test_fit_update_ratio_is_lr_times_grad_norm_over_weight_norm_and_nothing_unoptimized():
+    model, x, y = model_and_data()
+    grads = first_batch_grads(model, x, y)
+    layers = [model.trainable_variables[:2], model.trainable_variables[2:]]
+    ratio = [0.1 * float(tf.linalg.global_norm(grads[2 * i:2 * i + 2]))
+             / float(tf.linalg.global_norm([tf.convert_to_tensor(v) for v in vs]))
+             for i, vs in enumerate(layers)]
+    cb = GradDiagCallback(every=2, detail_every=1, detectors=NO_SPIKE, print_summary=False)
+    model.fit(x[:BATCH], y[:BATCH], batch_size=BATCH, epochs=2, shuffle=False, verbose=0,
+              callbacks=[cb])
+    np.testing.assert_allclose(cb.monitor.history[0].update_ratio, ratio, rtol=REL)
+    assert all(s.update_ratio is not None for s in cb.monitor.history)
+    assert cb.monitor.info.unoptimized == ()
+    assert [f for f in cb.findings if f.kind == "frozen"] == []

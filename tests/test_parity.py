@@ -139,3 +139,42 @@ def test_same_findings(both):
     kinds = {f[1] for f in tf_findings}
     assert {"nonfinite", "exploding", "frozen", "clipped"} <= kinds
     assert (NAN_AT, "nonfinite", "error", "head") in tf_findings
+
+
+def test_same_update_ratio_and_unoptimized_layer_with_sgd():
+    """fc1 is left out of the optimizer on both sides: the same `frozen` warning, and the same
+    update/weight ratio per layer on every detail step."""
+    tnet, knet = networks()
+    kept = [p for i in (0, 6) for p in tnet[i].parameters()]
+    topt = torch.optim.SGD(kept, lr=0.1)
+    tmon = gd_torch.GradientMonitor(tnet, topt, every=2, detail_every=2)
+    kopt = keras.optimizers.SGD(0.1)
+    kmon = gd_tf.GradientMonitor(knet, every=2, detail_every=2)
+    kvars = [v for v in knet.trainable_variables if not v.path.startswith("net/fc1/")]
+
+    @tf.function
+    def kstep(x, y):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean((knet(x) - y) ** 2)
+        grads = kmon.step(tape.gradient(loss, knet.trainable_variables), knet.trainable_variables)
+        kmon.apply(kopt, grads[:2] + grads[4:], kvars)
+
+    for _, (x, y) in zip(range(4), batches(), strict=False):
+        topt.zero_grad()
+        ((tnet(torch.from_numpy(x)) - torch.from_numpy(y)) ** 2).mean().backward()
+        topt.step()
+        kstep(tf.constant(x), tf.constant(y))
+    tmon.close()
+    kmon.close()
+    t_ratio = [(s.step, s.update_ratio) for s in tmon.history if s.update_ratio is not None]
+    k_ratio = [(s.step, s.update_ratio) for s in kmon.history if s.update_ratio is not None]
+    assert [s for s, _ in k_ratio] == [s for s, _ in t_ratio] == [1, 3]
+    for (_, t), (_, k) in zip(t_ratio, k_ratio, strict=True):
+        np.testing.assert_allclose(k, t, rtol=REL)
+    assert k_ratio[0][1][1] == 0.0  # fc1 never moves
+
+    def frozen(mon, rename=lambda n: n):
+        return sorted((f.step, f.severity, rename(f.layer)) for f in mon.findings if f.kind == "frozen")
+
+    assert frozen(kmon) == frozen(tmon, lambda n: TORCH_TO_TF.get(n, n))
+    assert (0, "warning", "fc1") in frozen(kmon)

@@ -470,3 +470,79 @@ def test_custom_loop_example_finds_its_two_problems():
     got = {(f.kind, f.layer, f.step) for f in mon.findings}
     assert got == {("nonfinite", "mid", tf_custom_loop.NAN_STEP), ("detached", "aux", 2)}
     assert mon.history[tf_custom_loop.NAN_STEP].skipped
+
+
+def train_with_apply(mon, model, opt, steps, variables, compiled=True):
+    """A custom loop that measures all gradients but applies only `variables`."""
+    x, y = batch()
+
+    def train_step(x, y):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean((model(x) - y) ** 2)
+        grads = mon.step(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+        picked = {id(v) for v in variables}
+        pairs = [(g, v) for g, v in zip(grads, model.trainable_variables, strict=True) if id(v) in picked]
+        mon.apply(opt, [g for g, _ in pairs], [v for _, v in pairs])
+
+    step = tf.function(train_step) if compiled else train_step
+    for _ in range(steps):
+        step(x, y)
+    mon.close()
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_variables_left_out_of_apply_are_reported_as_never_updated(compiled):
+    model = mlp()
+    model(batch()[0])
+    opt = keras.optimizers.SGD(0.01)
+    # eagerly the first read happens inside step(); `optimizer=` makes it wait for apply
+    mon = GradientMonitor(model, every=2, detectors=NO_SPIKE, optimizer=None if compiled else opt)
+    kept = [v for v in model.trainable_variables if "fc1" not in v.path]
+    train_with_apply(mon, model, opt, 3, kept, compiled)
+    assert mon.info.unoptimized == ("fc1.kernel", "fc1.bias")
+    [f] = [f for f in mon.findings if f.kind == "frozen"]
+    assert (f.step, f.layer, f.severity) == (0, "fc1", "warning")
+    assert "never update" in f.message
+
+
+def test_apply_of_every_variable_reports_nothing_unoptimized():
+    model = mlp()
+    mon = GradientMonitor(model, every=2, detectors=NO_SPIKE)
+    model(batch()[0])
+    train_with_apply(mon, model, keras.optimizers.SGD(0.01), 3, model.trainable_variables)
+    assert mon.info.unoptimized == ()
+    assert [f for f in mon.findings if f.kind == "frozen"] == []
+
+
+def test_optimizer_built_without_a_layer_reports_it():
+    model = mlp()
+    x, y = batch()
+    model(x)
+    kept = [v for v in model.trainable_variables if "head" not in v.path]
+    opt = keras.optimizers.SGD(0.01)
+    opt.build(kept)
+    mon = GradientMonitor(model, every=1, detectors=NO_SPIKE, optimizer=opt)
+    g = grads_of(model, x, y)
+    mon.step(g, model.trainable_variables)
+    opt.apply_gradients(zip(g[:len(kept)], kept, strict=True))
+    mon.close()
+    assert [(f.kind, f.layer, f.severity) for f in mon.findings if f.kind == "frozen"] == [
+        ("frozen", "head", "warning")]
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_update_ratio_of_sgd_is_lr_times_grad_norm_over_weight_norm(compiled):
+    model = mlp()
+    x, y = batch()
+    lr = 0.1
+    grads = grads_of(model, x, y)
+    ref_g = layer_norms_ref(model, grads)
+    ref_w = layer_norms_ref(model, model.trainable_variables)
+    mon = GradientMonitor(model, every=5, detail_every=2, detectors=NO_SPIKE)
+    train_with_apply(mon, model, keras.optimizers.SGD(lr), 3, model.trainable_variables, compiled)
+    assert [s.update_ratio is not None for s in mon.history] == [False, True, False]
+    model2 = mlp()  # same seed, same weights: step 0 against the hand computation
+    mon2 = GradientMonitor(model2, every=5, detail_every=1, detectors=NO_SPIKE)
+    train_with_apply(mon2, model2, keras.optimizers.SGD(lr), 1, model2.trainable_variables, compiled)
+    want = [lr * ref_g[n] / ref_w[n] for n in mon2.info.layers]
+    np.testing.assert_allclose(mon2.history[0].update_ratio, want, rtol=REL)
