@@ -237,6 +237,17 @@ class MonitorCore:
             self._emit(stats.step, new)
         return new
 
+    def record_update_ratio(self, step: int, ratio: np.ndarray) -> None:
+        """Log a step's per-layer update/weight ratio, known only after its optimizer step, and
+        attach it to that step's `StepStats` if it is still in the history."""
+        if self.sink is not None:
+            self.sink.writer.add_scalars(
+                step, tuple(tags.tag("update_ratio", n) for n in self.info.layers), ratio)
+        for s in reversed(self.history):
+            if s.step == step:
+                s.update_ratio = ratio
+                break
+
     def _emit(self, step: int, new: list[Finding]) -> None:
         for f in new:
             level = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}[f.severity]

@@ -107,18 +107,6 @@ class StepStats:
         return bool(np.any(self.nonfinite > 0)) or not np.isfinite(self.global_norm)
 
 
-def layer_norms_from_sumsq(sumsq: np.ndarray, layer_index: np.ndarray, n_layers: int) -> np.ndarray:
-    """Per-layer L2 norms from per-parameter sums of squares (NaN/Inf propagate)."""
-    out = np.zeros(n_layers, dtype=np.float64)
-    np.add.at(out, layer_index, np.asarray(sumsq, dtype=np.float64))
-    return np.sqrt(out)
-
-
-def global_norm(layer_norms: np.ndarray) -> float:
-    """L2 norm over all layers from per-layer norms."""
-    return float(np.sqrt(np.sum(np.square(np.asarray(layer_norms, dtype=np.float64)))))
-
-
 def aggregate_layers(sumsq: np.ndarray, has: np.ndarray, layer_of: np.ndarray, n_layers: int
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Per-layer statistics from per-parameter sums of squares (what adapters fetch each step).
@@ -166,3 +154,12 @@ def aggregate_detail(layer_of: np.ndarray, n_layers: int, has: np.ndarray, numel
         out["nan_count"] = np.bincount(lo, weights=np.asarray(nan, dtype=np.float64)[has], minlength=n_layers)
         out["inf_count"] = np.bincount(lo, weights=np.asarray(inf, dtype=np.float64)[has], minlength=n_layers)
     return out
+
+
+def aggregate_update_ratio(delta_sumsq: np.ndarray, param_sumsq: np.ndarray, layer_of: np.ndarray,
+                           n_layers: int) -> np.ndarray:
+    """Per-layer ||w_after - w_before|| / ||w_before|| from per-parameter sums of squares of the
+    update and of the weights before it (NaN for a layer whose weights were all zero)."""
+    d = np.sqrt(np.bincount(layer_of, weights=np.asarray(delta_sumsq, np.float64), minlength=n_layers))
+    w = np.sqrt(np.bincount(layer_of, weights=np.asarray(param_sumsq, np.float64), minlength=n_layers))
+    return np.divide(d, w, out=np.full(n_layers, np.nan), where=w > 0)

@@ -32,7 +32,6 @@ import numpy as np
 import tensorflow as tf
 
 from graddiag import clip as cliplib
-from graddiag import tags
 from graddiag.findings import Finding
 from graddiag.monitor import (
     NONFINITE_POLICIES,
@@ -41,7 +40,13 @@ from graddiag.monitor import (
     check_choice,
     check_int,
 )
-from graddiag.stats import ModelInfo, StepStats, global_norm, layer_norms_from_sumsq
+from graddiag.stats import (
+    ModelInfo,
+    StepStats,
+    aggregate_detail,
+    aggregate_layers,
+    aggregate_update_ratio,
+)
 
 log = logging.getLogger("graddiag")
 
@@ -813,28 +818,15 @@ class GradientMonitor:
 
     def _layer_detail(self, detail: np.ndarray, has: np.ndarray) -> dict[str, np.ndarray]:
         """Per-layer detail statistics from the per-variable detail rows."""
-        nl, lo = len(self.info.layers), self._layer_index
         gmax, nnz, nan, inf, psq = detail.astype(np.float64)
         size = np.asarray([float(np.prod(v.shape)) for v in self.variables])
-        lmax = np.zeros(nl)
-        with np.errstate(invalid="ignore"):
-            np.maximum.at(lmax, lo[has], gmax[has])
-        zeros = np.bincount(lo[has], weights=(size - nnz)[has], minlength=nl)
-        numel = np.bincount(lo[has], weights=size[has], minlength=nl)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            zero_frac = np.where(numel > 0, zeros / numel, 0.0)
-        return {"grad_max": lmax, "zero_frac": zero_frac,
-                "param_norm": np.sqrt(np.bincount(lo, weights=psq, minlength=nl)),
-                "nan_count": np.bincount(lo, weights=nan, minlength=nl),
-                "inf_count": np.bincount(lo, weights=inf, minlength=nl)}
+        return aggregate_detail(self._layer_index, len(self.info.layers), has, size, gmax, nnz, psq,
+                                nan, inf)
 
     def _layer_ratio(self, update: np.ndarray) -> np.ndarray:
         """Per-layer ||w_after - w_before|| / ||w_before|| from per-variable sums of squares."""
-        nl = len(self.info.layers)
-        d, w = (np.sqrt(np.bincount(self._layer_index, weights=r, minlength=nl))
-                for r in update.astype(np.float64))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(w > 0, d / w, np.nan)
+        delta, weights = update.astype(np.float64)
+        return aggregate_update_ratio(delta, weights, self._layer_index, len(self.info.layers))
 
     def _process(self, steps_done: int, arrays: list[np.ndarray]) -> list[Finding]:
         rows = arrays[0]
@@ -862,13 +854,8 @@ class GradientMonitor:
             sumsq = r[:n]
             has = ~(sumsq == _NO_GRAD)
             sumsq = np.where(has, sumsq, 0.0)
-            bad_var = ~np.isfinite(sumsq)
-            nl = len(self.info.layers)
-            layer_bad = np.zeros(nl, dtype=np.int64)
-            np.add.at(layer_bad, self._layer_index, bad_var.astype(np.int64))
-            layer_has = np.zeros(nl, dtype=bool)
-            np.logical_or.at(layer_has, self._layer_index, has)
-            norms = layer_norms_from_sumsq(sumsq, self._layer_index, nl)
+            norms, layer_has, layer_bad, gnorm = aggregate_layers(
+                sumsq, has, self._layer_index, len(self.info.layers))
             c = dict(zip(_COLS, r[n:], strict=True))
             opt = {"clip_coef": None if c["clip_coef"] < 0 else c["clip_coef"],
                    "grad_reset": None if c["grad_reset"] < 0 else c["grad_reset"],
@@ -876,7 +863,7 @@ class GradientMonitor:
                    "loss": c["loss"] if c["has_loss"] else None, "skipped": c["skipped"]}
             stats = StepStats(
                 step=step, grad_norm=norms, has_grad=layer_has, nonfinite=layer_bad,
-                global_norm=global_norm(norms) if np.isfinite(sumsq).all() else float(np.sqrt(np.sum(sumsq))),
+                global_norm=gnorm,
                 clip_coef=opt["clip_coef"],
                 layer_clip_coef=None if lcoef_rows is None else lcoef_rows[step % self.every].astype(np.float64),
                 grad_reset=None if opt["grad_reset"] is None else bool(opt["grad_reset"]),
@@ -910,12 +897,7 @@ class GradientMonitor:
         self._fetched = steps_done
         if ratio is not None and ratio_step < steps_done:  # the update came after its step's read
             self._ratio_done = ratio_step
-            if self.core.sink is not None:
-                self.core.sink.writer.add_scalars(
-                    ratio_step, tuple(tags.tag("update_ratio", n) for n in self.info.layers), ratio)
-            for s in self.core.history:
-                if s.step == ratio_step:
-                    s.update_ratio = ratio
+            self.core.record_update_ratio(ratio_step, ratio)
         return new
 
 

@@ -41,7 +41,13 @@ from graddiag.monitor import (
     check_choice,
     check_int,
 )
-from graddiag.stats import ModelInfo, StepStats, aggregate_detail, aggregate_layers
+from graddiag.stats import (
+    ModelInfo,
+    StepStats,
+    aggregate_detail,
+    aggregate_layers,
+    aggregate_update_ratio,
+)
 
 __all__ = ["GradientMonitor", "NonFiniteGradientError", "TorchOps"]
 
@@ -617,15 +623,9 @@ class GradientMonitor:
         new = [p.detach() for p in self.params]
         both = torch.stack(torch._foreach_norm(torch._foreach_sub(new, old)) + torch._foreach_norm(old))
         delta, pn = both.double().numpy(force=True).reshape(2, -1)
-        d = np.sqrt(np.bincount(self.layer_of, weights=delta**2, minlength=self._n_layers))
-        w = np.sqrt(np.bincount(self.layer_of, weights=pn**2, minlength=self._n_layers))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.where(w > 0, d / w, np.nan)
-        if self.core is not None and self.core.sink is not None:
-            from graddiag import tags
-            self.core.sink.writer.add_scalars(step, tuple(tags.tag("update_ratio", n) for n in self.layers), ratio)
-        if self.core is not None and self.core.history and self.core.history[-1].step == step:
-            self.core.history[-1].update_ratio = ratio
+        if self.core is not None:
+            self.core.record_update_ratio(
+                step, aggregate_update_ratio(delta**2, pn**2, self.layer_of, self._n_layers))
 
     def _find_origin(self) -> str | None:
         """First module (in backward order) whose incoming gradient is finite but outgoing is not."""
