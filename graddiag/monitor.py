@@ -62,6 +62,20 @@ class StepReport:
         return not self.skipped
 
 
+def close_at_exit_hook(obj: Any):
+    """Register `obj.close()` to run at interpreter exit (through a weak reference, so the hook does
+    not keep `obj` alive); returns the hook for `atexit.unregister`."""
+    ref = weakref.ref(obj)
+
+    def hook() -> None:
+        o = ref()
+        if o is not None:
+            o.close()
+
+    atexit.register(hook)
+    return hook
+
+
 def check_int(name: str, value: Any, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"Expected `{name}` to be an int >= {minimum}, got {value!r}")
@@ -197,12 +211,13 @@ class MonitorCore:
         history: how many recent `StepStats` to keep in memory (`monitor.history`).
         flush_secs: event-file flush interval.
         run_meta: extra JSON-able facts written with the model description (settings, versions).
+        close_at_exit: close (flush) at interpreter exit if `close()` was not called.
     """
 
     def __init__(self, info: ModelInfo, logdir: str | os.PathLike | None = None,
                  detectors: Mapping[str, Any] | Iterable[Detector] | None = None,
                  history: int = 1000, flush_secs: float = 2.0,
-                 run_meta: Mapping[str, Any] | None = None) -> None:
+                 run_meta: Mapping[str, Any] | None = None, close_at_exit: bool = True) -> None:
         check_int("history", history, 0)
         if logdir is not None and not isinstance(logdir, (str, os.PathLike)):
             raise ValueError(f"Expected `logdir` to be a path or None, got {logdir!r}")
@@ -215,9 +230,9 @@ class MonitorCore:
         start = list(self.diagnoser.findings)
         if start:
             self._emit(0, start)
-        ref = weakref.ref(self)
-        self._atexit = lambda: (m := ref()) is not None and m.close()
-        atexit.register(self._atexit)
+        self._atexit = None
+        if close_at_exit:  # adapters pass False and close themselves (draining their buffers first)
+            self._atexit = close_at_exit_hook(self)
 
     @property
     def findings(self) -> list[Finding]:
@@ -264,7 +279,8 @@ class MonitorCore:
         if self.closed:
             return []
         self.closed = True
-        atexit.unregister(self._atexit)
+        if self._atexit is not None:
+            atexit.unregister(self._atexit)
         new = self.diagnoser.finalize()
         if new:
             self._emit(max(self.diagnoser.last_step, 0), new)

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import math
@@ -39,6 +40,7 @@ from graddiag.monitor import (
     NonFiniteGradientError,
     check_choice,
     check_int,
+    close_at_exit_hook,
 )
 from graddiag.stats import (
     ModelInfo,
@@ -285,6 +287,7 @@ class GradientMonitor:
         self._applied: set[int] | None = None  # keys of the variables `apply` has updated
         self._ratio_done = -1  # last step whose update ratio was written
         self.core: MonitorCore | None = None
+        self._atexit = close_at_exit_hook(self)  # reads back and logs unread steps at exit
         self.error: NonFiniteGradientError | None = None
         self._fetched = 0  # next step whose row has not been processed on the host
         self.last_variable_norms: dict[str, float] = {}
@@ -372,7 +375,7 @@ class GradientMonitor:
         variables `apply` updates are known. `has`: which variables the first step's gradients
         reach (a variable without any is `detached`, not reported twice)."""
         self.info = dataclasses.replace(self.info, unoptimized=self._unoptimized(has))
-        self.core = MonitorCore(self.info, run_meta=self._meta, **self._core_args)
+        self.core = MonitorCore(self.info, run_meta=self._meta, close_at_exit=False, **self._core_args)
 
     def _unoptimized(self, has: np.ndarray | None) -> tuple[str, ...]:
         """Trainable monitored variables the optimizer never updates: left out of every variable
@@ -545,6 +548,7 @@ class GradientMonitor:
         """Process the remaining steps, run end-of-run summaries and close the event file."""
         if not hasattr(self, "_count") or (self.core is not None and self.core.closed):
             return []
+        atexit.unregister(self._atexit)
         new = self.flush()
         return new + self.core.close()
 

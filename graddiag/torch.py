@@ -40,6 +40,7 @@ from graddiag.monitor import (
     StepReport,
     check_choice,
     check_int,
+    close_at_exit_hook,
 )
 from graddiag.stats import (
     ModelInfo,
@@ -322,7 +323,7 @@ class GradientMonitor:
         self._clip_states = self.chain.init(self._n_layers, self._ops) if self.chain else None
         self._core_args = dict(logdir=logdir, detectors=detectors, history=history, flush_secs=flush_secs)
         self.core: MonitorCore | None = None
-        self._atexit = None
+        self._atexit = close_at_exit_hook(self)  # drains the ring buffer into the log at exit
         self.step_count = 0
         self.closed = False
         self._plans: dict[tuple, _Plan] = {}
@@ -467,8 +468,7 @@ class GradientMonitor:
             return []
         new = self._drain()
         self.closed = True
-        if self._atexit is not None:
-            atexit.unregister(self._atexit)
+        atexit.unregister(self._atexit)
         for h in self._order_handles + self._handles:
             h.remove()
         for obj, attr, (had, orig, wrapper) in reversed(self._restore):
@@ -519,12 +519,8 @@ class GradientMonitor:
                 "nonfinite_policy": self.nonfinite}
         self.core = MonitorCore(info, self._core_args["logdir"], detectors,
                                 history=self._core_args["history"],
-                                flush_secs=self._core_args["flush_secs"], run_meta=meta)
-        # registered after the core's own exit hook, so it runs first (LIFO): pending steps in the
-        # ring buffer are drained into the log before the core closes it
-        ref = weakref.ref(self)
-        self._atexit = lambda: (m := ref()) is not None and m.close()
-        atexit.register(self._atexit)
+                                flush_secs=self._core_args["flush_secs"], run_meta=meta,
+                                close_at_exit=False)
 
     def _grad_reset(self) -> bool | None:
         if self._probe is None or self._probe_ref is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -546,3 +547,38 @@ def test_update_ratio_of_sgd_is_lr_times_grad_norm_over_weight_norm(compiled):
     train_with_apply(mon2, model2, keras.optimizers.SGD(lr), 1, model2.trainable_variables, compiled)
     want = [lr * ref_g[n] / ref_w[n] for n in mon2.info.layers]
     np.testing.assert_allclose(mon2.history[0].update_ratio, want, rtol=REL)
+
+
+TF_EXIT_SCRIPT = """
+import sys
+import keras
+import numpy as np
+import tensorflow as tf
+from graddiag.tf import GradientMonitor
+model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+mon = GradientMonitor(model, sys.argv[1], every=5)
+opt = keras.optimizers.SGD(0.1)
+x = tf.constant(np.random.default_rng(0).normal(size=(8, 4)), tf.float32)
+for _ in range(23):
+    with mon.tape() as tape:
+        loss = tf.reduce_mean(model(x) ** 2)
+    grads = tape.gradient(loss, model.trainable_variables)
+    opt.apply_gradients(zip(grads, model.trainable_variables))
+"""  # no close(): the exit hook must read back and log the unread steps
+
+
+def test_unclosed_monitor_logs_every_step_at_exit(tmp_path):
+    import subprocess
+    import sys
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from graddiag import tags
+
+    logdir = str(tmp_path / "run")
+    out = subprocess.run([sys.executable, "-c", TF_EXIT_SCRIPT, logdir], capture_output=True,
+                         text=True, timeout=180, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    acc = EventAccumulator(logdir, size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars(tags.tag("grad_norm"))] == list(range(23))
