@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-pip() { .venv/bin/python -m pip "$@"; }
+# this machine's pip config names local package folders that may be absent: drop those warnings
+pip() { .venv/bin/python -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 pip install -q --upgrade pip
 pip install -q "torch==2.13.0"
 if [ "${1:-}" = "test" ]; then
