@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import functools
 import os
+import types
 import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -358,9 +359,16 @@ class GradientMonitor:
 
     # ----------------------------------------------------------------------------- hooks
     def _wrap(self, obj: Any, attr: str, make) -> None:
+        """Replace `obj.attr` by a *bound method* around it: LR schedulers created later wrap
+        `optimizer.step` again and require a bound method (`step.__func__`)."""
         orig = getattr(obj, attr)
         had_instance_attr = attr in vars(obj)
-        wrapper = functools.wraps(orig)(make(orig))
+        inner = make(orig)
+
+        def method(_self, *args, **kwargs):
+            return inner(*args, **kwargs)
+
+        wrapper = types.MethodType(functools.wraps(orig)(method), obj)
         setattr(obj, attr, wrapper)
         self._restore.append((obj, attr, (had_instance_attr, orig, wrapper)))
 

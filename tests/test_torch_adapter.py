@@ -359,3 +359,27 @@ def test_amp_collapsing_scale_is_reported():
     mon.close()
     (f,) = [f for f in mon.findings if f.kind == "nonfinite"]
     assert f.step == 4 and f.severity == "error" and "GradScaler" in f.message
+
+
+@pytest.mark.parametrize("scheduler_first", [True, False])
+def test_lr_scheduler_in_either_order(scheduler_first, recwarn):
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    if scheduler_first:
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        mon = GradientMonitor(model, opt)
+    else:  # the scheduler wraps the monitor's hook: it must be a bound method
+        mon = GradientMonitor(model, opt)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 8)).sum().backward()
+        opt.step()
+        sched.step()
+    mon.close()
+    assert mon.step_count == 3 and opt.param_groups[0]["lr"] == pytest.approx(0.1 / 8)
+    assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]
+    opt.zero_grad()
+    model(torch.randn(4, 8)).sum().backward()
+    opt.step()  # after close the hook, if still wrapped by the scheduler, passes through
+    assert mon.step_count == 3
