@@ -319,9 +319,7 @@ class GradientMonitor:
             unoptimized = [n for n, p in zip(pnames, params, strict=True) if id(p) not in held]
         self._frozen, self._shared, self._unoptimized = frozen, shared, unoptimized
         self._numel = np.asarray([p.numel() for p in params], dtype=np.float64)
-        self.device = params[0].device
-        self._ops = TorchOps(self.device)
-        self._clip_states = self.chain.init(self._n_layers, self._ops) if self.chain else None
+        self.device: torch.device | None = None  # fixed at the first step (the model may move)
         self._core_args = dict(logdir=logdir, detectors=detectors, history=history, flush_secs=flush_secs)
         self.core: MonitorCore | None = None
         self._atexit = close_at_exit_hook(self)  # drains the ring buffer into the log at exit
@@ -332,8 +330,6 @@ class GradientMonitor:
         # ring-buffer row: [0, P) per-parameter sums of squares, P clip coef, P+1 loss,
         # [P+2, P+2+L) per-layer clip coefficients (only with per-layer policies)
         self._col_coef, self._col_loss = P, P + 1
-        lc_cols = self._n_layers if self.chain is not None and self.chain.has_layer_coef else 0
-        self._buf = torch.zeros(self.every, P + 2 + lc_cols, dtype=torch.float32, device=self.device)
         self._pending: list[tuple] = []
         self._no_grad = np.zeros(P, dtype=bool)
         self._backward_calls = 0
@@ -497,7 +493,13 @@ class GradientMonitor:
 
     # ----------------------------------------------------------------------------- per step
     def _start(self) -> None:
-        """First step: fix the backward order, the accumulation probe and the neutral core."""
+        """First step: fix the device, the backward order, the accumulation probe and the core."""
+        self.device = self.params[0].device
+        self._ops = TorchOps(self.device)
+        self._clip_states = self.chain.init(self._n_layers, self._ops) if self.chain else None
+        lc_cols = self._n_layers if self.chain is not None and self.chain.has_layer_coef else 0
+        self._buf = torch.zeros(self.every, self._col_loss + 1 + lc_cols, dtype=torch.float32,
+                                device=self.device)
         for h in self._order_handles:
             h.remove()
         self._order_handles = []
