@@ -383,3 +383,25 @@ def test_lr_scheduler_in_either_order(scheduler_first, recwarn):
     model(torch.randn(4, 8)).sum().backward()
     opt.step()  # after close the hook, if still wrapped by the scheduler, passes through
     assert mon.step_count == 3
+
+
+def test_sparse_gradients_detail_histograms_and_clip_errors(tmp_path):
+    torch.manual_seed(0)
+    model = Mixed()
+    mon = GradientMonitor(model, logdir=tmp_path, every=1, detail_every=1, hist_every=1,
+                          clip=GlobalNormClip(0.1))
+    model(torch.randint(0, 50, (8,))).backward()
+    emb = model.emb.weight.grad.to_dense()
+    mon.step()
+    s = mon.history[-1]
+    i = mon.layers.index("emb")
+    assert s.grad_max[i] == pytest.approx(emb.abs().max().item(), rel=1e-6)
+    assert s.zero_frac[i] == pytest.approx((emb == 0).double().mean().item(), rel=1e-6)
+    assert s.clip_coef < 1.0  # sparse gradients are scaled like dense ones
+    torch.testing.assert_close(model.emb.weight.grad.to_dense(), emb * s.clip_coef, rtol=1e-5, atol=1e-7)
+    mon.close()
+    value = GradientMonitor(model, clip=ValueClip(0.1))
+    model.zero_grad()
+    model(torch.randint(0, 50, (8,))).backward()
+    with pytest.raises(ValueError, match="ValueClip does not support the sparse gradient of parameter 'emb.weight'"):
+        value.step()
