@@ -46,8 +46,16 @@ def write_log(logdir: str, steps: int, layers: int) -> int:
     zero = np.zeros(layers)
     for s in range(steps):
         g = rng.lognormal(0.0, 0.5, layers)
-        sink.write_step(StepStats(step=s, grad_norm=g, has_grad=has, nonfinite=zero,
-                                  global_norm=float(np.sqrt(np.sum(g**2)))), 0)
+        sink.write_step(
+            StepStats(
+                step=s,
+                grad_norm=g,
+                has_grad=has,
+                nonfinite=zero,
+                global_norm=float(np.sqrt(np.sum(g**2))),
+            ),
+            0,
+        )
     sink.close()
     return steps * (layers + 3)
 
@@ -74,14 +82,24 @@ def read_event_accumulator(logdir: str):
     frames = []
     for tag in ea.Tags()["scalars"]:
         ev = ea.Scalars(tag)
-        frames.append(pd.DataFrame({"step": [e.step for e in ev], "tag": tag,
-                                    "value": [e.value for e in ev],
-                                    "wall_time": [e.wall_time for e in ev]}))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "step": [e.step for e in ev],
+                    "tag": tag,
+                    "value": [e.value for e in ev],
+                    "wall_time": [e.wall_time for e in ev],
+                }
+            )
+        )
     return pd.concat(frames, ignore_index=True)
 
 
-READERS = {"graddiag": read_graddiag, "tbparse": read_tbparse,
-           "EventAccumulator": read_event_accumulator}
+READERS = {
+    "graddiag": read_graddiag,
+    "tbparse": read_tbparse,
+    "EventAccumulator": read_event_accumulator,
+}
 
 
 def time_readers(logdir: str, repeat: int, slow_repeat: int) -> dict[str, dict]:
@@ -147,16 +165,31 @@ def main() -> None:
     tfv = tf_version()
     with_tf = time_readers(logdir, args.repeat, args.slow_repeat)
     child = subprocess.run(
-        [sys.executable, __file__, "--child", "notf", "--logdir", logdir, "--repeat",
-         str(args.repeat), "--slow-repeat", str(args.slow_repeat)],
-        capture_output=True, text=True, check=True,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            "notf",
+            "--logdir",
+            logdir,
+            "--repeat",
+            str(args.repeat),
+            "--slow-repeat",
+            str(args.slow_repeat),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     without_tf = json.loads(child.stdout.strip().splitlines()[-1])
     peak, df_mib = graddiag_peak_memory(logdir)
 
-    print(f"\n{n:,} scalars ({args.steps:,} steps x {args.layers} layers + 3 globals), "
-          f"{size / 2**20:.0f} MiB event file; TensorFlow {tfv or 'not installed'}; "
-          f"{os.cpu_count()} CPUs\n")
+    print(
+        f"\n{n:,} scalars ({args.steps:,} steps x {args.layers} layers + 3 globals), "
+        f"{size / 2**20:.0f} MiB event file; TensorFlow {tfv or 'not installed'}; "
+        f"{os.cpu_count()} CPUs\n"
+    )
     print("| reader | TensorFlow importable | median s (runs) | scalars/s | vs graddiag |")
     print("|---|---|---:|---:|---:|")
     for label, res in (("yes", with_tf), ("no", without_tf)):
@@ -165,10 +198,14 @@ def main() -> None:
         base = res["graddiag"]["median_s"]
         for name, r in res.items():
             assert r["rows"] == n, f"{name} returned {r['rows']} rows, expected {n}"
-            print(f"| {name} | {label} | {r['median_s']:.2f} ({r['runs']}) | "
-                  f"{n / r['median_s']:,.0f} | {r['median_s'] / base:.1f}x |")
-    print(f"\ngraddiag peak memory while reading (tracemalloc): {peak:.0f} MiB, of which the "
-          f"returned DataFrame is {df_mib:.0f} MiB (reads are {8} MiB chunks).")
+            print(
+                f"| {name} | {label} | {r['median_s']:.2f} ({r['runs']}) | "
+                f"{n / r['median_s']:,.0f} | {r['median_s'] / base:.1f}x |"
+            )
+    print(
+        f"\ngraddiag peak memory while reading (tracemalloc): {peak:.0f} MiB, of which the "
+        f"returned DataFrame is {df_mib:.0f} MiB (reads are {8} MiB chunks)."
+    )
 
 
 if __name__ == "__main__":

@@ -38,9 +38,11 @@ WIDTH, DEPTH, BATCH = 1024, 8, 64
 
 def make_model():
     keras.utils.set_random_seed(0)
-    return keras.Sequential([keras.Input((WIDTH,))]
-                            + [keras.layers.Dense(WIDTH, activation="relu") for _ in range(DEPTH - 1)]
-                            + [keras.layers.Dense(WIDTH)])
+    return keras.Sequential(
+        [keras.Input((WIDTH,))]
+        + [keras.layers.Dense(WIDTH, activation="relu") for _ in range(DEPTH - 1)]
+        + [keras.layers.Dense(WIDTH)]
+    )
 
 
 def make_step(transform, optimizer_name: str):
@@ -78,9 +80,12 @@ def variants(logdir: str, every: int):
             mon = monitors["m"] = GradientMonitor(v, logdir, every=every, clip=GlobalNormClip(1.0))
         return mon.step(g, v)
 
-    return [("plain compiled step", plain), ("tf.clip_by_global_norm", clip_global),
-            ("check_numerics on every gradient", check_each),
-            (f"graddiag (stats + non-finite + clip + logging, every={every})", graddiag)], monitors
+    return [
+        ("plain compiled step", plain),
+        ("tf.clip_by_global_norm", clip_global),
+        ("check_numerics on every gradient", check_each),
+        (f"graddiag (stats + non-finite + clip + logging, every={every})", graddiag),
+    ], monitors
 
 
 def time_steps(step, x, y, n: int) -> float:
@@ -115,16 +120,23 @@ def main() -> None:
                 times[name].append(time_steps(step, x, y, args.steps))
         monitors["m"].close()
         tf.debugging.enable_check_numerics()
-        name, step = "tf.debugging.enable_check_numerics()", make_step(lambda g, v: g, args.optimizer)
+        name, step = (
+            "tf.debugging.enable_check_numerics()",
+            make_step(lambda g, v: g, args.optimizer),
+        )
         for _ in range(3):
             step(x, y)
         times[name] = [time_steps(step, x, y, args.steps) for _ in range(max(3, args.rounds // 3))]
 
     base = statistics.median(times["plain compiled step"])
     best = min(times["plain compiled step"])
-    print(f"Keras MLP {DEPTH}x{WIDTH}, batch {BATCH}, {args.optimizer}, tf {tf.__version__}, "
-          f"{os.cpu_count()} CPUs; {args.rounds} rounds x {args.steps} steps\n")
-    print("| variant | median ms/step | ratio (median) | ratio (best round) |\n|---|---:|---:|---:|")
+    print(
+        f"Keras MLP {DEPTH}x{WIDTH}, batch {BATCH}, {args.optimizer}, tf {tf.__version__}, "
+        f"{os.cpu_count()} CPUs; {args.rounds} rounds x {args.steps} steps\n"
+    )
+    print(
+        "| variant | median ms/step | ratio (median) | ratio (best round) |\n|---|---:|---:|---:|"
+    )
     for name, ts in times.items():
         med = statistics.median(ts)
         print(f"| {name} | {med * 1e3:.2f} | {med / base:.3f}x | {min(ts) / best:.3f}x |")

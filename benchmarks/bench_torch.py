@@ -36,13 +36,19 @@ def models():
     tr = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
     return [
         ("MLP 8x1024, batch 64", mlp, lambda: torch.randn(64, 1024), 1.0),
-        ("MLP 100x64 (200 tensors), batch 64, clipping every step", deep, lambda: torch.randn(64, 64), 1e-4),
+        (
+            "MLP 100x64 (200 tensors), batch 64, clipping every step",
+            deep,
+            lambda: torch.randn(64, 64),
+            1e-4,
+        ),
         ("TransformerEncoder 2x128, batch 16x32", tr, lambda: torch.randn(16, 32, 128), 1.0),
     ]
 
 
 def variants(max_norm, tmp):
     """name -> (setup(model, opt) -> state, after_backward(model, opt, state))."""
+
     def plain(model, opt):
         return None
 
@@ -73,8 +79,16 @@ def variants(max_norm, tmp):
 
     def setup_gd(every):
         def s(model, opt):  # manual mode, so the added call can be timed on its own
-            return {"mon": GradientMonitor(model, None, logdir=tempfile.mkdtemp(dir=tmp), every=every,
-                                           clip=GlobalNormClip(max_norm))}
+            return {
+                "mon": GradientMonitor(
+                    model,
+                    None,
+                    logdir=tempfile.mkdtemp(dir=tmp),
+                    every=every,
+                    clip=GlobalNormClip(max_norm),
+                )
+            }
+
         return s
 
     def gd_step(model, opt, st):
@@ -134,12 +148,16 @@ def bench_model(name, model0, make_x, max_norm, reps, tmp):
     base = med["plain step"]
     clip_extra = med["clip_grad_norm_"] - base
     clip_call = call["clip_grad_norm_"]
-    lines = [f"\n### {name}\n",
-             "| variant | median step (ms) | extra vs plain (ms) | extra / clip's | added call, mean (ms) | added call / clip's |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"\n### {name}\n",
+        "| variant | median step (ms) | extra vs plain (ms) | extra / clip's | added call, mean (ms) | added call / clip's |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for v, m in med.items():
         extra = m - base
-        ratio = "" if v == "plain step" else f"{extra / clip_extra:.2f}x" if clip_extra > 0 else "n/a"
+        ratio = (
+            "" if v == "plain step" else f"{extra / clip_extra:.2f}x" if clip_extra > 0 else "n/a"
+        )
         c = "" if v in ("plain step", "detect_anomaly") else f"{call[v]:.3f}"
         cr = "" if v in ("plain step", "detect_anomaly") else f"{call[v] / clip_call:.2f}x"
         lines.append(f"| {v} | {m:.2f} | {extra:+.2f} | {ratio} | {c} | {cr} |")
@@ -153,13 +171,17 @@ def norms_vs_bandwidth(reps=200):
     big = torch.randn(64 * 1024 * 1024 // 4)  # 64 MB: read bandwidth with a dot
     t = []
     for _ in range(10):
-        t0 = time.perf_counter(); torch.dot(big, big); t.append(time.perf_counter() - t0)  # noqa: E702
+        t0 = time.perf_counter()
+        torch.dot(big, big)
+        t.append(time.perf_counter() - t0)  # noqa: E702
     bw = big.numel() * 4 / statistics.median(t)
-    out = ["\n### Norm pass vs memory bandwidth\n",
-           f"Measured read bandwidth (dot over 64 MB): {bw / 1e9:.1f} GB/s\n",
-           "| model | gradient bytes | `_foreach_norm` (ms) | per-tensor `dot` (ms) "
-           "| graddiag norm pass (ms) | one read at bandwidth (ms) | graddiag / one read |",
-           "|---|---:|---:|---:|---:|---:|---:|"]
+    out = [
+        "\n### Norm pass vs memory bandwidth\n",
+        f"Measured read bandwidth (dot over 64 MB): {bw / 1e9:.1f} GB/s\n",
+        "| model | gradient bytes | `_foreach_norm` (ms) | per-tensor `dot` (ms) "
+        "| graddiag norm pass (ms) | one read at bandwidth (ms) | graddiag / one read |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
 
     def med(f):
         for _ in range(10):  # warm up allocator and caches
@@ -175,14 +197,20 @@ def norms_vs_bandwidth(reps=200):
         model(make_x()).square().mean().backward()
         params = list(model.parameters())
         grads = [p.grad for p in params]
-        plan = _Plan(list(range(len(params))), params, np.zeros(len(params), dtype=np.int64),
-                     params[0].device)
+        plan = _Plan(
+            list(range(len(params))),
+            params,
+            np.zeros(len(params), dtype=np.int64),
+            params[0].device,
+        )
         fe = med(lambda: torch.stack(torch._foreach_norm(grads)).square())  # noqa: B023
         dots = med(lambda: torch.stack([torch.dot(g.reshape(-1), g.reshape(-1)) for g in grads]))  # noqa: B023
         m = med(lambda: _sumsq(grads, plan, params[0].device).sum())  # noqa: B023
         nbytes = sum(g.numel() * g.element_size() for g in grads)
-        out.append(f"| {name} | {nbytes / 1e6:.1f} MB | {fe * 1e3:.3f} | {dots * 1e3:.3f} | {m * 1e3:.3f} "
-                   f"| {nbytes / bw * 1e3:.3f} | {m / (nbytes / bw):.2f}x |")
+        out.append(
+            f"| {name} | {nbytes / 1e6:.1f} MB | {fe * 1e3:.3f} | {dots * 1e3:.3f} | {m * 1e3:.3f} "
+            f"| {nbytes / bw * 1e3:.3f} | {m / (nbytes / bw):.2f}x |"
+        )
     return "\n".join(out)
 
 
@@ -208,8 +236,10 @@ def main(argv=None):
     torch.set_num_threads(2)
     torch.set_flush_denormal(True)  # the deep ReLU net's tiny gradients would time denormal math
     logging.getLogger("graddiag").setLevel(logging.ERROR)  # the models' findings are not the point
-    parts = [f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; {args.reps} steps per variant, medians.\n"
-             f"Command: `python benchmarks/bench_torch.py --reps {args.reps}`"]
+    parts = [
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; {args.reps} steps per variant, medians.\n"
+        f"Command: `python benchmarks/bench_torch.py --reps {args.reps}`"
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         for name, model, make_x, max_norm in models():
             table, _ = bench_model(name, model, make_x, max_norm, args.reps, tmp)

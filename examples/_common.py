@@ -17,8 +17,17 @@ def regression_data(n: int = 512, d: int = 16, seed: int = 0) -> tuple[torch.Ten
     return x, torch.sin(x @ w * 3)
 
 
-def train(model, optimizer, monitor: GradientMonitor, steps: int, batch=None, loss_fn=None,
-          zero_grad: bool = True, micro_batches: int = 1, seed: int = 0) -> GradientMonitor:
+def train(
+    model,
+    optimizer,
+    monitor: GradientMonitor,
+    steps: int,
+    batch=None,
+    loss_fn=None,
+    zero_grad: bool = True,
+    micro_batches: int = 1,
+    seed: int = 0,
+) -> GradientMonitor:
     """Plain PyTorch loop: the monitor hooks `optimizer.step()`; `batch(step)` gives (x, y)."""
     torch.manual_seed(seed)
     x_all, y_all = regression_data(d=next(model.parameters()).shape[-1])

@@ -13,8 +13,9 @@ from healthy import build
 from graddiag.torch import GradientMonitor
 
 
-def run(logdir=None, steps: int = 30, zero_grad: bool = False, micro_batches: int = 1,
-        **monitor_kwargs) -> GradientMonitor:
+def run(
+    logdir=None, steps: int = 30, zero_grad: bool = False, micro_batches: int = 1, **monitor_kwargs
+) -> GradientMonitor:
     model = build()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     mon = GradientMonitor(model, opt, logdir=logdir, **monitor_kwargs)

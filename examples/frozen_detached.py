@@ -36,7 +36,9 @@ class Net(nn.Module):
 def run(logdir=None, steps: int = 40, **monitor_kwargs) -> GradientMonitor:
     torch.manual_seed(0)
     model = Net()
-    params = [p for n, p in model.named_parameters() if not n.startswith("extra") and p.requires_grad]
+    params = [
+        p for n, p in model.named_parameters() if not n.startswith("extra") and p.requires_grad
+    ]
     opt = torch.optim.Adam(params, lr=1e-3)
     mon = GradientMonitor(model, opt, logdir=logdir, **monitor_kwargs)
     return train(model, opt, mon, steps)

@@ -22,8 +22,9 @@ class Block(nn.Module):
 
 def build(d: int = 16, depth: int = 4) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(d, 32), *[Block(32) for _ in range(depth)], nn.LayerNorm(32),
-                         nn.Linear(32, 1))
+    return nn.Sequential(
+        nn.Linear(d, 32), *[Block(32) for _ in range(depth)], nn.LayerNorm(32), nn.Linear(32, 1)
+    )
 
 
 def run(logdir=None, steps: int = 200, **monitor_kwargs) -> GradientMonitor:

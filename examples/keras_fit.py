@@ -31,8 +31,14 @@ def run(logdir=None, epochs: int = 3, **callback_kwargs) -> GradDiagCallback:
     rng = np.random.default_rng(0)
     x = (rng.normal(size=(1024, 8)) * 1000 + 3000).astype("float32")  # the problem: unscaled
     y = (x @ rng.normal(size=(8, 1)) / 8).astype("float32")
-    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(32, activation="relu", name="hidden"),
-                              keras.layers.Dense(1, name="out")], name="regressor")
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(32, activation="relu", name="hidden"),
+            keras.layers.Dense(1, name="out"),
+        ],
+        name="regressor",
+    )
     model.compile(keras.optimizers.SGD(1e-3), "mse")
     callback_kwargs.setdefault("clip", GlobalNormClip(1.0))
     cb = GradDiagCallback(logdir, every=8, print_summary=False, **callback_kwargs)

@@ -41,7 +41,7 @@ def run(logdir=None, steps: int = 40, **monitor_kwargs) -> GradientMonitor:
     x, y = regression_data()
 
     def batch(step):
-        xb, yb = x[step % 8 * 64:(step % 8 + 1) * 64], y[step % 8 * 64:(step % 8 + 1) * 64]
+        xb, yb = x[step % 8 * 64 : (step % 8 + 1) * 64], y[step % 8 * 64 : (step % 8 + 1) * 64]
         return (torch.zeros_like(xb), yb) if step == NAN_STEP else (xb, yb)
 
     return train(model, opt, mon, steps, batch=batch)

@@ -69,7 +69,7 @@ def run(logdir=None, steps: int = 40, **monitor_kwargs) -> GradientMonitor:
 
     for step in range(steps):
         i = step % 8 * 64
-        xb, yb = x[i:i + 64], y[i:i + 64]
+        xb, yb = x[i : i + 64], y[i : i + 64]
         if step == NAN_STEP:
             xb = np.zeros_like(xb)
         train_step(tf.constant(xb), tf.constant(yb))

@@ -26,5 +26,19 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'graddiag' has no attribute {name!r}")
 
 
-__all__ = ["AGC", "KINDS", "SEVERITIES", "AutoClip", "Finding", "GlobalNormClip", "LayerNormClip",
-           "ValueClip", "ZClip", "__version__", "analyze", "chain", "read", "validate"]
+__all__ = [
+    "AGC",
+    "KINDS",
+    "SEVERITIES",
+    "AutoClip",
+    "Finding",
+    "GlobalNormClip",
+    "LayerNormClip",
+    "ValueClip",
+    "ZClip",
+    "__version__",
+    "analyze",
+    "chain",
+    "read",
+    "validate",
+]

@@ -86,20 +86,22 @@ class Series:
             has = self.has_grad[i]
             lc = self.layer_clip[i]
             present = ~np.isnan(lc)
-            out.append(StepStats(
-                step=int(step),
-                grad_norm=np.where(has, self.grad_norm[i], 0.0),
-                has_grad=has.copy(),
-                nonfinite=self.nonfinite[i].copy(),
-                global_norm=0.0 if miss_global[i] else float(gnorm[i]),
-                clip_coef=_opt(g["clip_coef"][i], float),
-                layer_clip_coef=np.where(present, lc, 1.0) if present.any() else None,
-                grad_reset=_opt(g["grad_reset"][i], bool),
-                backward_calls=_opt(g["backward_calls"][i], int),
-                skipped=bool(_opt(g["skipped"][i], bool) or False),
-                loss=_opt(g["loss"][i], float),
-                nonfinite_origin=self.origins.get(int(step)),
-            ))
+            out.append(
+                StepStats(
+                    step=int(step),
+                    grad_norm=np.where(has, self.grad_norm[i], 0.0),
+                    has_grad=has.copy(),
+                    nonfinite=self.nonfinite[i].copy(),
+                    global_norm=0.0 if miss_global[i] else float(gnorm[i]),
+                    clip_coef=_opt(g["clip_coef"][i], float),
+                    layer_clip_coef=np.where(present, lc, 1.0) if present.any() else None,
+                    grad_reset=_opt(g["grad_reset"][i], bool),
+                    backward_calls=_opt(g["backward_calls"][i], int),
+                    skipped=bool(_opt(g["skipped"][i], bool) or False),
+                    loss=_opt(g["loss"][i], float),
+                    nonfinite_origin=self.origins.get(int(step)),
+                )
+            )
         return out
 
 
@@ -137,8 +139,11 @@ def series_of(data: LogData, run: RunData, layers: Sequence[str] | None = None) 
     S, L = len(steps), len(layers)
     col = lut[run.layer]
     pos = np.searchsorted(steps, run.step)
-    on_step = (pos < S) & (steps[np.minimum(pos, max(S - 1, 0))] == run.step) if S else np.zeros(
-        len(run.step), bool)
+    on_step = (
+        (pos < S) & (steps[np.minimum(pos, max(S - 1, 0))] == run.step)
+        if S
+        else np.zeros(len(run.step), bool)
+    )
 
     def dense(stat: str, fill: float, glob: bool = False) -> tuple[np.ndarray, np.ndarray]:
         code = scode.get(stat, -2)
@@ -160,8 +165,18 @@ def series_of(data: LogData, run: RunData, layers: Sequence[str] | None = None) 
     wall = np.full(S, np.nan)
     if S:
         np.fmax.at(wall, pos[on_step], run.wall_time[on_step])
-    return Series(steps, layers, grad_norm, has_grad, nonfinite, layer_clip, glob, glob_logged,
-                  wall, dict(run.nonfinite_origins))
+    return Series(
+        steps,
+        layers,
+        grad_norm,
+        has_grad,
+        nonfinite,
+        layer_clip,
+        glob,
+        glob_logged,
+        wall,
+        dict(run.nonfinite_origins),
+    )
 
 
 @dataclass
@@ -207,9 +222,12 @@ class RunReport:
     def clip_rate(self) -> float | None:
         """Fraction of steps where clipping scaled the gradients (None if no clipping was logged)."""
         s = self.series
-        coef = np.fmin(s.glob["clip_coef"], np.nanmin(np.where(np.isnan(s.layer_clip), np.inf,
-                                                                s.layer_clip), axis=1)
-                       if s.layer_clip.size else np.inf)
+        coef = np.fmin(
+            s.glob["clip_coef"],
+            np.nanmin(np.where(np.isnan(s.layer_clip), np.inf, s.layer_clip), axis=1)
+            if s.layer_clip.size
+            else np.inf,
+        )
         coef = np.where(np.isinf(coef), np.nan, coef)
         seen = ~np.isnan(coef)
         if not seen.any():
@@ -239,18 +257,23 @@ class RunReport:
             fs = by_layer.get(name, [])
             worst = max((severity_rank(f.severity) for f in fs), default=-1)
             d = float(dev[j]) if np.isfinite(dev[j]) else 0.0
-            rows.append(((worst, len(fs), int(bad_steps[j]), d), {
-                "layer": name,
-                "findings": len(fs),
-                "max_severity": SEVERITIES[worst] if worst >= 0 else None,
-                "kinds": sorted({f.kind for f in fs}),
-                "median_grad_norm": _num(med[j]),
-                "max_grad_norm": _num(mx[j]),
-                "nonfinite_steps": int(bad_steps[j]),
-                "grad_steps": int(s.has_grad[:, j].sum()),
-            }))
+            rows.append(
+                (
+                    (worst, len(fs), int(bad_steps[j]), d),
+                    {
+                        "layer": name,
+                        "findings": len(fs),
+                        "max_severity": SEVERITIES[worst] if worst >= 0 else None,
+                        "kinds": sorted({f.kind for f in fs}),
+                        "median_grad_norm": _num(med[j]),
+                        "max_grad_norm": _num(mx[j]),
+                        "nonfinite_steps": int(bad_steps[j]),
+                        "grad_steps": int(s.has_grad[:, j].sum()),
+                    },
+                )
+            )
         rows.sort(key=lambda r: r[0], reverse=True)
-        return [r[1] for r in rows[:self.top]]
+        return [r[1] for r in rows[: self.top]]
 
     def to_dict(self) -> dict[str, Any]:
         st = self.series.steps
@@ -259,8 +282,11 @@ class RunReport:
             "path": self.path,
             "source": self.source,
             "framework": self.framework,
-            "steps": {"count": int(len(st)), "first": int(st[0]) if len(st) else None,
-                      "last": int(st[-1]) if len(st) else None},
+            "steps": {
+                "count": int(len(st)),
+                "first": int(st[0]) if len(st) else None,
+                "last": int(st[-1]) if len(st) else None,
+            },
             "layers": len(self.series.layers),
             "findings": [f.to_dict() for f in self.findings],
             "worst_layers": self.worst_layers(),
@@ -326,9 +352,12 @@ class Report:
         return {
             "schema": SCHEMA,
             "logdir": self.logdir,
-            "summary": {"runs": len(self.runs), "findings": len(fs),
-                        "by_severity": {s: sum(f.severity == s for f in fs) for s in SEVERITIES},
-                        "max_severity": self.max_severity()},
+            "summary": {
+                "runs": len(self.runs),
+                "findings": len(fs),
+                "by_severity": {s: sum(f.severity == s for f in fs) for s in SEVERITIES},
+                "max_severity": self.max_severity(),
+            },
             "runs": [r.to_dict() for r in self.runs],
             "read": self.read_stats.to_dict(),
             "notes": list(self.notes),
@@ -355,58 +384,87 @@ class Report:
         for r in self.runs:
             d = r.to_dict()
             out += [f"## run `{_md(r.run)}`", "", _md(_summary_line(d)), ""]
-            out += ["| step | severity | kind | layer | message | suggestion |",
-                    "|---:|---|---|---|---|---|"]
+            out += [
+                "| step | severity | kind | layer | message | suggestion |",
+                "|---:|---|---|---|---|---|",
+            ]
             for f in r.findings:
-                out.append(f"| {f.step} | {f.severity} | {f.kind} | {_md(f.layer or '(model)')} | "
-                           f"{_md(f.message)} | {_md(f.suggestion)} |")
+                out.append(
+                    f"| {f.step} | {f.severity} | {f.kind} | {_md(f.layer or '(model)')} | "
+                    f"{_md(f.message)} | {_md(f.suggestion)} |"
+                )
             if not r.findings:
                 out.append("| | | | | no findings | |")
-            out += ["", "**Worst layers**", "", "| layer | findings | worst | median norm | max norm |",
-                    "|---|---:|---|---:|---:|"]
+            out += [
+                "",
+                "**Worst layers**",
+                "",
+                "| layer | findings | worst | median norm | max norm |",
+                "|---|---:|---|---:|---:|",
+            ]
             for w in d["worst_layers"]:
-                out.append(f"| {_md(w['layer'])} | {w['findings']} | {w['max_severity'] or ''} | "
-                           f"{_fmt(w['median_grad_norm'])} | {_fmt(w['max_grad_norm'])} |")
+                out.append(
+                    f"| {_md(w['layer'])} | {w['findings']} | {w['max_severity'] or ''} | "
+                    f"{_fmt(w['median_grad_norm'])} | {_fmt(w['max_grad_norm'])} |"
+                )
             out.append("")
         return "\n".join(out)
 
     def to_html(self, plots: bool = True) -> str:
         """One self-contained HTML page (plots embedded as base64 PNG); every name is escaped."""
         e = html.escape
-        parts = ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'>",
-                 f"<title>graddiag report: {e(self.logdir)}</title>",
-                 "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-                 "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}"
-                 ".error{color:#b00}.warning{color:#a60}.info{color:#06a}</style></head><body>",
-                 f"<h1>graddiag report: <code>{e(self.logdir)}</code></h1>"]
+        parts = [
+            "<!DOCTYPE html>",
+            "<html><head><meta charset='utf-8'>",
+            f"<title>graddiag report: {e(self.logdir)}</title>",
+            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}"
+            ".error{color:#b00}.warning{color:#a60}.info{color:#06a}</style></head><body>",
+            f"<h1>graddiag report: <code>{e(self.logdir)}</code></h1>",
+        ]
         for r in self.runs:
             d = r.to_dict()
             parts.append(f"<h2>run <code>{e(r.run)}</code></h2><p>{e(_summary_line(d))}</p>")
             if plots and len(r.steps):
                 png = plot_run(r)
-                parts.append(f"<img alt='gradient flow of run {e(r.run)}' "
-                             f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
-            parts.append("<table><tr><th>step</th><th>severity</th><th>kind</th><th>layer</th>"
-                         "<th>message</th><th>suggestion</th></tr>")
+                parts.append(
+                    f"<img alt='gradient flow of run {e(r.run)}' "
+                    f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+                )
+            parts.append(
+                "<table><tr><th>step</th><th>severity</th><th>kind</th><th>layer</th>"
+                "<th>message</th><th>suggestion</th></tr>"
+            )
             for f in r.findings:
-                parts.append(f"<tr class='{e(f.severity)}'><td>{f.step}</td><td>{e(f.severity)}</td>"
-                             f"<td>{e(f.kind)}</td><td>{e(f.layer or '(model)')}</td>"
-                             f"<td>{e(f.message)}</td><td>{e(f.suggestion)}</td></tr>")
-            parts.append("</table><h3>worst layers</h3><table><tr><th>layer</th><th>findings</th>"
-                         "<th>worst</th><th>median norm</th><th>max norm</th></tr>")
+                parts.append(
+                    f"<tr class='{e(f.severity)}'><td>{f.step}</td><td>{e(f.severity)}</td>"
+                    f"<td>{e(f.kind)}</td><td>{e(f.layer or '(model)')}</td>"
+                    f"<td>{e(f.message)}</td><td>{e(f.suggestion)}</td></tr>"
+                )
+            parts.append(
+                "</table><h3>worst layers</h3><table><tr><th>layer</th><th>findings</th>"
+                "<th>worst</th><th>median norm</th><th>max norm</th></tr>"
+            )
             for w in d["worst_layers"]:
-                parts.append(f"<tr><td>{e(w['layer'])}</td><td>{w['findings']}</td>"
-                             f"<td>{e(w['max_severity'] or '')}</td>"
-                             f"<td>{_fmt(w['median_grad_norm'])}</td>"
-                             f"<td>{_fmt(w['max_grad_norm'])}</td></tr>")
+                parts.append(
+                    f"<tr><td>{e(w['layer'])}</td><td>{w['findings']}</td>"
+                    f"<td>{e(w['max_severity'] or '')}</td>"
+                    f"<td>{_fmt(w['median_grad_norm'])}</td>"
+                    f"<td>{_fmt(w['max_grad_norm'])}</td></tr>"
+                )
             parts.append("</table>")
         parts.append("</body></html>")
         return "\n".join(parts)
 
 
 def _md(text: str) -> str:
-    return (text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
-            .replace("<", "&lt;").replace(">", "&gt;"))
+    return (
+        text.replace("\\", "\\\\")
+        .replace("|", "\\|")
+        .replace("\n", " ")
+        .replace("<", "&lt;")
+        .replace(">", "&gt;")
+    )
 
 
 def _fmt(x: float | None) -> str:
@@ -416,12 +474,17 @@ def _fmt(x: float | None) -> str:
 def _summary_line(d: Mapping[str, Any]) -> str:
     st = d["steps"]
     nf = d["first_nonfinite"]
-    nf_text = (f"first NaN/Inf at step {nf['step']} in {nf['layer'] or '(model)'}" if nf
-               else "no NaN/Inf gradients")
+    nf_text = (
+        f"first NaN/Inf at step {nf['step']} in {nf['layer'] or '(model)'}"
+        if nf
+        else "no NaN/Inf gradients"
+    )
     clip = "no clipping logged" if d["clip_rate"] is None else f"clip rate {d['clip_rate']:.1%}"
     span = f"steps {st['first']}..{st['last']}" if st["count"] else "no steps"
-    return (f"{st['count']} logged steps ({span}), {d['layers']} layers, "
-            f"{len(d['findings'])} findings; {nf_text}; {clip}.")
+    return (
+        f"{st['count']} logged steps ({span}), {d['layers']} layers, "
+        f"{len(d['findings'])} findings; {nf_text}; {clip}."
+    )
 
 
 def _detector_spec(meta: Mapping[str, Any] | None, notes: list[str]) -> dict[str, Any] | None:
@@ -431,13 +494,16 @@ def _detector_spec(meta: Mapping[str, Any] | None, notes: list[str]) -> dict[str
     cfg = meta["detectors"]
     unknown = sorted(set(cfg) - set(DETECTORS))
     if unknown:
-        notes.append(f"custom detector(s) {', '.join(unknown)} of the live run cannot be rebuilt "
-                     f"post hoc and were skipped")
+        notes.append(
+            f"custom detector(s) {', '.join(unknown)} of the live run cannot be rebuilt "
+            f"post hoc and were skipped"
+        )
     return {name: dict(cfg[name]) if name in cfg else False for name in DETECTORS}
 
 
-def analyze_logs(data: LogData, *, detectors: Mapping[str, Any] | None = None,
-                 top: int = 5) -> Report:
+def analyze_logs(
+    data: LogData, *, detectors: Mapping[str, Any] | None = None, top: int = 5
+) -> Report:
     """Analyze already-read logs (see `analyze`)."""
     runs = []
     notes = []
@@ -464,10 +530,17 @@ def analyze_logs(data: LogData, *, detectors: Mapping[str, Any] | None = None,
         for st in series.step_stats():
             diag.update(st)
         diag.finalize()
-        rr = RunReport(run=run.run, path=run.path,
-                       source="graddiag" if run.graddiag else "foreign",
-                       framework=info.framework, series=series, findings=list(diag.findings),
-                       notes=run_notes, top=top, backward_order=info.backward_order)
+        rr = RunReport(
+            run=run.run,
+            path=run.path,
+            source="graddiag" if run.graddiag else "foreign",
+            framework=info.framework,
+            series=series,
+            findings=list(diag.findings),
+            notes=run_notes,
+            top=top,
+            backward_order=info.backward_order,
+        )
         runs.append(rr)
     if not runs and data.read_stats.unreadable_files:
         path, reason = data.read_stats.unreadable_files[0]
@@ -475,14 +548,21 @@ def analyze_logs(data: LogData, *, detectors: Mapping[str, Any] | None = None,
     if not runs:
         raise LogReadError(
             f"{data.logdir}: no gradient tags found (looked for graddiag/grad_norm/*, Lightning's "
-            f"grad_2.0_norm/*, gradient histograms); map other tags with --tag-pattern")
+            f"grad_2.0_norm/*, gradient histograms); map other tags with --tag-pattern"
+        )
     return Report(data.logdir, runs, data.read_stats, notes)
 
 
-def analyze(logdir: str | os.PathLike, *, run: str | Sequence[str] | None = None,
-            steps: str | tuple | slice | None = None, tag_pattern: str | None = None,
-            detectors: Mapping[str, Any] | None = None, progress: bool | None = None,
-            top: int = 5) -> Report:
+def analyze(
+    logdir: str | os.PathLike,
+    *,
+    run: str | Sequence[str] | None = None,
+    steps: str | tuple | slice | None = None,
+    tag_pattern: str | None = None,
+    detectors: Mapping[str, Any] | None = None,
+    progress: bool | None = None,
+    top: int = 5,
+) -> Report:
     """Diagnose the gradients recorded under `logdir`, with the same detectors as a live run.
 
     Args:
@@ -518,12 +598,14 @@ def _edges(x: np.ndarray, last: float) -> np.ndarray:
         return np.array([0.0, 1.0])
     if len(x) == 1:
         return np.array([x[0] - 0.5, max(last, x[0]) + 0.5])
-    return np.concatenate([[x[0] - (x[1] - x[0]) / 2], (x[1:] + x[:-1]) / 2,
-                           [max(last, x[-1]) + (x[-1] - x[-2]) / 2]])
+    return np.concatenate(
+        [[x[0] - (x[1] - x[0]) / 2], (x[1:] + x[:-1]) / 2, [max(last, x[-1]) + (x[-1] - x[-2]) / 2]]
+    )
 
 
-def plot_run(r: RunReport, path: str | os.PathLike | None = None, *, width: float = 12.0,
-             dpi: int = 100) -> bytes:
+def plot_run(
+    r: RunReport, path: str | os.PathLike | None = None, *, width: float = 12.0, dpi: int = 100
+) -> bytes:
     """Gradient-flow figure of one run: heatmap of log10 layer norm (layers x steps) with findings
     marked, and the global norm and clip coefficient over time. Returns the PNG bytes (and writes
     them to `path` when given).
@@ -539,12 +621,21 @@ def plot_run(r: RunReport, path: str | os.PathLike | None = None, *, width: floa
     s = r.series
     L = len(s.layers)
     heat_h = min(max(2.5, 0.12 * L), 14.0)
-    fig, axes = plt.subplots(3, 1, figsize=(width, heat_h + 4.0), dpi=dpi, sharex=True,
-                             gridspec_kw={"height_ratios": [heat_h, 2.0, 1.5]})
+    fig, axes = plt.subplots(
+        3,
+        1,
+        figsize=(width, heat_h + 4.0),
+        dpi=dpi,
+        sharex=True,
+        gridspec_kw={"height_ratios": [heat_h, 2.0, 1.5]},
+    )
     ax, ax_g, ax_c = axes
     with np.errstate(all="ignore"):
-        z = np.where(s.has_grad & np.isfinite(s.grad_norm) & (s.grad_norm > 0),
-                     np.log10(np.where(s.grad_norm > 0, s.grad_norm, 1.0)), np.nan)
+        z = np.where(
+            s.has_grad & np.isfinite(s.grad_norm) & (s.grad_norm > 0),
+            np.log10(np.where(s.grad_norm > 0, s.grad_norm, 1.0)),
+            np.nan,
+        )
     steps = s.steps.astype(float)
     if len(steps) > _MAX_COLUMNS:
         # keep one-step spikes visible: each column shows the largest norm of its bin
@@ -559,11 +650,19 @@ def plot_run(r: RunReport, path: str | os.PathLike | None = None, *, width: floa
     edges = _edges(steps_h, steps[-1] if len(steps) else 0.0)
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
     finite = z[np.isfinite(z)]
-    vmin, vmax = (np.percentile(finite, [1, 99]) if finite.size else (-1.0, 1.0))
+    vmin, vmax = np.percentile(finite, [1, 99]) if finite.size else (-1.0, 1.0)
     if vmin == vmax:
         vmin, vmax = vmin - 0.5, vmax + 0.5
-    mesh = ax.pcolormesh(edges, np.arange(L + 1), np.ma.masked_invalid(z.T), cmap=cmap,
-                         vmin=vmin, vmax=vmax, shading="flat", rasterized=True)
+    mesh = ax.pcolormesh(
+        edges,
+        np.arange(L + 1),
+        np.ma.masked_invalid(z.T),
+        cmap=cmap,
+        vmin=vmin,
+        vmax=vmax,
+        shading="flat",
+        rasterized=True,
+    )
     fig.colorbar(mesh, ax=axes, label="log10 gradient norm", fraction=0.03, pad=0.01)
     bad = s.bad()
     if bad.any():
@@ -599,8 +698,15 @@ def plot_run(r: RunReport, path: str | os.PathLike | None = None, *, width: floa
         ax_c.plot(steps[has_cc], cc[has_cc], lw=1, color="tab:blue")
         ax_c.set_ylim(0, 1.05)
     else:
-        ax_c.text(0.5, 0.5, "no clipping logged", transform=ax_c.transAxes, ha="center",
-                  va="center", color="gray")
+        ax_c.text(
+            0.5,
+            0.5,
+            "no clipping logged",
+            transform=ax_c.transAxes,
+            ha="center",
+            va="center",
+            color="gray",
+        )
     ax_c.set_ylabel("clip coef")
     ax_c.set_xlabel("step")
     buf = io.BytesIO()

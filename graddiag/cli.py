@@ -70,36 +70,51 @@ def _guard(fn):
         raise _fail(f"{where}: {e.strerror or e}" if where else str(e)) from None
 
 
-RunOpt = Annotated[list[str] | None, typer.Option(
-    "--run", help="Only this run (repeatable); names as listed by analyze.")]
-StepsOpt = Annotated[str | None, typer.Option(
-    "--steps", help="Only steps A:B (A included, B excluded; ends optional).")]
-PatternOpt = Annotated[str | None, typer.Option(
-    "--tag-pattern",
-    help="Regex mapping foreign tags, with a group (?P<layer>...) and optionally (?P<stat>...).")]
-LogdirArg = Annotated[str, typer.Argument(
-    help="TensorBoard log directory (runs are found in subdirectories).")]
+RunOpt = Annotated[
+    list[str] | None,
+    typer.Option("--run", help="Only this run (repeatable); names as listed by analyze."),
+]
+StepsOpt = Annotated[
+    str | None,
+    typer.Option("--steps", help="Only steps A:B (A included, B excluded; ends optional)."),
+]
+PatternOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--tag-pattern",
+        help="Regex mapping foreign tags, with a group (?P<layer>...) and optionally (?P<stat>...).",
+    ),
+]
+LogdirArg = Annotated[
+    str, typer.Argument(help="TensorBoard log directory (runs are found in subdirectories).")
+]
 
 
 @app.command()
 def analyze(
     logdir: LogdirArg,
     format: Annotated[Format, typer.Option("--format", "-f", help="Output format.")] = Format.table,
-    fail_on: Annotated[Severity | None, typer.Option(
-        "--fail-on", help="Exit with status 1 if a finding has this severity or worse.")] = None,
+    fail_on: Annotated[
+        Severity | None,
+        typer.Option(
+            "--fail-on", help="Exit with status 1 if a finding has this severity or worse."
+        ),
+    ] = None,
     run: RunOpt = None,
     steps: StepsOpt = None,
     tag_pattern: PatternOpt = None,
-    output: Annotated[str | None, typer.Option(
-        "--output", "-o", help="Write to this file instead of stdout.")] = None,
+    output: Annotated[
+        str | None, typer.Option("--output", "-o", help="Write to this file instead of stdout.")
+    ] = None,
     top: Annotated[int, typer.Option("--top", min=0, help="Worst layers to list per run.")] = 5,
 ) -> None:
     """Run graddiag's detectors over the logged gradients and report the findings."""
     from graddiag.analysis import analyze as _analyze
     from graddiag.findings import severity_rank
 
-    report = _guard(lambda: _analyze(logdir, run=run or None, steps=steps,
-                                     tag_pattern=tag_pattern, top=top))
+    report = _guard(
+        lambda: _analyze(logdir, run=run or None, steps=steps, tag_pattern=tag_pattern, top=top)
+    )
     if format is Format.table:
         _print_table(report, output)
     else:
@@ -141,12 +156,22 @@ def _print_table(report: Report, output: str | None) -> None:
             console.rule(f"run {escape(r.run)}  [dim]({escape(r.path)}, {d['source']})[/dim]")
             console.print(escape(_summary_line(d)))
             t = Table(title="findings", show_lines=False, expand=False)
-            for col, kw in (("step", {"justify": "right"}), ("severity", {}), ("kind", {}),
-                            ("layer", {"overflow": "fold"}), ("message", {"ratio": 1})):
+            for col, kw in (
+                ("step", {"justify": "right"}),
+                ("severity", {}),
+                ("kind", {}),
+                ("layer", {"overflow": "fold"}),
+                ("message", {"ratio": 1}),
+            ):
                 t.add_column(col, **kw)
             for f in r.findings:
-                t.add_row(str(f.step), f"[{style[f.severity]}]{f.severity}[/]", f.kind,
-                          escape(f.layer or "(model)"), escape(f.message))
+                t.add_row(
+                    str(f.step),
+                    f"[{style[f.severity]}]{f.severity}[/]",
+                    f.kind,
+                    escape(f.layer or "(model)"),
+                    escape(f.message),
+                )
             if r.findings:
                 console.print(t)
                 console.print("[bold]suggestions[/bold]")
@@ -159,18 +184,26 @@ def _print_table(report: Report, output: str | None) -> None:
             for col in ("findings", "worst", "kinds", "median norm", "max norm", "NaN/Inf steps"):
                 w.add_column(col)
             for row in d["worst_layers"]:
-                w.add_row(escape(row["layer"]), str(row["findings"]), row["max_severity"] or "",
-                          ", ".join(row["kinds"]), _fmt(row["median_grad_norm"]),
-                          _fmt(row["max_grad_norm"]), str(row["nonfinite_steps"]))
+                w.add_row(
+                    escape(row["layer"]),
+                    str(row["findings"]),
+                    row["max_severity"] or "",
+                    ", ".join(row["kinds"]),
+                    _fmt(row["median_grad_norm"]),
+                    _fmt(row["max_grad_norm"]),
+                    str(row["nonfinite_steps"]),
+                )
             console.print(w)
             for note in r.notes:
                 console.print(f"[dim]note: {escape(note)}[/dim]")
         for note in report.notes:
             console.print(f"[dim]note: {escape(note)}[/dim]")
         if rs.corrupt_records or rs.truncated_files or rs.unreadable_files:
-            console.print(f"[yellow]read: skipped {rs.corrupt_records} corrupt record(s), "
-                          f"{len(rs.truncated_files)} truncated file tail(s), "
-                          f"{len(rs.unreadable_files)} unreadable file(s)[/yellow]")
+            console.print(
+                f"[yellow]read: skipped {rs.corrupt_records} corrupt record(s), "
+                f"{len(rs.truncated_files)} truncated file tail(s), "
+                f"{len(rs.unreadable_files)} unreadable file(s)[/yellow]"
+            )
     finally:
         if fh is not None:
             fh.close()
@@ -183,9 +216,14 @@ def _fmt(x: float | None) -> str:
 @app.command()
 def plot(
     logdir: LogdirArg,
-    output: Annotated[str, typer.Option(
-        "--output", "-o",
-        help="PNG file to write (FILE-<run>.png per run when there are several).")],
+    output: Annotated[
+        str,
+        typer.Option(
+            "--output",
+            "-o",
+            help="PNG file to write (FILE-<run>.png per run when there are several).",
+        ),
+    ],
     run: RunOpt = None,
     steps: StepsOpt = None,
     tag_pattern: PatternOpt = None,
@@ -199,8 +237,7 @@ def plot(
 
     if not output.lower().endswith(".png"):
         raise _fail(f"{output}: --output must be a .png file")
-    report = _guard(lambda: _analyze(logdir, run=run or None, steps=steps,
-                                     tag_pattern=tag_pattern))
+    report = _guard(lambda: _analyze(logdir, run=run or None, steps=steps, tag_pattern=tag_pattern))
     root, ext = os.path.splitext(output)
     for r in report.runs:
         path = output if len(report.runs) == 1 else f"{root}-{_safe(r.run)}{ext}"
@@ -217,8 +254,12 @@ def compare(
     run_a: Annotated[str, typer.Argument(help="First run directory (or a logdir of one run).")],
     run_b: Annotated[str, typer.Argument(help="Second run directory.")],
     format: Annotated[CompareFormat, typer.Option("--format", "-f")] = CompareFormat.table,
-    rtol: Annotated[float, typer.Option(
-        "--rtol", min=0.0, help="Relative difference of a norm that counts as divergence.")] = 1e-3,
+    rtol: Annotated[
+        float,
+        typer.Option(
+            "--rtol", min=0.0, help="Relative difference of a norm that counts as divergence."
+        ),
+    ] = 1e-3,
     tag_pattern: PatternOpt = None,
 ) -> None:
     """Compare two runs: per-layer norm ratios, first step of divergence, findings in one only."""
@@ -232,15 +273,19 @@ def compare(
 
     c = Console()
     div = result["divergence"]
-    c.print(f"A: {escape(run_a)}  ({result['a']['steps']} steps)\n"
-            f"B: {escape(run_b)}  ({result['b']['steps']} steps)\n"
-            f"common steps: {result['common_steps']}, common layers: {result['common_layers']}")
+    c.print(
+        f"A: {escape(run_a)}  ({result['a']['steps']} steps)\n"
+        f"B: {escape(run_b)}  ({result['b']['steps']} steps)\n"
+        f"common steps: {result['common_steps']}, common layers: {result['common_layers']}"
+    )
     if div is None:
         c.print(f"[green]no divergence beyond rtol={rtol:g} on common steps[/green]")
     else:
-        c.print(f"[yellow]first divergence at step {div['step']} in "
-                f"{escape(div['layer'] or '(global norm)')}: {_fmt(div['a'])} vs "
-                f"{_fmt(div['b'])}[/yellow]")
+        c.print(
+            f"[yellow]first divergence at step {div['step']} in "
+            f"{escape(div['layer'] or '(global norm)')}: {_fmt(div['a'])} vs "
+            f"{_fmt(div['b'])}[/yellow]"
+        )
     t = Table(title="per-layer median gradient norm (B / A)")
     for col in ("layer", "A", "B", "B/A"):
         t.add_column(col)
@@ -250,12 +295,13 @@ def compare(
     for side in ("a", "b"):
         only = result[f"only_{side}"]
         if only:
-            c.print(f"findings only in {side.upper()}: " + ", ".join(
-                escape(f"{f['kind']}@{f['layer'] or '(model)'}") for f in only))
+            c.print(
+                f"findings only in {side.upper()}: "
+                + ", ".join(escape(f"{f['kind']}@{f['layer'] or '(model)'}") for f in only)
+            )
 
 
-def compare_runs(a: str, b: str, *, rtol: float = 1e-3,
-                 tag_pattern: str | None = None) -> dict:
+def compare_runs(a: str, b: str, *, rtol: float = 1e-3, tag_pattern: str | None = None) -> dict:
     """The data behind ``graddiag compare`` (JSON-ready).
 
     Returns:
@@ -277,8 +323,9 @@ def compare_runs(a: str, b: str, *, rtol: float = 1e-3,
         rep = _analyze(path, tag_pattern=tag_pattern)
         if len(rep.runs) != 1:
             names = ", ".join(r.run for r in rep.runs)
-            raise LogReadError(f"{path}: holds {len(rep.runs)} runs ({names}); point at one run "
-                               f"directory")
+            raise LogReadError(
+                f"{path}: holds {len(rep.runs)} runs ({names}); point at one run directory"
+            )
         reports.append(rep.runs[0])
     ra, rb = reports
     sa, sb = ra.series, rb.series
@@ -290,6 +337,7 @@ def compare_runs(a: str, b: str, *, rtol: float = 1e-3,
     ga, gb = sa.global_norm()[ia], sb.global_norm()[ib]
     xa, xb = sa.grad_norm[np.ix_(ia, ja)], sb.grad_norm[np.ix_(ib, jb)]
     with np.errstate(all="ignore"):
+
         def differs(x, y):
             scale = np.maximum(np.abs(x), np.abs(y))
             nan_mismatch = np.isnan(x) != np.isnan(y)
@@ -302,8 +350,12 @@ def compare_runs(a: str, b: str, *, rtol: float = 1e-3,
         i = int(rows[0])
         if dl[i].any():
             j = int(np.argmax(dl[i]))
-            divergence = {"step": int(steps[i]), "layer": layers[j], "a": _num(xa[i, j]),
-                          "b": _num(xb[i, j])}
+            divergence = {
+                "step": int(steps[i]),
+                "layer": layers[j],
+                "a": _num(xa[i, j]),
+                "b": _num(xb[i, j]),
+            }
         else:
             divergence = {"step": int(steps[i]), "layer": None, "a": _num(ga[i]), "b": _num(gb[i])}
 
@@ -328,16 +380,31 @@ def compare_runs(a: str, b: str, *, rtol: float = 1e-3,
     ka, kb = keys(ra), keys(rb)
 
     def as_list(ks):
-        return [{"kind": k, "layer": n, "severity": s} for k, n, s in
-                sorted(ks, key=lambda t: (t[0], t[1] or "", t[2]))]
+        return [
+            {"kind": k, "layer": n, "severity": s}
+            for k, n, s in sorted(ks, key=lambda t: (t[0], t[1] or "", t[2]))
+        ]
 
-    return {"a": {"path": a, "steps": int(len(sa.steps)), "layers": len(sa.layers),
-                  "findings": len(ra.findings)},
-            "b": {"path": b, "steps": int(len(sb.steps)), "layers": len(sb.layers),
-                  "findings": len(rb.findings)},
-            "common_steps": int(len(steps)), "common_layers": len(layers),
-            "divergence": divergence, "layers": table,
-            "only_a": as_list(ka - kb), "only_b": as_list(kb - ka)}
+    return {
+        "a": {
+            "path": a,
+            "steps": int(len(sa.steps)),
+            "layers": len(sa.layers),
+            "findings": len(ra.findings),
+        },
+        "b": {
+            "path": b,
+            "steps": int(len(sb.steps)),
+            "layers": len(sb.layers),
+            "findings": len(rb.findings),
+        },
+        "common_steps": int(len(steps)),
+        "common_layers": len(layers),
+        "divergence": divergence,
+        "layers": table,
+        "only_a": as_list(ka - kb),
+        "only_b": as_list(kb - ka),
+    }
 
 
 def _num(x) -> float | None:
@@ -374,8 +441,9 @@ def export(
 
 @app.command()
 def demo(
-    logdir: Annotated[str, typer.Option(
-        "--logdir", help="Where the demo writes its TensorBoard logs.")] = "runs/demo",
+    logdir: Annotated[
+        str, typer.Option("--logdir", help="Where the demo writes its TensorBoard logs.")
+    ] = "runs/demo",
 ) -> None:
     """Train a small model with planted gradient problems, then analyze its logs."""
     import logging
@@ -390,8 +458,16 @@ def demo(
         run_demo(run_dir)
     except ImportError as e:
         raise _fail(f"graddiag demo needs PyTorch ({e})") from None
-    analyze(logdir=run_dir, format=Format.table, fail_on=None, run=None, steps=None,
-            tag_pattern=None, output=None, top=5)
+    analyze(
+        logdir=run_dir,
+        format=Format.table,
+        fail_on=None,
+        run=None,
+        steps=None,
+        tag_pattern=None,
+        output=None,
+        top=5,
+    )
     typer.echo(f"\nTensorBoard: tensorboard --logdir {run_dir}")
 
 

@@ -81,11 +81,15 @@ class ClipScale:
     layer_coef: Any = None
 
 
-def _check(name: str, value: Any, lo: float = 0.0, hi: float = math.inf, lo_open: bool = True) -> float:
+def _check(
+    name: str, value: Any, lo: float = 0.0, hi: float = math.inf, lo_open: bool = True
+) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"Expected `{name}` to be a finite number, got {value!r}")
     if value < lo or (lo_open and value == lo) or value > hi:
-        raise ValueError(f"Expected `{name}` to be in {'(' if lo_open else '['}{lo}, {hi}], got {value!r}")
+        raise ValueError(
+            f"Expected `{name}` to be in {'(' if lo_open else '['}{lo}, {hi}], got {value!r}"
+        )
     return float(value)
 
 
@@ -154,10 +158,15 @@ class AutoClip(NormPolicy):
 
     def update(self, layer_norms, global_norm, state, ops=NumpyOps):
         finite = global_norm == global_norm  # NaN never enters the history
-        norms = ops.where(finite, ops.roll_in(state["norms"], state["count"], global_norm), state["norms"])
+        norms = ops.where(
+            finite, ops.roll_in(state["norms"], state["count"], global_norm), state["norms"]
+        )
         threshold = ops.nanquantile(norms, self.percentile / 100.0)
         coef = ops.minimum1(threshold / (global_norm + NORM_EPS))
-        return ClipScale(global_coef=coef), {"norms": norms, "count": state["count"] + ops.where(finite, 1.0, 0.0)}
+        return ClipScale(global_coef=coef), {
+            "norms": norms,
+            "count": state["count"] + ops.where(finite, 1.0, 0.0),
+        }
 
 
 class ZClip(NormPolicy):
@@ -176,8 +185,9 @@ class ZClip(NormPolicy):
         Kumar et al., "ZClip: Adaptive Spike Mitigation for LLM Pre-Training", 2025.
     """
 
-    def __init__(self, alpha: float = 0.97, z_threshold: float = 2.5, warmup: int = 25,
-                 eps: float = 1e-6) -> None:
+    def __init__(
+        self, alpha: float = 0.97, z_threshold: float = 2.5, warmup: int = 25, eps: float = 1e-6
+    ) -> None:
         self.alpha = _check("alpha", alpha, 0.0, 1.0)
         if alpha == 1.0:
             raise ValueError(f"Expected `alpha` to be in (0, 1), got {alpha!r}")
@@ -217,7 +227,12 @@ class ZClip(NormPolicy):
         mean = ops.where(done_now, wm, ops.where(upd, em, state["mean"]))
         var = ops.where(done_now, wv, ops.where(upd, ev, state["var"]))
         return ClipScale(global_coef=ops.minimum1(coef)), {
-            "count": n_new, "sum": s1, "sumsq": s2, "mean": mean, "var": var}
+            "count": n_new,
+            "sum": s1,
+            "sumsq": s2,
+            "mean": mean,
+            "var": var,
+        }
 
 
 class ValueClip:
@@ -261,7 +276,9 @@ class AGC:
     def scale(self, grad_unit_norm, param_unit_norm, ops=NumpyOps):
         """The per-unit factor (<= 1) given unit norms of gradient and parameter."""
         max_norm = self.clipping * ops.maximum(param_unit_norm, self.eps)
-        return ops.where(grad_unit_norm > max_norm, max_norm / ops.maximum(grad_unit_norm, 1e-6), 1.0)
+        return ops.where(
+            grad_unit_norm > max_norm, max_norm / ops.maximum(grad_unit_norm, 1e-6), 1.0
+        )
 
     def __repr__(self) -> str:
         return f"AGC(clipping={self.clipping!r}, eps={self.eps!r})"
@@ -283,7 +300,9 @@ class Chain:
             elif isinstance(p, POLICY_TYPES):
                 flat.append(p)
             else:
-                raise ValueError(f"Expected clipping policies (GlobalNormClip, ValueClip, ...), got {p!r}")
+                raise ValueError(
+                    f"Expected clipping policies (GlobalNormClip, ValueClip, ...), got {p!r}"
+                )
         self.policies = tuple(flat)
 
     def stages(self) -> list[tuple[bool, tuple]]:
@@ -303,7 +322,9 @@ class Chain:
     def has_layer_coef(self) -> bool:
         return any(isinstance(p, LayerNormClip) for p in self.policies)
 
-    def update_norm_stage(self, stage_policies, layer_norms, global_norm, states: list, ops=NumpyOps):
+    def update_norm_stage(
+        self, stage_policies, layer_norms, global_norm, states: list, ops=NumpyOps
+    ):
         """Run consecutive norm policies.
 
         Returns `(global_coef, layer_coef, new_states, global_norm_after)`.
@@ -352,4 +373,6 @@ def as_chain(clip) -> Chain | None:
         return Chain(*clip)
     if isinstance(clip, POLICY_TYPES):
         return Chain(clip)
-    raise ValueError(f"Expected `clip` to be a clipping policy, a list of them, a number or None, got {clip!r}")
+    raise ValueError(
+        f"Expected `clip` to be a clipping policy, a list of them, a number or None, got {clip!r}"
+    )

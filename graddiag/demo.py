@@ -28,7 +28,9 @@ def run_demo(logdir: str | os.PathLike = "runs/demo", steps: int = 80, seed: int
         def __init__(self, d: int = 16, width: int = 32, depth: int = 16) -> None:
             super().__init__()
             dims = [d] + [width] * depth
-            self.blocks = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
+            self.blocks = nn.ModuleList(
+                nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True)
+            )
             self.unused_proj = nn.Linear(width, width)  # the bug: never called in forward()
             self.head = nn.Linear(width, 1)
 

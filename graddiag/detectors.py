@@ -63,7 +63,13 @@ SUGGEST = {
 
 def _positive(name: str, value: Any, integer: bool = False, allow_zero: bool = False) -> Any:
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+    if (
+        isinstance(value, bool)
+        or not ok_type
+        or not math.isfinite(value)
+        or value < 0
+        or (value == 0 and not allow_zero)
+    ):
         kind = "int" if integer else "number"
         raise ValueError(f"Expected `{name}` to be a positive {kind}, got {value!r}")
     return value
@@ -108,18 +114,34 @@ class Detector:
         """Forget everything seen so far."""
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in vars(self).items()
-                if k.startswith("_")}
+        return {
+            k: (v.copy() if isinstance(v, np.ndarray) else v)
+            for k, v in vars(self).items()
+            if k.startswith("_")
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for k, v in state.items():
             setattr(self, k, v)
 
-    def _finding(self, stats_step: int, layer: str | None, severity: str, value: float | None,
-                 message: str, suggestion_key: str | None = None) -> Finding:
-        return Finding(step=int(stats_step), layer=layer, kind=self.name, severity=severity,
-                       value=None if value is None else float(value), message=message,
-                       suggestion=SUGGEST[suggestion_key or self.name])
+    def _finding(
+        self,
+        stats_step: int,
+        layer: str | None,
+        severity: str,
+        value: float | None,
+        message: str,
+        suggestion_key: str | None = None,
+    ) -> Finding:
+        return Finding(
+            step=int(stats_step),
+            layer=layer,
+            kind=self.name,
+            severity=severity,
+            value=None if value is None else float(value),
+            message=message,
+            suggestion=SUGGEST[suggestion_key or self.name],
+        )
 
     def _zeros(self, dtype=np.int64) -> np.ndarray:
         return np.zeros(len(self.info.layers), dtype=dtype)
@@ -175,12 +197,16 @@ class NonFiniteDetector(Detector):
         layer = first
         if s.nonfinite_origin:
             layer = s.nonfinite_origin
-            where = (f"born in module {s.nonfinite_origin!r} (its gradient input is non-finite while "
-                     f"its gradient output was finite); first parameter layer {first!r}")
+            where = (
+                f"born in module {s.nonfinite_origin!r} (its gradient input is non-finite while "
+                f"its gradient output was finite); first parameter layer {first!r}"
+            )
         value = float(s.nonfinite[hit[0]]) if hit else None
         if self.amp:
-            msg = (f"Gradients overflowed for {self._run} consecutive steps under GradScaler, {where}"
-                   f"{extra}.")
+            msg = (
+                f"Gradients overflowed for {self._run} consecutive steps under GradScaler, {where}"
+                f"{extra}."
+            )
             return [self._finding(s.step, layer, "error", value, msg, "nonfinite_amp")]
         return [self._finding(s.step, layer, "error", value, f"NaN/Inf gradient {where}{extra}.")]
 
@@ -196,15 +222,20 @@ class VanishingDetector(Detector):
 
     name = "vanishing"
 
-    def __init__(self, abs_threshold: float = 1e-7, rel_threshold: float = 1e-4, patience: int = 10) -> None:
+    def __init__(
+        self, abs_threshold: float = 1e-7, rel_threshold: float = 1e-4, patience: int = 10
+    ) -> None:
         super().__init__()
         self.abs_threshold = _positive("abs_threshold", abs_threshold)
         self.rel_threshold = _positive("rel_threshold", rel_threshold)
         self.patience = _positive("patience", patience, integer=True)
 
     def config(self) -> dict[str, Any]:
-        return {"abs_threshold": self.abs_threshold, "rel_threshold": self.rel_threshold,
-                "patience": self.patience}
+        return {
+            "abs_threshold": self.abs_threshold,
+            "rel_threshold": self.rel_threshold,
+            "patience": self.patience,
+        }
 
     def reset(self) -> None:
         self._count = self._zeros()
@@ -227,11 +258,17 @@ class VanishingDetector(Detector):
         out = []
         for i in np.flatnonzero(self._count == self.patience):
             name = self.info.layers[i]
-            out.append(self._finding(
-                s.step, name, "warning", g[i],
-                f"Gradient norm of {name!r} is {g[i]:.2e} for {self.patience} steps, "
-                f"{g[i] / ref:.1e} of the largest layer ({ref:.2e}): this layer has almost stopped "
-                f"learning."))
+            out.append(
+                self._finding(
+                    s.step,
+                    name,
+                    "warning",
+                    g[i],
+                    f"Gradient norm of {name!r} is {g[i]:.2e} for {self.patience} steps, "
+                    f"{g[i] / ref:.1e} of the largest layer ({ref:.2e}): this layer has almost stopped "
+                    f"learning.",
+                )
+            )
         return out
 
 
@@ -248,8 +285,11 @@ class ExplodingDetector(Detector):
     def __init__(self, threshold: float = 1e3, layer_threshold: float | None = None) -> None:
         super().__init__()
         self.threshold = _positive("threshold", threshold)
-        self.layer_threshold = (self.threshold if layer_threshold is None
-                                else _positive("layer_threshold", layer_threshold))
+        self.layer_threshold = (
+            self.threshold
+            if layer_threshold is None
+            else _positive("layer_threshold", layer_threshold)
+        )
 
     def config(self) -> dict[str, Any]:
         return {"threshold": self.threshold, "layer_threshold": self.layer_threshold}
@@ -273,10 +313,16 @@ class ExplodingDetector(Detector):
             return []
         self._active = True
         name = self.info.layers[worst]
-        return [self._finding(
-            s.step, name, "warning", s.global_norm,
-            f"Gradient norm {s.global_norm:.3g} exceeds {self.threshold:.3g}; the largest layer is "
-            f"{name!r} ({g[worst]:.3g}).")]
+        return [
+            self._finding(
+                s.step,
+                name,
+                "warning",
+                s.global_norm,
+                f"Gradient norm {s.global_norm:.3g} exceeds {self.threshold:.3g}; the largest layer is "
+                f"{name!r} ({g[worst]:.3g}).",
+            )
+        ]
 
 
 class SpikeDetector(Detector):
@@ -293,8 +339,9 @@ class SpikeDetector(Detector):
 
     name = "spike"
 
-    def __init__(self, z_threshold: float = 6.0, min_ratio: float = 3.0, window: int = 100,
-                 warmup: int = 20) -> None:
+    def __init__(
+        self, z_threshold: float = 6.0, min_ratio: float = 3.0, window: int = 100, warmup: int = 20
+    ) -> None:
         super().__init__()
         self.z_threshold = _positive("z_threshold", z_threshold)
         self.min_ratio = _positive("min_ratio", min_ratio)
@@ -302,8 +349,12 @@ class SpikeDetector(Detector):
         self.warmup = _positive("warmup", warmup, integer=True, allow_zero=True)
 
     def config(self) -> dict[str, Any]:
-        return {"z_threshold": self.z_threshold, "min_ratio": self.min_ratio,
-                "window": self.window, "warmup": self.warmup}
+        return {
+            "z_threshold": self.z_threshold,
+            "min_ratio": self.min_ratio,
+            "window": self.window,
+            "warmup": self.warmup,
+        }
 
     def reset(self) -> None:
         self._n = 0
@@ -327,10 +378,16 @@ class SpikeDetector(Detector):
                 i = int(np.nanargmax(jump)) if np.isfinite(jump).any() else None
                 name = self.info.layers[i] if i is not None else None
                 at = f"; the largest jump is in {name!r} ({math.exp(jump[i]):.1f}x)" if name else ""
-                out.append(self._finding(
-                    s.step, name, "warning", z,
-                    f"Gradient norm spiked to {s.global_norm:.3g}, {math.exp(x - self._mean):.1f}x its "
-                    f"running mean (z={z:.1f} on log scale){at}."))
+                out.append(
+                    self._finding(
+                        s.step,
+                        name,
+                        "warning",
+                        z,
+                        f"Gradient norm spiked to {s.global_norm:.3g}, {math.exp(x - self._mean):.1f}x its "
+                        f"running mean (z={z:.1f} on log scale){at}.",
+                    )
+                )
                 return out  # keep the spike out of the history
         alpha = 1.0 / (self._n + 1) if self._n < self.window else 2.0 / (self.window + 1)
         self._n += 1
@@ -341,8 +398,9 @@ class SpikeDetector(Detector):
         d = x - self._mean
         self._mean += alpha * d
         self._var = (1 - alpha) * (self._var + alpha * d * d)
-        self._layer_mean = np.where(np.isfinite(lx), self._layer_mean + alpha * (lx - self._layer_mean),
-                                    self._layer_mean)
+        self._layer_mean = np.where(
+            np.isfinite(lx), self._layer_mean + alpha * (lx - self._layer_mean), self._layer_mean
+        )
         return out
 
 
@@ -374,14 +432,29 @@ class FrozenDetector(Detector):
         super().start(info)
         out = []
         for module, names in _group_by_module(info.frozen).items():
-            out.append(self._finding(0, module, "info", len(names),
-                                     f"{len(names)} parameter(s) of {module!r} do not require "
-                                     f"gradients: {', '.join(names)}.", "frozen_flag"))
+            out.append(
+                self._finding(
+                    0,
+                    module,
+                    "info",
+                    len(names),
+                    f"{len(names)} parameter(s) of {module!r} do not require "
+                    f"gradients: {', '.join(names)}.",
+                    "frozen_flag",
+                )
+            )
         for module, names in _group_by_module(info.unoptimized).items():
-            out.append(self._finding(0, module, "warning", len(names),
-                                     f"{len(names)} trainable parameter(s) of {module!r} are not in "
-                                     f"the optimizer and will never update: {', '.join(names)}.",
-                                     "frozen_opt"))
+            out.append(
+                self._finding(
+                    0,
+                    module,
+                    "warning",
+                    len(names),
+                    f"{len(names)} trainable parameter(s) of {module!r} are not in "
+                    f"the optimizer and will never update: {', '.join(names)}.",
+                    "frozen_opt",
+                )
+            )
         return out
 
     def update(self, s: StepStats) -> list[Finding]:
@@ -393,10 +466,18 @@ class FrozenDetector(Detector):
             return []
         self._any = True
         self._count = np.where(zero, self._count + 1, 0)
-        return [self._finding(s.step, self.info.layers[i], "warning", 0.0,
-                              f"Gradient of {self.info.layers[i]!r} has been exactly zero for "
-                              f"{self.patience} steps.", "frozen_zero")
-                for i in np.flatnonzero(self._count == self.patience)]
+        return [
+            self._finding(
+                s.step,
+                self.info.layers[i],
+                "warning",
+                0.0,
+                f"Gradient of {self.info.layers[i]!r} has been exactly zero for "
+                f"{self.patience} steps.",
+                "frozen_zero",
+            )
+            for i in np.flatnonzero(self._count == self.patience)
+        ]
 
 
 class DetachedDetector(Detector):
@@ -426,10 +507,17 @@ class DetachedDetector(Detector):
         self._steps += 1
         if self._steps != self.patience:
             return []
-        return [self._finding(s.step, self.info.layers[i], "warning", None,
-                              f"Trainable layer {self.info.layers[i]!r} has received no gradient in "
-                              f"{self.patience} steps: it is cut off from the loss.")
-                for i in np.flatnonzero(~self._ever)]
+        return [
+            self._finding(
+                s.step,
+                self.info.layers[i],
+                "warning",
+                None,
+                f"Trainable layer {self.info.layers[i]!r} has received no gradient in "
+                f"{self.patience} steps: it is cut off from the loss.",
+            )
+            for i in np.flatnonzero(~self._ever)
+        ]
 
 
 class AccumulationDetector(Detector):
@@ -451,9 +539,16 @@ class AccumulationDetector(Detector):
         if self._active:
             return []
         self._active = True
-        return [self._finding(s.step, None, "warning", None,
-                              "Gradients were not reset since the previous optimizer step: this step "
-                              "applies the sum of all gradients so far (zero_grad was not called).")]
+        return [
+            self._finding(
+                s.step,
+                None,
+                "warning",
+                None,
+                "Gradients were not reset since the previous optimizer step: this step "
+                "applies the sum of all gradients so far (zero_grad was not called).",
+            )
+        ]
 
 
 #: A clip coefficient within this of 1 means "not clipped" (norm ratios carry rounding).
@@ -491,14 +586,30 @@ class ClipRateDetector(Detector):
             return []
         rate = self._clipped / self._seen
         severity = "warning" if rate > self.warn_rate else "info"
-        return [self._finding(step, None, severity, rate,
-                              f"Clipping changed the gradients on {self._clipped} of {self._seen} "
-                              f"steps ({rate:.1%}).")]
+        return [
+            self._finding(
+                step,
+                None,
+                severity,
+                rate,
+                f"Clipping changed the gradients on {self._clipped} of {self._seen} "
+                f"steps ({rate:.1%}).",
+            )
+        ]
 
 
 DETECTORS: dict[str, type[Detector]] = {
-    d.name: d for d in (NonFiniteDetector, VanishingDetector, ExplodingDetector, SpikeDetector,
-                        FrozenDetector, DetachedDetector, AccumulationDetector, ClipRateDetector)
+    d.name: d
+    for d in (
+        NonFiniteDetector,
+        VanishingDetector,
+        ExplodingDetector,
+        SpikeDetector,
+        FrozenDetector,
+        DetachedDetector,
+        AccumulationDetector,
+        ClipRateDetector,
+    )
 }
 
 
@@ -522,8 +633,10 @@ def build_detectors(spec: Mapping[str, Any] | Iterable[Detector] | None = None) 
         return dets
     unknown = set(spec) - set(DETECTORS)
     if unknown:
-        raise ValueError(f"Unknown detector name(s) in `detectors`: {sorted(unknown)}; "
-                         f"known: {sorted(DETECTORS)}")
+        raise ValueError(
+            f"Unknown detector name(s) in `detectors`: {sorted(unknown)}; "
+            f"known: {sorted(DETECTORS)}"
+        )
     out = []
     for name, cls in DETECTORS.items():
         cfg = spec.get(name, True)
@@ -532,7 +645,9 @@ def build_detectors(spec: Mapping[str, Any] | Iterable[Detector] | None = None) 
         if cfg is True:
             cfg = {}
         if not isinstance(cfg, Mapping):
-            raise ValueError(f"Expected `detectors[{name!r}]` to be a bool or a dict of settings, got {cfg!r}")
+            raise ValueError(
+                f"Expected `detectors[{name!r}]` to be a bool or a dict of settings, got {cfg!r}"
+            )
         try:
             out.append(cls(**cfg))
         except TypeError as e:
@@ -548,7 +663,9 @@ class Diagnoser:
         detectors: see `build_detectors`.
     """
 
-    def __init__(self, info: ModelInfo, detectors: Mapping[str, Any] | Iterable[Detector] | None = None) -> None:
+    def __init__(
+        self, info: ModelInfo, detectors: Mapping[str, Any] | Iterable[Detector] | None = None
+    ) -> None:
         self.info = info
         self.detectors = build_detectors(detectors)
         self.findings: list[Finding] = []

@@ -125,18 +125,30 @@ class EventFileWriter:
         OSError: if `logdir` cannot be created or written (the message names the path).
     """
 
-    def __init__(self, logdir: str | os.PathLike, flush_secs: float = 2.0, filename_suffix: str = "") -> None:
-        if not isinstance(flush_secs, (int, float)) or isinstance(flush_secs, bool) or flush_secs < 0:
-            raise ValueError(f"Expected `flush_secs` to be a non-negative number, got {flush_secs!r}")
+    def __init__(
+        self, logdir: str | os.PathLike, flush_secs: float = 2.0, filename_suffix: str = ""
+    ) -> None:
+        if (
+            not isinstance(flush_secs, (int, float))
+            or isinstance(flush_secs, bool)
+            or flush_secs < 0
+        ):
+            raise ValueError(
+                f"Expected `flush_secs` to be a non-negative number, got {flush_secs!r}"
+            )
         logdir = os.fspath(logdir)
         try:
             os.makedirs(logdir, exist_ok=True)
-            name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
-                    f"{os.getpid()}.{_next_id()}{filename_suffix}")
+            name = (
+                f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
+                f"{os.getpid()}.{_next_id()}{filename_suffix}"
+            )
             self.path = os.path.join(logdir, name)
             self._records = RecordWriter(self.path)
         except OSError as e:
-            raise OSError(f"cannot write TensorBoard logs to logdir {logdir!r}: {e.strerror or e}") from e
+            raise OSError(
+                f"cannot write TensorBoard logs to logdir {logdir!r}: {e.strerror or e}"
+            ) from e
         self.logdir = logdir
         self.flush_secs = float(flush_secs)
         self._last_flush = time.monotonic()
@@ -154,7 +166,9 @@ class EventFileWriter:
                 self._records.flush()
                 self._last_flush = now
 
-    def add_scalars(self, step: int, tags: Sequence[str], values, wall_time: float | None = None) -> None:
+    def add_scalars(
+        self, step: int, tags: Sequence[str], values, wall_time: float | None = None
+    ) -> None:
         """Write one event holding a `simple_value` per tag (all at `step`).
 
         `tags` should be the same tuple object from step to step: its encoding is cached.
@@ -167,10 +181,16 @@ class EventFileWriter:
             tpl = self._templates[key] = _ScalarTemplate(key)
         values = np.asarray(values, dtype=np.float64)
         if values.shape != (len(key),):
-            raise ValueError(f"Expected {len(key)} values for {len(key)} tags, got shape {values.shape}")
-        self._write(encode_event(step, time.time() if wall_time is None else wall_time, tpl.encode(values)))
+            raise ValueError(
+                f"Expected {len(key)} values for {len(key)} tags, got shape {values.shape}"
+            )
+        self._write(
+            encode_event(step, time.time() if wall_time is None else wall_time, tpl.encode(values))
+        )
 
-    def add_scalar_dict(self, step: int, scalars: Mapping[str, float], wall_time: float | None = None) -> None:
+    def add_scalar_dict(
+        self, step: int, scalars: Mapping[str, float], wall_time: float | None = None
+    ) -> None:
         """Write `{tag: value}` as one event."""
         self.add_scalars(step, tuple(scalars), list(scalars.values()), wall_time)
 
@@ -179,13 +199,30 @@ class EventFileWriter:
         data = summary if isinstance(summary, bytes) else summary.SerializeToString()
         self._write(encode_event(step, time.time() if wall_time is None else wall_time, data))
 
-    def add_histogram(self, step: int, tag: str, counts, edges, vmin: float, vmax: float,
-                      vsum: float, vsum_sq: float, num: float) -> None:
+    def add_histogram(
+        self,
+        step: int,
+        tag: str,
+        counts,
+        edges,
+        vmin: float,
+        vmax: float,
+        vsum: float,
+        vsum_sq: float,
+        num: float,
+    ) -> None:
         """Write a histogram; `edges` are the right bucket limits (len(edges) == len(counts))."""
         from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 
-        h = HistogramProto(min=vmin, max=vmax, num=num, sum=vsum, sum_squares=vsum_sq,
-                           bucket_limit=list(map(float, edges)), bucket=list(map(float, counts)))
+        h = HistogramProto(
+            min=vmin,
+            max=vmax,
+            num=num,
+            sum=vsum,
+            sum_squares=vsum_sq,
+            bucket_limit=list(map(float, edges)),
+            bucket=list(map(float, counts)),
+        )
         self.add_summary(step, Summary(value=[Summary.Value(tag=tag, histo=h)]))
 
     def add_text(self, step: int, tag: str, text: str) -> None:
@@ -196,9 +233,14 @@ class EventFileWriter:
         from tensorboard.compat.proto.types_pb2 import DT_STRING
 
         meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="text"))
-        tensor = TensorProto(dtype=DT_STRING, string_val=[text.encode("utf-8")],
-                             tensor_shape=TensorShapeProto(dim=[TensorShapeProto.Dim(size=1)]))
-        self.add_summary(step, Summary(value=[Summary.Value(tag=tag, metadata=meta, tensor=tensor)]))
+        tensor = TensorProto(
+            dtype=DT_STRING,
+            string_val=[text.encode("utf-8")],
+            tensor_shape=TensorShapeProto(dim=[TensorShapeProto.Dim(size=1)]),
+        )
+        self.add_summary(
+            step, Summary(value=[Summary.Value(tag=tag, metadata=meta, tensor=tensor)])
+        )
 
     def add_custom_scalars_layout(self, layout) -> None:
         """Write a `custom_scalar.layout_pb2.Layout` so TensorBoard groups the charts."""
@@ -208,8 +250,12 @@ class EventFileWriter:
 
         meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="custom_scalars"))
         tensor = TensorProto(dtype=DT_STRING, string_val=[layout.SerializeToString()])
-        self.add_summary(0, Summary(value=[Summary.Value(tag="custom_scalars__config__",
-                                                         metadata=meta, tensor=tensor)]))
+        self.add_summary(
+            0,
+            Summary(
+                value=[Summary.Value(tag="custom_scalars__config__", metadata=meta, tensor=tensor)]
+            ),
+        )
 
     def flush(self) -> None:
         with self._lock:

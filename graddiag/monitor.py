@@ -97,38 +97,70 @@ def custom_scalars_layout():
         return lp.Chart(title=title, multiline=lp.MultilineChartContent(tag=list(regex)))
 
     g = "graddiag/global/"
-    return lp.Layout(category=[
-        lp.Category(title="graddiag: global", chart=[
-            chart("global gradient norm (pre-clip)", g + "grad_norm"),
-            chart("layers with NaN/Inf gradients", g + "nonfinite"),
-            chart("loss", g + "loss"),
-        ]),
-        lp.Category(title="graddiag: per-layer gradient norms", chart=[
-            chart("gradient norm per layer", r"graddiag/grad_norm/.*"),
-            chart("max |g| per layer", r"graddiag/grad_max/.*"),
-            chart("update / weight ratio per layer", r"graddiag/update_ratio/.*"),
-        ]),
-        lp.Category(title="graddiag: clipping", chart=[
-            chart("global clip coefficient", g + "clip_coef"),
-            chart("per-layer clip coefficient", r"graddiag/clip_coef/.*"),
-        ]),
-        lp.Category(title="graddiag: findings", chart=[
-            chart("new findings per step", g + "findings"),
-            chart("gradients reset / backward calls", g + "grad_reset", g + "backward_calls"),
-        ]),
-    ])
+    return lp.Layout(
+        category=[
+            lp.Category(
+                title="graddiag: global",
+                chart=[
+                    chart("global gradient norm (pre-clip)", g + "grad_norm"),
+                    chart("layers with NaN/Inf gradients", g + "nonfinite"),
+                    chart("loss", g + "loss"),
+                ],
+            ),
+            lp.Category(
+                title="graddiag: per-layer gradient norms",
+                chart=[
+                    chart("gradient norm per layer", r"graddiag/grad_norm/.*"),
+                    chart("max |g| per layer", r"graddiag/grad_max/.*"),
+                    chart("update / weight ratio per layer", r"graddiag/update_ratio/.*"),
+                ],
+            ),
+            lp.Category(
+                title="graddiag: clipping",
+                chart=[
+                    chart("global clip coefficient", g + "clip_coef"),
+                    chart("per-layer clip coefficient", r"graddiag/clip_coef/.*"),
+                ],
+            ),
+            lp.Category(
+                title="graddiag: findings",
+                chart=[
+                    chart("new findings per step", g + "findings"),
+                    chart(
+                        "gradients reset / backward calls", g + "grad_reset", g + "backward_calls"
+                    ),
+                ],
+            ),
+        ]
+    )
 
 
 class TensorBoardSink:
     """Writes `StepStats` and findings as TensorBoard events, one event per step for all scalars."""
 
-    def __init__(self, logdir: str | os.PathLike, info: ModelInfo, run_meta: Mapping[str, Any],
-                 flush_secs: float = 2.0) -> None:
+    def __init__(
+        self,
+        logdir: str | os.PathLike,
+        info: ModelInfo,
+        run_meta: Mapping[str, Any],
+        flush_secs: float = 2.0,
+    ) -> None:
         self.writer = EventFileWriter(logdir, flush_secs=flush_secs, filename_suffix=".graddiag")
         self.info = info
-        self._layer_tags = {s: tuple(tags.tag(s, n) for n in info.layers)
-                            for s in ("grad_norm", "grad_max", "nonfinite", "nan_count", "inf_count",
-                                      "zero_frac", "param_norm", "update_ratio", "clip_coef")}
+        self._layer_tags = {
+            s: tuple(tags.tag(s, n) for n in info.layers)
+            for s in (
+                "grad_norm",
+                "grad_max",
+                "nonfinite",
+                "nan_count",
+                "inf_count",
+                "zero_frac",
+                "param_norm",
+                "update_ratio",
+                "clip_coef",
+            )
+        }
         self._keys: dict[tuple, tuple[str, ...]] = {}
         self.writer.add_custom_scalars_layout(custom_scalars_layout())
         self.writer.add_text(0, tags.MODEL, json.dumps(dict(run_meta), sort_keys=True, default=str))
@@ -157,23 +189,34 @@ class TensorBoardSink:
         per_layer = [("grad_norm", s.grad_norm, None if all_have else has)]
         if any_bad:
             per_layer.append(("nonfinite", s.nonfinite, bad))
-        for stat, arr, mask in (("grad_max", s.grad_max, has), ("zero_frac", s.zero_frac, has),
-                                ("param_norm", s.param_norm, None), ("update_ratio", s.update_ratio, None),
-                                ("nan_count", s.nan_count, None), ("inf_count", s.inf_count, None),
-                                ("clip_coef", s.layer_clip_coef, has)):
+        for stat, arr, mask in (
+            ("grad_max", s.grad_max, has),
+            ("zero_frac", s.zero_frac, has),
+            ("param_norm", s.param_norm, None),
+            ("update_ratio", s.update_ratio, None),
+            ("nan_count", s.nan_count, None),
+            ("inf_count", s.inf_count, None),
+            ("clip_coef", s.layer_clip_coef, has),
+        ):
             if arr is not None:
                 per_layer.append((stat, arr, None if mask is None or all_have else mask))
-        key = (tuple(gnames),) + tuple((stat, None if m is None else m.tobytes()) for stat, _, m in per_layer)
+        key = (tuple(gnames),) + tuple(
+            (stat, None if m is None else m.tobytes()) for stat, _, m in per_layer
+        )
         tag_tuple = self._keys.get(key)
         if tag_tuple is None:
             all_tags = [tags.tag(n) for n in gnames]
             for stat, _, mask in per_layer:
                 lt = self._layer_tags[stat]
-                all_tags.extend(lt if mask is None else [t for t, m in zip(lt, mask, strict=True) if m])
+                all_tags.extend(
+                    lt if mask is None else [t for t, m in zip(lt, mask, strict=True) if m]
+                )
             if len(self._keys) > 256:
                 self._keys.clear()
             tag_tuple = self._keys[key] = tuple(all_tags)
-        values = [np.asarray(gvals)] + [arr if m is None else np.asarray(arr)[m] for _, arr, m in per_layer]
+        values = [np.asarray(gvals)] + [
+            arr if m is None else np.asarray(arr)[m] for _, arr, m in per_layer
+        ]
         self.writer.add_scalars(s.step, tag_tuple, np.concatenate(values))
         if s.nonfinite_origin:
             self.writer.add_text(s.step, tags.NONFINITE_ORIGIN, s.nonfinite_origin)
@@ -182,17 +225,33 @@ class TensorBoardSink:
         rows = ["| severity | kind | layer | message | suggestion |", "|---|---|---|---|---|"]
         for f in findings:
             cells = [f.severity, f.kind, f.layer or "(model)", f.message, f.suggestion]
-            rows.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+            rows.append(
+                "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+            )
         self.writer.add_text(step, tags.FINDINGS, "\n".join(rows))
 
-    def write_histogram(self, step: int, layer: str, counts, edges, vmin, vmax, vsum, vsumsq, num,
-                        nan: int, inf: int) -> None:
+    def write_histogram(
+        self,
+        step: int,
+        layer: str,
+        counts,
+        edges,
+        vmin,
+        vmax,
+        vsum,
+        vsumsq,
+        num,
+        nan: int,
+        inf: int,
+    ) -> None:
         """A layer's histogram of finite gradient values, with its NaN/Inf counts beside it."""
         if num > 0:
-            self.writer.add_histogram(step, tags.hist_tag(layer), counts, edges, vmin, vmax, vsum,
-                                      vsumsq, num)
-        self.writer.add_scalars(step, (tags.tag("nan_count", layer), tags.tag("inf_count", layer)),
-                                [nan, inf])
+            self.writer.add_histogram(
+                step, tags.hist_tag(layer), counts, edges, vmin, vmax, vsum, vsumsq, num
+            )
+        self.writer.add_scalars(
+            step, (tags.tag("nan_count", layer), tags.tag("inf_count", layer)), [nan, inf]
+        )
 
     def flush(self) -> None:
         self.writer.flush()
@@ -214,10 +273,16 @@ class MonitorCore:
         close_at_exit: close (flush) at interpreter exit if `close()` was not called.
     """
 
-    def __init__(self, info: ModelInfo, logdir: str | os.PathLike | None = None,
-                 detectors: Mapping[str, Any] | Iterable[Detector] | None = None,
-                 history: int = 1000, flush_secs: float = 2.0,
-                 run_meta: Mapping[str, Any] | None = None, close_at_exit: bool = True) -> None:
+    def __init__(
+        self,
+        info: ModelInfo,
+        logdir: str | os.PathLike | None = None,
+        detectors: Mapping[str, Any] | Iterable[Detector] | None = None,
+        history: int = 1000,
+        flush_secs: float = 2.0,
+        run_meta: Mapping[str, Any] | None = None,
+        close_at_exit: bool = True,
+    ) -> None:
         check_int("history", history, 0)
         if logdir is not None and not isinstance(logdir, (str, os.PathLike)):
             raise ValueError(f"Expected `logdir` to be a path or None, got {logdir!r}")
@@ -257,7 +322,8 @@ class MonitorCore:
         attach it to that step's `StepStats` if it is still in the history."""
         if self.sink is not None:
             self.sink.writer.add_scalars(
-                step, tuple(tags.tag("update_ratio", n) for n in self.info.layers), ratio)
+                step, tuple(tags.tag("update_ratio", n) for n in self.info.layers), ratio
+            )
         for s in reversed(self.history):
             if s.step == step:
                 s.update_ratio = ratio
@@ -265,7 +331,9 @@ class MonitorCore:
 
     def _emit(self, step: int, new: list[Finding]) -> None:
         for f in new:
-            level = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}[f.severity]
+            level = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}[
+                f.severity
+            ]
             log.log(level, "graddiag: %s", f)
         if self.sink is not None:
             self.sink.write_findings(step, new)

@@ -65,8 +65,16 @@ from graddiag import tags
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["LogData", "LogReadError", "ReadStats", "RunData", "discover_runs", "parse_steps",
-           "read", "read_logs"]
+__all__ = [
+    "LogData",
+    "LogReadError",
+    "ReadStats",
+    "RunData",
+    "discover_runs",
+    "parse_steps",
+    "read",
+    "read_logs",
+]
 
 _MASK_DELTA = 0xA282EAD8
 _CHUNK = 8 << 20
@@ -78,13 +86,20 @@ _PROGRESS_MIN_BYTES = 32 << 20
 _MAX_TEMPLATES_PER_KEY = 16
 
 #: How several tags that map to one (step, layer, stat) are combined.
-_COMBINE = {"grad_norm": "rss", "param_norm": "rss", "grad_max": "max", "nonfinite": "sum",
-            "nan_count": "sum", "inf_count": "sum"}
+_COMBINE = {
+    "grad_norm": "rss",
+    "param_norm": "rss",
+    "grad_max": "max",
+    "nonfinite": "sum",
+    "nan_count": "sum",
+    "inf_count": "sum",
+}
 
 _LIGHTNING_TOTAL = "grad_2.0_norm_total"
 _LIGHTNING_PREFIX = "grad_2.0_norm/"
 _GRAD_HIST = re.compile(
-    r"(?i)(?:grads?|gradients?)[/.](?P<param>.+)|(?P<param2>.+?)(?:[/._](?:grads?|gradients?))")
+    r"(?i)(?:grads?|gradients?)[/.](?P<param>.+)|(?P<param2>.+?)(?:[/._](?:grads?|gradients?))"
+)
 
 
 class LogReadError(ValueError):
@@ -118,12 +133,17 @@ class ReadStats:
     unreadable_files: list[tuple[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"files": self.files, "bytes": self.bytes, "records": self.records,
-                "events": self.events, "scalars": self.scalars,
-                "corrupt_records": self.corrupt_records,
-                "truncated_files": list(self.truncated_files),
-                "truncated_bytes": self.truncated_bytes,
-                "unreadable_files": [list(x) for x in self.unreadable_files]}
+        return {
+            "files": self.files,
+            "bytes": self.bytes,
+            "records": self.records,
+            "events": self.events,
+            "scalars": self.scalars,
+            "corrupt_records": self.corrupt_records,
+            "truncated_files": list(self.truncated_files),
+            "truncated_bytes": self.truncated_bytes,
+            "unreadable_files": [list(x) for x in self.unreadable_files],
+        }
 
 
 @dataclass
@@ -215,8 +235,14 @@ def parse_steps(steps: str | tuple | slice | None) -> tuple[int | None, int | No
             steps = tuple(int(p) if p.strip() else None for p in parts)
         except ValueError:
             raise LogReadError(f"Expected `steps` as 'A:B' with integers, got {steps!r}") from None
-    if not isinstance(steps, tuple) or len(steps) != 2 or not all(
-            s is None or (isinstance(s, (int, np.integer)) and not isinstance(s, bool)) for s in steps):
+    if (
+        not isinstance(steps, tuple)
+        or len(steps) != 2
+        or not all(
+            s is None or (isinstance(s, (int, np.integer)) and not isinstance(s, bool))
+            for s in steps
+        )
+    ):
         raise LogReadError(f"Expected `steps` as 'A:B', (A, B) or slice(A, B), got {steps!r}")
     a, b = steps
     if a is not None and b is not None and b <= a:
@@ -306,8 +332,12 @@ class _Run:
 class _Reader:
     """Decodes event files into per-run columns (see the module docstring)."""
 
-    def __init__(self, tag_pattern: str | None, step_range: tuple[int | None, int | None],
-                 chunk_size: int = _CHUNK) -> None:
+    def __init__(
+        self,
+        tag_pattern: str | None,
+        step_range: tuple[int | None, int | None],
+        chunk_size: int = _CHUNK,
+    ) -> None:
         if tag_pattern is not None:
             try:
                 self.user_re = re.compile(tag_pattern)
@@ -315,7 +345,8 @@ class _Reader:
                 raise LogReadError(f"Bad `tag_pattern` {tag_pattern!r}: {e}") from None
             if "layer" not in self.user_re.groupindex:
                 raise LogReadError(
-                    f"Expected `tag_pattern` to have a named group (?P<layer>...), got {tag_pattern!r}")
+                    f"Expected `tag_pattern` to have a named group (?P<layer>...), got {tag_pattern!r}"
+                )
         else:
             self.user_re = None
         self.lo, self.hi = step_range
@@ -379,13 +410,16 @@ class _Reader:
         if tag == _LIGHTNING_TOTAL:
             return "", "grad_norm", 0, False
         if tag.startswith(_LIGHTNING_PREFIX) and len(tag) > len(_LIGHTNING_PREFIX):
-            return _layer_of(tag[len(_LIGHTNING_PREFIX):]), "grad_norm", 1, False
+            return _layer_of(tag[len(_LIGHTNING_PREFIX) :]), "grad_norm", 1, False
         return "", tag, 0, False
 
     def lut(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self._lut is None:
-            self._lut = (np.asarray(self.t_layer, np.int32), np.asarray(self.t_stat, np.int32),
-                         np.asarray(self.t_comb, np.int8))
+            self._lut = (
+                np.asarray(self.t_layer, np.int32),
+                np.asarray(self.t_stat, np.int32),
+                np.asarray(self.t_comb, np.int8),
+            )
         return self._lut
 
     # ---- files -----------------------------------------------------------------------------
@@ -440,7 +474,7 @@ class _Reader:
         st = self.stats
         while pos + 12 <= n:
             length, hcrc = unpack_header(buf, pos)
-            c = crc(mv[pos:pos + 8])
+            c = crc(mv[pos : pos + 8])
             if ((((c >> 15) | (c << 17)) + _MASK_DELTA) & 0xFFFFFFFF) != hcrc:
                 if not self._resync:
                     st.corrupt_records += 1
@@ -451,7 +485,7 @@ class _Reader:
             end = pos + 12 + length
             if end + 4 > n:
                 return pos
-            c = crc(mv[pos + 12:end])
+            c = crc(mv[pos + 12 : end])
             if ((((c >> 15) | (c << 17)) + _MASK_DELTA) & 0xFFFFFFFF) != unpack_u32(buf, end)[0]:
                 st.corrupt_records += 1
                 pos = end + 4
@@ -482,7 +516,7 @@ class _Reader:
                         st.events += 1
                         key = None
                         for se in sig_ends.get(slen, ()):
-                            k = (slen, buf[q:q + se])
+                            k = (slen, buf[q : q + se])
                             if k in templates:
                                 key = k
                                 break
@@ -517,29 +551,45 @@ class _Reader:
                 pad = tpl.pad
                 parts = []
                 for s in starts_a.tolist():
-                    parts.append(mv[s:s + slen])
+                    parts.append(mv[s : s + slen])
                     parts.append(pad)
                 raw = np.frombuffer(b"".join(parts), np.uint8).reshape(len(starts_a), tpl.width)
-                words = raw.view(np.uint64) if raw.ctypes.data % 8 == 0 else raw.copy().view(np.uint64)
+                words = (
+                    raw.view(np.uint64) if raw.ctypes.data % 8 == 0 else raw.copy().view(np.uint64)
+                )
                 ok = ~((words ^ tpl.words) & tpl.mask).any(axis=1)
                 if ok.any():
                     vals = raw[ok].take(tpl.fpos, axis=1).view("<f4")
                     self._emit(run, steps_a[ok], walls_a[ok], tpl.tag_ids, vals)
                 bad = ~ok
                 starts_a, steps_a, walls_a = starts_a[bad], steps_a[bad], walls_a[bad]
-            for s, step, wall in zip(starts_a.tolist(), steps_a.tolist(), walls_a.tolist(), strict=True):
+            for s, step, wall in zip(
+                starts_a.tolist(), steps_a.tolist(), walls_a.tolist(), strict=True
+            ):
                 self._summary(buf, s, s + slen, step, wall, run)
         self._flush_generic(run)
 
     def _flush_generic(self, run: _Run) -> None:
         if run.g_tag:
-            self._emit(run, np.asarray(run.g_step, np.int64), np.asarray(run.g_wall, np.float64),
-                       np.asarray(run.g_tag, np.int64), np.asarray(run.g_val, np.float64)[:, None],
-                       per_row=True)
+            self._emit(
+                run,
+                np.asarray(run.g_step, np.int64),
+                np.asarray(run.g_wall, np.float64),
+                np.asarray(run.g_tag, np.int64),
+                np.asarray(run.g_val, np.float64)[:, None],
+                per_row=True,
+            )
             run.g_step, run.g_wall, run.g_tag, run.g_val = [], [], [], []
 
-    def _emit(self, run: _Run, steps: np.ndarray, walls: np.ndarray, tag_ids: np.ndarray,
-              vals: np.ndarray, per_row: bool = False) -> None:
+    def _emit(
+        self,
+        run: _Run,
+        steps: np.ndarray,
+        walls: np.ndarray,
+        tag_ids: np.ndarray,
+        vals: np.ndarray,
+        per_row: bool = False,
+    ) -> None:
         """Append rows: `vals` is (events, tags) for a template, or (rows, 1) with per-row tags."""
         if not per_row:
             self.stats.scalars += vals.size  # generic-path values are counted as decoded
@@ -631,7 +681,7 @@ class _Reader:
             # a summary of simple_values only: later summaries with the same static bytes take
             # the vectorized path
             se = min(offsets)
-            same = self.templates.setdefault((e - s, bytes(buf[s:s + se])), [])
+            same = self.templates.setdefault((e - s, bytes(buf[s : s + se])), [])
             if len(same) < _MAX_TEMPLATES_PER_KEY:
                 same.append(_Template(bytes(buf[s:e]), offsets, tag_list))
             ends = self.sig_ends.setdefault(e - s, [])
@@ -650,7 +700,7 @@ class _Reader:
             f, wt = key >> 3, key & 7
             if f == 1 and wt == 2:
                 n, p = _varint(buf, p)
-                tag = bytes(buf[p:p + n]).decode("utf-8")
+                tag = bytes(buf[p : p + n]).decode("utf-8")
                 p += n
             elif f == 2 and wt == 5:
                 if simple_at >= 0:
@@ -707,7 +757,9 @@ class _Reader:
             elif plugin == "histograms":
                 v = _tensor_hist_sumsq(buf, *tensor)
                 if v is not None:
-                    self._row(run, step, wall, self._tag_id(tag, True), math.sqrt(v) if v >= 0 else v)
+                    self._row(
+                        run, step, wall, self._tag_id(tag, True), math.sqrt(v) if v >= 0 else v
+                    )
         return None
 
     def _row(self, run: _Run, step: int, wall: float, tid: int, value: float) -> None:
@@ -733,8 +785,9 @@ class _Reader:
         comb = t_comb[tid].astype(bool)
         if comb.any():
             keep = ~comb
-            cs, cw, cl, ct, cv = _combine(step[comb], wall[comb], layer[comb], stat[comb],
-                                          value[comb], self.stat_codes)
+            cs, cw, cl, ct, cv = _combine(
+                step[comb], wall[comb], layer[comb], stat[comb], value[comb], self.stat_codes
+            )
             step = np.concatenate([step[keep], cs])
             wall = np.concatenate([wall[keep], cw])
             layer = np.concatenate([layer[keep], cl])
@@ -743,8 +796,9 @@ class _Reader:
         if len(step) > 1 and (np.diff(step) < 0).any():
             order = np.argsort(step, kind="stable")
             step, wall, layer, stat, value = (a[order] for a in (step, wall, layer, stat, value))
-        return RunData(run.name, run.path, step, wall, layer, stat, value, run.meta, run.own,
-                       dict(run.origins))
+        return RunData(
+            run.name, run.path, step, wall, layer, stat, value, run.meta, run.own, dict(run.origins)
+        )
 
 
 def _combine(step, wall, layer, stat, value, stat_codes: dict[str, int]):
@@ -817,14 +871,14 @@ def _fields(buf: bytes, s: int, e: int) -> Iterable[tuple[int, int, Any]]:
         if wt == 0:
             v, p = _varint(buf, p)
         elif wt == 1:
-            v = bytes(buf[p:p + 8])
+            v = bytes(buf[p : p + 8])
             p += 8
         elif wt == 2:
             n, p = _varint(buf, p)
             v = (p, p + n)
             p += n
         elif wt == 5:
-            v = bytes(buf[p:p + 4])
+            v = bytes(buf[p : p + 4])
             p += 4
         else:
             raise ValueError(f"unsupported wire type {wt}")
@@ -840,7 +894,7 @@ def _plugin_name(buf: bytes, s: int, e: int) -> str:
         if f == 1 and wt == 2:
             for f2, wt2, v2 in _fields(buf, *v):
                 if f2 == 1 and wt2 == 2:
-                    name = bytes(buf[v2[0]:v2[1]]).decode("utf-8")
+                    name = bytes(buf[v2[0] : v2[1]]).decode("utf-8")
         elif f == 4 and wt == 0 and v == 1 and not name:
             name = "scalars"
     return name
@@ -870,11 +924,11 @@ def _tensor(buf: bytes, s: int, e: int) -> tuple[int, list[int] | None, np.ndarr
                 elif f2 == 3 and wt2 == 0 and v2:
                     shape = None
         elif f == 4 and wt == 2:
-            content = bytes(buf[v[0]:v[1]])
+            content = bytes(buf[v[0] : v[1]])
         elif f == 5:
-            vals.append(np.frombuffer(bytes(buf[v[0]:v[1]]) if wt == 2 else v, "<f4"))
+            vals.append(np.frombuffer(bytes(buf[v[0] : v[1]]) if wt == 2 else v, "<f4"))
         elif f == 6:
-            vals.append(np.frombuffer(bytes(buf[v[0]:v[1]]) if wt == 2 else v, "<f8"))
+            vals.append(np.frombuffer(bytes(buf[v[0] : v[1]]) if wt == 2 else v, "<f8"))
         elif f in (7, 10, 13):
             if wt == 2:
                 p, q = v
@@ -937,12 +991,22 @@ def _tensor_hist_sumsq(buf: bytes, s: int, e: int) -> float | None:
 def _want_progress(progress: bool | None, total: int) -> bool:
     if progress is not None:
         return bool(progress)
-    return total >= _PROGRESS_MIN_BYTES and sys.stderr.isatty() and "PYTEST_CURRENT_TEST" not in os.environ
+    return (
+        total >= _PROGRESS_MIN_BYTES
+        and sys.stderr.isatty()
+        and "PYTEST_CURRENT_TEST" not in os.environ
+    )
 
 
-def read_logs(logdir: str | os.PathLike, *, run: str | Sequence[str] | None = None,
-              steps: str | tuple | slice | None = None, tag_pattern: str | None = None,
-              progress: bool | None = None, chunk_size: int = _CHUNK) -> LogData:
+def read_logs(
+    logdir: str | os.PathLike,
+    *,
+    run: str | Sequence[str] | None = None,
+    steps: str | tuple | slice | None = None,
+    tag_pattern: str | None = None,
+    progress: bool | None = None,
+    chunk_size: int = _CHUNK,
+) -> LogData:
     """Read every scalar of the runs under `logdir` into NumPy columns (no pandas import).
 
     Args, Raises: as `read`; `chunk_size` is the read size in bytes (memory stays within a few
@@ -957,8 +1021,10 @@ def read_logs(logdir: str | os.PathLike, *, run: str | Sequence[str] | None = No
         known = {r[0] for r in runs}
         missing = [w for w in wanted if w not in known]
         if missing:
-            raise LogReadError(f"{os.fspath(logdir)}: no run named {missing[0]!r} "
-                               f"(runs: {', '.join(sorted(known))})")
+            raise LogReadError(
+                f"{os.fspath(logdir)}: no run named {missing[0]!r} "
+                f"(runs: {', '.join(sorted(known))})"
+            )
         runs = [r for r in runs if r[0] in wanted]
     reader = _Reader(tag_pattern, step_range, chunk_size)
     total = 0
@@ -979,8 +1045,14 @@ def read_logs(logdir: str | os.PathLike, *, run: str | Sequence[str] | None = No
             TransferSpeedColumn,
         )
 
-        with Progress(TextColumn("reading {task.description}"), BarColumn(), DownloadColumn(),
-                      TransferSpeedColumn(), TimeRemainingColumn(), transient=True) as prog:
+        with Progress(
+            TextColumn("reading {task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            transient=True,
+        ) as prog:
             reader.progress = prog
             reader.task = prog.add_task(os.fspath(logdir), total=total)
             for name, path, files in runs:
@@ -988,13 +1060,19 @@ def read_logs(logdir: str | os.PathLike, *, run: str | Sequence[str] | None = No
     else:
         for name, path, files in runs:
             out.append(reader.read_run(name, path, files))
-    return LogData(os.fspath(logdir), out, list(reader.layers), list(reader.stat_codes),
-                   reader.stats)
+    return LogData(
+        os.fspath(logdir), out, list(reader.layers), list(reader.stat_codes), reader.stats
+    )
 
 
-def read(logdir: str | os.PathLike, *, run: str | Sequence[str] | None = None,
-         steps: str | tuple | slice | None = None, tag_pattern: str | None = None,
-         progress: bool | None = None) -> pd.DataFrame:
+def read(
+    logdir: str | os.PathLike,
+    *,
+    run: str | Sequence[str] | None = None,
+    steps: str | tuple | slice | None = None,
+    tag_pattern: str | None = None,
+    progress: bool | None = None,
+) -> pd.DataFrame:
     """Read every scalar of every run under `logdir` into a long-format DataFrame.
 
     Every event is read (no sampling), CRCs are checked, corrupt records and truncated tails are
@@ -1021,5 +1099,6 @@ def read(logdir: str | os.PathLike, *, run: str | Sequence[str] | None = None,
         >>> df = graddiag.read("runs/")  # doctest: +SKIP
         >>> df[df.stat == "grad_norm"].pivot_table("value", "step", "layer")  # doctest: +SKIP
     """
-    return read_logs(logdir, run=run, steps=steps, tag_pattern=tag_pattern,
-                     progress=progress).to_frame()
+    return read_logs(
+        logdir, run=run, steps=steps, tag_pattern=tag_pattern, progress=progress
+    ).to_frame()

@@ -107,8 +107,9 @@ class StepStats:
         return bool(np.any(self.nonfinite > 0)) or not np.isfinite(self.global_norm)
 
 
-def aggregate_layers(sumsq: np.ndarray, has: np.ndarray, layer_of: np.ndarray, n_layers: int
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+def aggregate_layers(
+    sumsq: np.ndarray, has: np.ndarray, layer_of: np.ndarray, n_layers: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Per-layer statistics from per-parameter sums of squares (what adapters fetch each step).
 
     Args:
@@ -125,15 +126,24 @@ def aggregate_layers(sumsq: np.ndarray, has: np.ndarray, layer_of: np.ndarray, n
     sumsq = np.asarray(sumsq, dtype=np.float64)
     sq = np.where(has, sumsq, 0.0)
     layer_sq = np.bincount(layer_of, weights=sq, minlength=n_layers)
-    bad = np.bincount(layer_of, weights=(has & ~np.isfinite(sumsq)).astype(np.float64), minlength=n_layers)
+    bad = np.bincount(
+        layer_of, weights=(has & ~np.isfinite(sumsq)).astype(np.float64), minlength=n_layers
+    )
     layer_has = np.bincount(layer_of, weights=has.astype(np.float64), minlength=n_layers) > 0
     return np.sqrt(layer_sq), layer_has, bad, float(np.sqrt(np.sum(sq)))
 
 
-def aggregate_detail(layer_of: np.ndarray, n_layers: int, has: np.ndarray, numel: np.ndarray,
-                     grad_max: np.ndarray, nonzero: np.ndarray, param_sumsq: np.ndarray,
-                     nan: np.ndarray | None = None, inf: np.ndarray | None = None
-                     ) -> dict[str, np.ndarray]:
+def aggregate_detail(
+    layer_of: np.ndarray,
+    n_layers: int,
+    has: np.ndarray,
+    numel: np.ndarray,
+    grad_max: np.ndarray,
+    nonzero: np.ndarray,
+    param_sumsq: np.ndarray,
+    nan: np.ndarray | None = None,
+    inf: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
     """Per-layer detail statistics from per-parameter ones (entries where `has` is False ignored).
 
     Returns a dict of `StepStats` fields: grad_max (NaN where a parameter's max is NaN), zero_frac,
@@ -144,22 +154,35 @@ def aggregate_detail(layer_of: np.ndarray, n_layers: int, has: np.ndarray, numel
     gmax = np.asarray(grad_max, dtype=np.float64)[has]
     lmax = np.zeros(n_layers)
     np.fmax.at(lmax, lo, gmax)
-    lmax[np.bincount(lo, weights=np.isnan(gmax).astype(np.float64), minlength=n_layers) > 0] = np.nan
+    lmax[np.bincount(lo, weights=np.isnan(gmax).astype(np.float64), minlength=n_layers) > 0] = (
+        np.nan
+    )
     zeros = np.bincount(lo, weights=(numel - nonzero)[has], minlength=n_layers)
     count = np.bincount(lo, weights=np.asarray(numel, dtype=np.float64)[has], minlength=n_layers)
-    out = {"grad_max": lmax,
-           "zero_frac": np.divide(zeros, count, out=np.zeros(n_layers), where=count > 0),
-           "param_norm": np.sqrt(np.bincount(layer_of, weights=param_sumsq, minlength=n_layers))}
+    out = {
+        "grad_max": lmax,
+        "zero_frac": np.divide(zeros, count, out=np.zeros(n_layers), where=count > 0),
+        "param_norm": np.sqrt(np.bincount(layer_of, weights=param_sumsq, minlength=n_layers)),
+    }
     if nan is not None and inf is not None:
-        out["nan_count"] = np.bincount(lo, weights=np.asarray(nan, dtype=np.float64)[has], minlength=n_layers)
-        out["inf_count"] = np.bincount(lo, weights=np.asarray(inf, dtype=np.float64)[has], minlength=n_layers)
+        out["nan_count"] = np.bincount(
+            lo, weights=np.asarray(nan, dtype=np.float64)[has], minlength=n_layers
+        )
+        out["inf_count"] = np.bincount(
+            lo, weights=np.asarray(inf, dtype=np.float64)[has], minlength=n_layers
+        )
     return out
 
 
-def aggregate_update_ratio(delta_sumsq: np.ndarray, param_sumsq: np.ndarray, layer_of: np.ndarray,
-                           n_layers: int) -> np.ndarray:
+def aggregate_update_ratio(
+    delta_sumsq: np.ndarray, param_sumsq: np.ndarray, layer_of: np.ndarray, n_layers: int
+) -> np.ndarray:
     """Per-layer ||w_after - w_before|| / ||w_before|| from per-parameter sums of squares of the
     update and of the weights before it (NaN for a layer whose weights were all zero)."""
-    d = np.sqrt(np.bincount(layer_of, weights=np.asarray(delta_sumsq, np.float64), minlength=n_layers))
-    w = np.sqrt(np.bincount(layer_of, weights=np.asarray(param_sumsq, np.float64), minlength=n_layers))
+    d = np.sqrt(
+        np.bincount(layer_of, weights=np.asarray(delta_sumsq, np.float64), minlength=n_layers)
+    )
+    w = np.sqrt(
+        np.bincount(layer_of, weights=np.asarray(param_sumsq, np.float64), minlength=n_layers)
+    )
     return np.divide(d, w, out=np.full(n_layers, np.nan), where=w > 0)

@@ -139,7 +139,7 @@ def _var_path(v: Any) -> str:
 def _layer_and_var(path: str, prefix: str) -> tuple[str, str]:
     """Split a variable path into (layer, variable name), dropping the model's own name."""
     if prefix and path.startswith(prefix + "/"):
-        path = path[len(prefix) + 1:]
+        path = path[len(prefix) + 1 :]
     layer, _, name = path.rpartition("/")
     return (layer or name), name
 
@@ -149,7 +149,7 @@ def _frozen_variables(model: Any, trainable: set[int]) -> list[Any]:
     which Keras creates non-trainable)."""
     flatten = getattr(model, "_flatten_layers", None)
     out, seen = [], set(trainable)
-    for layer in (flatten(include_self=True) if flatten else [model]):
+    for layer in flatten(include_self=True) if flatten else [model]:
         if getattr(layer, "trainable", True):
             continue
         for v in getattr(layer, "_trainable_variables", ()):
@@ -241,23 +241,40 @@ class GradientMonitor:
         ValueError: for a bad setting, naming the argument and showing its value.
     """
 
-    def __init__(self, model_or_variables: Any, logdir: str | os.PathLike | None = None, *,
-                 every: int = 10, clip: Any = None, nonfinite: str = "warn",
-                 detectors: Mapping[str, Any] | Iterable[Any] | None = None, history: int = 1000,
-                 flush_secs: float = 2.0, loss_scale: Any = None,
-                 accumulators: Sequence[Any] | None = None, read_back: str = "callback",
-                 detail_every: int = 100, hist_every: int = 100, run_meta: Mapping[str, Any] | None = None,
-                 optimizer: Any = None) -> None:
+    def __init__(
+        self,
+        model_or_variables: Any,
+        logdir: str | os.PathLike | None = None,
+        *,
+        every: int = 10,
+        clip: Any = None,
+        nonfinite: str = "warn",
+        detectors: Mapping[str, Any] | Iterable[Any] | None = None,
+        history: int = 1000,
+        flush_secs: float = 2.0,
+        loss_scale: Any = None,
+        accumulators: Sequence[Any] | None = None,
+        read_back: str = "callback",
+        detail_every: int = 100,
+        hist_every: int = 100,
+        run_meta: Mapping[str, Any] | None = None,
+        optimizer: Any = None,
+    ) -> None:
         if not _is_model(model_or_variables):
             if isinstance(model_or_variables, (str, bytes)) or not isinstance(
-                    model_or_variables, Iterable):
-                raise TypeError("Expected `model_or_variables` to be a Keras model/layer or a "
-                                f"sequence of variables, got {model_or_variables!r:.80}")
+                model_or_variables, Iterable
+            ):
+                raise TypeError(
+                    "Expected `model_or_variables` to be a Keras model/layer or a "
+                    f"sequence of variables, got {model_or_variables!r:.80}"
+                )
             model_or_variables = list(model_or_variables)
             bad = [v for v in model_or_variables if not hasattr(v, "assign")]
             if not model_or_variables or bad:
-                raise TypeError("Expected `model_or_variables` to be a Keras model/layer or a "
-                                f"non-empty sequence of variables, got {(bad or [[]])[0]!r:.80}")
+                raise TypeError(
+                    "Expected `model_or_variables` to be a Keras model/layer or a "
+                    f"non-empty sequence of variables, got {(bad or [[]])[0]!r:.80}"
+                )
         if logdir is not None and not isinstance(logdir, (str, os.PathLike)):
             raise ValueError(f"Expected `logdir` to be a path or None, got {logdir!r}")
         self.every = check_int("every", every)
@@ -267,21 +284,37 @@ class GradientMonitor:
         self.detail_every = check_int("detail_every", detail_every, 0)
         self.hist_every = check_int("hist_every", hist_every, 0) if logdir is not None else 0
         self.chain = cliplib.as_chain(clip)
-        if isinstance(loss_scale, bool) or (loss_scale is not None and not (
-                isinstance(loss_scale, (int, float)) or hasattr(loss_scale, "dynamic_scale")
-                or hasattr(loss_scale, "assign"))):
-            raise ValueError("Expected `loss_scale` to be a number, a variable or a "
-                             f"LossScaleOptimizer, got {loss_scale!r}")
-        if isinstance(loss_scale, (int, float)) and not (loss_scale > 0 and math.isfinite(loss_scale)):
-            raise ValueError(f"Expected `loss_scale` to be a positive finite number, got {loss_scale!r}")
+        if isinstance(loss_scale, bool) or (
+            loss_scale is not None
+            and not (
+                isinstance(loss_scale, (int, float))
+                or hasattr(loss_scale, "dynamic_scale")
+                or hasattr(loss_scale, "assign")
+            )
+        ):
+            raise ValueError(
+                "Expected `loss_scale` to be a number, a variable or a "
+                f"LossScaleOptimizer, got {loss_scale!r}"
+            )
+        if isinstance(loss_scale, (int, float)) and not (
+            loss_scale > 0 and math.isfinite(loss_scale)
+        ):
+            raise ValueError(
+                f"Expected `loss_scale` to be a positive finite number, got {loss_scale!r}"
+            )
         self.loss_scale = loss_scale
-        if loss_scale is not None and (detectors is None or (
-                isinstance(detectors, Mapping) and "nonfinite" not in detectors)):
+        if loss_scale is not None and (
+            detectors is None or (isinstance(detectors, Mapping) and "nonfinite" not in detectors)
+        ):
             detectors = {**(detectors or {}), "nonfinite": {"amp": True}}
         self._target = model_or_variables
         self._accumulators = None if accumulators is None else list(accumulators)
-        self._core_args = {"logdir": logdir, "detectors": detectors, "history": history,
-                           "flush_secs": flush_secs}
+        self._core_args = {
+            "logdir": logdir,
+            "detectors": detectors,
+            "history": history,
+            "flush_secs": flush_secs,
+        }
         self._run_meta = dict(run_meta or {})
         self._optimizer = optimizer
         self._applied: set[int] | None = None  # keys of the variables `apply` has updated
@@ -303,8 +336,10 @@ class GradientMonitor:
         if _is_model(target):
             variables = list(target.trainable_variables)
             if not variables:
-                raise ValueError(f"The model {getattr(target, 'name', target)!r} has no trainable "
-                                 "variables yet: build it (call it once) or pass variables.")
+                raise ValueError(
+                    f"The model {getattr(target, 'name', target)!r} has no trainable "
+                    "variables yet: build it (call it once) or pass variables."
+                )
             frozen_vars = _frozen_variables(target, {_key(v) for v in variables})
             prefix = getattr(target, "path", None) or getattr(target, "name", "")
         else:
@@ -326,39 +361,66 @@ class GradientMonitor:
         for v in frozen_vars:
             layer, name = _layer_and_var(_var_path(v), prefix)
             frozen.append(f"{layer}.{name}")
-        self.info = ModelInfo(layers=tuple(layers), param_counts=tuple(int(c) for c in counts),
-                              backward_order=tuple(reversed(layers)), frozen=tuple(frozen),
-                              framework="tensorflow")
+        self.info = ModelInfo(
+            layers=tuple(layers),
+            param_counts=tuple(int(c) for c in counts),
+            backward_order=tuple(reversed(layers)),
+            frozen=tuple(frozen),
+            framework="tensorflow",
+        )
         if self._accumulators is not None and len(self._accumulators) != len(variables):
-            raise ValueError(f"Expected `accumulators` to hold one buffer per monitored variable "
-                             f"({len(variables)}), got {len(self._accumulators)}")
-        self._meta = {"framework": "tensorflow", "tensorflow": tf.__version__, "every": self.every,
-                      "clip": repr(self.chain), "nonfinite": self.nonfinite,
-                      "variables": self.var_names, **self._run_meta}
+            raise ValueError(
+                f"Expected `accumulators` to hold one buffer per monitored variable "
+                f"({len(variables)}), got {len(self._accumulators)}"
+            )
+        self._meta = {
+            "framework": "tensorflow",
+            "tensorflow": tf.__version__,
+            "every": self.every,
+            "clip": repr(self.chain),
+            "nonfinite": self.nonfinite,
+            "variables": self.var_names,
+            **self._run_meta,
+        }
         n, nl = len(variables), len(layers)
         with tf.init_scope():
-            self._rows = tf.Variable(tf.zeros([self.every, n + len(_COLS)]),
-                                     trainable=False, name="graddiag_rows")
-            self._lcoef_rows = (tf.Variable(tf.ones([self.every, nl]), trainable=False,
-                                            name="graddiag_layer_clip")
-                                if self.chain is not None and self.chain.has_layer_coef else None)
+            self._rows = tf.Variable(
+                tf.zeros([self.every, n + len(_COLS)]), trainable=False, name="graddiag_rows"
+            )
+            self._lcoef_rows = (
+                tf.Variable(tf.ones([self.every, nl]), trainable=False, name="graddiag_layer_clip")
+                if self.chain is not None and self.chain.has_layer_coef
+                else None
+            )
             # detail rows: max|g|, non-zero count, NaN count, Inf count, parameter sum of squares
-            self._detail = (tf.Variable(tf.zeros([5, n]), trainable=False, name="graddiag_detail")
-                            if self.detail_every else None)
-            self._detail_step = tf.Variable(-1, dtype=tf.int64, trainable=False,
-                                            name="graddiag_detail_step")
+            self._detail = (
+                tf.Variable(tf.zeros([5, n]), trainable=False, name="graddiag_detail")
+                if self.detail_every
+                else None
+            )
+            self._detail_step = tf.Variable(
+                -1, dtype=tf.int64, trainable=False, name="graddiag_detail_step"
+            )
             # histogram rows per layer: HIST_BINS counts, then min, max, sum, sum of squares,
             # finite count, NaN count, Inf count (of the step in `_hist_step`)
-            self._hist = (tf.Variable(tf.zeros([nl, HIST_BINS + 7]), trainable=False,
-                                      name="graddiag_hist") if self.hist_every else None)
-            self._hist_step = tf.Variable(-1, dtype=tf.int64, trainable=False,
-                                          name="graddiag_hist_step")
+            self._hist = (
+                tf.Variable(tf.zeros([nl, HIST_BINS + 7]), trainable=False, name="graddiag_hist")
+                if self.hist_every
+                else None
+            )
+            self._hist_step = tf.Variable(
+                -1, dtype=tf.int64, trainable=False, name="graddiag_hist_step"
+            )
             # update rows (written by `apply` on detail steps): per variable the sum of squares
             # of the update, then of the weights before it (of the step in `_update_step`)
-            self._update = (tf.Variable(tf.zeros([2, n]), trainable=False, name="graddiag_update")
-                            if self.detail_every else None)
-            self._update_step = tf.Variable(-1, dtype=tf.int64, trainable=False,
-                                            name="graddiag_update_step")
+            self._update = (
+                tf.Variable(tf.zeros([2, n]), trainable=False, name="graddiag_update")
+                if self.detail_every
+                else None
+            )
+            self._update_step = tf.Variable(
+                -1, dtype=tf.int64, trainable=False, name="graddiag_update_step"
+            )
             self._count = tf.Variable(0, dtype=tf.int64, trainable=False, name="graddiag_step")
             self._bad = tf.Variable(False, trainable=False, name="graddiag_nonfinite")
             self._micro = tf.Variable(0.0, trainable=False, name="graddiag_backward_calls")
@@ -366,16 +428,23 @@ class GradientMonitor:
             self._clip_state = []
             if self.chain is not None:
                 for p, st in zip(self.chain.policies, self.chain.init(nl, TFOps), strict=True):
-                    self._clip_state.append({k: tf.Variable(v, trainable=False,
-                                                            name=f"graddiag_{type(p).__name__}_{k}")
-                                             for k, v in st.items()})
+                    self._clip_state.append(
+                        {
+                            k: tf.Variable(
+                                v, trainable=False, name=f"graddiag_{type(p).__name__}_{k}"
+                            )
+                            for k, v in st.items()
+                        }
+                    )
 
     def _start(self, has: np.ndarray | None) -> None:
         """Start the core at the first read back (as graddiag.torch at its first step), when the
         variables `apply` updates are known. `has`: which variables the first step's gradients
         reach (a variable without any is `detached`, not reported twice)."""
         self.info = dataclasses.replace(self.info, unoptimized=self._unoptimized(has))
-        self.core = MonitorCore(self.info, run_meta=self._meta, close_at_exit=False, **self._core_args)
+        self.core = MonitorCore(
+            self.info, run_meta=self._meta, close_at_exit=False, **self._core_args
+        )
 
     def _unoptimized(self, has: np.ndarray | None) -> tuple[str, ...]:
         """Trainable monitored variables the optimizer never updates: left out of every variable
@@ -387,8 +456,11 @@ class GradientMonitor:
         if held is None:
             return ()
         has = np.ones(len(self.variables), bool) if has is None else has
-        return tuple(name for v, name, h in zip(self.variables, self.var_names, has, strict=True)
-                     if h and getattr(v, "trainable", True) and _key(v) not in held)
+        return tuple(
+            name
+            for v, name, h in zip(self.variables, self.var_names, has, strict=True)
+            if h and getattr(v, "trainable", True) and _key(v) not in held
+        )
 
     # ------------------------------------------------------------------ public API
     @property
@@ -408,14 +480,18 @@ class GradientMonitor:
         """Recent `StepStats`, oldest first."""
         return [] if self.core is None else list(self.core.history)
 
-    def tape(self, persistent: bool = False, watch_accessed_variables: bool = True) -> MonitoredTape:
+    def tape(
+        self, persistent: bool = False, watch_accessed_variables: bool = True
+    ) -> MonitoredTape:
         """A `tf.GradientTape` whose `gradient()` is monitored (see `MonitoredTape`)."""
-        return MonitoredTape(self, persistent=persistent,
-                             watch_accessed_variables=watch_accessed_variables)
+        return MonitoredTape(
+            self, persistent=persistent, watch_accessed_variables=watch_accessed_variables
+        )
 
     @tf.autograph.experimental.do_not_convert
-    def step(self, grads: Sequence[Any], variables: Sequence[Any] | None = None,
-             loss: Any = None) -> list[Any]:
+    def step(
+        self, grads: Sequence[Any], variables: Sequence[Any] | None = None, loss: Any = None
+    ) -> list[Any]:
         """Measure one optimizer step's gradients and return them after clipping.
 
         Runs eagerly or inside `tf.function` (traced once per input signature; no host sync except
@@ -436,14 +512,18 @@ class GradientMonitor:
         grads = list(grads)
         variables = self.variables if variables is None else list(variables)
         if len(grads) != len(variables):
-            raise ValueError(f"Expected one gradient per variable, got {len(grads)} gradients for "
-                             f"{len(variables)} variables")
+            raise ValueError(
+                f"Expected one gradient per variable, got {len(grads)} gradients for "
+                f"{len(variables)} variables"
+            )
         slots = []
         for i, v in enumerate(variables):
             slot = self._index.get(_key(v))
             if slot is None:
-                raise ValueError(f"variables[{i}] ({_var_path(v)!r}) is not monitored by this "
-                                 f"GradientMonitor (monitored: {len(self.variables)} variables)")
+                raise ValueError(
+                    f"variables[{i}] ({_var_path(v)!r}) is not monitored by this "
+                    f"GradientMonitor (monitored: {len(self.variables)} variables)"
+                )
             slots.append(slot)
         grads = [tf.convert_to_tensor(g) if hasattr(g, "assign") else g for g in grads]
         grads = [_dedup(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
@@ -465,8 +545,12 @@ class GradientMonitor:
         """
         variables = list(variables)
         pairs = list(zip(grads, variables, strict=True))
-        self._update_vars(optimizer, variables, lambda: optimizer.apply_gradients(pairs),
-                          skip=self.nonfinite == "skip")
+        self._update_vars(
+            optimizer,
+            variables,
+            lambda: optimizer.apply_gradients(pairs),
+            skip=self.nonfinite == "skip",
+        )
 
     def _update_vars(self, optimizer: Any, variables: list[Any], update, skip: bool):
         """Run `update()` (the optimizer step of `variables`, after `step()`): record the variables
@@ -478,8 +562,10 @@ class GradientMonitor:
             self._optimizer = optimizer
         ok = getattr(self, "_last_ok", None)
         if skip and ok is None:
-            raise RuntimeError("GradientMonitor.apply: measure the gradients first (monitor.step() "
-                               "or a monitor.tape()'s gradient()) in the same step function")
+            raise RuntimeError(
+                "GradientMonitor.apply: measure the gradients first (monitor.step() "
+                "or a monitor.tape()'s gradient()) in the same step function"
+            )
         if (skip or self._update is not None) and not getattr(optimizer, "built", True):
             with tf.init_scope():  # no variables may be created inside a tf.cond branch
                 optimizer.build(variables)
@@ -493,8 +579,11 @@ class GradientMonitor:
             due = tf.equal(tf.math.floormod(self._count.read_value(), self.detail_every), 0)
             step = lambda: tf.cond(due, lambda: self._measure_update(run), run)  # noqa: E731
         done = tf.cond(ok, step, lambda: tf.constant(False)) if skip else step()
-        if tf.executing_eagerly() and self.read_back == "callback" and (
-                self.core is None or (due is not None and bool(due))):
+        if (
+            tf.executing_eagerly()
+            and self.read_back == "callback"
+            and (self.core is None or (due is not None and bool(due)))
+        ):
             self._fetch(int(self._count.numpy()))  # rows deferred by step(), this update
         return done
 
@@ -506,8 +595,12 @@ class GradientMonitor:
             done = run()
         with tf.control_dependencies([done]):
             after = [tf.cast(tf.convert_to_tensor(v), tf.float32) for v in self.variables]
-        rows = tf.stack([tf.stack([_sumsq(a - b) for a, b in zip(after, before, strict=True)]),
-                         tf.stack([_sumsq(b) for b in before])])
+        rows = tf.stack(
+            [
+                tf.stack([_sumsq(a - b) for a, b in zip(after, before, strict=True)]),
+                tf.stack([_sumsq(b) for b in before]),
+            ]
+        )
         with tf.control_dependencies([self._update.assign(rows)]):
             return tf.identity(self._update_step.assign(self._count.read_value() - 1) >= 0)
 
@@ -527,7 +620,8 @@ class GradientMonitor:
             steps_done = int(self._count.numpy())
         due = steps_done > self._fetched and any(
             k and steps_done // k > self._fetched // k
-            for k in (self.every, self.detail_every, self.hist_every))
+            for k in (self.every, self.detail_every, self.hist_every)
+        )
         if not due and self.nonfinite != "warn" and steps_done > self._fetched:
             due = bool(self._bad.numpy())
         if not due:
@@ -539,8 +633,13 @@ class GradientMonitor:
         if not hasattr(self, "_count"):
             return []
         steps_done = int(self._count.numpy())
-        new = self._fetch(steps_done) if steps_done > self._fetched or self.core is None or (
-            int(self._update_step.numpy()) > self._ratio_done) else []
+        new = (
+            self._fetch(steps_done)
+            if steps_done > self._fetched
+            or self.core is None
+            or (int(self._update_step.numpy()) > self._ratio_done)
+            else []
+        )
         self.core.flush()
         return new
 
@@ -587,7 +686,9 @@ class GradientMonitor:
         return vec, has
 
     def _norms(self, vec):
-        layer_sumsq = tf.math.unsorted_segment_sum(vec, self._layer_index.astype(np.int32), len(self.info.layers))
+        layer_sumsq = tf.math.unsorted_segment_sum(
+            vec, self._layer_index.astype(np.int32), len(self.info.layers)
+        )
         return tf.sqrt(layer_sumsq), tf.sqrt(tf.reduce_sum(vec))
 
     def _clip(self, grads, variables, slots, vec, scale):
@@ -599,18 +700,22 @@ class GradientMonitor:
         for elementwise, policies in self.chain.stages():
             if elementwise:
                 for p in policies:
-                    grads = [self._elementwise(p, g, v, scale) for g, v in zip(grads, variables, strict=True)]
+                    grads = [
+                        self._elementwise(p, g, v, scale)
+                        for g, v in zip(grads, variables, strict=True)
+                    ]
                 k += len(policies)
                 vec = None  # later norm stages re-measure
                 continue
             if vec is None:
                 vec, _ = self._measure(grads, slots, inv2)
             layer_norms, gnorm = self._norms(vec)
-            vars_ = self._clip_state[k:k + len(policies)]
+            vars_ = self._clip_state[k : k + len(policies)]
             states = [{n: v.read_value() for n, v in st.items()} for st in vars_]
             # [:3]: newer cores also return the norm after the stage
             gcoef, lcoef, new_states = self.chain.update_norm_stage(
-                policies, layer_norms, gnorm, states, TFOps)[:3]
+                policies, layer_norms, gnorm, states, TFOps
+            )[:3]
             for st_vars, st_new in zip(vars_, new_states, strict=True):
                 for name, value in st_new.items():
                     st_vars[name].assign(value)
@@ -622,7 +727,10 @@ class GradientMonitor:
             if gcoef is not None:
                 gtotal = gcoef if gtotal is None else gtotal * gcoef
                 factor = factor * gcoef
-            grads = [None if g is None else _scale(g, factor[s]) for g, s in zip(grads, slots, strict=True)]
+            grads = [
+                None if g is None else _scale(g, factor[s])
+                for g, s in zip(grads, slots, strict=True)
+            ]
             vec = vec * tf.square(factor)
         return grads, gtotal, ltotal
 
@@ -634,8 +742,9 @@ class GradientMonitor:
             if isinstance(p, cliplib.AGC):
                 g = tf.convert_to_tensor(g)
             else:
-                return tf.IndexedSlices(GradientMonitor._elementwise(p, g.values, v, scale),
-                                        g.indices, g.dense_shape)
+                return tf.IndexedSlices(
+                    GradientMonitor._elementwise(p, g.values, v, scale), g.indices, g.dense_shape
+                )
         if isinstance(p, cliplib.ValueClip):
             c = p.clip_value if scale is None else p.clip_value * scale
             c = tf.cast(c, g.dtype)
@@ -663,25 +772,40 @@ class GradientMonitor:
         step = self._count.read_value()
         row = tf.cast(tf.math.floormod(step, self.every), tf.int32)
         micro = self._micro.read_value()
-        extra = tf.stack([clip_coef, skipped, self._reset.read_value(), micro,
-                          tf.constant(0.0 if loss is None else 1.0),
-                          tf.constant(0.0) if loss is None else tf.cast(tf.reshape(loss, []),
-                                                                         tf.float32)])
+        extra = tf.stack(
+            [
+                clip_coef,
+                skipped,
+                self._reset.read_value(),
+                micro,
+                tf.constant(0.0 if loss is None else 1.0),
+                tf.constant(0.0) if loss is None else tf.cast(tf.reshape(loss, []), tf.float32),
+            ]
+        )
         values = tf.concat([tf.where(has, vec, _NO_GRAD), extra], 0)
-        writes = [self._rows.scatter_nd_update([[row]], values[None]),
-                  self._bad.assign(~ok)]
+        writes = [self._rows.scatter_nd_update([[row]], values[None]), self._bad.assign(~ok)]
         if self._lcoef_rows is not None:
             writes.append(self._lcoef_rows.scatter_nd_update([[row]], lcoef[None]))
         if self._accumulators is not None:
             writes += [self._micro.assign(0.0), self._reset.assign(-1.0)]
         if self._detail is not None:
             detail_due = tf.equal(tf.math.floormod(step + 1, self.detail_every), 0)
-            writes.append(tf.cond(detail_due, lambda: self._write_detail(grads_in, slots, step, inv2),
-                                  lambda: tf.constant(False)))
+            writes.append(
+                tf.cond(
+                    detail_due,
+                    lambda: self._write_detail(grads_in, slots, step, inv2),
+                    lambda: tf.constant(False),
+                )
+            )
         if self._hist is not None:
             hist_due = tf.equal(tf.math.floormod(step, self.hist_every), 0)  # as graddiag.torch
-            writes.append(tf.cond(hist_due, lambda: self._write_hist(grads_in, slots, step, inv2),
-                                  lambda: tf.constant(False)))
+            writes.append(
+                tf.cond(
+                    hist_due,
+                    lambda: self._write_hist(grads_in, slots, step, inv2),
+                    lambda: tf.constant(False),
+                )
+            )
         with tf.control_dependencies(writes):
             done = self._count.assign_add(1)
         log_now = tf.equal(tf.math.floormod(done, self.every), 0)
@@ -695,12 +819,17 @@ class GradientMonitor:
             if tf.executing_eagerly():
                 # given an optimizer, the first read waits until it has updated (`apply`, a later
                 # read), so the core knows what it updates; unless this step must be reported first
-                if bool(log_now) and (self.core is not None or self._optimizer is None or not (
-                        self.nonfinite == "warn" or bool(ok))):
+                if bool(log_now) and (
+                    self.core is not None
+                    or self._optimizer is None
+                    or not (self.nonfinite == "warn" or bool(ok))
+                ):
                     self._fetch(int(done))
                 fetched = tf.constant(True)
             else:
-                fetched = tf.cond(log_now, lambda: self._host_read(done), lambda: tf.constant(False))
+                fetched = tf.cond(
+                    log_now, lambda: self._host_read(done), lambda: tf.constant(False)
+                )
             if self.nonfinite == "raise":  # no update may run before the check
                 with tf.control_dependencies([fetched]):
                     grads = [None if g is None else _identity(g) for g in grads]
@@ -723,9 +852,17 @@ class GradientMonitor:
             if inv_scale2 is not None:
                 a = a * tf.sqrt(inv_scale2)
             count = lambda m: tf.cast(tf.math.count_nonzero(m), tf.float32)  # noqa: E731
-            cols.append(tf.stack([tf.reduce_max(a) if a.shape.num_elements() != 0 else 0.0,
-                                  count(tf.not_equal(a, 0.0)), count(tf.math.is_nan(a)),
-                                  count(tf.math.is_inf(a)), psq]))
+            cols.append(
+                tf.stack(
+                    [
+                        tf.reduce_max(a) if a.shape.num_elements() != 0 else 0.0,
+                        count(tf.not_equal(a, 0.0)),
+                        count(tf.math.is_nan(a)),
+                        count(tf.math.is_inf(a)),
+                        psq,
+                    ]
+                )
+            )
         assert len(cols) == n
         with tf.control_dependencies([self._detail.assign(tf.stack(cols, axis=1))]):
             return tf.identity(self._detail_step.assign(step) >= 0)
@@ -754,13 +891,30 @@ class GradientMonitor:
             lo = tf.reduce_min(tf.where(fin, v, math.inf))
             hi = tf.reduce_max(tf.where(fin, v, -math.inf))
             width = tf.maximum(hi - lo, 1e-12)
-            idx = tf.clip_by_value(tf.cast(tf.floor((vf - lo) / width * HIST_BINS), tf.int32),
-                                   0, HIST_BINS - 1)
+            idx = tf.clip_by_value(
+                tf.cast(tf.floor((vf - lo) / width * HIST_BINS), tf.int32), 0, HIST_BINS - 1
+            )
             counts = tf.math.unsorted_segment_sum(finf, idx, HIST_BINS)
             nan = tf.reduce_sum(tf.cast(tf.math.is_nan(v), tf.float32))
-            rows.append(tf.concat([counts, tf.stack([
-                lo, hi, tf.reduce_sum(vf), tf.reduce_sum(vf * vf), tf.reduce_sum(finf), nan,
-                tf.cast(tf.size(v), tf.float32) - tf.reduce_sum(finf) - nan])], 0))
+            rows.append(
+                tf.concat(
+                    [
+                        counts,
+                        tf.stack(
+                            [
+                                lo,
+                                hi,
+                                tf.reduce_sum(vf),
+                                tf.reduce_sum(vf * vf),
+                                tf.reduce_sum(finf),
+                                nan,
+                                tf.cast(tf.size(v), tf.float32) - tf.reduce_sum(finf) - nan,
+                            ]
+                        ),
+                    ],
+                    0,
+                )
+            )
         with tf.control_dependencies([self._hist.assign(tf.stack(rows))]):
             return tf.identity(self._hist_step.assign(step) >= 0)
 
@@ -774,11 +928,13 @@ class GradientMonitor:
             lo, hi, vsum, vsumsq, num, nan, inf = r[HIST_BINS:]
             if num > 0:
                 edges = np.linspace(lo, max(hi, lo + 1e-12), HIST_BINS + 1)[1:]
-                self.core.sink.write_histogram(step, name, counts, edges, lo, hi, vsum, vsumsq, num,
-                                               int(nan), int(inf))
+                self.core.sink.write_histogram(
+                    step, name, counts, edges, lo, hi, vsum, vsumsq, num, int(nan), int(inf)
+                )
             else:
-                self.core.sink.write_histogram(step, name, [], [], 0.0, 0.0, 0.0, 0.0, 0.0,
-                                               int(nan), int(inf))
+                self.core.sink.write_histogram(
+                    step, name, [], [], 0.0, 0.0, 0.0, 0.0, 0.0, int(nan), int(inf)
+                )
 
     def _state(self) -> list[tf.Variable]:
         """The variables the host reads back on a log step."""
@@ -794,8 +950,9 @@ class GradientMonitor:
         return out
 
     def _host_read(self, done):
-        return tf.py_function(self._host_callback, [done, *[v.read_value() for v in self._state()]],
-                              Tout=tf.bool)
+        return tf.py_function(
+            self._host_callback, [done, *[v.read_value() for v in self._state()]], Tout=tf.bool
+        )
 
     def _host_callback(self, done, *arrays):
         self._process(int(done), [a.numpy() for a in arrays])
@@ -807,8 +964,9 @@ class GradientMonitor:
         first = tf.equal(self._micro.read_value(), 0.0)
 
         def check():
-            total = tf.add_n([tf.reduce_sum(tf.abs(tf.cast(a, tf.float32)))
-                              for a in self._accumulators])
+            total = tf.add_n(
+                [tf.reduce_sum(tf.abs(tf.cast(a, tf.float32))) for a in self._accumulators]
+            )
             return self._reset.assign(tf.cast(tf.equal(total, 0.0), tf.float32))
 
         checked = tf.cond(first, check, lambda: self._reset.read_value())
@@ -824,8 +982,9 @@ class GradientMonitor:
         """Per-layer detail statistics from the per-variable detail rows."""
         gmax, nnz, nan, inf, psq = detail.astype(np.float64)
         size = np.asarray([float(np.prod(v.shape)) for v in self.variables])
-        return aggregate_detail(self._layer_index, len(self.info.layers), has, size, gmax, nnz, psq,
-                                nan, inf)
+        return aggregate_detail(
+            self._layer_index, len(self.info.layers), has, size, gmax, nnz, psq, nan, inf
+        )
 
     def _layer_ratio(self, update: np.ndarray) -> np.ndarray:
         """Per-layer ||w_after - w_before|| / ||w_before|| from per-variable sums of squares."""
@@ -844,11 +1003,18 @@ class GradientMonitor:
         hist, hist_step = (arrays[-2], int(arrays[-1])) if self._hist is not None else (None, -1)
         if self._hist is not None:
             arrays = arrays[:-2]
-        detail, detail_step = (arrays[-2], int(arrays[-1])) if self._detail is not None else (None, -1)
+        detail, detail_step = (
+            (arrays[-2], int(arrays[-1])) if self._detail is not None else (None, -1)
+        )
         first = max(self._fetched, steps_done - self.every)
         if first > self._fetched:
-            log.warning("graddiag: steps %d-%d were overwritten before being read back; poll() "
-                        "at least every %d steps", self._fetched, first - 1, self.every)
+            log.warning(
+                "graddiag: steps %d-%d were overwritten before being read back; poll() "
+                "at least every %d steps",
+                self._fetched,
+                first - 1,
+                self.every,
+            )
         new: list[Finding] = []
         n = len(self.variables)
         if self.core is None:
@@ -859,20 +1025,33 @@ class GradientMonitor:
             has = ~(sumsq == _NO_GRAD)
             sumsq = np.where(has, sumsq, 0.0)
             norms, layer_has, layer_bad, gnorm = aggregate_layers(
-                sumsq, has, self._layer_index, len(self.info.layers))
+                sumsq, has, self._layer_index, len(self.info.layers)
+            )
             c = dict(zip(_COLS, r[n:], strict=True))
-            opt = {"clip_coef": None if c["clip_coef"] < 0 else c["clip_coef"],
-                   "grad_reset": None if c["grad_reset"] < 0 else c["grad_reset"],
-                   "backward_calls": None if c["backward_calls"] <= 0 else c["backward_calls"],
-                   "loss": c["loss"] if c["has_loss"] else None, "skipped": c["skipped"]}
+            opt = {
+                "clip_coef": None if c["clip_coef"] < 0 else c["clip_coef"],
+                "grad_reset": None if c["grad_reset"] < 0 else c["grad_reset"],
+                "backward_calls": None if c["backward_calls"] <= 0 else c["backward_calls"],
+                "loss": c["loss"] if c["has_loss"] else None,
+                "skipped": c["skipped"],
+            }
             stats = StepStats(
-                step=step, grad_norm=norms, has_grad=layer_has, nonfinite=layer_bad,
+                step=step,
+                grad_norm=norms,
+                has_grad=layer_has,
+                nonfinite=layer_bad,
                 global_norm=gnorm,
                 clip_coef=opt["clip_coef"],
-                layer_clip_coef=None if lcoef_rows is None else lcoef_rows[step % self.every].astype(np.float64),
+                layer_clip_coef=None
+                if lcoef_rows is None
+                else lcoef_rows[step % self.every].astype(np.float64),
                 grad_reset=None if opt["grad_reset"] is None else bool(opt["grad_reset"]),
-                backward_calls=None if opt["backward_calls"] is None else int(opt["backward_calls"]),
-                skipped=bool(opt["skipped"]), loss=opt["loss"])
+                backward_calls=None
+                if opt["backward_calls"] is None
+                else int(opt["backward_calls"]),
+                skipped=bool(opt["skipped"]),
+                loss=opt["loss"],
+            )
             if step == detail_step:
                 d = self._layer_detail(detail, has)
                 if not (d["nan_count"].any() or d["inf_count"].any()):
@@ -886,15 +1065,25 @@ class GradientMonitor:
                 stats.update_ratio, ratio = ratio, None
                 self._ratio_done = step
             if step == steps_done - 1:
-                self.last_variable_norms = dict(zip(self.var_names, np.sqrt(sumsq).tolist(), strict=True))
+                self.last_variable_norms = dict(
+                    zip(self.var_names, np.sqrt(sumsq).tolist(), strict=True)
+                )
             found = self.core.process(stats)
             if step == hist_step and self.core.sink is not None:
                 self._emit_hist(step, hist, layer_has)
             new.extend(found)
             if self.nonfinite == "raise" and stats.any_nonfinite and self.error is None:
-                bad = [f for f in found if f.kind == "nonfinite"] or [Finding(
-                    step=step, layer=None, kind="nonfinite", severity="error", value=None,
-                    message="NaN/Inf gradient.", suggestion="")]
+                bad = [f for f in found if f.kind == "nonfinite"] or [
+                    Finding(
+                        step=step,
+                        layer=None,
+                        kind="nonfinite",
+                        severity="error",
+                        value=None,
+                        message="NaN/Inf gradient.",
+                        suggestion="",
+                    )
+                ]
                 self._fetched = step + 1
                 self.error = NonFiniteGradientError(bad[0])
                 raise self.error
@@ -926,16 +1115,29 @@ class MonitoredTape(tf.GradientTape):
     and checks the buffers were reset; call `monitor.step(accumulators, variables)` before applying.
     """
 
-    def __init__(self, monitor: GradientMonitor, persistent: bool = False,
-                 watch_accessed_variables: bool = True) -> None:
+    def __init__(
+        self,
+        monitor: GradientMonitor,
+        persistent: bool = False,
+        watch_accessed_variables: bool = True,
+    ) -> None:
         super().__init__(persistent=persistent, watch_accessed_variables=watch_accessed_variables)
         self._monitor = monitor
 
     @tf.autograph.experimental.do_not_convert
-    def gradient(self, target, sources, output_gradients=None,
-                 unconnected_gradients=tf.UnconnectedGradients.NONE):
-        grads = super().gradient(target, sources, output_gradients=output_gradients,
-                                 unconnected_gradients=unconnected_gradients)
+    def gradient(
+        self,
+        target,
+        sources,
+        output_gradients=None,
+        unconnected_gradients=tf.UnconnectedGradients.NONE,
+    ):
+        grads = super().gradient(
+            target,
+            sources,
+            output_gradients=output_gradients,
+            unconnected_gradients=unconnected_gradients,
+        )
         m = self._monitor
         m._resolve()
         if m._accumulators is not None:

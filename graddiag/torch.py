@@ -114,7 +114,9 @@ class _Plan:
     `order` maps output positions to parameter indices.
     """
 
-    def __init__(self, idx: list[int], params: list[nn.Parameter], layer_of: np.ndarray, device) -> None:
+    def __init__(
+        self, idx: list[int], params: list[nn.Parameter], layer_of: np.ndarray, device
+    ) -> None:
         groups: dict[tuple, list[int]] = {}
         self.dots: list[int] = []
         self.sparse: list[int] = []
@@ -144,8 +146,12 @@ class _Plan:
         self.mask = np.zeros(len(params), dtype=bool)
         self.mask[idx] = True
         self.has_sparse = bool(self.sparse)
-        order = ([i for g in self.stacks for i in g] + [i for b in self.buckets for i in b]
-                 + self.dots + self.sparse)
+        order = (
+            [i for g in self.stacks for i in g]
+            + [i for b in self.buckets for i in b]
+            + self.dots
+            + self.sparse
+        )
         self.order = np.asarray(order, dtype=np.int64)
         self.order_t = torch.as_tensor(self.order, device=device)
         self.layer_t = torch.as_tensor(layer_of[self.order], device=device)
@@ -187,7 +193,9 @@ def _mul_(tensors: list[torch.Tensor], factors, has_sparse: bool) -> None:
         t.mul_(factors[i] if isinstance(factors, list) else factors)
 
 
-def _layers_of(model: nn.Module) -> tuple[list[str], list[nn.Parameter], list[str], np.ndarray, list[str], list[str]]:
+def _layers_of(
+    model: nn.Module,
+) -> tuple[list[str], list[nn.Parameter], list[str], np.ndarray, list[str], list[str]]:
     """Layers (modules directly owning trainable parameters), their params, names and frozen ones."""
     seen: dict[int, str] = {}
     layers: list[str] = []
@@ -284,18 +292,26 @@ class GradientMonitor:
         flush_secs: float = 2.0,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"Expected `model` to be a torch.nn.Module, got {type(model).__name__}: {model!r:.80}")
+            raise TypeError(
+                f"Expected `model` to be a torch.nn.Module, got {type(model).__name__}: {model!r:.80}"
+            )
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"Expected `optimizer` to be a torch.optim.Optimizer or None, got {optimizer!r:.80}")
+            raise TypeError(
+                f"Expected `optimizer` to be a torch.optim.Optimizer or None, got {optimizer!r:.80}"
+            )
         if isinstance(optimizer, torch.optim.LBFGS):
-            raise ValueError("`optimizer` LBFGS re-evaluates its closure; hook it manually with monitor.step()")
+            raise ValueError(
+                "`optimizer` LBFGS re-evaluates its closure; hook it manually with monitor.step()"
+            )
         self.every = check_int("every", every)
         self.detail_every = check_int("detail_every", detail_every, 0)
         self.hist_every = check_int("hist_every", hist_every, 0)
         check_int("history", history, 0)
         self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         if scaler is not None and optimizer is None:
-            raise ValueError("`scaler` needs `optimizer` (to know whether gradients are unscaled yet)")
+            raise ValueError(
+                "`scaler` needs `optimizer` (to know whether gradients are unscaled yet)"
+            )
         self.chain: Chain | None = as_chain(clip)
         if logdir is not None:
             if not isinstance(logdir, (str, os.PathLike)):
@@ -304,7 +320,9 @@ class GradientMonitor:
 
         layers, params, pnames, layer_of, frozen, shared = _layers_of(model)
         if not params:
-            raise ValueError(f"`model` {type(model).__name__} has no trainable parameters (requires_grad=True)")
+            raise ValueError(
+                f"`model` {type(model).__name__} has no trainable parameters (requires_grad=True)"
+            )
         self.model = model
         self.optimizer = optimizer
         self.scaler = scaler
@@ -320,7 +338,9 @@ class GradientMonitor:
         self._frozen, self._shared, self._unoptimized = frozen, shared, unoptimized
         self._numel = np.asarray([p.numel() for p in params], dtype=np.float64)
         self.device: torch.device | None = None  # fixed at the first step (the model may move)
-        self._core_args = dict(logdir=logdir, detectors=detectors, history=history, flush_secs=flush_secs)
+        self._core_args = dict(
+            logdir=logdir, detectors=detectors, history=history, flush_secs=flush_secs
+        )
         self.core: MonitorCore | None = None
         self._atexit = close_at_exit_hook(self)  # drains the ring buffer into the log at exit
         self.step_count = 0
@@ -339,13 +359,19 @@ class GradientMonitor:
         self._snapshot: tuple[int, list[torch.Tensor]] | None = None
         self._handles: list[Any] = []
         self._order_seen: list[int] = []
-        self._order_handles = [p.register_post_accumulate_grad_hook(self._make_order_hook(i))
-                               for i, p in enumerate(params)]
+        self._order_handles = [
+            p.register_post_accumulate_grad_hook(self._make_order_hook(i))
+            for i, p in enumerate(params)
+        ]
         self._trace: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         self.trace_nonfinite = bool(trace_nonfinite)
         if self.trace_nonfinite:
             for name, m in model.named_modules():
-                self._handles.append(m.register_full_backward_hook(self._make_trace_hook(name or type(model).__name__)))
+                self._handles.append(
+                    m.register_full_backward_hook(
+                        self._make_trace_hook(name or type(model).__name__)
+                    )
+                )
         self._restore: list[tuple[Any, str, Any]] = []
         if optimizer is not None:
             self._wrap(optimizer, "step", self._hooked_optimizer_step)
@@ -383,6 +409,7 @@ class GradientMonitor:
             out = orig() if closure is None else orig(lambda: loss)
             self._after_update()
             return out
+
         return step
 
     def _hooked_scaler_step(self, orig):
@@ -405,11 +432,13 @@ class GradientMonitor:
                 self._in_scaler_step = False
             self._after_update()
             return out
+
         return step
 
     def _make_order_hook(self, i: int):
         def hook(_p):
             self._order_seen.append(i)
+
         return hook
 
     def _count_backward(self, _p) -> None:
@@ -423,6 +452,7 @@ class GradientMonitor:
                 fo = torch.stack([torch.isfinite(g).all() for g in outs]).all()
                 fi = torch.stack([torch.isfinite(g).all() for g in ins]).all()
                 self._trace.append((name, fo, fi))
+
         return hook
 
     # ----------------------------------------------------------------------------- public API
@@ -441,8 +471,10 @@ class GradientMonitor:
         if self.closed:
             raise RuntimeError("GradientMonitor is closed; create a new one to keep monitoring")
         if self.optimizer is not None and not self._in_scaler_step:
-            raise RuntimeError("GradientMonitor was given the optimizer and hooks its step(); "
-                               "do not also call monitor.step()")
+            raise RuntimeError(
+                "GradientMonitor was given the optimizer and hooks its step(); "
+                "do not also call monitor.step()"
+            )
         report = self._on_step(loss)
         self._after_update()
         return report
@@ -457,7 +489,11 @@ class GradientMonitor:
 
     @property
     def logdir(self) -> str | None:
-        return self._core_args["logdir"] if self._core_args["logdir"] is None else os.fspath(self._core_args["logdir"])
+        return (
+            self._core_args["logdir"]
+            if self._core_args["logdir"] is None
+            else os.fspath(self._core_args["logdir"])
+        )
 
     def summary(self, min_severity: str = "info") -> str:
         return "graddiag: no steps seen." if self.core is None else self.core.summary(min_severity)
@@ -498,8 +534,9 @@ class GradientMonitor:
         self._ops = TorchOps(self.device)
         self._clip_states = self.chain.init(self._n_layers, self._ops) if self.chain else None
         lc_cols = self._n_layers if self.chain is not None and self.chain.has_layer_coef else 0
-        self._buf = torch.zeros(self.every, self._col_loss + 1 + lc_cols, dtype=torch.float32,
-                                device=self.device)
+        self._buf = torch.zeros(
+            self.every, self._col_loss + 1 + lc_cols, dtype=torch.float32, device=self.device
+        )
         for h in self._order_handles:
             h.remove()
         self._order_handles = []
@@ -510,27 +547,43 @@ class GradientMonitor:
                 order.append(name)
         if self._order_seen:
             self._probe = self.params[self._order_seen[0]]
-            self._handles.append(self._probe.register_post_accumulate_grad_hook(self._count_backward))
+            self._handles.append(
+                self._probe.register_post_accumulate_grad_hook(self._count_backward)
+            )
             self._backward_calls = 1
         info = ModelInfo(
             layers=tuple(self.layers),
-            param_counts=tuple(int(np.sum(self._numel[self.layer_of == i])) for i in range(self._n_layers)),
+            param_counts=tuple(
+                int(np.sum(self._numel[self.layer_of == i])) for i in range(self._n_layers)
+            ),
             backward_order=tuple(order) if order else None,
-            frozen=tuple(self._frozen), unoptimized=tuple(self._unoptimized),
-            framework="torch", shared=tuple(self._shared))
+            frozen=tuple(self._frozen),
+            unoptimized=tuple(self._unoptimized),
+            framework="torch",
+            shared=tuple(self._shared),
+        )
         detectors = self._core_args["detectors"]
         if self.scaler is not None and (detectors is None or isinstance(detectors, Mapping)):
             detectors = dict(detectors or {})
             nf = detectors.get("nonfinite", {})
             if isinstance(nf, Mapping):
                 detectors["nonfinite"] = {"amp": True, **nf}
-        meta = {"framework_version": torch.__version__, "graddiag_version": __version__,
-                "every": self.every, "clip": repr(self.chain) if self.chain else None,
-                "nonfinite_policy": self.nonfinite}
-        self.core = MonitorCore(info, self._core_args["logdir"], detectors,
-                                history=self._core_args["history"],
-                                flush_secs=self._core_args["flush_secs"], run_meta=meta,
-                                close_at_exit=False)
+        meta = {
+            "framework_version": torch.__version__,
+            "graddiag_version": __version__,
+            "every": self.every,
+            "clip": repr(self.chain) if self.chain else None,
+            "nonfinite_policy": self.nonfinite,
+        }
+        self.core = MonitorCore(
+            info,
+            self._core_args["logdir"],
+            detectors,
+            history=self._core_args["history"],
+            flush_secs=self._core_args["flush_secs"],
+            run_meta=meta,
+            close_at_exit=False,
+        )
 
     def _grad_reset(self) -> bool | None:
         if self._probe is None or self._probe_ref is None:
@@ -550,8 +603,9 @@ class GradientMonitor:
         key = tuple(g is not None for g in grads)
         plan = self._plans.get(key)
         if plan is None and any(key):
-            plan = self._plans[key] = _Plan([i for i, k in enumerate(key) if k], params,
-                                            self.layer_of, self.device)
+            plan = self._plans[key] = _Plan(
+                [i for i, k in enumerate(key) if k], params, self.layer_of, self.device
+            )
         present = plan.present if plan is not None else []
         if reset == "observe":
             reset = self._grad_reset()
@@ -564,7 +618,12 @@ class GradientMonitor:
         detail = bool(self.detail_every and (step + 1) % self.detail_every == 0)
         # detail statistics and histograms describe the gradients before clipping, like grad_norm
         extra = self._detail(grads, present) if detail and present else None
-        if self.hist_every and step % self.hist_every == 0 and self.core.sink is not None and present:
+        if (
+            self.hist_every
+            and step % self.hist_every == 0
+            and self.core.sink is not None
+            and present
+        ):
             self._histograms(step, grads)
         if not present:
             sumsq = coef = layer_coef = None
@@ -594,11 +653,20 @@ class GradientMonitor:
         else:
             buf_row[self._col_loss].fill_(float("nan") if loss is None else float(loss))
         if layer_coef is not None:
-            buf_row[self._col_loss + 1:].copy_(layer_coef)
+            buf_row[self._col_loss + 1 :].copy_(layer_coef)
         elif buf_row.shape[0] > self._col_loss + 1:
-            buf_row[self._col_loss + 1:].fill_(1.0)
-        self._pending.append((step, plan.mask if plan is not None else self._no_grad, reset, calls,
-                              report.skipped, origin, coef is not None))
+            buf_row[self._col_loss + 1 :].fill_(1.0)
+        self._pending.append(
+            (
+                step,
+                plan.mask if plan is not None else self._no_grad,
+                reset,
+                calls,
+                report.skipped,
+                origin,
+                coef is not None,
+            )
+        )
         if log_step or detail or report.skipped:  # detail/skip steps sync anyway: report now
             report.findings = self._drain(extra)
             report.logged = True
@@ -608,7 +676,8 @@ class GradientMonitor:
         self._record_probe()
         if report.skipped and self.nonfinite == "raise":
             nf = [f for f in report.findings if f.kind == "nonfinite"] or [
-                Finding(step, None, "nonfinite", "error", None, "NaN/Inf gradient.", "")]
+                Finding(step, None, "nonfinite", "error", None, "NaN/Inf gradient.", "")
+            ]
             raise NonFiniteGradientError(nf[0])
         return report
 
@@ -627,11 +696,14 @@ class GradientMonitor:
         step, old = self._snapshot
         self._snapshot = None
         new = [p.detach() for p in self.params]
-        both = torch.stack(torch._foreach_norm(torch._foreach_sub(new, old)) + torch._foreach_norm(old))
+        both = torch.stack(
+            torch._foreach_norm(torch._foreach_sub(new, old)) + torch._foreach_norm(old)
+        )
         delta, pn = both.double().numpy(force=True).reshape(2, -1)
         if self.core is not None:
             self.core.record_update_ratio(
-                step, aggregate_update_ratio(delta**2, pn**2, self.layer_of, self._n_layers))
+                step, aggregate_update_ratio(delta**2, pn**2, self.layer_of, self._n_layers)
+            )
 
     def _find_origin(self) -> str | None:
         """First module (in backward order) whose incoming gradient is finite but outgoing is not."""
@@ -676,8 +748,9 @@ class GradientMonitor:
                 layer_norms = torch.zeros(self._n_layers, dtype=torch.float32, device=self.device)
                 layer_norms = layer_norms.index_add_(0, plan.layer_t, sumsq).sqrt()
             g, lc, new, after = self.chain.update_norm_stage(
-                policies, layer_norms, total.sqrt(), states[k:k + len(policies)], ops)
-            states[k:k + len(policies)] = new
+                policies, layer_norms, total.sqrt(), states[k : k + len(policies)], ops
+            )
+            states[k : k + len(policies)] = new
             k += len(policies)
             if lc is not None:
                 only_global = False
@@ -698,8 +771,10 @@ class GradientMonitor:
     def _apply_elementwise(self, policy, present, live) -> None:
         for i in present:
             if self.params[i].grad.is_sparse:
-                raise ValueError(f"{type(policy).__name__} does not support the sparse gradient of "
-                                 f"parameter {self.param_names[i]!r}; use a norm-based policy")
+                raise ValueError(
+                    f"{type(policy).__name__} does not support the sparse gradient of "
+                    f"parameter {self.param_names[i]!r}; use a norm-based policy"
+                )
         if isinstance(policy, ValueClip):
             torch._foreach_clamp_min_(live, -policy.clip_value)
             torch._foreach_clamp_max_(live, policy.clip_value)
@@ -727,8 +802,8 @@ class GradientMonitor:
         host = torch.cat([torch.stack(cols, 1).reshape(-1) if cols else pnorm[:0], pnorm])
         host = host.double().numpy(force=True)
         k = len(idx)
-        mm = host[:3 * k].reshape(3, k) if k else np.zeros((3, 0))
-        pn = host[3 * k:]
+        mm = host[: 3 * k].reshape(3, k) if k else np.zeros((3, 0))
+        pn = host[3 * k :]
         gmax = np.zeros(P)
         nnz = self._numel.copy()
         if k:
@@ -742,9 +817,19 @@ class GradientMonitor:
         has[present] = True
         nan = inf = None
         if np.isnan(gmax[has]).any():
-            counts = torch.stack([torch.stack([torch.isnan(_flat(grads[i])).sum(),
-                                               torch.isinf(_flat(grads[i])).sum()]) for i in range(P)
-                                  if has[i]]).double().numpy(force=True)
+            counts = (
+                torch.stack(
+                    [
+                        torch.stack(
+                            [torch.isnan(_flat(grads[i])).sum(), torch.isinf(_flat(grads[i])).sum()]
+                        )
+                        for i in range(P)
+                        if has[i]
+                    ]
+                )
+                .double()
+                .numpy(force=True)
+            )
             nan, inf = np.zeros(P), np.zeros(P)
             nan[has], inf[has] = counts[:, 0], counts[:, 1]
         return aggregate_detail(self.layer_of, L, has, self._numel, gmax, nnz, pn**2, nan, inf)
@@ -759,16 +844,22 @@ class GradientMonitor:
             if g is not None:
                 v = _flat(g)
                 if v.numel():
-                    layer_vals[self.layer_of[i]].append(v if v.dtype not in _LOW_PRECISION else v.float())
+                    layer_vals[self.layer_of[i]].append(
+                        v if v.dtype not in _LOW_PRECISION else v.float()
+                    )
         flat = [v for vs in layer_vals for v in vs]
         if not flat:
             return
-        ranges = torch.stack([torch.stack(torch.aminmax(v)).float() for v in flat]).double().numpy(force=True)
+        ranges = (
+            torch.stack([torch.stack(torch.aminmax(v)).float() for v in flat])
+            .double()
+            .numpy(force=True)
+        )
         rows, plans, k = [], [], 0
         for li, vs in enumerate(layer_vals):
             if not vs:
                 continue
-            r = ranges[k:k + len(vs)]
+            r = ranges[k : k + len(vs)]
             k += len(vs)
             lo, hi = float(r[:, 0].min()), float(r[:, 1].max())
             if np.isfinite(lo) and np.isfinite(hi):  # no NaN/Inf: histogram each tensor in place
@@ -786,18 +877,22 @@ class GradientMonitor:
                 hi = hi if hi > lo else lo + 1e-12
                 counts = torch.histc(vals, bins=bins, min=lo, max=hi)
                 moments = torch.stack([vals.sum(), (vals * vals).sum()])
-            rows.append(torch.cat([counts.float(), moments.float().reshape(2),
-                                   torch.stack([nan, inf]).float()]))
+            rows.append(
+                torch.cat(
+                    [counts.float(), moments.float().reshape(2), torch.stack([nan, inf]).float()]
+                )
+            )
             plans.append((self.layers[li], lo, hi))
         host = torch.stack(rows).double().numpy(force=True)
         for (name, lo, hi), row in zip(plans, host, strict=True):
-            counts, (vsum, vsumsq), (nan, inf) = row[:bins], row[bins:bins + 2], row[bins + 2:]
+            counts, (vsum, vsumsq), (nan, inf) = row[:bins], row[bins : bins + 2], row[bins + 2 :]
             num = float(counts.sum())
             edges = np.linspace(lo, hi, bins + 1)[1:]
             if num == 0:
                 counts = edges = []
-            self.core.sink.write_histogram(step, name, counts, edges, lo, hi, vsum, vsumsq, num,
-                                           int(nan), int(inf))
+            self.core.sink.write_histogram(
+                step, name, counts, edges, lo, hi, vsum, vsumsq, num, int(nan), int(inf)
+            )
 
     def _drain(self, detail: dict[str, np.ndarray] | None = None) -> list[Finding]:
         """Fetch the ring buffer (one host sync), build StepStats per pending step, diagnose, log."""
@@ -805,7 +900,7 @@ class GradientMonitor:
             return []
         n = len(self._pending)
         first_row = self._pending[0][0] % self.every
-        rows = self._buf[first_row:first_row + n].double().numpy(force=True)
+        rows = self._buf[first_row : first_row + n].double().numpy(force=True)
         L, lo = self._n_layers, self.layer_of
         new: list[Finding] = []
         for j, (step, has, reset, calls, skipped, origin, clipped) in enumerate(self._pending):
@@ -813,17 +908,26 @@ class GradientMonitor:
             P = self._col_coef
             norms, layer_has, nonfinite, gnorm = aggregate_layers(r[:P], has, lo, L)
             stats = StepStats(
-                step=step, grad_norm=norms, has_grad=layer_has, nonfinite=nonfinite,
+                step=step,
+                grad_norm=norms,
+                has_grad=layer_has,
+                nonfinite=nonfinite,
                 global_norm=gnorm,
                 clip_coef=float(r[P]) if clipped else None,
-                layer_clip_coef=r[P + 2:].copy() if clipped and r.shape[0] > P + 2 else None,
-                grad_reset=reset, backward_calls=calls, skipped=skipped,
-                loss=None if np.isnan(r[P + 1]) else float(r[P + 1]), nonfinite_origin=origin)
+                layer_clip_coef=r[P + 2 :].copy() if clipped and r.shape[0] > P + 2 else None,
+                grad_reset=reset,
+                backward_calls=calls,
+                skipped=skipped,
+                loss=None if np.isnan(r[P + 1]) else float(r[P + 1]),
+                nonfinite_origin=origin,
+            )
             if detail is not None and j == n - 1:
                 for k, v in detail.items():
                     setattr(stats, k, v)
                 if "nan_count" in detail:
-                    stats.nonfinite = np.maximum(detail["nan_count"] + detail["inf_count"], nonfinite)
+                    stats.nonfinite = np.maximum(
+                        detail["nan_count"] + detail["inf_count"], nonfinite
+                    )
             new += self.core.process(stats)
         self._pending.clear()
         return new

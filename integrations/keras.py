@@ -56,11 +56,20 @@ class GradDiagCallback(keras.callbacks.Callback):
             without optimizer (at `on_train_begin`).
     """
 
-    def __init__(self, logdir: str | os.PathLike | None = None, *, every: int = 10,
-                 clip: Any = None, nonfinite: str = "warn",
-                 detectors: Mapping[str, Any] | Iterable[Any] | None = None,
-                 detail_every: int = 100, hist_every: int = 100, history: int = 1000,
-                 flush_secs: float = 2.0, print_summary: bool = True) -> None:
+    def __init__(
+        self,
+        logdir: str | os.PathLike | None = None,
+        *,
+        every: int = 10,
+        clip: Any = None,
+        nonfinite: str = "warn",
+        detectors: Mapping[str, Any] | Iterable[Any] | None = None,
+        detail_every: int = 100,
+        hist_every: int = 100,
+        history: int = 1000,
+        flush_secs: float = 2.0,
+        print_summary: bool = True,
+    ) -> None:
         super().__init__()
         # fail at construction, not at the start of training, with the monitor's own checks
         check_int("every", every)
@@ -72,9 +81,16 @@ class GradDiagCallback(keras.callbacks.Callback):
         build_detectors(detectors)
         if logdir is not None and not isinstance(logdir, (str, os.PathLike)):
             raise ValueError(f"Expected `logdir` to be a path or None, got {logdir!r}")
-        self._kwargs = {"every": every, "clip": clip, "nonfinite": nonfinite,
-                        "detectors": detectors, "history": history, "flush_secs": flush_secs,
-                        "detail_every": detail_every, "hist_every": hist_every}
+        self._kwargs = {
+            "every": every,
+            "clip": clip,
+            "nonfinite": nonfinite,
+            "detectors": detectors,
+            "history": history,
+            "flush_secs": flush_secs,
+            "detail_every": detail_every,
+            "hist_every": hist_every,
+        }
         self.logdir = logdir
         self.print_summary = bool(print_summary)
         self.monitor: GradientMonitor | None = None
@@ -86,16 +102,22 @@ class GradDiagCallback(keras.callbacks.Callback):
 
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
         if keras.backend.backend() != "tensorflow":
-            raise ValueError("GradDiagCallback needs the TensorFlow backend, got "
-                             f"{keras.backend.backend()!r}")
+            raise ValueError(
+                f"GradDiagCallback needs the TensorFlow backend, got {keras.backend.backend()!r}"
+            )
         model = self.model
         optimizer = getattr(model, "optimizer", None)
         if optimizer is None:
             raise ValueError("GradDiagCallback: the model has no optimizer; call model.compile().")
         lso = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-        self.monitor = GradientMonitor(model, self.logdir, read_back="poll",
-                                       loss_scale=optimizer if lso else None, optimizer=optimizer,
-                                       **self._kwargs)
+        self.monitor = GradientMonitor(
+            model,
+            self.logdir,
+            read_back="poll",
+            loss_scale=optimizer if lso else None,
+            optimizer=optimizer,
+            **self._kwargs,
+        )
         self.monitor._resolve()
         if not optimizer.built:
             optimizer.build(model.trainable_variables)
@@ -104,11 +126,15 @@ class GradDiagCallback(keras.callbacks.Callback):
         skip = self._kwargs["nonfinite"] == "skip" and not lso  # a LossScaleOptimizer skips itself
 
         def apply(grads, trainable_variables=None):
-            variables = list(trainable_variables if trainable_variables is not None
-                             else model.trainable_variables)
+            variables = list(
+                trainable_variables
+                if trainable_variables is not None
+                else model.trainable_variables
+            )
             grads = monitor.step(list(grads), variables)
-            return monitor._update_vars(optimizer, variables, lambda: original(grads, variables),
-                                        skip=skip)
+            return monitor._update_vars(
+                optimizer, variables, lambda: original(grads, variables), skip=skip
+            )
 
         optimizer.apply = apply
         self._optimizer = optimizer

@@ -62,11 +62,20 @@ def check_report_shape(doc):
         for f in r["findings"]:
             check_finding(f)
         for w in r["worst_layers"]:
-            assert {"layer", "findings", "max_severity", "kinds", "median_grad_norm",
-                    "max_grad_norm", "nonfinite_steps", "grad_steps"} <= set(w)
+            assert {
+                "layer",
+                "findings",
+                "max_severity",
+                "kinds",
+                "median_grad_norm",
+                "max_grad_norm",
+                "nonfinite_steps",
+                "grad_steps",
+            } <= set(w)
         nf = r["first_nonfinite"]
-        assert nf is None or (isinstance(nf["step"], int) and
-                              (nf["layer"] is None or isinstance(nf["layer"], str)))
+        assert nf is None or (
+            isinstance(nf["step"], int) and (nf["layer"] is None or isinstance(nf["layer"], str))
+        )
         assert r["clip_rate"] is None or 0.0 <= r["clip_rate"] <= 1.0
         assert isinstance(r["notes"], list)
     for k in ("files", "records", "corrupt_records", "truncated_files"):
@@ -81,8 +90,9 @@ def test_posthoc_findings_equal_live_findings(tmp_path):
     assert_same_findings(live.findings, analyze(d).findings)
 
 
-@pytest.mark.parametrize("example", ["frozen_detached", "vanishing", "forgot_zero_grad",
-                                     "nan_layer"])
+@pytest.mark.parametrize(
+    "example", ["frozen_detached", "vanishing", "forgot_zero_grad", "nan_layer"]
+)
 def test_posthoc_equals_live_on_torch_example_runs(tmp_path, example):
     pytest.importorskip("torch")
     import importlib
@@ -160,8 +170,15 @@ def test_json_shape_follows_the_contract(tmp_path):
 def test_foreign_lightning_log_uses_default_detectors(tmp_path):
     w = EventFileWriter(str(tmp_path))
     for s in range(15):
-        w.add_scalar_dict(s, {"grad_2.0_norm/enc.weight": 1.0, "grad_2.0_norm/enc.bias": 0.5,
-                              "grad_2.0_norm/dec.weight": 1e-12, "grad_2.0_norm_total": 1.1})
+        w.add_scalar_dict(
+            s,
+            {
+                "grad_2.0_norm/enc.weight": 1.0,
+                "grad_2.0_norm/enc.bias": 0.5,
+                "grad_2.0_norm/dec.weight": 1e-12,
+                "grad_2.0_norm_total": 1.1,
+            },
+        )
     w.close()
     report = analyze(str(tmp_path))
     r = report.runs[0]
@@ -235,10 +252,16 @@ def test_real_lightning_run_is_analyzed_per_layer(tmp_path):
 
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(64, 8), torch.randn(64, 1))
-    trainer = pl.Trainer(max_steps=12, logger=TensorBoardLogger(str(tmp_path), name="lit"),
-                         log_every_n_steps=1, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False,
-                         accelerator="cpu", devices=1)
+    trainer = pl.Trainer(
+        max_steps=12,
+        logger=TensorBoardLogger(str(tmp_path), name="lit"),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
     trainer.fit(Net(), torch.utils.data.DataLoader(data, batch_size=16))
     report = analyze(str(tmp_path))
     r = report.runs[0]

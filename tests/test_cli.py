@@ -51,9 +51,15 @@ def test_analyze_json_follows_the_contract(logs):
     assert doc["runs"][0]["findings"] == []
 
 
-@pytest.mark.parametrize("run,fail_on,code", [
-    ("nan", "error", 1), ("nan", "warning", 1), ("clean", "error", 0), ("clean", "info", 0),
-])
+@pytest.mark.parametrize(
+    "run,fail_on,code",
+    [
+        ("nan", "error", 1),
+        ("nan", "warning", 1),
+        ("clean", "error", 0),
+        ("clean", "info", 0),
+    ],
+)
 def test_fail_on_sets_the_exit_status(logs, run, fail_on, code):
     r = invoke("analyze", logs, "--run", run, "--fail-on", fail_on, "-f", "json")
     assert r.exit_code == code, r.output
@@ -70,8 +76,16 @@ def test_csv_and_markdown_formats(logs, tmp_path):
     r = invoke("analyze", logs, "-f", "csv")
     rows = list(csv.DictReader(io.StringIO(r.stdout)))
     assert {row["kind"] for row in rows} >= {"nonfinite", "clipped"}
-    assert set(rows[0]) == {"run", "step", "layer", "kind", "severity", "value", "message",
-                            "suggestion"}
+    assert set(rows[0]) == {
+        "run",
+        "step",
+        "layer",
+        "kind",
+        "severity",
+        "value",
+        "message",
+        "suggestion",
+    }
     out = tmp_path / "report.md"
     assert invoke("analyze", logs, "-f", "markdown", "-o", out).exit_code == 0
     assert out.read_text().startswith("# graddiag report")
@@ -119,12 +133,15 @@ def test_unreadable_file_is_exit_2_naming_it(tmp_path):
     assert str(bad) in msg and "cannot read" in msg
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--steps", "9:3"], "steps"),
-    (["--tag-pattern", "("], "tag_pattern"),
-    (["--run", "missing"], "missing"),
-    (["--format", "yaml"], "yaml"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--steps", "9:3"], "steps"),
+        (["--tag-pattern", "("], "tag_pattern"),
+        (["--run", "missing"], "missing"),
+        (["--format", "yaml"], "yaml"),
+    ],
+)
 def test_bad_arguments_are_exit_2(logs, args, needle):
     r = invoke("analyze", logs, *args)
     assert r.exit_code == 2 and needle in r.output
@@ -223,8 +240,9 @@ def test_analyze_starts_fast_without_frameworks(logs):
     )
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", code, str(logs)], capture_output=True, text=True,
-                       env=env)
+    p = subprocess.run(
+        [sys.executable, "-c", code, str(logs)], capture_output=True, text=True, env=env
+    )
     elapsed = time.perf_counter() - t
     assert p.returncode == 0, p.stderr
     assert "HEAVY []" in p.stderr

@@ -27,8 +27,14 @@ def stats(step, norms, has=None, nonfinite=None, **kw):
     norms = np.asarray(norms, dtype=float)
     has = np.ones(len(norms), bool) if has is None else np.asarray(has)
     nf = np.zeros(len(norms)) if nonfinite is None else np.asarray(nonfinite, float)
-    return StepStats(step=step, grad_norm=norms, has_grad=has, nonfinite=nf,
-                     global_norm=float(np.sqrt(np.sum(np.where(has, norms, 0) ** 2))), **kw)
+    return StepStats(
+        step=step,
+        grad_norm=norms,
+        has_grad=has,
+        nonfinite=nf,
+        global_norm=float(np.sqrt(np.sum(np.where(has, norms, 0) ** 2))),
+        **kw,
+    )
 
 
 # ------------------------------------------------------------------------ clipping, by hand
@@ -98,20 +104,23 @@ def test_chain_stages_split_elementwise_policies():
     assert as_chain(None) is None
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda: GlobalNormClip(0), "max_norm.*0"),
-    (lambda: GlobalNormClip(float("inf")), "max_norm.*inf"),
-    (lambda: LayerNormClip("1"), "max_norm.*'1'"),
-    (lambda: ValueClip(-0.1), "clip_value.*-0.1"),
-    (lambda: AutoClip(percentile=0), "percentile.*0"),
-    (lambda: AutoClip(percentile=101), "percentile.*101"),
-    (lambda: AutoClip(history=0), "history.*0"),
-    (lambda: ZClip(alpha=1.0), "alpha.*1.0"),
-    (lambda: ZClip(warmup=0), "warmup.*0"),
-    (lambda: AGC(clipping=-1), "clipping.*-1"),
-    (lambda: chain(GlobalNormClip(1.0), "x"), "clipping policies.*'x'"),
-    (lambda: as_chain(True), "clip.*True"),
-])
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: GlobalNormClip(0), "max_norm.*0"),
+        (lambda: GlobalNormClip(float("inf")), "max_norm.*inf"),
+        (lambda: LayerNormClip("1"), "max_norm.*'1'"),
+        (lambda: ValueClip(-0.1), "clip_value.*-0.1"),
+        (lambda: AutoClip(percentile=0), "percentile.*0"),
+        (lambda: AutoClip(percentile=101), "percentile.*101"),
+        (lambda: AutoClip(history=0), "history.*0"),
+        (lambda: ZClip(alpha=1.0), "alpha.*1.0"),
+        (lambda: ZClip(warmup=0), "warmup.*0"),
+        (lambda: AGC(clipping=-1), "clipping.*-1"),
+        (lambda: chain(GlobalNormClip(1.0), "x"), "clipping policies.*'x'"),
+        (lambda: as_chain(True), "clip.*True"),
+    ],
+)
 def test_bad_clipping_arguments(make, match):
     with pytest.raises(ValueError, match=match):
         make()
@@ -157,7 +166,9 @@ def test_spike_z_score_by_hand():
 
 def test_vanishing_needs_absolute_and_relative_smallness():
     tiny_everywhere = [stats(t, [1e-9, 1e-9, 1e-9]) for t in range(20)]
-    assert run(tiny_everywhere) == []  # small but not relative to the rest: converged, not vanishing
+    assert (
+        run(tiny_everywhere) == []
+    )  # small but not relative to the rest: converged, not vanishing
     stream = [stats(t, [1e-12, 1e-3, 1.0]) for t in range(20)]
     (f,) = run(stream)
     assert (f.kind, f.layer, f.step) == ("vanishing", "in", 9)
@@ -226,10 +237,17 @@ def test_aggregate_detail_by_hand():
 
     layer_of = np.array([0, 0, 1])
     has = np.array([True, True, False])
-    out = aggregate_detail(layer_of, 2, has, numel=np.array([4.0, 2.0, 3.0]),
-                           grad_max=np.array([0.5, 2.0, 9.0]), nonzero=np.array([3.0, 0.0, 3.0]),
-                           param_sumsq=np.array([1.0, 3.0, 4.0]),
-                           nan=np.array([0.0, 1.0, 5.0]), inf=np.zeros(3))
+    out = aggregate_detail(
+        layer_of,
+        2,
+        has,
+        numel=np.array([4.0, 2.0, 3.0]),
+        grad_max=np.array([0.5, 2.0, 9.0]),
+        nonzero=np.array([3.0, 0.0, 3.0]),
+        param_sumsq=np.array([1.0, 3.0, 4.0]),
+        nan=np.array([0.0, 1.0, 5.0]),
+        inf=np.zeros(3),
+    )
     assert out["grad_max"].tolist() == [2.0, 0.0]
     assert out["zero_frac"].tolist() == [3 / 6, 0.0]
     np.testing.assert_allclose(out["param_norm"], [2.0, 2.0])

@@ -43,8 +43,9 @@ def test_scalars_round_trip_one_event_per_step(tmp_path):
     for e in steps:
         got = {v.tag: _scalar(v) for v in e.summary.value}
         assert list(got) == list(tag_names)
-        np.testing.assert_allclose([got[t] for t in tag_names], written[e.step].astype(np.float32),
-                                   rtol=FLOAT32_RTOL)
+        np.testing.assert_allclose(
+            [got[t] for t in tag_names], written[e.step].astype(np.float32), rtol=FLOAT32_RTOL
+        )
 
 
 def test_nonfinite_scalars_survive(tmp_path):
@@ -61,7 +62,9 @@ def test_text_histogram_and_accumulator(tmp_path):
     w.add_histogram(4, "graddiag/hist/fc", [1, 2, 3], [0.1, 0.2, 0.3], 0.0, 0.3, 1.4, 0.3, 6)
     w.add_scalar_dict(5, {"graddiag/global/grad_norm": 2.5})
     w.close()
-    acc = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0, "histograms": 0, "scalars": 0})
+    acc = EventAccumulator(
+        str(tmp_path), size_guidance={"tensors": 0, "histograms": 0, "scalars": 0}
+    )
     acc.Reload()
     assert acc.Scalars("graddiag/global/grad_norm")[0].value == 2.5
     assert acc.Histograms("graddiag/hist/fc")[0].histogram_value.bucket == [1, 2, 3]

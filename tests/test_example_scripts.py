@@ -22,8 +22,13 @@ EXPECTED = {
 @pytest.mark.parametrize("script", sorted(EXPECTED))
 def test_example_script_runs(script, tmp_path):
     logdir = tmp_path / "run"
-    out = subprocess.run([sys.executable, os.path.join(EXAMPLES, script), "--logdir", str(logdir)],
-                         capture_output=True, text=True, timeout=120, cwd=EXAMPLES)
+    out = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, script), "--logdir", str(logdir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=EXAMPLES,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert EXPECTED[script] in out.stdout
     assert f"TensorBoard logs: {logdir}" in out.stdout

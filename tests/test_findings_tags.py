@@ -8,11 +8,25 @@ from graddiag.findings import KINDS, Finding, severity_rank
 
 
 def test_finding_json_has_contract_fields():
-    f = Finding(step=120, layer="enc.0.linear1", kind="vanishing", severity="warning", value=3.1e-9,
-                message="m", suggestion="s")
+    f = Finding(
+        step=120,
+        layer="enc.0.linear1",
+        kind="vanishing",
+        severity="warning",
+        value=3.1e-9,
+        message="m",
+        suggestion="s",
+    )
     d = json.loads(f.to_json())
-    assert d == {"step": 120, "layer": "enc.0.linear1", "kind": "vanishing", "severity": "warning",
-                 "value": 3.1e-9, "message": "m", "suggestion": "s"}
+    assert d == {
+        "step": 120,
+        "layer": "enc.0.linear1",
+        "kind": "vanishing",
+        "severity": "warning",
+        "value": 3.1e-9,
+        "message": "m",
+        "suggestion": "s",
+    }
     assert Finding.from_dict(d) == f
 
 
@@ -27,8 +41,17 @@ def test_finding_rejects_bad_severity():
 
 
 def test_contract_kinds_present():
-    assert set(KINDS) >= {"nonfinite", "vanishing", "exploding", "spike", "frozen", "detached",
-                          "accumulation", "clipped", "validation"}
+    assert set(KINDS) >= {
+        "nonfinite",
+        "vanishing",
+        "exploding",
+        "spike",
+        "frozen",
+        "detached",
+        "accumulation",
+        "clipped",
+        "validation",
+    }
     assert severity_rank("info") < severity_rank("warning") < severity_rank("error")
 
 

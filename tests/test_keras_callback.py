@@ -25,8 +25,14 @@ BATCH = 16
 
 def model_and_data(seed: int = 0, optimizer=None):
     keras.utils.set_random_seed(seed)
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="tanh", name="fc"),
-                              keras.layers.Dense(1, name="head")], name="net")
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(8, activation="tanh", name="fc"),
+            keras.layers.Dense(1, name="head"),
+        ],
+        name="net",
+    )
     model.compile(optimizer or keras.optimizers.SGD(0.1), "mse")
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(64, 4)).astype("float32")
@@ -46,11 +52,14 @@ def test_fit_monitors_the_real_gradients_and_clips_them():
     start = [v.numpy().copy() for v in model.trainable_variables]
     max_norm = float(tf.linalg.global_norm(grads)) / 2
     cb = GradDiagCallback(every=2, clip=max_norm, detectors=NO_SPIKE, print_summary=False)
-    model.fit(x[:BATCH], y[:BATCH], batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
-              callbacks=[cb])
+    model.fit(
+        x[:BATCH], y[:BATCH], batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[cb]
+    )
     s = cb.monitor.history[0]
-    ref = [math.hypot(float(tf.norm(grads[0])), float(tf.norm(grads[1]))),
-           math.hypot(float(tf.norm(grads[2])), float(tf.norm(grads[3])))]
+    ref = [
+        math.hypot(float(tf.norm(grads[0])), float(tf.norm(grads[1]))),
+        math.hypot(float(tf.norm(grads[2])), float(tf.norm(grads[3]))),
+    ]
     np.testing.assert_allclose(s.grad_norm, ref, rtol=REL)
     assert s.clip_coef == pytest.approx(0.5, rel=REL)
     clipped, _ = tf.clip_by_global_norm(grads, max_norm)
@@ -71,8 +80,9 @@ def test_every_step_is_seen_and_the_optimizer_is_restored(tmp_path):
             model.save(path)
         loaded = keras.models.load_model(path)
         assert type(loaded.optimizer) is type(model.optimizer)
-    np.testing.assert_allclose(loaded.predict(x[:4], verbose=0), model.predict(x[:4], verbose=0),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        loaded.predict(x[:4], verbose=0), model.predict(x[:4], verbose=0), rtol=1e-6
+    )
     model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)  # plain again, no monitor traced in
     assert len(cb.monitor.history) == 8
 
@@ -138,8 +148,15 @@ def test_works_under_xla_jit_compile(tmp_path):
     model, x, y = model_and_data()
     model.compile(keras.optimizers.SGD(0.1), "mse", jit_compile=True)
     grads = first_batch_grads(model, x, y)
-    cb = GradDiagCallback(tmp_path, every=2, clip=1.0, detail_every=2, hist_every=2,
-                          detectors=NO_SPIKE, print_summary=False)
+    cb = GradDiagCallback(
+        tmp_path,
+        every=2,
+        clip=1.0,
+        detail_every=2,
+        hist_every=2,
+        detectors=NO_SPIKE,
+        print_summary=False,
+    )
     model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[cb])
     assert [s.step for s in cb.monitor.history] == [0, 1, 2, 3]
     ref = math.sqrt(sum(float(tf.norm(g)) ** 2 for g in grads[2:]))
@@ -160,19 +177,25 @@ def test_mixed_float16_policy_statistics_are_unscaled():
         keras.mixed_precision.set_global_policy("float32")
     fp16_rel = 5e-3  # float16 forward/backward against the float32 reference
     got = cb.monitor.history[0].grad_norm[0]
-    assert got == pytest.approx(math.hypot(float(tf.norm(ref[0])), float(tf.norm(ref[1]))), rel=fp16_rel)
+    assert got == pytest.approx(
+        math.hypot(float(tf.norm(ref[0])), float(tf.norm(ref[1]))), rel=fp16_rel
+    )
 
 
 def test_fit_update_ratio_is_lr_times_grad_norm_over_weight_norm_and_nothing_unoptimized():
     model, x, y = model_and_data()
     grads = first_batch_grads(model, x, y)
     layers = [model.trainable_variables[:2], model.trainable_variables[2:]]
-    ratio = [0.1 * float(tf.linalg.global_norm(grads[2 * i:2 * i + 2]))
-             / float(tf.linalg.global_norm([tf.convert_to_tensor(v) for v in vs]))
-             for i, vs in enumerate(layers)]
+    ratio = [
+        0.1
+        * float(tf.linalg.global_norm(grads[2 * i : 2 * i + 2]))
+        / float(tf.linalg.global_norm([tf.convert_to_tensor(v) for v in vs]))
+        for i, vs in enumerate(layers)
+    ]
     cb = GradDiagCallback(every=2, detail_every=1, detectors=NO_SPIKE, print_summary=False)
-    model.fit(x[:BATCH], y[:BATCH], batch_size=BATCH, epochs=2, shuffle=False, verbose=0,
-              callbacks=[cb])
+    model.fit(
+        x[:BATCH], y[:BATCH], batch_size=BATCH, epochs=2, shuffle=False, verbose=0, callbacks=[cb]
+    )
     np.testing.assert_allclose(cb.monitor.history[0].update_ratio, ratio, rtol=REL)
     assert all(s.update_ratio is not None for s in cb.monitor.history)
     assert cb.monitor.info.unoptimized == ()

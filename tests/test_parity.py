@@ -28,8 +28,10 @@ DETAIL = 5  # detail statistics every 5 steps (off the log steps, to cover that 
 
 def networks():
     rng = np.random.default_rng(0)
-    weights = [(rng.normal(size=(o, i)) / math.sqrt(i), rng.normal(size=o) * 0.1)
-               for i, o in zip(SIZES[:-1], SIZES[1:], strict=True)]
+    weights = [
+        (rng.normal(size=(o, i)) / math.sqrt(i), rng.normal(size=o) * 0.1)
+        for i, o in zip(SIZES[:-1], SIZES[1:], strict=True)
+    ]
     mods = []
     for i, (w, b) in enumerate(weights):
         lin = torch.nn.Linear(w.shape[1], w.shape[0])
@@ -43,8 +45,12 @@ def networks():
     names = ["fc0", "fc1", "fc2", "head"]
     knet = keras.Sequential(
         [keras.Input((SIZES[0],))]
-        + [keras.layers.Dense(o, activation=None if n == "head" else "tanh", name=n)
-           for o, n in zip(SIZES[1:], names, strict=True)], name="net")
+        + [
+            keras.layers.Dense(o, activation=None if n == "head" else "tanh", name=n)
+            for o, n in zip(SIZES[1:], names, strict=True)
+        ],
+        name="net",
+    )
     for layer, (w, b) in zip(knet.layers, weights, strict=True):
         layer.set_weights([w.T.astype("float32"), b.astype("float32")])
     knet.get_layer("fc2").trainable = False
@@ -69,8 +75,14 @@ def run_torch(tnet):
     for x, y in batches():
         tnet.zero_grad()
         ((tnet(torch.from_numpy(x)) - torch.from_numpy(y)) ** 2).mean().backward()
-        hand.append([math.sqrt(sum(float(torch.linalg.vector_norm(p.grad)) ** 2
-                                   for p in tnet[i].parameters())) for i in (0, 2, 6)])
+        hand.append(
+            [
+                math.sqrt(
+                    sum(float(torch.linalg.vector_norm(p.grad)) ** 2 for p in tnet[i].parameters())
+                )
+                for i in (0, 2, 6)
+            ]
+        )
         mon.step()
     mon.close()
     return mon, np.array(hand)
@@ -116,7 +128,9 @@ def test_same_per_layer_norms_every_step(both):
 
 def test_same_detail_statistics(both):
     tmon, _, kmon = both
-    detail = [(t, k) for t, k in zip(tmon.history, kmon.history, strict=True) if t.grad_max is not None]
+    detail = [
+        (t, k) for t, k in zip(tmon.history, kmon.history, strict=True) if t.grad_max is not None
+    ]
     assert [t.step for t, _ in detail] == [k.step for k in kmon.history if k.grad_max is not None]
     assert detail
     assert NAN_AT in [k.step for _, k in detail]
@@ -174,7 +188,9 @@ def test_same_update_ratio_and_unoptimized_layer_with_sgd():
     assert k_ratio[0][1][1] == 0.0  # fc1 never moves
 
     def frozen(mon, rename=lambda n: n):
-        return sorted((f.step, f.severity, rename(f.layer)) for f in mon.findings if f.kind == "frozen")
+        return sorted(
+            (f.step, f.severity, rename(f.layer)) for f in mon.findings if f.kind == "frozen"
+        )
 
     assert frozen(kmon) == frozen(tmon, lambda n: TORCH_TO_TF.get(n, n))
     assert (0, "warning", "fc1") in frozen(kmon)

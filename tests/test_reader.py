@@ -21,13 +21,24 @@ F32_EXACT = 0.0
 F64_RTOL = 1e-12
 
 
-def make_run(logdir, steps=30, layers=4, nan_at=None, clip=2.0, seed=0, names=None,
-             frozen=("head.weight",), detectors=None, zero_layer=None):
+def make_run(
+    logdir,
+    steps=30,
+    layers=4,
+    nan_at=None,
+    clip=2.0,
+    seed=0,
+    names=None,
+    frozen=("head.weight",),
+    detectors=None,
+    zero_layer=None,
+):
     """A real run of graddiag's writer: MonitorCore fed hand-made step statistics."""
     rng = np.random.default_rng(seed)
     names = tuple(names or (f"blocks.{i}.fc" for i in range(layers)))
-    info = ModelInfo(layers=names, param_counts=(10,) * len(names), frozen=tuple(frozen),
-                     framework="torch")
+    info = ModelInfo(
+        layers=names, param_counts=(10,) * len(names), frozen=tuple(frozen), framework="torch"
+    )
     mon = MonitorCore(info, logdir, detectors=detectors)
     for s in range(steps):
         g = rng.lognormal(0.0, 0.3, len(names))
@@ -39,10 +50,21 @@ def make_run(logdir, steps=30, layers=4, nan_at=None, clip=2.0, seed=0, names=No
             g[1] = np.nan
             nf[1] = 1
             gn = float("nan")
-        mon.process(StepStats(
-            step=s, grad_norm=g, has_grad=np.ones(len(names), bool), nonfinite=nf, global_norm=gn,
-            clip_coef=None if clip is None else (min(1.0, clip / gn) if math.isfinite(gn) else 1.0),
-            grad_reset=True, backward_calls=1, loss=1.0 / (s + 1)))
+        mon.process(
+            StepStats(
+                step=s,
+                grad_norm=g,
+                has_grad=np.ones(len(names), bool),
+                nonfinite=nf,
+                global_norm=gn,
+                clip_coef=None
+                if clip is None
+                else (min(1.0, clip / gn) if math.isfinite(gn) else 1.0),
+                grad_reset=True,
+                backward_calls=1,
+                loss=1.0 / (s + 1),
+            )
+        )
     mon.close()
     return mon
 
@@ -190,7 +212,7 @@ def _record_offsets(path):
     data = open(path, "rb").read()
     pos, out = 0, []
     while pos < len(data):
-        n = int.from_bytes(data[pos:pos + 8], "little")
+        n = int.from_bytes(data[pos : pos + 8], "little")
         out.append((pos, n))
         pos += 16 + n
     return data, out
@@ -215,7 +237,7 @@ def reference_scalars_without(run_dir, data, rec, tmp=None):
     clean = os.path.join(run_dir, "clean")
     os.makedirs(clean, exist_ok=True)
     with open(os.path.join(clean, "events.out.tfevents.ref"), "wb") as f:
-        f.write(data[:pos] + data[pos + 16 + n:])
+        f.write(data[:pos] + data[pos + 16 + n :])
     ref = reference_scalars(clean)
     for f in glob.glob(os.path.join(clean, "*")):
         os.remove(f)
@@ -240,7 +262,7 @@ def test_truncated_tail_is_reported_not_raised(run_dir):
     path = _event_file(run_dir)
     data, recs = _record_offsets(path)
     pos, n = recs[-1]
-    open(path, "wb").write(data[:pos + 12 + n // 2])
+    open(path, "wb").write(data[: pos + 12 + n // 2])
     df = read(run_dir)
     st = df.attrs["read_stats"]
     assert st["truncated_files"] == [path] and st["truncated_bytes"] == 12 + n // 2
@@ -336,8 +358,9 @@ def test_tf2_tensor_scalars_are_read(tmp_path):
     g = df[df.stat == "grad_norm"]
     dense = g[g.layer == "dense"].sort_values("step")
     # the Lightning tag combines with the histogram (same layer): sqrt(a^2 + hist_norm^2)
-    assert (g[g.layer == ""].value.to_numpy() == [ref[(s, "grad_2.0_norm_total")]
-                                                  for s in range(5)]).all()
+    assert (
+        g[g.layer == ""].value.to_numpy() == [ref[(s, "grad_2.0_norm_total")] for s in range(5)]
+    ).all()
     hist_norm = math.sqrt(np.sum(np.linspace(-1, 1, 50) ** 2))
     for s, v in zip(dense.step, dense.value, strict=True):
         a = ref[(s, "grad_2.0_norm/dense.kernel")]
@@ -346,11 +369,17 @@ def test_tf2_tensor_scalars_are_read(tmp_path):
 
 
 def test_reader_imports_no_framework_or_tensorboard(run_dir):
-    code = ("import sys; import graddiag.reader as r; r.read_logs(sys.argv[1]);"
-            "bad = [m for m in ('torch', 'tensorflow', 'tensorboard', 'pandas') if m in sys.modules];"
-            "print(bad); sys.exit(1 if bad else 0)")
-    p = subprocess.run([sys.executable, "-c", code, run_dir], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": os.getcwd()})
+    code = (
+        "import sys; import graddiag.reader as r; r.read_logs(sys.argv[1]);"
+        "bad = [m for m in ('torch', 'tensorflow', 'tensorboard', 'pandas') if m in sys.modules];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code, run_dir],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
     assert p.returncode == 0, p.stdout + p.stderr
 
 

@@ -25,15 +25,19 @@ NO_SPIKE = {"spike": False}
 def mlp(seed: int = 0, hidden: int = 8, depth: int = 2, activation: str = "tanh"):
     keras.utils.set_random_seed(seed)
     layers = [keras.Input((4,))]
-    layers += [keras.layers.Dense(hidden, activation=activation, name=f"fc{i}") for i in range(depth)]
+    layers += [
+        keras.layers.Dense(hidden, activation=activation, name=f"fc{i}") for i in range(depth)
+    ]
     layers.append(keras.layers.Dense(1, name="head"))
     return keras.Sequential(layers, name="net")
 
 
 def batch(seed: int = 1, n: int = 16):
     rng = np.random.default_rng(seed)
-    return (tf.constant(rng.normal(size=(n, 4)), tf.float32),
-            tf.constant(rng.normal(size=(n, 1)), tf.float32))
+    return (
+        tf.constant(rng.normal(size=(n, 4)), tf.float32),
+        tf.constant(rng.normal(size=(n, 1)), tf.float32),
+    )
 
 
 def grads_of(model, x, y):
@@ -84,7 +88,9 @@ def test_detail_statistics_every_detail_every_steps_match_references():
         gs = [tf.reshape(g, [-1]) for _, g in by_layer[name]]
         flat = tf.concat(gs, 0)
         assert second.grad_max[i] == pytest.approx(float(tf.reduce_max(tf.abs(flat))), rel=REL)
-        assert second.zero_frac[i] == pytest.approx(float(tf.reduce_mean(tf.cast(flat == 0, tf.float32))))
+        assert second.zero_frac[i] == pytest.approx(
+            float(tf.reduce_mean(tf.cast(flat == 0, tf.float32)))
+        )
         pn = tf.linalg.global_norm([v for v, _ in by_layer[name]])
         assert second.param_norm[i] == pytest.approx(float(pn), rel=REL)
     assert second.nan_count is None
@@ -110,8 +116,12 @@ def test_eager_and_tf_function_give_same_stats_and_bounded_traces():
     for compiled in (False, True):
         model = mlp()
         opt = keras.optimizers.SGD(0.05)
-        mon = GradientMonitor(model, every=4, clip=[cliplib.ZClip(warmup=3), cliplib.GlobalNormClip(2.0)],
-                              detectors=NO_SPIKE)
+        mon = GradientMonitor(
+            model,
+            every=4,
+            clip=[cliplib.ZClip(warmup=3), cliplib.GlobalNormClip(2.0)],
+            detectors=NO_SPIKE,
+        )
 
         def train_step(x, y, model=model, opt=opt, mon=mon):
             with mon.tape() as tape:
@@ -264,8 +274,14 @@ def test_disconnected_layer_is_detached_and_non_trainable_layer_is_frozen():
 def test_embedding_indexed_slices_norm_counts_repeated_rows_once_summed():
     keras.utils.set_random_seed(0)
     emb = keras.layers.Embedding(10, 3, name="emb")
-    model = keras.Sequential([keras.Input((4,), dtype="int32"), emb, keras.layers.Flatten(),
-                              keras.layers.Dense(1, name="head")])
+    model = keras.Sequential(
+        [
+            keras.Input((4,), dtype="int32"),
+            emb,
+            keras.layers.Flatten(),
+            keras.layers.Dense(1, name="head"),
+        ]
+    )
     ids = tf.constant([[1, 1, 2, 1], [2, 3, 3, 1]])
     mon = GradientMonitor(model, every=1, clip=cliplib.ValueClip(0.05), detectors=NO_SPIKE)
     with mon.tape() as tape:
@@ -277,8 +293,11 @@ def test_embedding_indexed_slices_norm_counts_repeated_rows_once_summed():
     assert isinstance(raw[0], tf.IndexedSlices)
     dense = tf.convert_to_tensor(raw[0])
     assert mon.history[-1].grad_norm[0] == pytest.approx(float(tf.norm(dense)), rel=REL)
-    np.testing.assert_allclose(tf.convert_to_tensor(clipped[0]).numpy(),
-                               tf.clip_by_value(dense, -0.05, 0.05).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        tf.convert_to_tensor(clipped[0]).numpy(),
+        tf.clip_by_value(dense, -0.05, 0.05).numpy(),
+        rtol=1e-6,
+    )
 
 
 def test_half_precision_gradients_accumulate_in_float32():
@@ -301,8 +320,9 @@ def test_loss_scale_is_divided_out_of_the_statistics():
     for scale in (opt, tf.Variable(1024.0), 1024.0):
         mon = GradientMonitor(model, every=1, loss_scale=scale, detectors=NO_SPIKE)
         mon.step([g * 1024.0 for g in grads], model.trainable_variables)
-        np.testing.assert_allclose(mon.history[-1].grad_norm, [ref[n] for n in mon.info.layers],
-                                   rtol=REL)
+        np.testing.assert_allclose(
+            mon.history[-1].grad_norm, [ref[n] for n in mon.info.layers], rtol=REL
+        )
 
 
 def test_skip_policy_zeroes_the_step_and_reports_it_at_once():
@@ -356,7 +376,9 @@ def test_unreset_accumulation_buffers_are_reported():
 
     @tf.function
     def apply(reset):
-        opt.apply_gradients(zip(mon.step(acc, model.trainable_variables), model.trainable_variables, strict=True))
+        opt.apply_gradients(
+            zip(mon.step(acc, model.trainable_variables), model.trainable_variables, strict=True)
+        )
         if reset:
             for a in acc:
                 a.assign(tf.zeros_like(a))
@@ -372,9 +394,14 @@ def test_unreset_accumulation_buffers_are_reported():
     assert f.step == 2
 
 
-@pytest.mark.parametrize("policy", [cliplib.AutoClip(percentile=50, history=4),
-                                    cliplib.ZClip(warmup=3, z_threshold=1.0),
-                                    cliplib.LayerNormClip(0.5)])
+@pytest.mark.parametrize(
+    "policy",
+    [
+        cliplib.AutoClip(percentile=50, history=4),
+        cliplib.ZClip(warmup=3, z_threshold=1.0),
+        cliplib.LayerNormClip(0.5),
+    ],
+)
 def test_stateful_policies_in_graph_match_numpy(policy):
     rng = np.random.default_rng(0)
     norms = rng.lognormal(size=(12, 3)) * np.array([1, 1, 1])[None]
@@ -383,10 +410,15 @@ def test_stateful_policies_in_graph_match_numpy(policy):
     np_state = chain.init(3)
     tf_state = chain.init(3, TFOps)
     for row in norms:
-        g = float(np.sqrt(np.sum(row ** 2)))
+        g = float(np.sqrt(np.sum(row**2)))
         np_g, np_l, np_state = chain.update_norm_stage(chain.policies, row, g, np_state)[:3]
         tf_g, tf_l, tf_state = chain.update_norm_stage(
-            chain.policies, tf.constant(row, tf.float32), tf.constant(g, tf.float32), tf_state, TFOps)[:3]
+            chain.policies,
+            tf.constant(row, tf.float32),
+            tf.constant(g, tf.float32),
+            tf_state,
+            TFOps,
+        )[:3]
         for a, b in ((np_g, tf_g), (np_l, tf_l)):
             if a is not None:
                 np.testing.assert_allclose(np.asarray(b), a, rtol=1e-5)
@@ -436,17 +468,22 @@ def test_gradient_histograms_every_hist_every_steps(tmp_path):
     assert h.min == pytest.approx(float(tf.reduce_min(flat)), rel=REL)
     assert h.max == pytest.approx(float(tf.reduce_max(flat)), rel=REL)
     assert h.sum_squares == pytest.approx(float(tf.reduce_sum(flat**2)), rel=REL)
-    assert ea.Histograms("graddiag/hist/fc0")[0].histogram_value.num == 4 * 8 + 8 - 1  # Inf left out
+    assert (
+        ea.Histograms("graddiag/hist/fc0")[0].histogram_value.num == 4 * 8 + 8 - 1
+    )  # Inf left out
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"every": 0}, "`every`.*0"),
-    ({"nonfinite": "ignore"}, "`nonfinite`.*'ignore'"),
-    ({"clip": "1.0"}, "`clip`.*'1.0'"),
-    ({"read_back": "sometimes"}, "`read_back`.*'sometimes'"),
-    ({"loss_scale": -2.0}, "`loss_scale`.*-2.0"),
-    ({"logdir": 3}, "`logdir`.*3"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"every": 0}, "`every`.*0"),
+        ({"nonfinite": "ignore"}, "`nonfinite`.*'ignore'"),
+        ({"clip": "1.0"}, "`clip`.*'1.0'"),
+        ({"read_back": "sometimes"}, "`read_back`.*'sometimes'"),
+        ({"loss_scale": -2.0}, "`loss_scale`.*-2.0"),
+        ({"logdir": 3}, "`logdir`.*3"),
+    ],
+)
 def test_bad_arguments_name_the_argument_and_value(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GradientMonitor(mlp(), **kwargs)
@@ -482,7 +519,9 @@ def train_with_apply(mon, model, opt, steps, variables, compiled=True):
             loss = tf.reduce_mean((model(x) - y) ** 2)
         grads = mon.step(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
         picked = {id(v) for v in variables}
-        pairs = [(g, v) for g, v in zip(grads, model.trainable_variables, strict=True) if id(v) in picked]
+        pairs = [
+            (g, v) for g, v in zip(grads, model.trainable_variables, strict=True) if id(v) in picked
+        ]
         mon.apply(opt, [g for g, _ in pairs], [v for _, v in pairs])
 
     step = tf.function(train_step) if compiled else train_step
@@ -525,10 +564,11 @@ def test_optimizer_built_without_a_layer_reports_it():
     mon = GradientMonitor(model, every=1, detectors=NO_SPIKE, optimizer=opt)
     g = grads_of(model, x, y)
     mon.step(g, model.trainable_variables)
-    opt.apply_gradients(zip(g[:len(kept)], kept, strict=True))
+    opt.apply_gradients(zip(g[: len(kept)], kept, strict=True))
     mon.close()
     assert [(f.kind, f.layer, f.severity) for f in mon.findings if f.kind == "frozen"] == [
-        ("frozen", "head", "warning")]
+        ("frozen", "head", "warning")
+    ]
 
 
 @pytest.mark.parametrize("compiled", [True, False])
@@ -544,7 +584,9 @@ def test_update_ratio_of_sgd_is_lr_times_grad_norm_over_weight_norm(compiled):
     assert [s.update_ratio is not None for s in mon.history] == [False, True, False]
     model2 = mlp()  # same seed, same weights: step 0 against the hand computation
     mon2 = GradientMonitor(model2, every=5, detail_every=1, detectors=NO_SPIKE)
-    train_with_apply(mon2, model2, keras.optimizers.SGD(lr), 1, model2.trainable_variables, compiled)
+    train_with_apply(
+        mon2, model2, keras.optimizers.SGD(lr), 1, model2.trainable_variables, compiled
+    )
     want = [lr * ref_g[n] / ref_w[n] for n in mon2.info.layers]
     np.testing.assert_allclose(mon2.history[0].update_ratio, want, rtol=REL)
 
@@ -576,8 +618,13 @@ def test_unclosed_monitor_logs_every_step_at_exit(tmp_path):
     from graddiag import tags
 
     logdir = str(tmp_path / "run")
-    out = subprocess.run([sys.executable, "-c", TF_EXIT_SCRIPT, logdir], capture_output=True,
-                         text=True, timeout=180, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    out = subprocess.run(
+        [sys.executable, "-c", TF_EXIT_SCRIPT, logdir],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     acc = EventAccumulator(logdir, size_guidance={"scalars": 0})
     acc.Reload()

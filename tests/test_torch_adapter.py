@@ -29,7 +29,16 @@ def layer_norms_by_hand(model, names):
     for n in names:
         mod = model.get_submodule(n) if n in dict(model.named_modules()) else model
         gs = [p.grad for p in mod.parameters(recurse=False) if p.grad is not None]
-        out[n] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.to_dense() if g.is_sparse else g, dtype=torch.float64) for g in gs])).item()
+        out[n] = torch.linalg.vector_norm(
+            torch.stack(
+                [
+                    torch.linalg.vector_norm(
+                        g.to_dense() if g.is_sparse else g, dtype=torch.float64
+                    )
+                    for g in gs
+                ]
+            )
+        ).item()
     return out
 
 
@@ -77,7 +86,9 @@ def test_layer_norms_equal_vector_norm_per_layer():
     assert len(mon.history) == 3
     for stats, ref in zip(mon.history, by_hand, strict=True):
         np.testing.assert_allclose(stats.grad_norm, [ref[n] for n in mon.layers], rtol=FP32_RTOL)
-        assert stats.global_norm == pytest.approx(np.sqrt(sum(v**2 for v in ref.values())), rel=FP32_RTOL)
+        assert stats.global_norm == pytest.approx(
+            np.sqrt(sum(v**2 for v in ref.values())), rel=FP32_RTOL
+        )
 
 
 def test_ring_buffer_gives_same_stats_as_every_step():
@@ -90,14 +101,18 @@ def test_ring_buffer_gives_same_stats_as_every_step():
 
 def test_float64_and_bfloat16_models():
     mon, ref = _run_mixed(every=1, dtype=torch.float64)
-    np.testing.assert_allclose(mon.history[-1].grad_norm, [ref[-1][n] for n in mon.layers], rtol=FP32_RTOL)
+    np.testing.assert_allclose(
+        mon.history[-1].grad_norm, [ref[-1][n] for n in mon.layers], rtol=FP32_RTOL
+    )
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 300), nn.ReLU(), nn.Linear(300, 1)).to(torch.bfloat16)
     mon = GradientMonitor(model, every=1)
     model(torch.randn(4, 8, dtype=torch.bfloat16)).sum().backward()
     mon.step()
     by_hand = layer_norms_by_hand(model, mon.layers)  # float64 accumulation of bf16 values
-    np.testing.assert_allclose(mon.history[-1].grad_norm, [by_hand[n] for n in mon.layers], rtol=1e-5)
+    np.testing.assert_allclose(
+        mon.history[-1].grad_norm, [by_hand[n] for n in mon.layers], rtol=1e-5
+    )
 
 
 def test_shared_parameter_counted_once():
@@ -108,7 +123,9 @@ def test_shared_parameter_counted_once():
 
 def _mlp(seed=0):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
+    return nn.Sequential(
+        nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1)
+    )
 
 
 def _grads_after(policy, model, x):
@@ -176,8 +193,11 @@ def test_agc_by_hand():
         torch.testing.assert_close(a, expected, atol=CLIP_ATOL, rtol=1e-5)
 
 
-@pytest.mark.parametrize("policy", [AutoClip(percentile=30, history=8), ZClip(warmup=3, z_threshold=1.0)],
-                         ids=["autoclip", "zclip"])
+@pytest.mark.parametrize(
+    "policy",
+    [AutoClip(percentile=30, history=8), ZClip(warmup=3, z_threshold=1.0)],
+    ids=["autoclip", "zclip"],
+)
 def test_adaptive_policies_on_device_match_numpy_reference(policy):
     """The same policy math runs on torch tensors in the adapter and on NumPy here."""
     torch.manual_seed(0)
@@ -272,16 +292,19 @@ def test_manual_step_with_hooked_optimizer_is_an_error():
     mon.close()
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(every=0), "`every`.*0"),
-    (dict(every=2.5), "`every`.*2.5"),
-    (dict(nonfinite="ignore"), "`nonfinite`.*'ignore'"),
-    (dict(clip="big"), "`clip`.*'big'"),
-    (dict(clip=GlobalNormClip), "`clip`"),
-    (dict(detectors={"spike": {"z_threshold": -1}}), "`z_threshold`.*-1"),
-    (dict(detectors={"nope": {}}), "nope"),
-    (dict(hist_every=-1), "`hist_every`.*-1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(every=0), "`every`.*0"),
+        (dict(every=2.5), "`every`.*2.5"),
+        (dict(nonfinite="ignore"), "`nonfinite`.*'ignore'"),
+        (dict(clip="big"), "`clip`.*'big'"),
+        (dict(clip=GlobalNormClip), "`clip`"),
+        (dict(detectors={"spike": {"z_threshold": -1}}), "`z_threshold`.*-1"),
+        (dict(detectors={"nope": {}}), "nope"),
+        (dict(hist_every=-1), "`hist_every`.*-1"),
+    ],
+)
 def test_bad_settings_name_argument_and_value(kwargs, match):
     with pytest.raises(ValueError, match=match):
         mon = GradientMonitor(_mlp(), **kwargs)
@@ -350,7 +373,9 @@ def test_amp_collapsing_scale_is_reported():
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     scaler = torch.amp.GradScaler("cpu")
-    mon = GradientMonitor(model, opt, scaler=scaler, every=1, detectors={"nonfinite": {"amp_patience": 5}})
+    mon = GradientMonitor(
+        model, opt, scaler=scaler, every=1, detectors={"nonfinite": {"amp_patience": 5}}
+    )
     for _ in range(8):
         opt.zero_grad()
         scaler.scale(model(torch.full((4, 8), float("inf"))).sum()).backward()  # a real NaN source
@@ -388,8 +413,9 @@ def test_lr_scheduler_in_either_order(scheduler_first, recwarn):
 def test_sparse_gradients_detail_histograms_and_clip_errors(tmp_path):
     torch.manual_seed(0)
     model = Mixed()
-    mon = GradientMonitor(model, logdir=tmp_path, every=1, detail_every=1, hist_every=1,
-                          clip=GlobalNormClip(0.1))
+    mon = GradientMonitor(
+        model, logdir=tmp_path, every=1, detail_every=1, hist_every=1, clip=GlobalNormClip(0.1)
+    )
     model(torch.randint(0, 50, (8,))).backward()
     emb = model.emb.weight.grad.to_dense()
     mon.step()
@@ -398,10 +424,14 @@ def test_sparse_gradients_detail_histograms_and_clip_errors(tmp_path):
     assert s.grad_max[i] == pytest.approx(emb.abs().max().item(), rel=1e-6)
     assert s.zero_frac[i] == pytest.approx((emb == 0).double().mean().item(), rel=1e-6)
     assert s.clip_coef < 1.0  # sparse gradients are scaled like dense ones
-    torch.testing.assert_close(model.emb.weight.grad.to_dense(), emb * s.clip_coef, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        model.emb.weight.grad.to_dense(), emb * s.clip_coef, rtol=1e-5, atol=1e-7
+    )
     mon.close()
     value = GradientMonitor(model, clip=ValueClip(0.1))
     model.zero_grad()
     model(torch.randint(0, 50, (8,))).backward()
-    with pytest.raises(ValueError, match="ValueClip does not support the sparse gradient of parameter 'emb.weight'"):
+    with pytest.raises(
+        ValueError, match="ValueClip does not support the sparse gradient of parameter 'emb.weight'"
+    ):
         value.step()

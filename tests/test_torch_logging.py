@@ -27,8 +27,9 @@ def test_every_step_is_logged_with_history_values(logdir):
     for layer_i, layer in enumerate(mon.layers):
         events = acc.Scalars(tags.tag("grad_norm", layer))
         assert [e.step for e in events] == list(range(25))  # ring buffer: no step lost
-        np.testing.assert_allclose([e.value for e in events],
-                                   [s.grad_norm[layer_i] for s in mon.history], rtol=1e-6)
+        np.testing.assert_allclose(
+            [e.value for e in events], [s.grad_norm[layer_i] for s in mon.history], rtol=1e-6
+        )
     assert len(acc.Scalars(tags.tag("grad_norm"))) == 25
     # detail statistics on log steps (9, 19)
     assert [e.step for e in acc.Scalars(tags.tag("grad_max", mon.layers[0]))] == [9, 19]
@@ -57,7 +58,11 @@ def test_findings_text_and_custom_scalars_layout(logdir):
 
     parsed = layout_pb2.Layout.FromString(layout[0].tensor_proto.string_val[0])
     assert [c.title for c in parsed.category] == [
-        "graddiag: global", "graddiag: per-layer gradient norms", "graddiag: clipping", "graddiag: findings"]
+        "graddiag: global",
+        "graddiag: per-layer gradient norms",
+        "graddiag: clipping",
+        "graddiag: findings",
+    ]
 
 
 def test_nan_histogram_counts_not_dropped(logdir):
@@ -69,7 +74,9 @@ def test_nan_histogram_counts_not_dropped(logdir):
     mon.step()
     mon.close()
     acc = _acc(logdir)
-    assert acc.Scalars(tags.tag("nan_count", "Linear"))[0].value == 2.0  # weight column 1, both rows
+    assert (
+        acc.Scalars(tags.tag("nan_count", "Linear"))[0].value == 2.0
+    )  # weight column 1, both rows
     hist = acc.Histograms(tags.hist_tag("Linear"))[0].histogram_value
     assert hist.num == 8  # 6 finite weight entries + 2 bias entries
 
@@ -115,8 +122,12 @@ def test_logs_survive_crash_and_unclosed_exit(tmp_path, how, steps):
     import sys
 
     logdir = str(tmp_path / "run")
-    out = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, logdir, how], capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", CRASH_SCRIPT, logdir, how],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == (1 if how == "crash" else 0), out.stderr[-1000:]
     logged = [e.step for e in _acc(logdir).Scalars(tags.tag("grad_norm"))]
     # a crash loses at most the last interval (the unread ring buffer); a normal exit loses nothing

@@ -33,8 +33,15 @@ def test_one_host_read_per_log_step(count_reads, tmp_path):
     model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(50)])  # 100 tensors
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     x = torch.randn(8, 16)
-    mon = GradientMonitor(model, opt, logdir=tmp_path, every=5, clip=GlobalNormClip(1e-3),
-                          hist_every=0, detail_every=0)
+    mon = GradientMonitor(
+        model,
+        opt,
+        logdir=tmp_path,
+        every=5,
+        clip=GlobalNormClip(1e-3),
+        hist_every=0,
+        detail_every=0,
+    )
     per_step = []
     for _ in range(15):
         opt.zero_grad()
