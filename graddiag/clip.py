@@ -22,6 +22,9 @@ import numpy as np
 
 #: torch.nn.utils.clip_grad_norm_ divides by (norm + 1e-6); we match it exactly.
 NORM_EPS = 1e-6
+#: Marks an empty slot of a policy's history: finite (device state never holds NaN/Inf, so
+#: `tf.debugging.enable_check_numerics` stays quiet) and larger than any finite float32 norm.
+EMPTY = 3.0e38
 
 
 class NumpyOps:
@@ -60,10 +63,13 @@ class NumpyOps:
         return np.float64(value)
 
     @staticmethod
-    def nanquantile(x, q: float):
-        if np.all(np.isnan(x)):
-            return np.float64(np.nan)
-        return np.float64(np.nanquantile(x, q))
+    def quantile_first(x, n, q: float):
+        """Quantile `q` (linear interpolation) of the `n` smallest entries of `x` — the filled part
+        of a ring buffer whose empty slots hold `EMPTY`; `EMPTY` when `n` is 0."""
+        n = int(n)
+        if n == 0:
+            return np.float64(EMPTY)
+        return np.float64(np.quantile(np.sort(x)[:n], q))
 
     @staticmethod
     def roll_in(buf, index, value):
@@ -154,19 +160,18 @@ class AutoClip(NormPolicy):
         self.history = history
 
     def init(self, n_layers, ops=NumpyOps):
-        return {"norms": ops.full(self.history, math.nan), "count": ops.scalar(0.0)}
+        return {"norms": ops.full(self.history, EMPTY), "count": ops.scalar(0.0)}
 
     def update(self, layer_norms, global_norm, state, ops=NumpyOps):
-        finite = global_norm == global_norm  # NaN never enters the history
+        finite = (global_norm - global_norm) == 0  # NaN/Inf never enter the history
         norms = ops.where(
             finite, ops.roll_in(state["norms"], state["count"], global_norm), state["norms"]
         )
-        threshold = ops.nanquantile(norms, self.percentile / 100.0)
+        count = state["count"] + ops.where(finite, 1.0, 0.0)
+        filled = ops.where(count < self.history, count, float(self.history))
+        threshold = ops.quantile_first(norms, filled, self.percentile / 100.0)
         coef = ops.minimum1(threshold / (global_norm + NORM_EPS))
-        return ClipScale(global_coef=coef), {
-            "norms": norms,
-            "count": state["count"] + ops.where(finite, 1.0, 0.0),
-        }
+        return ClipScale(global_coef=coef), {"norms": norms, "count": count}
 
 
 class ZClip(NormPolicy):

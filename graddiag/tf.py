@@ -101,17 +101,17 @@ class TFOps:
         return tf.constant(value, tf.float32)
 
     @staticmethod
-    def nanquantile(x, q: float):
-        """`numpy.nanquantile` (linear interpolation); NaN when every entry is NaN."""
-        nan = tf.math.is_nan(x)
-        n = tf.reduce_sum(tf.cast(~nan, tf.int32))
-        ranked = tf.sort(tf.where(nan, tf.constant(math.inf, tf.float32), x))
-        pos = tf.cast(q, tf.float32) * tf.cast(tf.maximum(n - 1, 0), tf.float32)
+    def quantile_first(x, n, q: float):
+        """`clip.NumpyOps.quantile_first` in the graph (linear interpolation; `EMPTY` when n is 0)."""
+        n = tf.cast(n, tf.int32)
+        last = tf.maximum(n - 1, 0)
+        ranked = tf.sort(x)
+        pos = tf.cast(q, tf.float32) * tf.cast(last, tf.float32)
         lo = tf.cast(tf.floor(pos), tf.int32)
-        hi = tf.minimum(lo + 1, tf.maximum(n - 1, 0))
+        hi = tf.minimum(lo + 1, last)
         a, b = tf.gather(ranked, lo), tf.gather(ranked, hi)
         value = a + (b - a) * (pos - tf.cast(lo, tf.float32))
-        return tf.where(n > 0, value, tf.constant(math.nan, tf.float32))
+        return tf.where(n > 0, value, tf.constant(cliplib.EMPTY, tf.float32))
 
     @staticmethod
     def roll_in(buf, index, value):

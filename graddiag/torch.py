@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from graddiag import __version__
-from graddiag.clip import AGC, Chain, ValueClip, as_chain
+from graddiag.clip import AGC, EMPTY, Chain, ValueClip, as_chain
 from graddiag.detectors import Detector
 from graddiag.findings import Finding
 from graddiag.monitor import (
@@ -91,8 +91,14 @@ class TorchOps:
         return torch.tensor(value, dtype=torch.float32, device=self.device)
 
     @staticmethod
-    def nanquantile(x, q: float):
-        return torch.nanquantile(x, q)
+    def quantile_first(x, n, q: float):
+        last = torch.clamp(n - 1, min=0)
+        pos = q * last
+        lo = torch.floor(pos)
+        hi = torch.minimum(lo + 1, last)
+        ranked = torch.sort(x).values
+        a, b = ranked[lo.long()], ranked[hi.long()]
+        return torch.where(n > 0, a + (b - a) * (pos - lo), torch.full_like(a, EMPTY))
 
     @staticmethod
     def roll_in(buf, index, value):

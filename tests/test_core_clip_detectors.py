@@ -56,12 +56,18 @@ def test_autoclip_uses_percentile_of_history_including_current():
         assert scale.global_coef == pytest.approx(min(1.0, threshold / (g + 1e-6)), rel=EXACT)
 
 
-def test_autoclip_ignores_nan_norms():
+def test_autoclip_ignores_nonfinite_norms_and_keeps_finite_state():
+    from graddiag.clip import EMPTY
+
     policy = AutoClip(percentile=50, history=3)
     state = policy.init(1)
     _, state = policy.update(None, np.float64(2.0), state)
     _, state = policy.update(None, np.float64(np.nan), state)
-    assert state["count"] == 1.0 and np.count_nonzero(~np.isnan(state["norms"])) == 1
+    _, state = policy.update(None, np.float64(np.inf), state)
+    assert state["count"] == 1.0 and np.count_nonzero(state["norms"] < EMPTY) == 1
+    assert np.isfinite(state["norms"]).all()  # no NaN/Inf sentinels (enable_check_numerics-safe)
+    scale, _ = policy.update(None, np.float64(8.0), state)  # history [2, 8]: median 5
+    assert scale.global_coef == pytest.approx(5.0 / (8.0 + 1e-6), rel=EXACT)
 
 
 def test_zclip_warmup_then_ema_by_hand():

@@ -629,3 +629,19 @@ def test_unclosed_monitor_logs_every_step_at_exit(tmp_path):
     acc = EventAccumulator(logdir, size_guidance={"scalars": 0})
     acc.Reload()
     assert [e.step for e in acc.Scalars(tags.tag("grad_norm"))] == list(range(23))
+
+
+def test_autoclip_state_is_check_numerics_safe():
+    """Policy state holds no NaN/Inf sentinels, so TF's global check_numerics mode stays quiet."""
+    var = tf.Variable(tf.ones((4,)))
+    mon = GradientMonitor([var], every=2, clip=cliplib.AutoClip(percentile=50, history=4))
+    tf.debugging.enable_check_numerics()
+    try:
+        for _ in range(3):
+            with mon.tape() as tape:
+                loss = tf.reduce_sum(var**2)
+            tape.gradient(loss, [var])
+    finally:
+        tf.debugging.disable_check_numerics()
+    mon.close()
+    assert len(mon.history) == 3
