@@ -163,7 +163,7 @@ class AutoClip(NormPolicy):
         return {"norms": ops.full(self.history, EMPTY), "count": ops.scalar(0.0)}
 
     def update(self, layer_norms, global_norm, state, ops=NumpyOps):
-        finite = (global_norm - global_norm) == 0  # NaN/Inf never enter the history
+        finite = (global_norm == global_norm) & (global_norm < EMPTY)  # NaN/Inf never enter it
         norms = ops.where(
             finite, ops.roll_in(state["norms"], state["count"], global_norm), state["norms"]
         )

@@ -356,13 +356,35 @@ class MonitorCore:
             self.sink.close()
         return new
 
-    def summary(self, min_severity: str = "info") -> str:
-        """A plain-text summary of the findings so far."""
+    def summary(self, min_severity: str = "info", per_kind: int = 5) -> str:
+        """A plain-text summary of the findings so far, grouped by kind (worst first), with each
+        kind's suggestion once.
+
+        Args:
+            min_severity: leave out findings below this severity.
+            per_kind: list at most this many findings of a kind (the rest are counted).
+        """
         rank = severity_rank(min_severity)
         fs = [f for f in self.findings if severity_rank(f.severity) >= rank]
         if not fs:
             return "graddiag: no findings."
+        groups: dict[str, list[Finding]] = {}
+        for f in sorted(fs, key=lambda f: f.step):
+            groups.setdefault(f.kind, []).append(f)
+        order = sorted(
+            groups,
+            key=lambda k: (-max(severity_rank(f.severity) for f in groups[k]), groups[k][0].step),
+        )
         lines = [f"graddiag: {len(fs)} finding(s)"]
-        for f in sorted(fs, key=lambda f: (-severity_rank(f.severity), f.step)):
-            lines.append(f"  {f}\n      -> {f.suggestion}")
+        for kind in order:
+            g = groups[kind]
+            worst = max((f.severity for f in g), key=severity_rank)
+            lines.append(f"  {kind} ({len(g)}, {worst}), first at step {g[0].step}:")
+            for f in g[:per_kind]:
+                where = f" in {f.layer}" if f.layer else ""
+                lines.append(f"    [{f.severity}] step {f.step}{where}: {f.message}")
+            if len(g) > per_kind:
+                lines.append(f"    ... and {len(g) - per_kind} more")
+            for suggestion in dict.fromkeys(f.suggestion for f in g):
+                lines.append(f"    -> {suggestion}")
         return "\n".join(lines)

@@ -258,3 +258,20 @@ def test_aggregate_detail_by_hand():
     assert out["zero_frac"].tolist() == [3 / 6, 0.0]
     np.testing.assert_allclose(out["param_norm"], [2.0, 2.0])
     assert out["nan_count"].tolist() == [1.0, 0.0]
+
+
+def test_summary_groups_by_kind_worst_first():
+    info = ModelInfo(layers=tuple(f"l{i}" for i in range(8)))
+    core = MonitorCore(info)
+    for t in range(12):
+        nf = np.zeros(8)
+        nf[7] = 1 if t == 11 else 0
+        core.process(stats(t, [1e-12] * 7 + [1.0], nonfinite=nf))
+    text = core.summary(per_kind=3)
+    lines = text.splitlines()
+    assert lines[0] == "graddiag: 8 finding(s)"
+    assert lines[1].startswith("  nonfinite (1, error), first at step 11")  # errors first
+    vanishing = lines.index("  vanishing (7, warning), first at step 9:")
+    assert lines[vanishing + 4] == "    ... and 4 more"
+    assert sum(line.startswith("    -> Use ReLU/GELU") for line in lines) == 1
+    assert core.summary("error").count("[warning]") == 0
