@@ -33,8 +33,9 @@ SUGGEST = {
         "(LayerNorm/BatchNorm), and use He/Xavier initialization."
     ),
     "exploding": (
-        "Clip gradients (e.g. GlobalNormClip(1.0) or torch.nn.utils.clip_grad_norm_), lower the "
-        "learning rate or add warmup, and check the initialization and input scaling."
+        "Clip gradients (graddiag's clip=GlobalNormClip(1.0), clip_grad_norm_ or "
+        "tf.clip_by_global_norm), lower the learning rate or add warmup, and check the "
+        "initialization and input scaling."
     ),
     "spike": (
         "Enable adaptive clipping (ZClip/AutoClip), lower the learning rate or add warmup, and inspect "
