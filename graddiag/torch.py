@@ -199,6 +199,19 @@ def _mul_(tensors: list[torch.Tensor], factors, has_sparse: bool) -> None:
         t.mul_(factors[i] if isinstance(factors, list) else factors)
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside `torch.compile` / (Distributed)DataParallel wrappers, so layer
+    names read `encoder.0`, not `_orig_mod.encoder.0` or `module.encoder.0` (same parameters)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
 def _layers_of(
     model: nn.Module,
 ) -> tuple[list[str], list[nn.Parameter], list[str], np.ndarray, list[str], list[str]]:
@@ -324,7 +337,8 @@ class GradientMonitor:
                 raise ValueError(f"Expected `logdir` to be a path or None, got {logdir!r}")
             _check_writable(os.fspath(logdir))
 
-        layers, params, pnames, layer_of, frozen, shared = _layers_of(model)
+        base = _unwrap(model)
+        layers, params, pnames, layer_of, frozen, shared = _layers_of(base)
         if not params:
             raise ValueError(
                 f"`model` {type(model).__name__} has no trainable parameters (requires_grad=True)"
@@ -372,10 +386,10 @@ class GradientMonitor:
         self._trace: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         self.trace_nonfinite = bool(trace_nonfinite)
         if self.trace_nonfinite:
-            for name, m in model.named_modules():
+            for name, m in base.named_modules():
                 self._handles.append(
                     m.register_full_backward_hook(
-                        self._make_trace_hook(name or type(model).__name__)
+                        self._make_trace_hook(name or type(base).__name__)
                     )
                 )
         self._restore: list[tuple[Any, str, Any]] = []

@@ -435,3 +435,14 @@ def test_sparse_gradients_detail_histograms_and_clip_errors(tmp_path):
         ValueError, match="ValueClip does not support the sparse gradient of parameter 'emb.weight'"
     ):
         value.step()
+
+
+def test_wrapped_models_keep_their_layer_names():
+    model = _mlp()
+    wrapped = torch.nn.DataParallel(model)  # on CPU: a plain wrapper with a `module.` prefix
+    mon = GradientMonitor(wrapped)
+    assert mon.layers == GradientMonitor(model).layers == ["0", "2", "4"]
+    wrapped(torch.randn(4, 8)).sum().backward()
+    mon.step()
+    mon.flush()
+    assert mon.history[-1].has_grad.all()
