@@ -266,8 +266,9 @@ class GradientMonitor:
             host sync per step — and skip the optimizer step when a gradient is NaN/Inf), or "raise"
             (same check; raise `NonFiniteGradientError` naming the step and the layer).
         detectors: detector settings (see `graddiag.detectors.build_detectors`).
-        detail_every: compute max |g|, zero fraction, parameter norm and update/weight ratio every
-            this many steps (a host read at that step); 0 disables.
+        detail_every: compute max |g|, zero fraction and parameter norm every this many steps (a
+            host read at that step), and the update/weight ratio when the optimizer is hooked
+            (it needs the weights before and after the step); 0 disables.
         hist_every: write gradient histograms every this many steps (0 disables).
         scaler: the `torch.amp.GradScaler` in use, if any (requires `optimizer`): its `step()` is
             hooked, the gradients are unscaled (`scaler.unscale_`, which `scaler.step` would do
@@ -710,7 +711,6 @@ class GradientMonitor:
 
     def _after_update(self) -> None:
         """After the optimizer step: resolve the update/weight ratio of a detail step."""
-        self._record_probe()
         if self._snapshot is None:
             return
         step, old = self._snapshot
