@@ -650,7 +650,9 @@ class GradientMonitor:
             sumsq = coef = layer_coef = None
         else:
             sumsq = _sumsq(grads, plan, self.device)
-            total = sumsq.sum()
+            # the global sum is needed on the device only to check finiteness or to clip
+            need_total = self.chain is not None or self.nonfinite != "warn" or self.trace_nonfinite
+            total = sumsq.sum() if need_total else None
             if self.nonfinite != "warn" or self.trace_nonfinite:
                 bad = not bool(torch.isfinite(total))  # the one sync these modes pay for
                 if bad and self.trace_nonfinite:
