@@ -14,11 +14,12 @@ Compose with `chain(...)`, e.g. ``chain(ZClip(), GlobalNormClip(1.0))``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from graddiag._checks import in_range, positive
 
 #: torch.nn.utils.clip_grad_norm_ divides by (norm + 1e-6); we match it exactly.
 NORM_EPS = 1e-6
@@ -87,18 +88,6 @@ class ClipScale:
     layer_coef: Any = None
 
 
-def _check(
-    name: str, value: Any, lo: float = 0.0, hi: float = math.inf, lo_open: bool = True
-) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"Expected `{name}` to be a finite number, got {value!r}")
-    if value < lo or (lo_open and value == lo) or value > hi:
-        raise ValueError(
-            f"Expected `{name}` to be in {'(' if lo_open else '['}{lo}, {hi}], got {value!r}"
-        )
-    return float(value)
-
-
 class NormPolicy:
     """A policy that scales gradients based on their norms."""
 
@@ -125,7 +114,7 @@ class GlobalNormClip(NormPolicy):
     """
 
     def __init__(self, max_norm: float) -> None:
-        self.max_norm = _check("max_norm", max_norm)
+        self.max_norm = in_range("max_norm", max_norm)
 
     def update(self, layer_norms, global_norm, state, ops=NumpyOps):
         return ClipScale(global_coef=ops.minimum1(self.max_norm / (global_norm + NORM_EPS))), state
@@ -135,7 +124,7 @@ class LayerNormClip(NormPolicy):
     """Scale each layer's gradient so its L2 norm is at most `max_norm`."""
 
     def __init__(self, max_norm: float) -> None:
-        self.max_norm = _check("max_norm", max_norm)
+        self.max_norm = in_range("max_norm", max_norm)
 
     def update(self, layer_norms, global_norm, state, ops=NumpyOps):
         return ClipScale(layer_coef=ops.minimum1(self.max_norm / (layer_norms + NORM_EPS))), state
@@ -154,10 +143,8 @@ class AutoClip(NormPolicy):
     """
 
     def __init__(self, percentile: float = 10.0, history: int = 1000) -> None:
-        self.percentile = _check("percentile", percentile, 0.0, 100.0)
-        if isinstance(history, bool) or not isinstance(history, int) or history < 1:
-            raise ValueError(f"Expected `history` to be a positive int, got {history!r}")
-        self.history = history
+        self.percentile = in_range("percentile", percentile, 0.0, 100.0)
+        self.history = positive("history", history, integer=True)
 
     def init(self, n_layers, ops=NumpyOps):
         return {"norms": ops.full(self.history, EMPTY), "count": ops.scalar(0.0)}
@@ -193,14 +180,12 @@ class ZClip(NormPolicy):
     def __init__(
         self, alpha: float = 0.97, z_threshold: float = 2.5, warmup: int = 25, eps: float = 1e-6
     ) -> None:
-        self.alpha = _check("alpha", alpha, 0.0, 1.0)
+        self.alpha = in_range("alpha", alpha, 0.0, 1.0)
         if alpha == 1.0:
             raise ValueError(f"Expected `alpha` to be in (0, 1), got {alpha!r}")
-        self.z_threshold = _check("z_threshold", z_threshold)
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
-            raise ValueError(f"Expected `warmup` to be a positive int, got {warmup!r}")
-        self.warmup = warmup
-        self.eps = _check("eps", eps)
+        self.z_threshold = in_range("z_threshold", z_threshold)
+        self.warmup = positive("warmup", warmup, integer=True)
+        self.eps = in_range("eps", eps)
 
     def init(self, n_layers, ops=NumpyOps):
         z = ops.scalar(0.0)
@@ -246,7 +231,7 @@ class ValueClip:
     elementwise = True
 
     def __init__(self, clip_value: float) -> None:
-        self.clip_value = _check("clip_value", clip_value)
+        self.clip_value = in_range("clip_value", clip_value)
 
     def config(self) -> dict[str, Any]:
         return {"clip_value": self.clip_value}
@@ -272,8 +257,8 @@ class AGC:
     elementwise = True
 
     def __init__(self, clipping: float = 0.01, eps: float = 1e-3) -> None:
-        self.clipping = _check("clipping", clipping)
-        self.eps = _check("eps", eps)
+        self.clipping = in_range("clipping", clipping)
+        self.eps = in_range("eps", eps)
 
     def config(self) -> dict[str, Any]:
         return {"clipping": self.clipping, "eps": self.eps}

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from graddiag._checks import positive
 from graddiag.findings import Finding
 from graddiag.stats import ModelInfo, StepStats
 
@@ -60,20 +61,6 @@ SUGGEST = {
         "learning rate."
     ),
 }
-
-
-def _positive(name: str, value: Any, integer: bool = False, allow_zero: bool = False) -> Any:
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if (
-        isinstance(value, bool)
-        or not ok_type
-        or not math.isfinite(value)
-        or value < 0
-        or (value == 0 and not allow_zero)
-    ):
-        kind = "int" if integer else "number"
-        raise ValueError(f"Expected `{name}` to be a positive {kind}, got {value!r}")
-    return value
 
 
 def _module_of(param_name: str) -> str:
@@ -162,7 +149,7 @@ class NonFiniteDetector(Detector):
     def __init__(self, amp: bool = False, amp_patience: int = 10) -> None:
         super().__init__()
         self.amp = bool(amp)
-        self.amp_patience = _positive("amp_patience", amp_patience, integer=True)
+        self.amp_patience = positive("amp_patience", amp_patience, integer=True)
 
     def config(self) -> dict[str, Any]:
         return {"amp": self.amp, "amp_patience": self.amp_patience}
@@ -227,9 +214,9 @@ class VanishingDetector(Detector):
         self, abs_threshold: float = 1e-7, rel_threshold: float = 1e-4, patience: int = 10
     ) -> None:
         super().__init__()
-        self.abs_threshold = _positive("abs_threshold", abs_threshold)
-        self.rel_threshold = _positive("rel_threshold", rel_threshold)
-        self.patience = _positive("patience", patience, integer=True)
+        self.abs_threshold = positive("abs_threshold", abs_threshold)
+        self.rel_threshold = positive("rel_threshold", rel_threshold)
+        self.patience = positive("patience", patience, integer=True)
 
     def config(self) -> dict[str, Any]:
         return {
@@ -285,11 +272,11 @@ class ExplodingDetector(Detector):
 
     def __init__(self, threshold: float = 1e3, layer_threshold: float | None = None) -> None:
         super().__init__()
-        self.threshold = _positive("threshold", threshold)
+        self.threshold = positive("threshold", threshold)
         self.layer_threshold = (
             self.threshold
             if layer_threshold is None
-            else _positive("layer_threshold", layer_threshold)
+            else positive("layer_threshold", layer_threshold)
         )
 
     def config(self) -> dict[str, Any]:
@@ -344,10 +331,10 @@ class SpikeDetector(Detector):
         self, z_threshold: float = 6.0, min_ratio: float = 3.0, window: int = 100, warmup: int = 20
     ) -> None:
         super().__init__()
-        self.z_threshold = _positive("z_threshold", z_threshold)
-        self.min_ratio = _positive("min_ratio", min_ratio)
-        self.window = _positive("window", window, integer=True)
-        self.warmup = _positive("warmup", warmup, integer=True, allow_zero=True)
+        self.z_threshold = positive("z_threshold", z_threshold)
+        self.min_ratio = positive("min_ratio", min_ratio)
+        self.window = positive("window", window, integer=True)
+        self.warmup = positive("warmup", warmup, integer=True, allow_zero=True)
 
     def config(self) -> dict[str, Any]:
         return {
@@ -420,7 +407,7 @@ class FrozenDetector(Detector):
 
     def __init__(self, patience: int = 20) -> None:
         super().__init__()
-        self.patience = _positive("patience", patience, integer=True)
+        self.patience = positive("patience", patience, integer=True)
 
     def config(self) -> dict[str, Any]:
         return {"patience": self.patience}
@@ -492,7 +479,7 @@ class DetachedDetector(Detector):
 
     def __init__(self, patience: int = 3) -> None:
         super().__init__()
-        self.patience = _positive("patience", patience, integer=True)
+        self.patience = positive("patience", patience, integer=True)
 
     def config(self) -> dict[str, Any]:
         return {"patience": self.patience}
@@ -567,7 +554,7 @@ class ClipRateDetector(Detector):
 
     def __init__(self, warn_rate: float = 0.5) -> None:
         super().__init__()
-        self.warn_rate = _positive("warn_rate", warn_rate)
+        self.warn_rate = positive("warn_rate", warn_rate)
 
     def config(self) -> dict[str, Any]:
         return {"warn_rate": self.warn_rate}

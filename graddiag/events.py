@@ -23,6 +23,8 @@ from collections.abc import Mapping, Sequence
 import crc32c as _crc32c
 import numpy as np
 
+from graddiag._checks import positive
+
 _MASK_DELTA = 0xA282EAD8
 
 
@@ -128,14 +130,7 @@ class EventFileWriter:
     def __init__(
         self, logdir: str | os.PathLike, flush_secs: float = 2.0, filename_suffix: str = ""
     ) -> None:
-        if (
-            not isinstance(flush_secs, (int, float))
-            or isinstance(flush_secs, bool)
-            or flush_secs < 0
-        ):
-            raise ValueError(
-                f"Expected `flush_secs` to be a non-negative number, got {flush_secs!r}"
-            )
+        positive("flush_secs", flush_secs, allow_zero=True)
         logdir = os.fspath(logdir)
         try:
             os.makedirs(logdir, exist_ok=True)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from graddiag import tags
+from graddiag._checks import int_at_least as check_int
 from graddiag.detectors import Detector, Diagnoser
 from graddiag.events import EventFileWriter
 from graddiag.findings import Finding, severity_rank
@@ -74,19 +75,6 @@ def close_at_exit_hook(obj: Any):
 
     atexit.register(hook)
     return hook
-
-
-def check_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"Expected `{name}` to be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
-    choices = tuple(choices)
-    if value not in choices:
-        raise ValueError(f"Expected `{name}` to be one of {choices}, got {value!r}")
-    return value
 
 
 def custom_scalars_layout():

@@ -33,13 +33,13 @@ import numpy as np
 import tensorflow as tf
 
 from graddiag import clip as cliplib
+from graddiag._checks import choice as check_choice
+from graddiag._checks import int_at_least as check_int
 from graddiag.findings import Finding
 from graddiag.monitor import (
     NONFINITE_POLICIES,
     MonitorCore,
     NonFiniteGradientError,
-    check_choice,
-    check_int,
     close_at_exit_hook,
 )
 from graddiag.stats import (

@@ -31,6 +31,8 @@ import torch
 from torch import nn
 
 from graddiag import __version__
+from graddiag._checks import choice as check_choice
+from graddiag._checks import int_at_least as check_int
 from graddiag.clip import AGC, EMPTY, Chain, ValueClip, as_chain
 from graddiag.detectors import Detector
 from graddiag.findings import Finding
@@ -39,8 +41,6 @@ from graddiag.monitor import (
     MonitorCore,
     NonFiniteGradientError,
     StepReport,
-    check_choice,
-    check_int,
     close_at_exit_hook,
 )
 from graddiag.stats import (

@@ -22,10 +22,12 @@ from typing import Any
 
 import keras
 
+from graddiag._checks import choice as check_choice
+from graddiag._checks import int_at_least as check_int
 from graddiag.clip import as_chain
 from graddiag.detectors import build_detectors
 from graddiag.findings import Finding
-from graddiag.monitor import NONFINITE_POLICIES, check_choice, check_int
+from graddiag.monitor import NONFINITE_POLICIES
 from graddiag.tf import GradientMonitor
 
 
