@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -51,3 +52,19 @@ def choice(name: str, value: Any, choices: Iterable[str]) -> str:
     if value not in choices:
         raise ValueError(f"Expected `{name}` to be one of {choices}, got {value!r}")
     return value
+
+
+def logdir(value: Any) -> str | None:
+    """A log directory, created now so that an unusable path fails at construction, not later."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise ValueError(f"Expected `logdir` to be a path or None, got {value!r}")
+    path = os.fspath(value)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"cannot create logdir {path!r}: {e.strerror or e}") from e
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OSError(f"logdir {path!r} is not writable")
+    return path

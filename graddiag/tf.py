@@ -35,6 +35,7 @@ import tensorflow as tf
 from graddiag import clip as cliplib
 from graddiag._checks import choice as check_choice
 from graddiag._checks import int_at_least as check_int
+from graddiag._checks import logdir as check_logdir
 from graddiag.findings import Finding
 from graddiag.monitor import (
     NONFINITE_POLICIES,
@@ -275,8 +276,7 @@ class GradientMonitor:
                     "Expected `model_or_variables` to be a Keras model/layer or a "
                     f"non-empty sequence of variables, got {(bad or [[]])[0]!r:.80}"
                 )
-        if logdir is not None and not isinstance(logdir, (str, os.PathLike)):
-            raise ValueError(f"Expected `logdir` to be a path or None, got {logdir!r}")
+        check_logdir(logdir)
         self.every = check_int("every", every)
         self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         self.read_back = check_choice("read_back", read_back, READ_BACK)

@@ -33,6 +33,7 @@ from torch import nn
 from graddiag import __version__
 from graddiag._checks import choice as check_choice
 from graddiag._checks import int_at_least as check_int
+from graddiag._checks import logdir as check_logdir
 from graddiag.clip import AGC, EMPTY, Chain, ValueClip, as_chain
 from graddiag.detectors import Detector
 from graddiag.findings import Finding
@@ -333,10 +334,7 @@ class GradientMonitor:
                 "`scaler` needs `optimizer` (to know whether gradients are unscaled yet)"
             )
         self.chain: Chain | None = as_chain(clip)
-        if logdir is not None:
-            if not isinstance(logdir, (str, os.PathLike)):
-                raise ValueError(f"Expected `logdir` to be a path or None, got {logdir!r}")
-            _check_writable(os.fspath(logdir))
+        check_logdir(logdir)
 
         base = _unwrap(model)
         layers, params, pnames, layer_of, frozen, shared = _layers_of(base)
@@ -953,12 +951,3 @@ class GradientMonitor:
             new += self.core.process(stats)
         self._pending.clear()
         return new
-
-
-def _check_writable(logdir: str) -> None:
-    try:
-        os.makedirs(logdir, exist_ok=True)
-    except OSError as e:
-        raise OSError(f"cannot create logdir {logdir!r}: {e.strerror or e}") from e
-    if not os.access(logdir, os.W_OK | os.X_OK):
-        raise OSError(f"logdir {logdir!r} is not writable")

@@ -645,3 +645,10 @@ def test_autoclip_state_is_check_numerics_safe():
         tf.debugging.disable_check_numerics()
     mon.close()
     assert len(mon.history) == 3
+
+
+def test_unwritable_logdir_fails_at_construction(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(OSError, match="logdir"):
+        GradientMonitor([tf.Variable(tf.ones((2,)))], blocker / "run")
