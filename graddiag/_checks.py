@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -12,7 +13,7 @@ import numpy as np
 
 def positive(name: str, value: Any, integer: bool = False, allow_zero: bool = False) -> Any:
     """`value` if it is a positive (or, with `allow_zero`, non-negative) finite int/number."""
-    ok_type = isinstance(value, (int, np.integer)) if integer else isinstance(value, (int, float))
+    ok_type = isinstance(value, (int, np.integer)) if integer else isinstance(value, numbers.Real)
     if (
         isinstance(value, bool)
         or not ok_type
@@ -30,12 +31,12 @@ def in_range(
     name: str, value: Any, lo: float = 0.0, hi: float = math.inf, lo_open: bool = True
 ) -> float:
     """`value` as a float if it is finite and in (lo, hi] (or [lo, hi] when not `lo_open`)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"Expected `{name}` to be a finite number, got {value!r}")
     if value < lo or (lo_open and value == lo) or value > hi:
-        raise ValueError(
-            f"Expected `{name}` to be in {'(' if lo_open else '['}{lo}, {hi}], got {value!r}"
-        )
+        left = "(" if lo_open else "["
+        right = ")" if hi == math.inf else "]"
+        raise ValueError(f"Expected `{name}` to be in {left}{lo:g}, {hi:g}{right}, got {value!r}")
     return float(value)
 
 

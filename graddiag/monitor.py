@@ -23,11 +23,12 @@ from graddiag._checks import int_at_least as check_int
 from graddiag.detectors import Detector, Diagnoser
 from graddiag.events import EventFileWriter
 from graddiag.findings import Finding, severity_rank
+from graddiag.settings import NONFINITE_POLICIES
 from graddiag.stats import ModelInfo, StepStats
 
 log = logging.getLogger("graddiag")
 
-NONFINITE_POLICIES = ("warn", "skip", "raise")
+__all__ = ["NONFINITE_POLICIES", "MonitorCore", "NonFiniteGradientError", "StepReport"]
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -304,6 +305,28 @@ class MonitorCore:
         if new:
             self._emit(stats.step, new)
         return new
+
+    def write_histograms(self, step: int, rows: np.ndarray, has: np.ndarray) -> None:
+        """Write one step's per-layer histograms: `rows` holds a `graddiag.host.HIST_WIDTH` row
+        per layer (bin counts of the finite values over [min, max], then min, max, sum, sum of
+        squares, count of finite values, NaN count, Inf count); layers without `has` are left out.
+        """
+        if self.sink is None:
+            return
+        bins = rows.shape[1] - 7
+        for li, name in enumerate(self.info.layers):
+            if not has[li]:
+                continue
+            r = rows[li]
+            lo, hi, vsum, vsumsq, num, nan, inf = (float(x) for x in r[bins:])
+            if num > 0:
+                edges = np.linspace(lo, max(hi, lo + 1e-12), bins + 1)[1:]
+                counts = r[:bins]
+            else:
+                counts = edges = []
+            self.sink.write_histogram(
+                step, name, counts, edges, lo, hi, vsum, vsumsq, num, int(nan), int(inf)
+            )
 
     def record_update_ratio(self, step: int, ratio: np.ndarray) -> None:
         """Log a step's per-layer update/weight ratio, known only after its optimizer step, and

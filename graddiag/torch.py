@@ -30,27 +30,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from graddiag import __version__
-from graddiag._checks import choice as check_choice
-from graddiag._checks import int_at_least as check_int
-from graddiag._checks import logdir as check_logdir
-from graddiag.clip import AGC, EMPTY, Chain, ValueClip, as_chain
+from graddiag.clip import AGC, EMPTY, ValueClip
 from graddiag.detectors import Detector
 from graddiag.findings import Finding
-from graddiag.monitor import (
-    NONFINITE_POLICIES,
-    MonitorCore,
-    NonFiniteGradientError,
-    StepReport,
-    close_at_exit_hook,
-)
-from graddiag.stats import (
-    ModelInfo,
-    StepStats,
-    aggregate_detail,
-    aggregate_layers,
-    aggregate_update_ratio,
-)
+from graddiag.host import HIST_BINS, HostPath, MonitorAPI
+from graddiag.monitor import NonFiniteGradientError, StepReport, close_at_exit_hook
+from graddiag.settings import Settings
+from graddiag.stats import ModelInfo
 
 __all__ = ["GradientMonitor", "NonFiniteGradientError", "TorchOps"]
 
@@ -251,7 +237,7 @@ def _layers_of(
     return layers, params, pnames, np.asarray(layer_of, dtype=np.int64), frozen, shared
 
 
-class GradientMonitor:
+class GradientMonitor(MonitorAPI):
     """Watches a PyTorch model's gradients: per-layer statistics, clipping, findings, TensorBoard.
 
     Args:
@@ -324,17 +310,22 @@ class GradientMonitor:
             raise ValueError(
                 "`optimizer` LBFGS re-evaluates its closure; hook it manually with monitor.step()"
             )
-        self.every = check_int("every", every)
-        self.detail_every = check_int("detail_every", detail_every, 0)
-        self.hist_every = check_int("hist_every", hist_every, 0)
-        check_int("history", history, 0)
-        self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         if scaler is not None and optimizer is None:
             raise ValueError(
                 "`scaler` needs `optimizer` (to know whether gradients are unscaled yet)"
             )
-        self.chain: Chain | None = as_chain(clip)
-        check_logdir(logdir)
+        settings = Settings(
+            logdir=logdir,
+            every=every,
+            clip=clip,
+            nonfinite=nonfinite,
+            detectors=detectors,
+            detail_every=detail_every,
+            hist_every=hist_every,
+            history=history,
+            flush_secs=flush_secs,
+            trace_nonfinite=trace_nonfinite,
+        )
 
         base = _unwrap(model)
         layers, params, pnames, layer_of, frozen, shared = _layers_of(base)
@@ -356,21 +347,17 @@ class GradientMonitor:
             unoptimized = [n for n, p in zip(pnames, params, strict=True) if id(p) not in held]
         self._frozen, self._shared, self._unoptimized = frozen, shared, unoptimized
         self._numel = np.asarray([p.numel() for p in params], dtype=np.float64)
-        self.device: torch.device | None = None  # fixed at the first step (the model may move)
-        self._core_args = dict(
-            logdir=logdir, detectors=detectors, history=history, flush_secs=flush_secs
+        self._host = HostPath(
+            settings, layer_of, pnames, self._numel, "torch", torch.__version__.split("+")[0]
         )
-        self.core: MonitorCore | None = None
+        self._layout = self._host.layout
+        self.device: torch.device | None = None  # fixed at the first step (the model may move)
         self._atexit = close_at_exit_hook(self)  # drains the ring buffer into the log at exit
         self.step_count = 0
         self.closed = False
         self._plans: dict[tuple, _Plan] = {}
-        P = len(params)
-        # ring-buffer row: [0, P) per-parameter sums of squares, P clip coef, P+1 loss,
-        # [P+2, P+2+L) per-layer clip coefficients (only with per-layer policies)
-        self._col_coef, self._col_loss = P, P + 1
-        self._pending: list[tuple] = []
-        self._no_grad = np.zeros(P, dtype=bool)
+        self._pending: list[tuple[int, dict[str, Any]]] = []  # steps in the ring, host facts
+        self._no_grad = np.zeros(len(params), dtype=bool)
         self._backward_calls = 0
         self._probe: nn.Parameter | None = None
         self._probe_ref = None
@@ -383,8 +370,7 @@ class GradientMonitor:
             for i, p in enumerate(params)
         ]
         self._trace: list[tuple[str, torch.Tensor, torch.Tensor]] = []
-        self.trace_nonfinite = bool(trace_nonfinite)
-        if self.trace_nonfinite:
+        if settings.trace_nonfinite:
             for name, m in base.named_modules():
                 self._handles.append(
                     m.register_full_backward_hook(
@@ -499,23 +485,16 @@ class GradientMonitor:
         return report
 
     @property
-    def findings(self) -> list[Finding]:
-        return [] if self.core is None else self.core.findings
+    def trace_nonfinite(self) -> bool:
+        return self.settings.trace_nonfinite
 
     @property
-    def history(self):
-        return [] if self.core is None else self.core.history
+    def detail_every(self) -> int:
+        return self.settings.detail_every
 
     @property
-    def logdir(self) -> str | None:
-        return (
-            self._core_args["logdir"]
-            if self._core_args["logdir"] is None
-            else os.fspath(self._core_args["logdir"])
-        )
-
-    def summary(self, min_severity: str = "info") -> str:
-        return "graddiag: no steps seen." if self.core is None else self.core.summary(min_severity)
+    def hist_every(self) -> int:
+        return self.settings.hist_every
 
     def flush(self) -> list[Finding]:
         """Read pending statistics now (one host sync), diagnose and log them."""
@@ -540,22 +519,14 @@ class GradientMonitor:
             new += self.core.close()
         return new
 
-    def __enter__(self) -> GradientMonitor:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     # ----------------------------------------------------------------------------- per step
     def _start(self) -> None:
         """First step: fix the device, the backward order, the accumulation probe and the core."""
         self.device = self.params[0].device
         self._ops = TorchOps(self.device)
         self._clip_states = self.chain.init(self._n_layers, self._ops) if self.chain else None
-        lc_cols = self._n_layers if self.chain is not None and self.chain.has_layer_coef else 0
-        self._buf = torch.zeros(
-            self.every, self._col_loss + 1 + lc_cols, dtype=torch.float32, device=self.device
-        )
+        blank = torch.as_tensor(self._layout.blank(), device=self.device)
+        self._buf = blank.repeat(self.every, 1)
         for h in self._order_handles:
             h.remove()
         self._order_handles = []
@@ -578,31 +549,9 @@ class GradientMonitor:
             backward_order=tuple(order) if order else None,
             frozen=tuple(self._frozen),
             unoptimized=tuple(self._unoptimized),
-            framework="torch",
             shared=tuple(self._shared),
         )
-        detectors = self._core_args["detectors"]
-        if self.scaler is not None and (detectors is None or isinstance(detectors, Mapping)):
-            detectors = dict(detectors or {})
-            nf = detectors.get("nonfinite", {})
-            if isinstance(nf, Mapping):
-                detectors["nonfinite"] = {"amp": True, **nf}
-        meta = {
-            "framework_version": torch.__version__,
-            "graddiag_version": __version__,
-            "every": self.every,
-            "clip": repr(self.chain) if self.chain else None,
-            "nonfinite_policy": self.nonfinite,
-        }
-        self.core = MonitorCore(
-            info,
-            self._core_args["logdir"],
-            detectors,
-            history=self._core_args["history"],
-            flush_secs=self._core_args["flush_secs"],
-            run_meta=meta,
-            close_at_exit=False,
-        )
+        self._host.start(info, amp=self.scaler is not None)
 
     def _grad_reset(self) -> bool | None:
         if self._probe is None or self._probe_ref is None:
@@ -661,45 +610,43 @@ class GradientMonitor:
             coef = layer_coef = None
             if self.chain is not None and not report.skipped:
                 coef, layer_coef = self._clip(grads, plan, sumsq, total)
-        # one device row: per-param sums of squares (param order), clip coef, loss
-        buf_row = self._buf[row]
+        # the device row (graddiag.host.RowLayout) gets what only the device knows; the rest of
+        # the step's facts stay on the host until the row is read back
+        buf_row, col = self._buf[row], self._layout.col
+        known: dict[str, Any] = {
+            "has": plan.mask if plan is not None else self._no_grad,
+            "grad_reset": reset,
+            "backward_calls": calls,
+            "skipped": report.skipped,
+            "nonfinite_origin": origin,
+        }
         if sumsq is not None:
             buf_row.index_copy_(0, plan.order_t, sumsq)
-        if coef is None:
-            buf_row[self._col_coef].fill_(1.0)
+        if coef is not None:
+            buf_row[col["clip_coef"]].copy_(coef)
         else:
-            buf_row[self._col_coef].copy_(coef)
-        if isinstance(loss, torch.Tensor):
-            buf_row[self._col_loss].copy_(loss.detach().reshape(()))
-        else:
-            buf_row[self._col_loss].fill_(float("nan") if loss is None else float(loss))
+            known["clip_coef"] = known["layer_clip_coef"] = None
         if layer_coef is not None:
-            buf_row[self._col_loss + 1 :].copy_(layer_coef)
-        elif buf_row.shape[0] > self._col_loss + 1:
-            buf_row[self._col_loss + 1 :].fill_(1.0)
-        self._pending.append(
-            (
-                step,
-                plan.mask if plan is not None else self._no_grad,
-                reset,
-                calls,
-                report.skipped,
-                origin,
-                coef is not None,
-            )
-        )
+            buf_row[self._layout.layer_coef].copy_(layer_coef)
+        if isinstance(loss, torch.Tensor):
+            buf_row[col["loss"]].copy_(loss.detach().reshape(()))
+            buf_row[col["has_loss"]].fill_(1.0)
+        else:
+            known["loss"] = None if loss is None else float(loss)
+        if extra is not None:
+            known["detail"] = extra
+        self._pending.append((step, known))
         if log_step or detail or report.skipped:  # detail/skip steps sync anyway: report now
-            report.findings = self._drain(extra)
+            try:
+                report.findings = self._drain()
+            finally:
+                self._record_probe()
             report.logged = True
             report.stats = self.core.history[-1] if self.core.history else None
+        else:
+            self._record_probe()
         if detail and self.optimizer is not None:
             self._snapshot = (step, [p.detach().clone() for p in params])
-        self._record_probe()
-        if report.skipped and self.nonfinite == "raise":
-            nf = [f for f in report.findings if f.kind == "nonfinite"] or [
-                Finding(step, None, "nonfinite", "error", None, "NaN/Inf gradient.", "")
-            ]
-            raise NonFiniteGradientError(nf[0])
         return report
 
     def _record_probe(self) -> None:
@@ -719,11 +666,7 @@ class GradientMonitor:
         both = torch.stack(
             torch._foreach_norm(torch._foreach_sub(new, old)) + torch._foreach_norm(old)
         )
-        delta, pn = both.double().numpy(force=True).reshape(2, -1)
-        if self.core is not None:
-            self.core.record_update_ratio(
-                step, aggregate_update_ratio(delta**2, pn**2, self.layer_of, self._n_layers)
-            )
+        self._host.record_update(step, both.double().numpy(force=True).reshape(2, -1) ** 2)
 
     def _find_origin(self) -> str | None:
         """First module (in backward order) whose incoming gradient is finite but outgoing is not."""
@@ -806,12 +749,13 @@ class GradientMonitor:
                 pn = torch.linalg.vector_norm(p, dim=dims, keepdim=True, dtype=torch.float32)
                 g.mul_(policy.scale(gn, pn, self._ops).to(g.dtype))
 
-    def _detail(self, grads, present) -> dict[str, np.ndarray]:
-        """Detail statistics of the current step (per layer), in one host read.
+    def _detail(self, grads, present) -> np.ndarray:
+        """Detail rows of the current step (`graddiag.host.DETAIL_FIELDS` x parameters), in one
+        host read; NaN/Inf are counted (a second read) only when some max |g| is not finite.
 
         max |g| comes from one `aminmax` pass per tensor (20x faster on CPU than an inf-norm).
         """
-        P, L = len(self.params), self._n_layers
+        P = len(self.params)
         idx = [i for i in present if grads[i].numel() and _flat(grads[i]).numel()]
         cols = []
         for i in idx:
@@ -823,42 +767,32 @@ class GradientMonitor:
         host = host.double().numpy(force=True)
         k = len(idx)
         mm = host[: 3 * k].reshape(3, k) if k else np.zeros((3, 0))
-        pn = host[3 * k :]
-        gmax = np.zeros(P)
-        nnz = self._numel.copy()
+        # rows: grad_max, nonzero, nan, inf, param_sumsq
+        out = np.zeros((5, P))
+        out[1] = self._numel
+        out[4] = host[3 * k :] ** 2
         if k:
-            gmax[idx] = np.maximum(-mm[0], mm[1])
-            gmax[np.asarray(idx)[~np.isfinite(mm[0]) | ~np.isfinite(mm[1])]] = np.nan
-            nnz[idx] = mm[2]
+            out[0, idx] = np.maximum(-mm[0], mm[1])
+            out[0, np.asarray(idx)[~np.isfinite(mm[0]) | ~np.isfinite(mm[1])]] = np.nan
+            out[1, idx] = mm[2]
         for i in present:
             if grads[i].is_sparse and i not in idx:  # an empty sparse gradient is all zeros
-                nnz[i] = 0.0
-        has = np.zeros(P, dtype=bool)
-        has[present] = True
-        nan = inf = None
-        if np.isnan(gmax[has]).any():
-            counts = (
-                torch.stack(
-                    [
-                        torch.stack(
-                            [torch.isnan(_flat(grads[i])).sum(), torch.isinf(_flat(grads[i])).sum()]
-                        )
-                        for i in range(P)
-                        if has[i]
-                    ]
-                )
-                .double()
-                .numpy(force=True)
+                out[1, i] = 0.0
+        if np.isnan(out[0, present]).any():
+            flats = [_flat(grads[i]) for i in present]
+            counts = torch.stack(
+                [torch.stack([torch.isnan(v).sum(), torch.isinf(v).sum()]) for v in flats]
             )
-            nan, inf = np.zeros(P), np.zeros(P)
-            nan[has], inf[has] = counts[:, 0], counts[:, 1]
-        return aggregate_detail(self.layer_of, L, has, self._numel, gmax, nnz, pn**2, nan, inf)
+            out[2:4, present] = counts.double().numpy(force=True).T
+        return out
 
-    def _histograms(self, step: int, grads, bins: int = 30) -> None:
-        """Per-layer histograms of finite gradient values, NaN/Inf counts beside them.
+    def _histograms(self, step: int, grads) -> None:
+        """Per-layer histograms of finite gradient values, NaN/Inf counts beside them, written
+        through the core (`MonitorCore.write_histograms`).
 
         Two host reads for all layers: per-tensor ranges, then per-layer counts and moments.
         """
+        bins = HIST_BINS
         layer_vals: list[list[torch.Tensor]] = [[] for _ in self.layers]
         for i, g in enumerate(grads):
             if g is not None:
@@ -875,10 +809,13 @@ class GradientMonitor:
             .double()
             .numpy(force=True)
         )
-        rows, plans, k = [], [], 0
+        rows, bounds, k = [], [], 0
+        zero = torch.zeros((), device=self.device)
+        has = np.zeros(self._n_layers, dtype=bool)
         for li, vs in enumerate(layer_vals):
             if not vs:
                 continue
+            has[li] = True
             r = ranges[k : k + len(vs)]
             k += len(vs)
             lo, hi = float(r[:, 0].min()), float(r[:, 1].max())
@@ -886,68 +823,45 @@ class GradientMonitor:
                 hi = hi if hi > lo else lo + 1e-12
                 counts = sum(torch.histc(v, bins=bins, min=lo, max=hi) for v in vs)
                 moments = torch.stack([sum(v.sum() for v in vs), sum(torch.dot(v, v) for v in vs)])
-                nan = inf = torch.zeros((), device=self.device)
+                num = torch.tensor(float(sum(v.numel() for v in vs)), device=self.device)
+                nan = inf = zero
             else:  # rare: mask the non-finite values out
                 v = torch.cat(vs)
                 fin = torch.isfinite(v)
                 vals = v[fin]
                 nan = torch.isnan(v).sum()
                 inf = (~fin).sum() - nan
+                num = fin.sum()
                 lo, hi = (float(vals.min()), float(vals.max())) if vals.numel() else (0.0, 0.0)
                 hi = hi if hi > lo else lo + 1e-12
                 counts = torch.histc(vals, bins=bins, min=lo, max=hi)
                 moments = torch.stack([vals.sum(), (vals * vals).sum()])
             rows.append(
                 torch.cat(
-                    [counts.float(), moments.float().reshape(2), torch.stack([nan, inf]).float()]
+                    [
+                        counts.float(),
+                        moments.float().reshape(2),
+                        torch.stack([num, nan, inf]).float(),
+                    ]
                 )
             )
-            plans.append((self.layers[li], lo, hi))
+            bounds.append((li, lo, hi))
         host = torch.stack(rows).double().numpy(force=True)
-        for (name, lo, hi), row in zip(plans, host, strict=True):
-            counts, (vsum, vsumsq), (nan, inf) = row[:bins], row[bins : bins + 2], row[bins + 2 :]
-            num = float(counts.sum())
-            edges = np.linspace(lo, hi, bins + 1)[1:]
-            if num == 0:
-                counts = edges = []
-            self.core.sink.write_histogram(
-                step, name, counts, edges, lo, hi, vsum, vsumsq, num, int(nan), int(inf)
-            )
+        out = np.zeros((self._n_layers, bins + 7))
+        for (li, lo, hi), row in zip(bounds, host, strict=True):
+            out[li, :bins] = row[:bins]
+            out[li, bins:] = (lo, hi, *row[bins:])
+        self.core.write_histograms(step, out, has)
 
-    def _drain(self, detail: dict[str, np.ndarray] | None = None) -> list[Finding]:
-        """Fetch the ring buffer (one host sync), build StepStats per pending step, diagnose, log."""
+    def _drain(self) -> list[Finding]:
+        """Fetch the pending rows of the ring buffer (one host sync) and hand them to the host
+        path, which diagnoses and logs them (and raises under `nonfinite="raise"`)."""
         if not self._pending or self.core is None:
             return []
-        n = len(self._pending)
-        first_row = self._pending[0][0] % self.every
-        rows = self._buf[first_row : first_row + n].double().numpy(force=True)
-        L, lo = self._n_layers, self.layer_of
+        pending, self._pending = self._pending, []
+        first_row = pending[0][0] % self.every
+        rows = self._buf[first_row : first_row + len(pending)].numpy(force=True)
         new: list[Finding] = []
-        for j, (step, has, reset, calls, skipped, origin, clipped) in enumerate(self._pending):
-            r = rows[j]
-            P = self._col_coef
-            norms, layer_has, nonfinite, gnorm = aggregate_layers(r[:P], has, lo, L)
-            stats = StepStats(
-                step=step,
-                grad_norm=norms,
-                has_grad=layer_has,
-                nonfinite=nonfinite,
-                global_norm=gnorm,
-                clip_coef=float(r[P]) if clipped else None,
-                layer_clip_coef=r[P + 2 :].copy() if clipped and r.shape[0] > P + 2 else None,
-                grad_reset=reset,
-                backward_calls=calls,
-                skipped=skipped,
-                loss=None if np.isnan(r[P + 1]) else float(r[P + 1]),
-                nonfinite_origin=origin,
-            )
-            if detail is not None and j == n - 1:
-                for k, v in detail.items():
-                    setattr(stats, k, v)
-                if "nan_count" in detail:
-                    stats.nonfinite = np.maximum(
-                        detail["nan_count"] + detail["inf_count"], nonfinite
-                    )
-            new += self.core.process(stats)
-        self._pending.clear()
+        for (step, known), row in zip(pending, rows, strict=True):
+            new += self._host.ingest(step, row, **known)
         return new

@@ -1,0 +1,333 @@
+"""The host half of every adapter, once: device rows in, `StepStats`, findings and logs out.
+
+An adapter (`graddiag.torch`, `graddiag.tf`) measures on the device and keeps a ring buffer of rows
+laid out by `RowLayout`. When it reads rows back (a log step) it hands them to `HostPath.ingest`,
+which decodes them into `StepStats`, attaches the detail statistics, histograms and update/weight
+ratios the adapter measured, runs the detectors, writes the logs and applies the host side of the
+non-finite policy. `MonitorAPI` gives every adapter the same public surface (`findings`,
+`history`, `summary()`, context manager).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from graddiag import __version__
+from graddiag.findings import Finding
+from graddiag.monitor import MonitorCore, NonFiniteGradientError
+from graddiag.settings import Settings
+from graddiag.stats import (
+    ModelInfo,
+    StepStats,
+    aggregate_detail,
+    aggregate_layers,
+    aggregate_update_ratio,
+)
+
+#: Bins of the gradient histograms, in every framework.
+HIST_BINS = 30
+#: A histogram row per layer: HIST_BINS counts of finite values, then these.
+HIST_FIELDS = ("min", "max", "sum", "sum_squares", "num", "nan", "inf")
+HIST_WIDTH = HIST_BINS + len(HIST_FIELDS)
+#: Detail rows (one column per parameter), in this order.
+DETAIL_FIELDS = ("grad_max", "nonzero", "nan", "inf", "param_sumsq")
+
+
+class RowLayout:
+    """One step's row of an adapter's device ring buffer (float32).
+
+    Columns: the sum of squares of each parameter's gradient (`NO_GRAD` where it has none), then
+    the scalars in `SCALARS`, then — with a per-layer clipping policy — one clip coefficient per
+    layer. The device never holds NaN sentinels (TensorFlow's `enable_check_numerics` would trip):
+    a scalar column that has no value holds `NONE`, and `has_loss` says whether `loss` is set.
+
+    Args:
+        n_params: number of monitored parameters (variables).
+        n_layers: number of layers.
+        layer_coef: whether rows carry per-layer clip coefficients.
+    """
+
+    SCALARS = ("clip_coef", "skipped", "grad_reset", "backward_calls", "has_loss", "loss")
+    NO_GRAD = -1.0
+    NONE = -1.0
+
+    def __init__(self, n_params: int, n_layers: int, layer_coef: bool = False) -> None:
+        self.n_params = n_params
+        self.n_layers = n_layers
+        self.sumsq = slice(0, n_params)
+        self.col = {name: n_params + i for i, name in enumerate(self.SCALARS)}
+        end = n_params + len(self.SCALARS)
+        self.layer_coef = slice(end, end + n_layers) if layer_coef else None
+        self.width = end + (n_layers if layer_coef else 0)
+
+    def blank(self) -> np.ndarray:
+        """A row meaning "nothing measured": no gradients, no values, layer coefficients 1."""
+        row = np.full(self.width, self.NONE, dtype=np.float32)
+        row[self.col["skipped"]] = row[self.col["has_loss"]] = row[self.col["loss"]] = 0.0
+        if self.layer_coef is not None:
+            row[self.layer_coef] = 1.0
+        return row
+
+    def decode(
+        self, step: int, row: np.ndarray, layer_of: np.ndarray, **known: Any
+    ) -> tuple[StepStats, np.ndarray, np.ndarray]:
+        """The `StepStats` of one row, which parameters had a gradient, and their sums of squares.
+
+        `known` holds what the adapter knows on the host already (`has`: which parameters got a
+        gradient; any `StepStats` field, e.g. `grad_reset`) and overrides the row's column of the
+        same name."""
+        r = np.asarray(row, dtype=np.float64)
+        sumsq = r[self.sumsq]
+        has = known.pop("has", None)
+        has = sumsq != self.NO_GRAD if has is None else np.asarray(has, dtype=bool)
+        norms, layer_has, bad, gnorm = aggregate_layers(
+            np.where(has, sumsq, 0.0), has, layer_of, self.n_layers
+        )
+        c = {name: r[i] for name, i in self.col.items()}
+        stats = StepStats(
+            step=step,
+            grad_norm=norms,
+            has_grad=layer_has,
+            nonfinite=bad,
+            global_norm=gnorm,
+            clip_coef=None if c["clip_coef"] < 0 else float(c["clip_coef"]),
+            layer_clip_coef=None if self.layer_coef is None else r[self.layer_coef].copy(),
+            grad_reset=None if c["grad_reset"] < 0 else bool(c["grad_reset"]),
+            backward_calls=None if c["backward_calls"] <= 0 else int(c["backward_calls"]),
+            skipped=bool(c["skipped"] > 0),
+            loss=float(c["loss"]) if c["has_loss"] > 0 else None,
+        )
+        if stats.clip_coef is None:
+            stats.layer_clip_coef = None
+        for name, value in known.items():
+            setattr(stats, name, value)
+        return stats, has, np.where(has, sumsq, 0.0)
+
+
+class HostPath:
+    """Everything an adapter does on the host, for any framework.
+
+    Args:
+        settings: the validated settings.
+        layer_of: the layer index of each monitored parameter.
+        param_names: the parameters' qualified names.
+        numel: the number of elements of each parameter.
+        framework: "torch" or "tensorflow".
+        framework_version: the framework's version string.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        layer_of: np.ndarray,
+        param_names: Sequence[str],
+        numel: Sequence[float],
+        framework: str,
+        framework_version: str,
+    ) -> None:
+        self.settings = settings
+        self.layer_of = np.asarray(layer_of, dtype=np.int64)
+        self.param_names = list(param_names)
+        self.numel = np.asarray(numel, dtype=np.float64)
+        self.n_layers = int(self.layer_of.max()) + 1 if self.layer_of.size else 0
+        chain = settings.clip
+        self.layout = RowLayout(
+            len(self.param_names), self.n_layers, chain is not None and chain.has_layer_coef
+        )
+        self.framework = framework
+        self.framework_version = framework_version
+        self.core: MonitorCore | None = None
+        self.error: NonFiniteGradientError | None = None
+        self.last_param_norms: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, info: ModelInfo, amp: bool = False) -> MonitorCore:
+        """Create the core (detectors, history, sink) for the model `info` describes.
+
+        Args:
+            info: the model description (the adapter knows it at its first step).
+            amp: gradients are loss-scaled: overflow steps are expected (the non-finite detector
+                defaults to `amp=True` unless the user set it).
+        """
+        s = self.settings
+        if amp:
+            s = s.with_detector_defaults("nonfinite", amp=True)
+        info = dataclasses.replace(info, framework=self.framework)
+        meta = {
+            "framework": self.framework,
+            "framework_version": self.framework_version,
+            "graddiag_version": __version__,
+            "parameters": self.param_names,
+            **s.meta(),
+            **s.run_meta,
+        }
+        self.core = MonitorCore(
+            info,
+            s.logdir,
+            s.detectors,
+            history=s.history,
+            flush_secs=s.flush_secs,
+            run_meta=meta,
+            close_at_exit=False,
+        )
+        return self.core
+
+    @property
+    def started(self) -> bool:
+        return self.core is not None
+
+    # ------------------------------------------------------------------ steps
+    def ingest(
+        self,
+        step: int,
+        row: np.ndarray,
+        *,
+        detail: np.ndarray | None = None,
+        hist: np.ndarray | None = None,
+        update: np.ndarray | None = None,
+        **known: Any,
+    ) -> list[Finding]:
+        """Decode, diagnose and log one step.
+
+        Args:
+            step: the optimizer step of `row`.
+            row: the step's ring-buffer row (`RowLayout`).
+            detail: this step's detail rows (`DETAIL_FIELDS` x parameters; `nan`/`inf` rows may be
+                NaN when the adapter did not count them), or None.
+            hist: this step's histogram rows (layers x `HIST_WIDTH`), or None.
+            update: this step's update rows (2 x parameters: sum of squares of the update, of the
+                weights before it), or None.
+            known: host-known `StepStats` fields (and `has`), see `RowLayout.decode`.
+
+        Returns:
+            The step's new findings. Under `nonfinite="raise"` a non-finite step raises
+            `NonFiniteGradientError` (after it was logged), once.
+        """
+        core = self.core
+        stats, has, sumsq = self.layout.decode(step, row, self.layer_of, **known)
+        self.last_param_norms = dict(zip(self.param_names, np.sqrt(sumsq).tolist(), strict=True))
+        if detail is not None:
+            self._attach_detail(stats, np.asarray(detail, dtype=np.float64), has)
+        if update is not None:
+            stats.update_ratio = self.update_ratio(update)
+        new = core.process(stats)
+        if hist is not None:
+            core.write_histograms(step, np.asarray(hist, dtype=np.float64), stats.has_grad)
+        if self.settings.nonfinite == "raise" and stats.any_nonfinite and self.error is None:
+            bad = [f for f in new if f.kind == "nonfinite"] or [
+                Finding(step, None, "nonfinite", "error", None, "NaN/Inf gradient.", "")
+            ]
+            self.error = NonFiniteGradientError(bad[0])
+            raise self.error
+        return new
+
+    def _attach_detail(self, stats: StepStats, detail: np.ndarray, has: np.ndarray) -> None:
+        gmax, nnz, nan, inf, psq = detail
+        counted = not (np.isnan(nan).any() or np.isnan(inf).any())
+        d = aggregate_detail(
+            self.layer_of,
+            self.n_layers,
+            has,
+            self.numel,
+            gmax,
+            nnz,
+            psq,
+            nan if counted else None,
+            inf if counted else None,
+        )
+        if counted and (d["nan_count"].any() or d["inf_count"].any()):
+            stats.nonfinite = np.maximum(d["nan_count"] + d["inf_count"], stats.nonfinite)
+        else:
+            d.pop("nan_count", None)
+            d.pop("inf_count", None)
+        for k, v in d.items():
+            setattr(stats, k, v)
+
+    def update_ratio(self, update: np.ndarray) -> np.ndarray:
+        """Per-layer ||w_after - w_before|| / ||w_before|| from per-parameter sums of squares."""
+        delta, weights = np.asarray(update, dtype=np.float64)
+        return aggregate_update_ratio(delta, weights, self.layer_of, self.n_layers)
+
+    def record_update(self, step: int, update: np.ndarray) -> None:
+        """Log the update/weight ratio of a step already ingested (known only after its update)."""
+        if self.core is not None:
+            self.core.record_update_ratio(step, self.update_ratio(update))
+
+
+class MonitorAPI:
+    """The public surface every adapter shares. Subclasses set `self._host` (a `HostPath`) and
+    implement `flush()` and `close()`."""
+
+    _host: HostPath
+
+    @property
+    def settings(self) -> Settings:
+        return self._host.settings
+
+    @property
+    def core(self) -> MonitorCore | None:
+        return self._host.core
+
+    @property
+    def findings(self) -> list[Finding]:
+        """Every finding so far."""
+        return [] if self.core is None else self.core.findings
+
+    @property
+    def history(self) -> list[StepStats]:
+        """Recent `StepStats`, oldest first."""
+        return [] if self.core is None else list(self.core.history)
+
+    @property
+    def logdir(self) -> str | None:
+        logdir = self._host.settings.logdir
+        return None if logdir is None else os.fspath(logdir)
+
+    @property
+    def every(self) -> int:
+        return self._host.settings.every
+
+    @property
+    def nonfinite(self) -> str:
+        return self._host.settings.nonfinite
+
+    @property
+    def chain(self):
+        return self._host.settings.clip
+
+    @property
+    def error(self) -> NonFiniteGradientError | None:
+        """The `NonFiniteGradientError` raised under `nonfinite="raise"`, if any."""
+        return self._host.error
+
+    @property
+    def last_variable_norms(self) -> dict[str, float]:
+        """Gradient norm of each parameter at the last step read back."""
+        return self._host.last_param_norms
+
+    def summary(self, min_severity: str = "info") -> str:
+        """A plain-text summary of the findings so far, grouped by kind (worst first)."""
+        return "graddiag: no findings." if self.core is None else self.core.summary(min_severity)
+
+    def flush(self) -> list[Finding]:  # pragma: no cover - every adapter overrides
+        raise NotImplementedError
+
+    def close(self) -> list[Finding]:  # pragma: no cover - every adapter overrides
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def settings_from(kwargs: Mapping[str, Any]) -> Settings:
+    """`Settings` from an adapter's keyword arguments (only the shared ones are taken)."""
+    names = Settings.__dataclass_fields__
+    return Settings(**{k: v for k, v in kwargs.items() if k in names})
