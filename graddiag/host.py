@@ -206,7 +206,7 @@ class HostPath:
 
         Returns:
             The step's new findings. Under `nonfinite="raise"` a non-finite step raises
-            `NonFiniteGradientError` (after it was logged), once.
+            `NonFiniteGradientError` (after it was logged).
         """
         core = self.core
         stats, has, sumsq = self.layout.decode(step, row, self.layer_of, **known)
@@ -218,13 +218,27 @@ class HostPath:
         new = core.process(stats)
         if hist is not None:
             core.write_histograms(step, np.asarray(hist, dtype=np.float64), stats.has_grad)
-        if self.settings.nonfinite == "raise" and stats.any_nonfinite and self.error is None:
-            bad = [f for f in new if f.kind == "nonfinite"] or [
-                Finding(step, None, "nonfinite", "error", None, "NaN/Inf gradient.", "")
-            ]
+        if self.settings.nonfinite == "raise" and stats.any_nonfinite:
+            bad = [f for f in new if f.kind == "nonfinite"] or [self._nonfinite_finding(stats)]
             self.error = NonFiniteGradientError(bad[0])
             raise self.error
         return new
+
+    def _nonfinite_finding(self, stats: StepStats) -> Finding:
+        """A finding for a non-finite step the (edge-triggered) detectors did not report anew."""
+        layers = self.core.info.layers
+        order = self.core.info.backward_order or layers
+        bad = [n for n in order if n in layers and stats.nonfinite[layers.index(n)] > 0]
+        where = f" in layer {bad[0]!r}" if bad else ""
+        return Finding(
+            stats.step,
+            bad[0] if bad else None,
+            "nonfinite",
+            "error",
+            None,
+            f"NaN/Inf gradient{where} (again).",
+            "",
+        )
 
     def _attach_detail(self, stats: StepStats, detail: np.ndarray, has: np.ndarray) -> None:
         gmax, nnz, nan, inf, psq = detail
@@ -260,18 +274,20 @@ class HostPath:
 
 
 class MonitorAPI:
-    """The public surface every adapter shares. Subclasses set `self._host` (a `HostPath`) and
+    """The public surface every adapter shares. Subclasses set `self._settings` in their
+    constructor and `self._host` (a `HostPath`) once they know the model's parameters, and
     implement `flush()` and `close()`."""
 
-    _host: HostPath
+    _settings: Settings
+    _host: HostPath | None = None
 
     @property
     def settings(self) -> Settings:
-        return self._host.settings
+        return self._settings
 
     @property
     def core(self) -> MonitorCore | None:
-        return self._host.core
+        return None if self._host is None else self._host.core
 
     @property
     def findings(self) -> list[Finding]:
@@ -285,30 +301,38 @@ class MonitorAPI:
 
     @property
     def logdir(self) -> str | None:
-        logdir = self._host.settings.logdir
+        logdir = self._settings.logdir
         return None if logdir is None else os.fspath(logdir)
 
     @property
     def every(self) -> int:
-        return self._host.settings.every
+        return self._settings.every
 
     @property
     def nonfinite(self) -> str:
-        return self._host.settings.nonfinite
+        return self._settings.nonfinite
 
     @property
     def chain(self):
-        return self._host.settings.clip
+        return self._settings.clip
+
+    @property
+    def detail_every(self) -> int:
+        return self._settings.detail_every
+
+    @property
+    def hist_every(self) -> int:
+        return self._settings.hist_every
 
     @property
     def error(self) -> NonFiniteGradientError | None:
-        """The `NonFiniteGradientError` raised under `nonfinite="raise"`, if any."""
-        return self._host.error
+        """The last `NonFiniteGradientError` raised under `nonfinite="raise"`, if any."""
+        return None if self._host is None else self._host.error
 
     @property
     def last_variable_norms(self) -> dict[str, float]:
         """Gradient norm of each parameter at the last step read back."""
-        return self._host.last_param_norms
+        return {} if self._host is None else self._host.last_param_norms
 
     def summary(self, min_severity: str = "info") -> str:
         """A plain-text summary of the findings so far, grouped by kind (worst first)."""

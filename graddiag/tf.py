@@ -34,33 +34,17 @@ import tensorflow as tf
 
 from graddiag import clip as cliplib
 from graddiag._checks import choice as check_choice
-from graddiag._checks import int_at_least as check_int
-from graddiag._checks import logdir as check_logdir
 from graddiag.findings import Finding
-from graddiag.monitor import (
-    NONFINITE_POLICIES,
-    MonitorCore,
-    NonFiniteGradientError,
-    close_at_exit_hook,
-)
-from graddiag.stats import (
-    ModelInfo,
-    StepStats,
-    aggregate_detail,
-    aggregate_layers,
-    aggregate_update_ratio,
-)
+from graddiag.host import DETAIL_FIELDS, HIST_BINS, HIST_WIDTH, HostPath, MonitorAPI, RowLayout
+from graddiag.monitor import close_at_exit_hook
+from graddiag.settings import Settings
+from graddiag.stats import ModelInfo
 
 log = logging.getLogger("graddiag")
 
 READ_BACK = ("callback", "poll")
-#: Columns after the per-variable sums of squares in a buffer row. Device state holds no NaN
-#: sentinels (they would trip `tf.debugging.enable_check_numerics`): -1 / 0 mean "none" instead.
-_COLS = ("clip_coef", "skipped", "grad_reset", "backward_calls", "has_loss", "loss")
-#: Bins of the gradient histograms (as graddiag.torch).
-HIST_BINS = 30
 #: Sum of squares written for a variable without a gradient (real sums are >= 0, NaN or Inf).
-_NO_GRAD = -1.0
+_NO_GRAD = RowLayout.NO_GRAD
 
 
 class TFOps:
@@ -193,7 +177,7 @@ def _unit_norms(x, scale=None):
     return tf.sqrt(tf.reduce_sum(tf.square(x), axis=axes, keepdims=x.shape.rank > 1))
 
 
-class GradientMonitor:
+class GradientMonitor(MonitorAPI):
     """Monitors (and optionally clips) the gradients of a Keras model or a list of variables.
 
     Args:
@@ -276,14 +260,19 @@ class GradientMonitor:
                     "Expected `model_or_variables` to be a Keras model/layer or a "
                     f"non-empty sequence of variables, got {(bad or [[]])[0]!r:.80}"
                 )
-        check_logdir(logdir)
-        self.every = check_int("every", every)
-        self.nonfinite = check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        self._settings = Settings(
+            logdir=logdir,
+            every=every,
+            clip=clip,
+            nonfinite=nonfinite,
+            detectors=detectors,
+            detail_every=detail_every,
+            hist_every=hist_every,
+            history=history,
+            flush_secs=flush_secs,
+            run_meta=run_meta or {},
+        )
         self.read_back = check_choice("read_back", read_back, READ_BACK)
-        check_int("history", history, 0)
-        self.detail_every = check_int("detail_every", detail_every, 0)
-        self.hist_every = check_int("hist_every", hist_every, 0) if logdir is not None else 0
-        self.chain = cliplib.as_chain(clip)
         if isinstance(loss_scale, bool) or (
             loss_scale is not None
             and not (
@@ -303,27 +292,13 @@ class GradientMonitor:
                 f"Expected `loss_scale` to be a positive finite number, got {loss_scale!r}"
             )
         self.loss_scale = loss_scale
-        if loss_scale is not None and (
-            detectors is None or (isinstance(detectors, Mapping) and "nonfinite" not in detectors)
-        ):
-            detectors = {**(detectors or {}), "nonfinite": {"amp": True}}
         self._target = model_or_variables
         self._accumulators = None if accumulators is None else list(accumulators)
-        self._core_args = {
-            "logdir": logdir,
-            "detectors": detectors,
-            "history": history,
-            "flush_secs": flush_secs,
-        }
-        self._run_meta = dict(run_meta or {})
         self._optimizer = optimizer
         self._applied: set[int] | None = None  # keys of the variables `apply` has updated
         self._ratio_done = -1  # last step whose update ratio was written
-        self.core: MonitorCore | None = None
         self._atexit = close_at_exit_hook(self)  # reads back and logs unread steps at exit
-        self.error: NonFiniteGradientError | None = None
         self._fetched = 0  # next step whose row has not been processed on the host
-        self.last_variable_norms: dict[str, float] = {}
         if accumulators is not None or not _is_model(model_or_variables):
             self._resolve()
 
@@ -355,8 +330,9 @@ class GradientMonitor:
         self._index = {_key(v): i for i, v in enumerate(variables)}
         if len(self._index) != len(variables):
             raise ValueError("Expected `model_or_variables` to hold each variable once.")
+        numel = [int(np.prod(v.shape)) for v in variables]
         counts = np.zeros(len(layers), dtype=np.int64)
-        np.add.at(counts, self._layer_index, [int(np.prod(v.shape)) for v in variables])
+        np.add.at(counts, self._layer_index, numel)
         frozen = []
         for v in frozen_vars:
             layer, name = _layer_and_var(_var_path(v), prefix)
@@ -366,35 +342,28 @@ class GradientMonitor:
             param_counts=tuple(int(c) for c in counts),
             backward_order=tuple(reversed(layers)),
             frozen=tuple(frozen),
-            framework="tensorflow",
         )
         if self._accumulators is not None and len(self._accumulators) != len(variables):
             raise ValueError(
                 f"Expected `accumulators` to hold one buffer per monitored variable "
                 f"({len(variables)}), got {len(self._accumulators)}"
             )
-        self._meta = {
-            "framework": "tensorflow",
-            "tensorflow": tf.__version__,
-            "every": self.every,
-            "clip": repr(self.chain),
-            "nonfinite": self.nonfinite,
-            "variables": self.var_names,
-            **self._run_meta,
-        }
+        self._host = HostPath(
+            self._settings, self._layer_index, self.var_names, numel, "tensorflow", tf.__version__
+        )
+        self._layout = self._host.layout
         n, nl = len(variables), len(layers)
         with tf.init_scope():
             self._rows = tf.Variable(
-                tf.zeros([self.every, n + len(_COLS)]), trainable=False, name="graddiag_rows"
-            )
-            self._lcoef_rows = (
-                tf.Variable(tf.ones([self.every, nl]), trainable=False, name="graddiag_layer_clip")
-                if self.chain is not None and self.chain.has_layer_coef
-                else None
+                np.tile(self._layout.blank(), (self.every, 1)),
+                trainable=False,
+                name="graddiag_rows",
             )
             # detail rows: max|g|, non-zero count, NaN count, Inf count, parameter sum of squares
             self._detail = (
-                tf.Variable(tf.zeros([5, n]), trainable=False, name="graddiag_detail")
+                tf.Variable(
+                    tf.zeros([len(DETAIL_FIELDS), n]), trainable=False, name="graddiag_detail"
+                )
                 if self.detail_every
                 else None
             )
@@ -404,7 +373,7 @@ class GradientMonitor:
             # histogram rows per layer: HIST_BINS counts, then min, max, sum, sum of squares,
             # finite count, NaN count, Inf count (of the step in `_hist_step`)
             self._hist = (
-                tf.Variable(tf.zeros([nl, HIST_BINS + 7]), trainable=False, name="graddiag_hist")
+                tf.Variable(tf.zeros([nl, HIST_WIDTH]), trainable=False, name="graddiag_hist")
                 if self.hist_every
                 else None
             )
@@ -442,9 +411,7 @@ class GradientMonitor:
         variables `apply` updates are known. `has`: which variables the first step's gradients
         reach (a variable without any is `detached`, not reported twice)."""
         self.info = dataclasses.replace(self.info, unoptimized=self._unoptimized(has))
-        self.core = MonitorCore(
-            self.info, run_meta=self._meta, close_at_exit=False, **self._core_args
-        )
+        self._host.start(self.info, amp=self.loss_scale is not None)
 
     def _unoptimized(self, has: np.ndarray | None) -> tuple[str, ...]:
         """Trainable monitored variables the optimizer never updates: left out of every variable
@@ -463,23 +430,6 @@ class GradientMonitor:
         )
 
     # ------------------------------------------------------------------ public API
-    @property
-    def findings(self) -> list[Finding]:
-        """Every finding so far (static ones, then those of the steps read back)."""
-        return [] if self.core is None else self.core.findings
-
-    @property
-    def logdir(self) -> str | None:
-        if self.core is None:
-            logdir = self._core_args["logdir"]
-            return None if logdir is None else os.fspath(logdir)
-        return self.core.logdir
-
-    @property
-    def history(self):
-        """Recent `StepStats`, oldest first."""
-        return [] if self.core is None else list(self.core.history)
-
     def tape(
         self, persistent: bool = False, watch_accessed_variables: bool = True
     ) -> MonitoredTape:
@@ -651,18 +601,6 @@ class GradientMonitor:
         new = self.flush()
         return new + self.core.close()
 
-    def summary(self, min_severity: str = "info") -> str:
-        """A plain-text summary of the findings so far."""
-        if self.core is None:
-            return "graddiag: no findings."
-        return self.core.summary(min_severity)
-
-    def __enter__(self) -> GradientMonitor:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
     # ------------------------------------------------------------------ graph side
     def _scale_value(self):
         ls = self.loss_scale
@@ -772,20 +710,19 @@ class GradientMonitor:
         step = self._count.read_value()
         row = tf.cast(tf.math.floormod(step, self.every), tf.int32)
         micro = self._micro.read_value()
-        extra = tf.stack(
-            [
-                clip_coef,
-                skipped,
-                self._reset.read_value(),
-                micro,
-                tf.constant(0.0 if loss is None else 1.0),
-                tf.constant(0.0) if loss is None else tf.cast(tf.reshape(loss, []), tf.float32),
-            ]
-        )
-        values = tf.concat([tf.where(has, vec, _NO_GRAD), extra], 0)
+        scalars = {
+            "clip_coef": clip_coef,
+            "skipped": skipped,
+            "grad_reset": self._reset.read_value(),
+            "backward_calls": micro,
+            "has_loss": tf.constant(0.0 if loss is None else 1.0),
+            "loss": tf.constant(0.0) if loss is None else tf.cast(tf.reshape(loss, []), tf.float32),
+        }
+        parts = [tf.where(has, vec, _NO_GRAD), tf.stack([scalars[k] for k in RowLayout.SCALARS])]
+        if self._layout.layer_coef is not None:
+            parts.append(tf.ones([len(self.info.layers)]) if lcoef is None else lcoef)
+        values = tf.concat(parts, 0)
         writes = [self._rows.scatter_nd_update([[row]], values[None]), self._bad.assign(~ok)]
-        if self._lcoef_rows is not None:
-            writes.append(self._lcoef_rows.scatter_nd_update([[row]], lcoef[None]))
         if self._accumulators is not None:
             writes += [self._micro.assign(0.0), self._reset.assign(-1.0)]
         if self._detail is not None:
@@ -918,29 +855,9 @@ class GradientMonitor:
         with tf.control_dependencies([self._hist.assign(tf.stack(rows))]):
             return tf.identity(self._hist_step.assign(step) >= 0)
 
-    def _emit_hist(self, step: int, hist: np.ndarray, has: np.ndarray) -> None:
-        """Write the per-layer histograms read back from the device."""
-        for li, name in enumerate(self.info.layers):
-            if not has[li]:
-                continue
-            r = hist[li].astype(np.float64)
-            counts = r[:HIST_BINS]
-            lo, hi, vsum, vsumsq, num, nan, inf = r[HIST_BINS:]
-            if num > 0:
-                edges = np.linspace(lo, max(hi, lo + 1e-12), HIST_BINS + 1)[1:]
-                self.core.sink.write_histogram(
-                    step, name, counts, edges, lo, hi, vsum, vsumsq, num, int(nan), int(inf)
-                )
-            else:
-                self.core.sink.write_histogram(
-                    step, name, [], [], 0.0, 0.0, 0.0, 0.0, 0.0, int(nan), int(inf)
-                )
-
     def _state(self) -> list[tf.Variable]:
         """The variables the host reads back on a log step."""
         out = [self._rows]
-        if self._lcoef_rows is not None:
-            out.append(self._lcoef_rows)
         if self._detail is not None:
             out += [self._detail, self._detail_step]
         if self._hist is not None:
@@ -978,34 +895,20 @@ class GradientMonitor:
         """Read the buffer (one device read) and process the steps not yet seen."""
         return self._process(steps_done, [v.numpy() for v in self._state()])
 
-    def _layer_detail(self, detail: np.ndarray, has: np.ndarray) -> dict[str, np.ndarray]:
-        """Per-layer detail statistics from the per-variable detail rows."""
-        gmax, nnz, nan, inf, psq = detail.astype(np.float64)
-        size = np.asarray([float(np.prod(v.shape)) for v in self.variables])
-        return aggregate_detail(
-            self._layer_index, len(self.info.layers), has, size, gmax, nnz, psq, nan, inf
-        )
-
-    def _layer_ratio(self, update: np.ndarray) -> np.ndarray:
-        """Per-layer ||w_after - w_before|| / ||w_before|| from per-variable sums of squares."""
-        delta, weights = update.astype(np.float64)
-        return aggregate_update_ratio(delta, weights, self._layer_index, len(self.info.layers))
-
     def _process(self, steps_done: int, arrays: list[np.ndarray]) -> list[Finding]:
+        """Hand the rows of the steps not yet seen (and the detail, histogram and update rows of
+        their steps) to the host path."""
         rows = arrays[0]
-        ratio, ratio_step = None, -1
-        if self._update is not None:
-            ratio_step = int(arrays[-1])
-            if ratio_step > self._ratio_done:
-                ratio = self._layer_ratio(arrays[-2])
-            arrays = arrays[:-2]
-        lcoef_rows = arrays[1] if self._lcoef_rows is not None else None
-        hist, hist_step = (arrays[-2], int(arrays[-1])) if self._hist is not None else (None, -1)
-        if self._hist is not None:
-            arrays = arrays[:-2]
-        detail, detail_step = (
-            (arrays[-2], int(arrays[-1])) if self._detail is not None else (None, -1)
-        )
+        state = {v.ref(): a for v, a in zip(self._state()[1:], arrays[1:], strict=True)}
+
+        def block(var, step_var) -> tuple[np.ndarray | None, int]:
+            return (None, -1) if var is None else (state[var.ref()], int(state[step_var.ref()]))
+
+        detail, detail_step = block(self._detail, self._detail_step)
+        hist, hist_step = block(self._hist, self._hist_step)
+        update, update_step = block(self._update, self._update_step)
+        if update_step <= self._ratio_done:
+            update = None
         first = max(self._fetched, steps_done - self.every)
         if first > self._fetched:
             log.warning(
@@ -1015,82 +918,25 @@ class GradientMonitor:
                 first - 1,
                 self.every,
             )
-        new: list[Finding] = []
-        n = len(self.variables)
         if self.core is None:
-            self._start(None if first >= steps_done else rows[first % self.every][:n] != _NO_GRAD)
+            row = rows[first % self.every] if first < steps_done else None
+            self._start(None if row is None else row[self._layout.sumsq] != _NO_GRAD)
+        new: list[Finding] = []
         for step in range(first, steps_done):
-            r = rows[step % self.every].astype(np.float64)
-            sumsq = r[:n]
-            has = ~(sumsq == _NO_GRAD)
-            sumsq = np.where(has, sumsq, 0.0)
-            norms, layer_has, layer_bad, gnorm = aggregate_layers(
-                sumsq, has, self._layer_index, len(self.info.layers)
-            )
-            c = dict(zip(_COLS, r[n:], strict=True))
-            opt = {
-                "clip_coef": None if c["clip_coef"] < 0 else c["clip_coef"],
-                "grad_reset": None if c["grad_reset"] < 0 else c["grad_reset"],
-                "backward_calls": None if c["backward_calls"] <= 0 else c["backward_calls"],
-                "loss": c["loss"] if c["has_loss"] else None,
-                "skipped": c["skipped"],
-            }
-            stats = StepStats(
-                step=step,
-                grad_norm=norms,
-                has_grad=layer_has,
-                nonfinite=layer_bad,
-                global_norm=gnorm,
-                clip_coef=opt["clip_coef"],
-                layer_clip_coef=None
-                if lcoef_rows is None
-                else lcoef_rows[step % self.every].astype(np.float64),
-                grad_reset=None if opt["grad_reset"] is None else bool(opt["grad_reset"]),
-                backward_calls=None
-                if opt["backward_calls"] is None
-                else int(opt["backward_calls"]),
-                skipped=bool(opt["skipped"]),
-                loss=opt["loss"],
-            )
+            self._fetched = step + 1  # before ingest: under nonfinite="raise" it raises
+            extra = {}
             if step == detail_step:
-                d = self._layer_detail(detail, has)
-                if not (d["nan_count"].any() or d["inf_count"].any()):
-                    d.pop("nan_count")
-                    d.pop("inf_count")
-                else:
-                    stats.nonfinite = np.maximum(d["nan_count"] + d["inf_count"], layer_bad)
-                for k, v in d.items():
-                    setattr(stats, k, v)
-            if step == ratio_step and ratio is not None:
-                stats.update_ratio, ratio = ratio, None
+                extra["detail"] = detail
+            if step == hist_step:
+                extra["hist"] = hist
+            if step == update_step and update is not None:
+                extra["update"], update = update, None
                 self._ratio_done = step
-            if step == steps_done - 1:
-                self.last_variable_norms = dict(
-                    zip(self.var_names, np.sqrt(sumsq).tolist(), strict=True)
-                )
-            found = self.core.process(stats)
-            if step == hist_step and self.core.sink is not None:
-                self._emit_hist(step, hist, layer_has)
-            new.extend(found)
-            if self.nonfinite == "raise" and stats.any_nonfinite and self.error is None:
-                bad = [f for f in found if f.kind == "nonfinite"] or [
-                    Finding(
-                        step=step,
-                        layer=None,
-                        kind="nonfinite",
-                        severity="error",
-                        value=None,
-                        message="NaN/Inf gradient.",
-                        suggestion="",
-                    )
-                ]
-                self._fetched = step + 1
-                self.error = NonFiniteGradientError(bad[0])
-                raise self.error
+            new += self._host.ingest(step, rows[step % self.every], **extra)
         self._fetched = steps_done
-        if ratio is not None and ratio_step < steps_done:  # the update came after its step's read
-            self._ratio_done = ratio_step
-            self.core.record_update_ratio(ratio_step, ratio)
+        if update is not None and update_step < steps_done:  # the update came after its step's read
+            self._ratio_done = update_step
+            self._host.record_update(update_step, update)
         return new
 
 

@@ -347,6 +347,7 @@ class GradientMonitor(MonitorAPI):
             unoptimized = [n for n, p in zip(pnames, params, strict=True) if id(p) not in held]
         self._frozen, self._shared, self._unoptimized = frozen, shared, unoptimized
         self._numel = np.asarray([p.numel() for p in params], dtype=np.float64)
+        self._settings = settings
         self._host = HostPath(
             settings, layer_of, pnames, self._numel, "torch", torch.__version__.split("+")[0]
         )
@@ -487,14 +488,6 @@ class GradientMonitor(MonitorAPI):
     @property
     def trace_nonfinite(self) -> bool:
         return self.settings.trace_nonfinite
-
-    @property
-    def detail_every(self) -> int:
-        return self.settings.detail_every
-
-    @property
-    def hist_every(self) -> int:
-        return self.settings.hist_every
 
     def flush(self) -> list[Finding]:
         """Read pending statistics now (one host sync), diagnose and log them."""

@@ -22,12 +22,8 @@ from typing import Any
 
 import keras
 
-from graddiag._checks import choice as check_choice
-from graddiag._checks import int_at_least as check_int
-from graddiag.clip import as_chain
-from graddiag.detectors import build_detectors
 from graddiag.findings import Finding
-from graddiag.monitor import NONFINITE_POLICIES
+from graddiag.settings import Settings
 from graddiag.tf import GradientMonitor
 
 
@@ -73,16 +69,18 @@ class GradDiagCallback(keras.callbacks.Callback):
         print_summary: bool = True,
     ) -> None:
         super().__init__()
-        # fail at construction, not at the start of training, with the monitor's own checks
-        check_int("every", every)
-        check_int("history", history, 0)
-        check_int("detail_every", detail_every, 0)
-        check_int("hist_every", hist_every, 0)
-        check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
-        as_chain(clip)
-        build_detectors(detectors)
-        if logdir is not None and not isinstance(logdir, (str, os.PathLike)):
-            raise ValueError(f"Expected `logdir` to be a path or None, got {logdir!r}")
+        # fail at construction, not at the start of training, with the monitors' own checks
+        self.settings = Settings(
+            logdir=logdir,
+            every=every,
+            clip=clip,
+            nonfinite=nonfinite,
+            detectors=detectors,
+            detail_every=detail_every,
+            hist_every=hist_every,
+            history=history,
+            flush_secs=flush_secs,
+        )
         self._kwargs = {
             "every": every,
             "clip": clip,

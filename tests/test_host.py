@@ -1,0 +1,171 @@
+"""The host path every adapter shares: row layout, decoding, detail statistics, histograms,
+update ratios, the raise policy and run metadata — checked against hand-computed numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from graddiag.host import DETAIL_FIELDS, HIST_BINS, HIST_WIDTH, HostPath, RowLayout
+from graddiag.monitor import NonFiniteGradientError
+from graddiag.settings import Settings
+from graddiag.stats import ModelInfo
+
+#: float32 rows decoded in float64
+REL = 1e-6
+# three parameters in two layers: a.w, a.b -> layer 0; b.w -> layer 1
+LAYER_OF = np.array([0, 0, 1])
+NAMES = ["a.w", "a.b", "b.w"]
+NUMEL = [6, 2, 4]
+
+
+def host(**settings) -> HostPath:
+    h = HostPath(Settings(**settings), LAYER_OF, NAMES, NUMEL, "torch", "0.0")
+    h.start(ModelInfo(layers=("a", "b")))
+    return h
+
+
+def row(layout: RowLayout, sumsq, **scalars) -> np.ndarray:
+    r = layout.blank()
+    r[layout.sumsq] = sumsq
+    for name, value in scalars.items():
+        r[layout.col[name]] = value
+    return r
+
+
+def test_layout_columns_are_named_and_blank_means_nothing_measured():
+    lay = RowLayout(3, 2, layer_coef=True)
+    assert lay.width == 3 + len(RowLayout.SCALARS) + 2
+    assert list(lay.col) == list(RowLayout.SCALARS)
+    assert lay.col["clip_coef"] == 3 and lay.layer_coef == slice(3 + len(RowLayout.SCALARS), 11)
+    stats, has, _ = lay.decode(0, lay.blank(), LAYER_OF)
+    assert not has.any() and not stats.has_grad.any() and stats.global_norm == 0.0
+    assert stats.clip_coef is None and stats.loss is None and stats.grad_reset is None
+    assert stats.backward_calls is None and stats.skipped is False
+    assert stats.layer_clip_coef is None  # no clip coefficient: no per-layer one either
+
+
+def test_decode_norms_and_scalars_by_hand():
+    lay = RowLayout(3, 2, layer_coef=True)
+    r = row(lay, [9.0, 16.0, RowLayout.NO_GRAD], clip_coef=0.5, has_loss=1, loss=2.5)
+    r[lay.layer_coef] = [0.25, 1.0]
+    stats, has, sumsq = lay.decode(7, r, LAYER_OF, grad_reset=True)
+    assert has.tolist() == [True, True, False] and sumsq.tolist() == [9.0, 16.0, 0.0]
+    np.testing.assert_allclose(stats.grad_norm, [5.0, 0.0], rtol=REL)  # sqrt(9 + 16)
+    assert stats.has_grad.tolist() == [True, False]
+    assert stats.global_norm == pytest.approx(5.0, rel=REL)
+    assert stats.clip_coef == 0.5 and stats.loss == 2.5 and stats.grad_reset is True
+    np.testing.assert_allclose(stats.layer_clip_coef, [0.25, 1.0])
+
+
+def test_host_known_values_override_the_row():
+    lay = RowLayout(3, 2)
+    r = row(lay, [1.0, 1.0, 1.0], has_loss=1, loss=3.0)
+    stats, has, _ = lay.decode(0, r, LAYER_OF, has=np.array([True, False, False]), loss=None)
+    assert has.tolist() == [True, False, False] and stats.loss is None
+    assert stats.grad_norm.tolist() == [1.0, 0.0]
+
+
+def test_nonfinite_parameter_marks_its_layer():
+    lay = RowLayout(3, 2)
+    stats, _, _ = lay.decode(0, row(lay, [1.0, np.inf, 4.0]), LAYER_OF)
+    assert stats.nonfinite.tolist() == [1.0, 0.0] and stats.any_nonfinite
+
+
+def test_ingest_attaches_detail_statistics_by_hand():
+    h = host()
+    detail = np.zeros((len(DETAIL_FIELDS), 3))
+    detail[0] = [0.5, 2.0, 3.0]  # max |g| per parameter
+    detail[1] = [6, 0, 2]  # non-zero elements
+    detail[2:4] = np.nan  # NaN/Inf not counted (the adapter saw only finite maxima)
+    detail[4] = [1.0, 3.0, 4.0]  # parameter sums of squares
+    h.ingest(0, row(h.layout, [1.0, 4.0, 9.0]), detail=detail)
+    s = h.core.history[-1]
+    np.testing.assert_allclose(s.grad_max, [2.0, 3.0])
+    np.testing.assert_allclose(s.zero_frac, [2 / 8, 2 / 4])
+    np.testing.assert_allclose(s.param_norm, [2.0, 2.0])  # sqrt(1 + 3), sqrt(4)
+    assert s.nan_count is None and s.inf_count is None
+    assert h.last_param_norms == {"a.w": 1.0, "a.b": 2.0, "b.w": 3.0}
+
+
+def test_counted_nan_raises_the_layer_nonfinite_count():
+    h = host()
+    detail = np.zeros((len(DETAIL_FIELDS), 3))
+    detail[0] = [np.nan, 1.0, 1.0]
+    detail[2] = [3, 0, 0]  # 3 NaN in a.w
+    h.ingest(0, row(h.layout, [np.nan, 1.0, 1.0]), detail=detail)
+    s = h.core.history[-1]
+    assert s.nonfinite.tolist() == [3.0, 0.0] and s.nan_count.tolist() == [3.0, 0.0]
+
+
+def test_update_ratio_by_hand():
+    h = host()
+    h.ingest(0, row(h.layout, [1.0, 1.0, 1.0]))
+    h.record_update(0, np.array([[1.0, 0.0, 4.0], [16.0, 9.0, 100.0]]))
+    np.testing.assert_allclose(h.core.history[-1].update_ratio, [1 / 5, 2 / 10])
+
+
+def test_raise_policy_raises_after_logging_every_time(tmp_path):
+    h = host(nonfinite="raise", logdir=tmp_path)
+    h.ingest(0, row(h.layout, [1.0, 1.0, 1.0]))
+    for step in (1, 2):
+        with pytest.raises(NonFiniteGradientError, match=f"step {step}") as err:
+            h.ingest(step, row(h.layout, [1.0, np.nan, 1.0]))
+        assert err.value.finding.layer == "a" and h.error is err.value
+    assert [s.step for s in h.core.history] == [0, 1, 2]
+
+
+def test_histograms_written_from_rows(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from graddiag import tags
+
+    h = host(logdir=tmp_path, hist_every=1)
+    values = np.array([-1.0, 0.0, 0.5, 1.0, 2.0])
+    counts, _ = np.histogram(values, bins=HIST_BINS, range=(values.min(), values.max()))
+    hist = np.zeros((2, HIST_WIDTH))
+    hist[0, :HIST_BINS] = counts
+    hist[0, HIST_BINS:] = [values.min(), values.max(), values.sum(), values @ values, 5, 1, 2]
+    h.ingest(0, row(h.layout, [1.0, 1.0, RowLayout.NO_GRAD]), hist=hist)
+    h.core.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"histograms": 0, "scalars": 0})
+    acc.Reload()
+    hv = acc.Histograms(tags.hist_tag("a"))[0].histogram_value
+    assert hv.num == 5 and hv.min == -1.0 and hv.max == 2.0 and hv.sum_squares == 6.25
+    assert list(hv.bucket) == counts.tolist()
+    assert tags.hist_tag("b") not in acc.Tags()["histograms"]  # layer b had no gradient
+    assert acc.Scalars(tags.tag("nan_count", "a"))[0].value == 1.0
+
+
+def _meta(logdir: str) -> dict:
+    from graddiag.reader import read_logs
+
+    data = read_logs(logdir)
+    return data.runs[0].meta
+
+
+def test_run_metadata_has_the_same_keys_in_both_frameworks(tmp_path):
+    torch = pytest.importorskip("torch")
+    keras = pytest.importorskip("keras")
+    tf = pytest.importorskip("tensorflow")
+    from graddiag import tf as gd_tf
+    from graddiag import torch as gd_torch
+
+    net = torch.nn.Linear(3, 2)
+    with gd_torch.GradientMonitor(net, logdir=tmp_path / "t", every=1) as mon:
+        net(torch.ones(1, 3)).sum().backward()
+        mon.step()
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    with gd_tf.GradientMonitor(model, tmp_path / "k", every=1) as kmon:
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(model(tf.ones((1, 3))))
+        kmon.step(tape.gradient(loss, model.trainable_variables))
+    mt, mk = _meta(str(tmp_path / "t")), _meta(str(tmp_path / "k"))
+    assert set(mt) == set(mk)
+    assert mt["framework"] == "torch" and mk["framework"] == "tensorflow"
+    assert mt["info"]["framework"] == "torch" and mk["info"]["framework"] == "tensorflow"
+    assert mt["parameters"] == ["weight", "bias"] and len(mk["parameters"]) == 2
+    assert json.loads(json.dumps(mt)) == mt and not math.isnan(mt["every"])
