@@ -38,6 +38,7 @@ class Settings:
         history: how many recent `StepStats` to keep in memory.
         flush_secs: event-file flush interval in seconds (>= 0; 0 flushes every write).
         trace_nonfinite: find the module where a NaN/Inf is born (a bool).
+        start_step: the number of the first step measured (a resumed run continues its count).
         run_meta: extra JSON-able facts written with the model description.
 
     Raises:
@@ -55,6 +56,7 @@ class Settings:
     history: int = 1000
     flush_secs: float = 2.0
     trace_nonfinite: bool = False
+    start_step: int = 0
     run_meta: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -89,6 +91,7 @@ class Settings:
             raise ValueError(
                 f"Expected `trace_nonfinite` to be True or False, got {self.trace_nonfinite!r}"
             )
+        set_(self, "start_step", _checks.int_at_least("start_step", self.start_step, 0))
         if not isinstance(self.run_meta, Mapping):
             raise ValueError(f"Expected `run_meta` to be a dict or None, got {self.run_meta!r}")
         set_(self, "run_meta", dict(self.run_meta))
@@ -118,4 +121,5 @@ class Settings:
             "detail_every": self.detail_every,
             "hist_every": self.hist_every,
             "trace_nonfinite": self.trace_nonfinite,
+            "start_step": self.start_step,
         }

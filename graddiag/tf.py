@@ -220,6 +220,8 @@ class GradientMonitor(MonitorAPI):
         optimizer: the optimizer, when you call its `apply_gradients` yourself: trainable
             variables it was built without are reported (`frozen` warning). `apply()` and the
             Keras callback learn this from the variables they apply instead.
+        start_step: the number of the first step (resuming a run: the optimizer steps already
+            taken), so the logs continue the run's step count.
 
     Raises:
         TypeError: if `model_or_variables` is neither a Keras model/layer nor variables.
@@ -244,6 +246,7 @@ class GradientMonitor(MonitorAPI):
         hist_every: int = 100,
         run_meta: Mapping[str, Any] | None = None,
         optimizer: Any = None,
+        start_step: int = 0,
     ) -> None:
         if not _is_model(model_or_variables):
             if isinstance(model_or_variables, (str, bytes)) or not isinstance(
@@ -271,6 +274,7 @@ class GradientMonitor(MonitorAPI):
             history=history,
             flush_secs=flush_secs,
             run_meta=run_meta or {},
+            start_step=start_step,
         )
         self.read_back = check_choice("read_back", read_back, READ_BACK)
         if isinstance(loss_scale, bool) or (
@@ -298,7 +302,9 @@ class GradientMonitor(MonitorAPI):
         self._applied: set[int] | None = None  # keys of the variables `apply` has updated
         self._ratio_done = -1  # last step whose update ratio was written
         self._atexit = close_at_exit_hook(self)  # reads back and logs unread steps at exit
-        self._fetched = 0  # next step whose row has not been processed on the host
+        self._fetched = (
+            self._settings.start_step
+        )  # next step whose row has not been processed on the host
         if accumulators is not None or not _is_model(model_or_variables):
             self._resolve()
 
@@ -390,7 +396,9 @@ class GradientMonitor(MonitorAPI):
             self._update_step = tf.Variable(
                 -1, dtype=tf.int64, trainable=False, name="graddiag_update_step"
             )
-            self._count = tf.Variable(0, dtype=tf.int64, trainable=False, name="graddiag_step")
+            self._count = tf.Variable(
+                self._settings.start_step, dtype=tf.int64, trainable=False, name="graddiag_step"
+            )
             self._bad = tf.Variable(False, trainable=False, name="graddiag_nonfinite")
             self._micro = tf.Variable(0.0, trainable=False, name="graddiag_backward_calls")
             self._reset = tf.Variable(-1.0, trainable=False, name="graddiag_grad_reset")

@@ -264,6 +264,8 @@ class GradientMonitor(MonitorAPI):
             hooks on every module and one host sync per step; opt-in).
         history: how many recent `StepStats` to keep in `monitor.history`.
         flush_secs: event-file flush interval; `close()` always flushes.
+        start_step: the number of the first step (resuming a run: the optimizer steps already
+            taken), so the logs continue the run's step count.
 
     Raises:
         TypeError: if `model` is not an `nn.Module` or `optimizer` not a `torch.optim.Optimizer`.
@@ -297,6 +299,7 @@ class GradientMonitor(MonitorAPI):
         trace_nonfinite: bool = False,
         history: int = 1000,
         flush_secs: float = 2.0,
+        start_step: int = 0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -325,6 +328,7 @@ class GradientMonitor(MonitorAPI):
             history=history,
             flush_secs=flush_secs,
             trace_nonfinite=trace_nonfinite,
+            start_step=start_step,
         )
 
         base = _unwrap(model)
@@ -354,7 +358,7 @@ class GradientMonitor(MonitorAPI):
         self._layout = self._host.layout
         self.device: torch.device | None = None  # fixed at the first step (the model may move)
         self._atexit = close_at_exit_hook(self)  # drains the ring buffer into the log at exit
-        self.step_count = 0
+        self.step_count = settings.start_step
         self.closed = False
         self._plans: dict[tuple, _Plan] = {}
         self._pending: list[tuple[int, dict[str, Any]]] = []  # steps in the ring, host facts
