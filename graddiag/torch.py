@@ -108,15 +108,15 @@ class _Plan:
     """
 
     def __init__(
-        self, idx: list[int], params: list[nn.Parameter], layer_of: np.ndarray, device
+        self, idx: list[int], params: list[torch.Tensor], layer_of: np.ndarray, device
     ) -> None:
         groups: dict[tuple, list[int]] = {}
         self.dots: list[int] = []
         self.sparse: list[int] = []
         bucket: list[int] = []
         for i in idx:
-            p = params[i]
-            if p.grad is not None and p.grad.is_sparse:
+            p = params[i]  # the gradient as measured (a complex one viewed as real pairs)
+            if p.is_sparse:
                 self.sparse.append(i)
             elif p.dtype in _LOW_PRECISION:
                 bucket.append(i)
@@ -171,6 +171,14 @@ def _sumsq(tensors: list[torch.Tensor], plan: _Plan, device) -> torch.Tensor:
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
+def _measured(g: torch.Tensor | None) -> torch.Tensor | None:
+    """The gradient as graddiag measures it: a complex one as a real view of (re, im) pairs, so
+    sums of squares are sums of |z|^2 and in-place clipping still acts on the gradient."""
+    if g is not None and g.is_complex() and not g.is_sparse:
+        return torch.view_as_real(g)
+    return g
+
+
 def _flat(g: torch.Tensor) -> torch.Tensor:
     """The stored values of a gradient as a flat tensor (a sparse gradient's coalesced values)."""
     return g.coalesce().values().reshape(-1) if g.is_sparse else g.reshape(-1)
@@ -199,6 +207,17 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def _owner(module_name: str) -> str:
+    """The layer a module's parameters belong to: a parametrization's parameters
+    (`0.parametrizations.weight.original`, from `weight_norm`, `spectral_norm`,
+    `register_parametrization`) belong to the parametrized module (`0`), not to a layer of their own.
+    """
+    parts = module_name.split(".")
+    if "parametrizations" in parts:
+        parts = parts[: parts.index("parametrizations")]
+    return ".".join(parts)
+
+
 def _layers_of(
     model: nn.Module,
 ) -> tuple[list[str], list[nn.Parameter], list[str], np.ndarray, list[str], list[str]]:
@@ -222,7 +241,7 @@ def _layers_of(
             if not p.requires_grad:
                 frozen.append(full)
                 continue
-            lname = mname or root
+            lname = _owner(mname) or root
             if not layers or layers[-1] != lname:
                 if lname in layers:
                     layer_idx = layers.index(lname)
@@ -564,12 +583,12 @@ class GradientMonitor(MonitorAPI):
         step = self.step_count
         self.step_count += 1
         params = self.params
-        grads = [p.grad for p in params]
+        grads = [_measured(p.grad) for p in params]
         key = tuple(g is not None for g in grads)
         plan = self._plans.get(key)
         if plan is None and any(key):
             plan = self._plans[key] = _Plan(
-                [i for i, k in enumerate(key) if k], params, self.layer_of, self.device
+                [i for i, k in enumerate(key) if k], grads, self.layer_of, self.device
             )
         present = plan.present if plan is not None else []
         if reset == "observe":

@@ -1,6 +1,7 @@
 """PyTorch adapter: statistics against torch computed by hand, clipping against torch's own."""
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -446,3 +447,37 @@ def test_wrapped_models_keep_their_layer_names():
     mon.step()
     mon.flush()
     assert mon.history[-1].has_grad.all()
+
+
+def test_complex_parameters_are_measured_as_abs_squared(tmp_path):
+    """Complex gradients: the norm is sqrt(sum |z|^2), and detail statistics and histograms work
+    (they crashed in `aminmax` before)."""
+    torch.manual_seed(0)
+    z = torch.nn.Parameter(torch.randn(300, dtype=torch.cfloat))
+    lin = torch.nn.Linear(4, 1)
+    model = torch.nn.Module()
+    model.z, model.lin = z, lin
+    with GradientMonitor(model, logdir=tmp_path, every=1, detail_every=1, hist_every=1) as mon:
+        x = torch.randn(8, 4)
+        loss = (z * z.conj()).real.sum() * 1e-3 + lin(x).square().mean()
+        loss.backward()
+        mon.step()
+    s = mon.history[-1]
+    layer = mon.layers.index(type(model).__name__)
+    expected = float(torch.linalg.vector_norm(z.grad))  # sqrt(sum |z|^2)
+    assert s.grad_norm[layer] == pytest.approx(expected, rel=1e-5)
+    assert s.grad_max[layer] == pytest.approx(float(torch.view_as_real(z.grad).abs().max()))
+
+
+def test_parametrized_linear_is_one_layer():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+    torch.nn.utils.parametrizations.weight_norm(model[0])
+    mon = GradientMonitor(model, every=1)
+    assert mon.layers == ["0", "2"]
+    model(torch.randn(5, 4)).sum().backward()
+    mon.step()
+    g = model[0].parametrizations.weight
+    expected = math.sqrt(
+        sum(float(p.grad.square().sum()) for p in (g.original0, g.original1, model[0].bias))
+    )
+    assert mon.history[-1].grad_norm[0] == pytest.approx(expected, rel=1e-5)
