@@ -406,20 +406,18 @@ def test_stateful_policies_in_graph_match_numpy(policy):
     rng = np.random.default_rng(0)
     norms = rng.lognormal(size=(12, 3)) * np.array([1, 1, 1])[None]
     norms[7] *= 20  # an outlier
-    chain = cliplib.as_chain(policy)
-    np_state = chain.init(3)
-    tf_state = chain.init(3, TFOps)
+    np_state = policy.init(3)
+    tf_state = policy.init(3, TFOps())
     for row in norms:
         g = float(np.sqrt(np.sum(row**2)))
-        np_g, np_l, np_state = chain.update_norm_stage(chain.policies, row, g, np_state)[:3]
-        tf_g, tf_l, tf_state = chain.update_norm_stage(
-            chain.policies,
-            tf.constant(row, tf.float32),
-            tf.constant(g, tf.float32),
-            tf_state,
-            TFOps,
-        )[:3]
-        for a, b in ((np_g, tf_g), (np_l, tf_l)):
+        np_scale, np_state = policy.factors(row, g, np_state, cliplib.NumpyOps())
+        tf_scale, tf_state = policy.factors(
+            tf.constant(row, tf.float32), tf.constant(g, tf.float32), tf_state, TFOps()
+        )
+        for a, b in (
+            (np_scale.global_coef, tf_scale.global_coef),
+            (np_scale.layer_coef, tf_scale.layer_coef),
+        ):
             if a is not None:
                 np.testing.assert_allclose(np.asarray(b), a, rtol=1e-5)
 
