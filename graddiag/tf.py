@@ -749,7 +749,9 @@ class GradientMonitor:
         )
         state = tf.nest.map_structure(lambda v: v.read_value(), self._clip_state)
         out = cliplib.clip_gradients(self.chain, view, state, TFOps(scale))
-        tf.nest.map_structure(lambda var, value: var.assign(value), self._clip_state, out.state)
+        tf.nest.map_structure(
+            lambda var, value: var.assign(value), self._clip_state, out.state, check_types=False
+        )
         grads = list(grads)
         for k, g in zip(live, out.grads, strict=True):
             grads[k] = g
