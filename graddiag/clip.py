@@ -1,21 +1,32 @@
 """Gradient clipping policies: small, composable, framework-neutral.
 
-A policy is an optax-style pair: `init(n_layers, ops) -> state` and
-`update(layer_norms, global_norm, state, ops) -> (ClipScale, state)`. The math is written against a
-tiny array namespace (`ops`) so adapters run it *on the device* with their own tensors (no host
-sync); `NumpyOps` serves tests and post-hoc use. Adapters apply the scales in place.
+Every policy, element-wise ones included, is an optax-style pair working on a `Gradients` bundle::
 
-Two policies act on elements rather than on norms: `ValueClip` (clamp each element) and `AGC`
-(unit-wise ratio of gradient to parameter norm). Adapters apply those with `value_clip`/`agc_scale`;
-norm policies placed after them see re-measured norms.
+    state = policy.init(n_layers, ops)
+    grads, state = policy.update(grads, state, ops)
 
-Compose with `chain(...)`, e.g. ``chain(ZClip(), GlobalNormClip(1.0))``.
+`grads` carries the adapter's gradient arrays and what is known about them (per-tensor sums of
+squares, the layer of each tensor, the parameters); `ops` is the framework's `ClipOps`, so all the
+math runs on the device (no host sync in PyTorch, inside `tf.function` in TensorFlow). `chain(...)`
+composes policies and is a policy itself, so chains nest.
+
+Adapters call one entry point, `clip_gradients`, which runs a policy and measures what it did:
+
+- ``clip_coef`` = global L2 norm after clipping / global L2 norm before (1.0: unchanged; NaN when
+  the norm before is not finite). For one global-norm policy it is the scale applied; for a chain or
+  an element-wise policy it is the net effect on the norm.
+- ``layer_coef`` (only when the policy holds a per-layer policy, `LayerNormClip`) = per layer, the
+  layer's L2 norm after clipping / before; 1.0 for a layer with a zero or no gradient.
+
+Norm policies that follow one another compose analytically: their factors multiply, the sums of
+squares follow, and the gradients are multiplied once. An element-wise policy (`ValueClip`, `AGC`)
+applies what is pending first; the next norm policy re-measures.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -28,16 +39,79 @@ NORM_EPS = 1e-6
 EMPTY = 3.0e38
 
 
+class ClipOps(Protocol):
+    """The array operations a framework supplies to the clipping engine.
+
+    Scalars and vectors are the framework's own arrays (float32 on a device; float64 in NumPy).
+    A *gradient list* is the list the adapter put in `Gradients.tensors` (no None entries); the
+    list operations may return a new list (functional, as TensorFlow must) or update the tensors in
+    place and return the same list (PyTorch).
+    """
+
+    # -- scalar and vector math (what the policies compute with)
+    def sqrt(self, x): ...
+
+    def sum(self, x):
+        """Sum of all entries."""
+
+    def minimum1(self, x):
+        """`min(x, 1)` elementwise."""
+
+    def maximum(self, x, floor: float):
+        """`max(x, floor)` elementwise."""
+
+    def where(self, cond, a, b):
+        """Elementwise select; `a`/`b` may be Python floats."""
+
+    def full(self, n: int, value: float):
+        """A vector of `n` copies of `value`."""
+
+    def scalar(self, value: float): ...
+
+    def quantile_first(self, x, n, q: float):
+        """Quantile `q` (linear interpolation) of the `n` smallest entries of `x`; `EMPTY` if n=0."""
+
+    def roll_in(self, buf, index, value):
+        """`buf` with `buf[index % len(buf)] = value` (functional)."""
+
+    def segment_sum(self, x, segments, n: int):
+        """Length-`n` vector: entry k sums `x[i]` over the i with `segments[i] == k`."""
+
+    def gather(self, x, index):
+        """`x[index]` for an integer index vector."""
+
+    # -- gradient lists (what the engine and the element-wise policies need)
+    def sumsq(self, grads):
+        """Sum of squares of each gradient (a vector, float32 accumulation; a sparse gradient
+        counts as its dense value; scaled by 1/loss_scale² where the adapter has one)."""
+
+    def scale(self, grads, factors):
+        """Multiply every gradient by `factors`: one scalar, or a vector with one per gradient."""
+
+    def clamp(self, grads, limit: float):
+        """Clamp every element to [-limit, limit] (of the unscaled gradient)."""
+
+    def unit_norms(self, grads, params) -> tuple[list, list]:
+        """Per-unit L2 norms of each gradient and of its parameter, shaped to broadcast against
+        the gradient (a unit is one output unit: dim 0 of a torch weight, the last axis of a
+        Keras kernel; a vector or scalar is one unit)."""
+
+    def scale_units(self, grads, factors: list):
+        """Multiply each gradient by its own (broadcastable) factor array."""
+
+
 class NumpyOps:
-    """The array namespace policies compute with; adapters provide torch/TF versions."""
+    """`ClipOps` in NumPy float64, for tests and post-hoc use.
 
-    @staticmethod
-    def asarray(x):
-        return np.asarray(x, dtype=np.float64)
+    Args:
+        unit_axis: the axis of an AGC unit in a weight (0: the torch layout (out, in); -1: Keras).
+    """
 
-    @staticmethod
-    def sqrt(x):
-        return np.sqrt(x)
+    def __init__(self, unit_axis: int = 0) -> None:
+        self.unit_axis = unit_axis
+
+    sqrt = staticmethod(np.sqrt)
+    sum = staticmethod(np.sum)
 
     @staticmethod
     def minimum1(x):
@@ -52,10 +126,6 @@ class NumpyOps:
         return np.where(cond, a, b)
 
     @staticmethod
-    def sum(x):
-        return np.sum(x)
-
-    @staticmethod
     def full(n: int, value: float):
         return np.full(n, value, dtype=np.float64)
 
@@ -65,8 +135,6 @@ class NumpyOps:
 
     @staticmethod
     def quantile_first(x, n, q: float):
-        """Quantile `q` (linear interpolation) of the `n` smallest entries of `x` — the filled part
-        of a ring buffer whose empty slots hold `EMPTY`; `EMPTY` when `n` is 0."""
         n = int(n)
         if n == 0:
             return np.float64(EMPTY)
@@ -74,10 +142,101 @@ class NumpyOps:
 
     @staticmethod
     def roll_in(buf, index, value):
-        """Return `buf` with `buf[index % len(buf)] = value` (functional)."""
         out = buf.copy()
         out[int(index) % out.shape[0]] = value
         return out
+
+    @staticmethod
+    def segment_sum(x, segments, n: int):
+        return np.bincount(np.asarray(segments), weights=x, minlength=n).astype(np.float64)
+
+    @staticmethod
+    def gather(x, index):
+        return np.asarray(x)[np.asarray(index)]
+
+    @staticmethod
+    def sumsq(grads):
+        return np.array([np.sum(np.square(g, dtype=np.float64)) for g in grads], np.float64)
+
+    @staticmethod
+    def scale(grads, factors):
+        if np.ndim(factors) == 0:
+            return [g * factors for g in grads]
+        return [g * f for g, f in zip(grads, factors, strict=True)]
+
+    @staticmethod
+    def clamp(grads, limit: float):
+        return [np.clip(g, -limit, limit) for g in grads]
+
+    def unit_norms(self, grads, params) -> tuple[list, list]:
+        def norms(x):
+            x = np.asarray(x, np.float64)
+            if x.ndim < 2:
+                return np.sqrt(np.sum(x * x))
+            axes = tuple(a for a in range(x.ndim) if a != self.unit_axis % x.ndim)
+            return np.sqrt(np.sum(x * x, axis=axes, keepdims=True))
+
+        return [norms(g) for g in grads], [norms(p) for p in params]
+
+    @staticmethod
+    def scale_units(grads, factors: list):
+        return [g * f for g, f in zip(grads, factors, strict=True)]
+
+
+#: The default `ops` of `init`.
+NUMPY = NumpyOps()
+
+
+@dataclass(frozen=True)
+class Gradients:
+    """The gradients a policy transforms, with what the engine knows about them.
+
+    All sequences are aligned, one entry per gradient tensor the adapter clips.
+
+    Attributes:
+        tensors: the gradient list (the framework's arrays; see `ClipOps`).
+        params: the parameters they belong to (AGC reads their unit norms).
+        layer_index: per tensor, the index of its layer (an integer vector of `ops`).
+        n_layers: number of layers.
+        sumsq: per-tensor sums of squares, or None when unknown (after an element-wise policy).
+        pending: a factor (scalar or per-tensor vector) already counted in `sumsq` but not yet
+            multiplied into `tensors`; None when there is none.
+    """
+
+    tensors: Any
+    params: Any
+    layer_index: Any
+    n_layers: int
+    sumsq: Any = None
+    pending: Any = None
+
+    def measured(self, ops: ClipOps) -> Gradients:
+        """These gradients with their sums of squares known."""
+        if self.sumsq is not None:
+            return self
+        return replace(self, sumsq=ops.sumsq(self.tensors))
+
+    def applied(self, ops: ClipOps) -> Gradients:
+        """These gradients with any pending factor multiplied in."""
+        if self.pending is None:
+            return self
+        return replace(self, tensors=ops.scale(self.tensors, self.pending), pending=None)
+
+    def scaled(self, factors, ops: ClipOps) -> Gradients:
+        """Scaled by `factors` (scalar or per tensor), lazily: sums of squares follow at once."""
+        g = self.measured(ops)
+        pending = factors if g.pending is None else g.pending * factors
+        return replace(g, sumsq=g.sumsq * (factors * factors), pending=pending)
+
+    def with_tensors(self, tensors) -> Gradients:
+        """New gradient values (of an element-wise policy): sums of squares unknown."""
+        return replace(self, tensors=tensors, sumsq=None, pending=None)
+
+    def global_norm(self, ops: ClipOps):
+        return ops.sqrt(ops.sum(self.measured(ops).sumsq))
+
+    def layer_sumsq(self, ops: ClipOps):
+        return ops.segment_sum(self.measured(ops).sumsq, self.layer_index, self.n_layers)
 
 
 @dataclass
@@ -88,15 +247,18 @@ class ClipScale:
     layer_coef: Any = None
 
 
-class NormPolicy:
-    """A policy that scales gradients based on their norms."""
+class Policy:
+    """A clipping policy: `init(n_layers, ops) -> state`, `update(grads, state, ops) -> (grads,
+    state)`. `per_layer` is True when it scales layers separately (a per-layer `clip_coef` is
+    recorded then)."""
 
-    elementwise = False
+    per_layer = False
 
-    def init(self, n_layers: int, ops=NumpyOps) -> dict[str, Any]:
+    def init(self, n_layers: int, ops: ClipOps | None = None) -> Any:
+        """The initial state (`ops` default: NumPy)."""
         return {}
 
-    def update(self, layer_norms, global_norm, state: dict[str, Any], ops=NumpyOps):
+    def update(self, grads: Gradients, state: Any, ops: ClipOps) -> tuple[Gradients, Any]:
         raise NotImplementedError
 
     def config(self) -> dict[str, Any]:
@@ -105,6 +267,26 @@ class NormPolicy:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"{type(self).__name__}({args})"
+
+
+class NormPolicy(Policy):
+    """A policy that scales gradients from their norms: subclasses define `factors`."""
+
+    def factors(
+        self, layer_norms, global_norm, state: dict[str, Any], ops: ClipOps
+    ) -> tuple[ClipScale, dict[str, Any]]:
+        """The scales for these norms (`layer_norms` is None unless `per_layer`), and the state."""
+        raise NotImplementedError
+
+    def update(self, grads, state, ops):
+        grads = grads.measured(ops)
+        layer_norms = ops.sqrt(grads.layer_sumsq(ops)) if self.per_layer else None
+        scale, state = self.factors(layer_norms, grads.global_norm(ops), state, ops)
+        if scale.layer_coef is not None:
+            grads = grads.scaled(ops.gather(scale.layer_coef, grads.layer_index), ops)
+        if scale.global_coef is not None:
+            grads = grads.scaled(scale.global_coef, ops)
+        return grads, state
 
 
 class GlobalNormClip(NormPolicy):
@@ -116,17 +298,19 @@ class GlobalNormClip(NormPolicy):
     def __init__(self, max_norm: float) -> None:
         self.max_norm = in_range("max_norm", max_norm)
 
-    def update(self, layer_norms, global_norm, state, ops=NumpyOps):
+    def factors(self, layer_norms, global_norm, state, ops):
         return ClipScale(global_coef=ops.minimum1(self.max_norm / (global_norm + NORM_EPS))), state
 
 
 class LayerNormClip(NormPolicy):
     """Scale each layer's gradient so its L2 norm is at most `max_norm`."""
 
+    per_layer = True
+
     def __init__(self, max_norm: float) -> None:
         self.max_norm = in_range("max_norm", max_norm)
 
-    def update(self, layer_norms, global_norm, state, ops=NumpyOps):
+    def factors(self, layer_norms, global_norm, state, ops):
         return ClipScale(layer_coef=ops.minimum1(self.max_norm / (layer_norms + NORM_EPS))), state
 
 
@@ -146,10 +330,11 @@ class AutoClip(NormPolicy):
         self.percentile = in_range("percentile", percentile, 0.0, 100.0)
         self.history = positive("history", history, integer=True)
 
-    def init(self, n_layers, ops=NumpyOps):
+    def init(self, n_layers, ops=None):
+        ops = ops or NUMPY
         return {"norms": ops.full(self.history, EMPTY), "count": ops.scalar(0.0)}
 
-    def update(self, layer_norms, global_norm, state, ops=NumpyOps):
+    def factors(self, layer_norms, global_norm, state, ops):
         finite = (global_norm == global_norm) & (global_norm < EMPTY)  # NaN/Inf never enter it
         norms = ops.where(
             finite, ops.roll_in(state["norms"], state["count"], global_norm), state["norms"]
@@ -187,11 +372,12 @@ class ZClip(NormPolicy):
         self.warmup = positive("warmup", warmup, integer=True)
         self.eps = in_range("eps", eps)
 
-    def init(self, n_layers, ops=NumpyOps):
+    def init(self, n_layers, ops=None):
+        ops = ops or NUMPY
         z = ops.scalar(0.0)
         return {"count": z, "sum": z, "sumsq": z, "mean": z, "var": z}
 
-    def update(self, layer_norms, global_norm, state, ops=NumpyOps):
+    def factors(self, layer_norms, global_norm, state, ops):
         n = state["count"]
         finite = global_norm == global_norm
         g = ops.where(finite, global_norm, 0.0)
@@ -225,26 +411,22 @@ class ZClip(NormPolicy):
         }
 
 
-class ValueClip:
+class ValueClip(Policy):
     """Clamp every gradient element to [-clip_value, clip_value] (`clip_grad_value_`)."""
-
-    elementwise = True
 
     def __init__(self, clip_value: float) -> None:
         self.clip_value = in_range("clip_value", clip_value)
 
-    def config(self) -> dict[str, Any]:
-        return {"clip_value": self.clip_value}
-
-    def __repr__(self) -> str:
-        return f"ValueClip(clip_value={self.clip_value!r})"
+    def update(self, grads, state, ops):
+        grads = grads.applied(ops)
+        return grads.with_tensors(ops.clamp(grads.tensors, self.clip_value)), state
 
 
-class AGC:
+class AGC(Policy):
     """Adaptive gradient clipping: scale each unit's gradient so ||g_u|| <= clipping * max(||w_u||, eps).
 
-    A unit is one output row of a weight (norm over all axes but the first); vectors and scalars are
-    one unit each.
+    A unit is one output unit of a weight (a row of a torch weight, a column of a Keras kernel: the
+    adapter's `ClipOps.unit_norms` knows which); vectors and scalars are one unit each.
 
     Args:
         clipping: the ratio lambda (0.01 in the paper for batch size 4096; larger for small batches).
@@ -254,97 +436,113 @@ class AGC:
         Brock et al., "High-Performance Large-Scale Image Recognition Without Normalization", 2021.
     """
 
-    elementwise = True
-
     def __init__(self, clipping: float = 0.01, eps: float = 1e-3) -> None:
         self.clipping = in_range("clipping", clipping)
         self.eps = in_range("eps", eps)
 
-    def config(self) -> dict[str, Any]:
-        return {"clipping": self.clipping, "eps": self.eps}
-
-    def scale(self, grad_unit_norm, param_unit_norm, ops=NumpyOps):
+    def factors(self, grad_unit_norm, param_unit_norm, ops: ClipOps):
         """The per-unit factor (<= 1) given unit norms of gradient and parameter."""
         max_norm = self.clipping * ops.maximum(param_unit_norm, self.eps)
         return ops.where(
             grad_unit_norm > max_norm, max_norm / ops.maximum(grad_unit_norm, 1e-6), 1.0
         )
 
-    def __repr__(self) -> str:
-        return f"AGC(clipping={self.clipping!r}, eps={self.eps!r})"
+    def update(self, grads, state, ops):
+        grads = grads.applied(ops)
+        g_norms, p_norms = ops.unit_norms(grads.tensors, grads.params)
+        factors = [self.factors(g, p, ops) for g, p in zip(g_norms, p_norms, strict=True)]
+        return grads.with_tensors(ops.scale_units(grads.tensors, factors)), state
 
 
-POLICY_TYPES = (NormPolicy, ValueClip, AGC)
+class Chain(Policy):
+    """Policies applied in order; a policy itself (chains nest). Its state is the tuple of its
+    policies' states."""
 
-
-class Chain:
-    """Policies applied in order. Norm policies compose analytically (no re-measurement);
-    an elementwise policy (ValueClip, AGC) makes the next norm policy work on re-measured norms.
-    """
-
-    def __init__(self, *policies) -> None:
-        flat = []
+    def __init__(self, *policies: Policy) -> None:
         for p in policies:
-            if isinstance(p, Chain):
-                flat.extend(p.policies)
-            elif isinstance(p, POLICY_TYPES):
-                flat.append(p)
-            else:
+            if not isinstance(p, Policy):
                 raise ValueError(
                     f"Expected clipping policies (GlobalNormClip, ValueClip, ...), got {p!r}"
                 )
-        self.policies = tuple(flat)
+        self.policies = tuple(policies)
 
-    def stages(self) -> list[tuple[bool, tuple]]:
-        """Consecutive runs of policies: `(elementwise, policies)`."""
-        out: list[tuple[bool, tuple]] = []
-        for p in self.policies:
-            if out and out[-1][0] == p.elementwise and not p.elementwise:
-                out[-1] = (False, out[-1][1] + (p,))
-            else:
-                out.append((p.elementwise, (p,)))
-        return out
-
-    def init(self, n_layers: int, ops=NumpyOps) -> list[dict[str, Any]]:
-        return [p.init(n_layers, ops) if not p.elementwise else {} for p in self.policies]
+    @property
+    def per_layer(self) -> bool:
+        return any(p.per_layer for p in self.policies)
 
     @property
     def has_layer_coef(self) -> bool:
-        return any(isinstance(p, LayerNormClip) for p in self.policies)
+        """Whether `clip_gradients` returns per-layer coefficients for this chain."""
+        return self.per_layer
 
-    def update_norm_stage(
-        self, stage_policies, layer_norms, global_norm, states: list, ops=NumpyOps
-    ):
-        """Run consecutive norm policies.
+    def init(self, n_layers, ops=None):
+        return tuple(p.init(n_layers, ops) for p in self.policies)
 
-        Returns `(global_coef, layer_coef, new_states, global_norm_after)`.
-
-        `states` holds the states of `stage_policies`, in order. `layer_norms` may be None when no
-        policy of the stage is per-layer.
-        """
-        gcoef = None
-        lcoef = None
-        new_states = []
-        for p, st in zip(stage_policies, states, strict=False):
-            scale, st = p.update(layer_norms, global_norm, st, ops)
-            new_states.append(st)
-            if scale.layer_coef is not None:
-                lcoef = scale.layer_coef if lcoef is None else lcoef * scale.layer_coef
-                layer_norms = layer_norms * scale.layer_coef
-                global_norm = ops.sqrt(ops.sum(layer_norms * layer_norms))
-            if scale.global_coef is not None:
-                gcoef = scale.global_coef if gcoef is None else gcoef * scale.global_coef
-                if layer_norms is not None:
-                    layer_norms = layer_norms * scale.global_coef
-                global_norm = global_norm * scale.global_coef
-        return gcoef, lcoef, new_states, global_norm
+    def update(self, grads, state, ops):
+        new = []
+        for p, st in zip(self.policies, state, strict=True):
+            grads, st = p.update(grads, st, ops)
+            new.append(st)
+        return grads, tuple(new)
 
     def __repr__(self) -> str:
         return f"chain({', '.join(map(repr, self.policies))})"
 
 
-def chain(*policies) -> Chain:
-    """Compose clipping policies, applied in the given order."""
+class ClipResult(NamedTuple):
+    """What `clip_gradients` returns."""
+
+    grads: Any
+    state: Any
+    clip_coef: Any
+    layer_coef: Any
+
+
+def clip_gradients(policy: Policy, grads: Gradients, state: Any, ops: ClipOps) -> ClipResult:
+    """Run `policy` on `grads` and measure its effect: the one entry point of the adapters.
+
+    Args:
+        policy: a policy or `Chain`.
+        grads: the gradients (pass `sumsq` when the adapter has measured them already).
+        state: the policy's state (from `policy.init`, then from the previous call).
+        ops: the framework's `ClipOps`.
+
+    Returns:
+        `ClipResult(grads, state, clip_coef, layer_coef)`: the clipped gradient list, the new
+        state, global norm after / before (a scalar of `ops`), and per layer, norm after / before
+        (None unless `policy.per_layer`). A zero norm before gives 1.0; a non-finite one, NaN.
+
+    Example:
+        >>> grads = Gradients([np.array([3.0, 4.0])], [np.zeros(2)], np.array([0]), 1)
+        >>> policy = GlobalNormClip(1.0)
+        >>> out = clip_gradients(policy, grads, policy.init(1), NumpyOps())
+        >>> round(float(out.clip_coef), 6)
+        0.2
+    """
+    before = grads.measured(ops)
+    after, state = policy.update(before, state, ops)
+    after = after.applied(ops).measured(ops)
+    coef = _norm_ratio(ops.sum(after.sumsq), ops.sum(before.sumsq), ops)
+    layer_coef = None
+    if policy.per_layer:
+        layer_coef = _norm_ratio(after.layer_sumsq(ops), before.layer_sumsq(ops), ops)
+    return ClipResult(after.tensors, state, coef, layer_coef)
+
+
+def _norm_ratio(after_sq, before_sq, ops: ClipOps):
+    """sqrt(after_sq / before_sq); 1 where before_sq is 0 (no 0/0 is ever computed, so
+    `tf.debugging.enable_check_numerics` stays quiet)."""
+    zero = before_sq == 0
+    return ops.where(zero, 1.0, ops.sqrt(after_sq / ops.where(zero, 1.0, before_sq)))
+
+
+def chain(*policies: Policy) -> Chain:
+    """Compose clipping policies, applied in the given order.
+
+    Example:
+        >>> chain(ValueClip(1e-2), GlobalNormClip(0.05))
+        chain(ValueClip(clip_value=0.01), GlobalNormClip(max_norm=0.05))
+    """
     return Chain(*policies)
 
 
@@ -361,7 +559,7 @@ def as_chain(clip) -> Chain | None:
         return Chain(GlobalNormClip(clip))
     if isinstance(clip, (list, tuple)):
         return Chain(*clip)
-    if isinstance(clip, POLICY_TYPES):
+    if isinstance(clip, Policy):
         return Chain(clip)
     raise ValueError(
         f"Expected `clip` to be a clipping policy, a list of them, a number or None, got {clip!r}"

@@ -48,11 +48,19 @@ _NO_GRAD = RowLayout.NO_GRAD
 
 
 class TFOps:
-    """The array namespace of `graddiag.clip` in TensorFlow float32, usable inside `tf.function`."""
+    """`graddiag.clip.ClipOps` in TensorFlow float32, usable inside `tf.function` (functional: the
+    gradient-list operations return new lists).
 
-    @staticmethod
-    def asarray(x):
-        return tf.cast(x, tf.float32)
+    Gradients may be `tf.IndexedSlices` (deduplicated, see `_dedup`). AGC units are the last axis of
+    a Keras kernel.
+
+    Args:
+        scale: the loss scale the gradients carry (a float32 scalar) or None. Sums of squares, unit
+            norms and the clamp limit then refer to the unscaled gradients; factors need no change.
+    """
+
+    def __init__(self, scale: Any = None) -> None:
+        self.loss_scale = scale
 
     @staticmethod
     def sqrt(x):
@@ -87,7 +95,6 @@ class TFOps:
 
     @staticmethod
     def quantile_first(x, n, q: float):
-        """`clip.NumpyOps.quantile_first` in the graph (linear interpolation; `EMPTY` when n is 0)."""
         n = tf.cast(n, tf.int32)
         last = tf.maximum(n - 1, 0)
         ranked = tf.sort(x)
@@ -102,6 +109,40 @@ class TFOps:
     def roll_in(buf, index, value):
         i = tf.math.floormod(tf.cast(index, tf.int32), tf.shape(buf)[0])
         return tf.tensor_scatter_nd_update(buf, [[i]], tf.reshape(tf.cast(value, buf.dtype), [1]))
+
+    @staticmethod
+    def segment_sum(x, segments, n: int):
+        return tf.math.unsorted_segment_sum(x, segments, n)
+
+    @staticmethod
+    def gather(x, index):
+        return tf.gather(x, index)
+
+    def sumsq(self, grads):
+        if not grads:
+            return tf.zeros([0])
+        vec = tf.stack([_sumsq(g) for g in grads])
+        return vec if self.loss_scale is None else vec * (1.0 / (self.loss_scale * self.loss_scale))
+
+    @staticmethod
+    def scale(grads, factors):
+        if factors.shape.rank == 0:
+            return [_scale(g, factors) for g in grads]
+        return [_scale(g, f) for g, f in zip(grads, tf.unstack(factors), strict=True)]
+
+    def clamp(self, grads, limit: float):
+        c = limit if self.loss_scale is None else limit * self.loss_scale
+        return [
+            _map_values(lambda v: tf.clip_by_value(v, -tf.cast(c, v.dtype), tf.cast(c, v.dtype)), g)
+            for g in grads
+        ]
+
+    def unit_norms(self, grads, params) -> tuple[list, list]:
+        return [_unit_norms(g, self.loss_scale) for g in grads], [_unit_norms(p) for p in params]
+
+    @staticmethod
+    def scale_units(grads, factors: list):
+        return [_scale(g, f) for g, f in zip(grads, factors, strict=True)]
 
 
 def _is_model(obj: Any) -> bool:
@@ -160,21 +201,38 @@ def _dedup(g: tf.IndexedSlices) -> tf.IndexedSlices:
     return tf.IndexedSlices(values, unique, g.dense_shape)
 
 
+def _map_values(fn, g):
+    """`fn(g)`, or on the values of an `IndexedSlices`."""
+    if isinstance(g, tf.IndexedSlices):
+        return tf.IndexedSlices(fn(g.values), g.indices, g.dense_shape)
+    return fn(g)
+
+
 def _scale(g, factor):
     """`g * factor` (factor: float32 scalar or broadcastable), keeping dtype and IndexedSlices."""
-    if isinstance(g, tf.IndexedSlices):
-        return tf.IndexedSlices(_scale(g.values, factor), g.indices, g.dense_shape)
-    return g * tf.cast(factor, g.dtype)
+    return _map_values(lambda v: v * tf.cast(factor, v.dtype), g)
 
 
 def _unit_norms(x, scale=None):
-    """Norms per output unit (the last axis of a Keras kernel); one unit for vectors/scalars."""
+    """float32 norms per output unit (the last axis of a Keras kernel), shaped to broadcast; one
+    unit for vectors/scalars. Deduplicated IndexedSlices: over their rows (the others are zero)."""
+    if isinstance(x, tf.IndexedSlices):
+        x = x.values
     x = tf.convert_to_tensor(x)
     x = tf.cast(x, tf.float32) if x.dtype != tf.float32 else x
     if scale is not None:
         x = x / scale
     axes = list(range(x.shape.rank - 1)) if x.shape.rank > 1 else None
     return tf.sqrt(tf.reduce_sum(tf.square(x), axis=axes, keepdims=x.shape.rank > 1))
+
+
+def _clip_variables(state: Any, name: str = "graddiag_clip") -> Any:
+    """`tf.Variable`s holding a clip state (nested tuples and dicts of arrays), named by path."""
+    if isinstance(state, dict):
+        return {k: _clip_variables(v, f"{name}_{k}") for k, v in state.items()}
+    if isinstance(state, (tuple, list)):
+        return tuple(_clip_variables(v, f"{name}_{i}") for i, v in enumerate(state))
+    return tf.Variable(state, trainable=False, name=name)
 
 
 class GradientMonitor(MonitorAPI):
@@ -402,17 +460,9 @@ class GradientMonitor(MonitorAPI):
             self._bad = tf.Variable(False, trainable=False, name="graddiag_nonfinite")
             self._micro = tf.Variable(0.0, trainable=False, name="graddiag_backward_calls")
             self._reset = tf.Variable(-1.0, trainable=False, name="graddiag_grad_reset")
-            self._clip_state = []
-            if self.chain is not None:
-                for p, st in zip(self.chain.policies, self.chain.init(nl, TFOps), strict=True):
-                    self._clip_state.append(
-                        {
-                            k: tf.Variable(
-                                v, trainable=False, name=f"graddiag_{type(p).__name__}_{k}"
-                            )
-                            for k, v in st.items()
-                        }
-                    )
+            self._clip_state = (
+                _clip_variables(self.chain.init(nl, TFOps())) if self.chain is not None else ()
+            )
 
     def _start(self, has: np.ndarray | None) -> None:
         """Start the core at the first read back (as graddiag.torch at its first step), when the
@@ -631,72 +681,27 @@ class GradientMonitor(MonitorAPI):
         has = tf.constant([p is not None for p in parts])
         return vec, has
 
-    def _norms(self, vec):
-        layer_sumsq = tf.math.unsorted_segment_sum(
-            vec, self._layer_index.astype(np.int32), len(self.info.layers)
-        )
-        return tf.sqrt(layer_sumsq), tf.sqrt(tf.reduce_sum(vec))
-
     def _clip(self, grads, variables, slots, vec, scale):
-        """Apply the clipping chain in the graph; returns (grads, global coef, layer coefs)."""
-        gtotal = None
-        ltotal = None
-        k = 0
-        inv2 = None if scale is None else 1.0 / (scale * scale)
-        for elementwise, policies in self.chain.stages():
-            if elementwise:
-                for p in policies:
-                    grads = [
-                        self._elementwise(p, g, v, scale)
-                        for g, v in zip(grads, variables, strict=True)
-                    ]
-                k += len(policies)
-                vec = None  # later norm stages re-measure
-                continue
-            if vec is None:
-                vec, _ = self._measure(grads, slots, inv2)
-            layer_norms, gnorm = self._norms(vec)
-            vars_ = self._clip_state[k : k + len(policies)]
-            states = [{n: v.read_value() for n, v in st.items()} for st in vars_]
-            # [:3]: newer cores also return the norm after the stage
-            gcoef, lcoef, new_states = self.chain.update_norm_stage(
-                policies, layer_norms, gnorm, states, TFOps
-            )[:3]
-            for st_vars, st_new in zip(vars_, new_states, strict=True):
-                for name, value in st_new.items():
-                    st_vars[name].assign(value)
-            k += len(policies)
-            factor = tf.ones([len(self.variables)])
-            if lcoef is not None:
-                ltotal = lcoef if ltotal is None else ltotal * lcoef
-                factor = tf.gather(lcoef, self._layer_index.astype(np.int32))
-            if gcoef is not None:
-                gtotal = gcoef if gtotal is None else gtotal * gcoef
-                factor = factor * gcoef
-            grads = [
-                None if g is None else _scale(g, factor[s])
-                for g, s in zip(grads, slots, strict=True)
-            ]
-            vec = vec * tf.square(factor)
-        return grads, gtotal, ltotal
-
-    @staticmethod
-    def _elementwise(p, g, v, scale):
-        if g is None:
-            return None
-        if isinstance(g, tf.IndexedSlices):
-            if isinstance(p, cliplib.AGC):
-                g = tf.convert_to_tensor(g)
-            else:
-                return tf.IndexedSlices(
-                    GradientMonitor._elementwise(p, g.values, v, scale), g.indices, g.dense_shape
-                )
-        if isinstance(p, cliplib.ValueClip):
-            c = p.clip_value if scale is None else p.clip_value * scale
-            c = tf.cast(c, g.dtype)
-            return tf.clip_by_value(g, -c, c)
-        factor = p.scale(_unit_norms(g, scale), _unit_norms(v), TFOps)
-        return _scale(g, factor)
+        """Apply the clipping chain in the graph through `graddiag.clip.clip_gradients`; returns
+        (grads, global coef, layer coefs or None)."""
+        live = [k for k, g in enumerate(grads) if g is not None]
+        pos = np.asarray([slots[k] for k in live], dtype=np.int32)
+        view = cliplib.Gradients(
+            [grads[k] for k in live],
+            [variables[k] for k in live],
+            self._layer_index[pos].astype(np.int32),
+            len(self.info.layers),
+            tf.gather(vec, pos),
+        )
+        state = tf.nest.map_structure(lambda v: v.read_value(), self._clip_state)
+        out = cliplib.clip_gradients(self.chain, view, state, TFOps(scale))
+        tf.nest.map_structure(
+            lambda var, value: var.assign(value), self._clip_state, out.state, check_types=False
+        )
+        grads = list(grads)
+        for k, g in zip(live, out.grads, strict=True):
+            grads[k] = g
+        return grads, out.clip_coef, out.layer_coef
 
     def _step_graph(self, grads, variables, slots, loss):
         scale = self._scale_value()
@@ -708,9 +713,7 @@ class GradientMonitor(MonitorAPI):
         clip_coef = tf.constant(-1.0)
         lcoef = None
         if self.chain is not None:
-            grads, gcoef, lcoef = self._clip(grads, variables, slots, vec, scale)
-            if gcoef is not None:
-                clip_coef = tf.cast(gcoef, tf.float32)
+            grads, clip_coef, lcoef = self._clip(grads, variables, slots, vec, scale)
         skipped = tf.constant(0.0)
         if self.nonfinite == "skip":
             grads = [None if g is None else _zero_unless(ok, g) for g in grads]

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from graddiag.clip import AGC, EMPTY, ValueClip
+from graddiag.clip import EMPTY, Gradients, clip_gradients
 from graddiag.detectors import Detector
 from graddiag.findings import Finding
 from graddiag.host import HIST_BINS, HostPath, MonitorAPI
@@ -48,13 +48,20 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 class TorchOps:
-    """`graddiag.clip` array namespace over torch tensors on one device (no host sync)."""
+    """`graddiag.clip.ClipOps` over torch tensors on one device, with no host sync.
 
-    def __init__(self, device: torch.device) -> None:
+    Gradient lists are updated in place (the same list is returned). `plan` (the step's `_Plan`,
+    the gradient list being `plan.order`) makes `sumsq` as fast as the step's own measurement;
+    `names` (aligned with the gradient list) name a sparse gradient that ValueClip or AGC cannot
+    handle.
+    """
+
+    def __init__(
+        self, device: torch.device, plan: _Plan | None = None, names: list[str] | None = None
+    ) -> None:
         self.device = device
-
-    def asarray(self, x):
-        return torch.as_tensor(x, dtype=torch.float32, device=self.device)
+        self.plan = plan
+        self.names = names
 
     sqrt = staticmethod(torch.sqrt)
     sum = staticmethod(torch.sum)
@@ -92,6 +99,59 @@ class TorchOps:
         out = buf.clone()
         i = (index.long() % buf.shape[0]).view(1)
         return out.index_put_((i,), value.to(buf.dtype).view(1))
+
+    def segment_sum(self, x, segments, n: int):
+        return torch.zeros(n, dtype=x.dtype, device=self.device).index_add_(0, segments, x)
+
+    @staticmethod
+    def gather(x, index):
+        return x[index]
+
+    def sumsq(self, grads):
+        by_param = dict(zip(self.plan.order.tolist(), grads, strict=True))
+        return _sumsq(by_param, self.plan, self.device)
+
+    def scale(self, grads, factors):
+        _mul_(grads, factors if factors.dim() == 0 else list(factors.unbind()), self._sparse)
+        return grads
+
+    def clamp(self, grads, limit: float):
+        self._dense_only(grads, "ValueClip")
+        torch._foreach_clamp_min_(grads, -limit)
+        torch._foreach_clamp_max_(grads, limit)
+        return grads
+
+    def unit_norms(self, grads, params) -> tuple[list, list]:
+        """Norms over all dims but the first (a torch weight's output units), float32."""
+        self._dense_only(grads, "AGC")
+        g_norms, p_norms = [], []
+        for g, p in zip(grads, params, strict=True):
+            dims = tuple(range(1, g.dim())) if g.dim() > 1 else None
+            g_norms.append(torch.linalg.vector_norm(g, dim=dims, keepdim=True, dtype=torch.float32))
+            p_norms.append(
+                torch.linalg.vector_norm(p.detach(), dim=dims, keepdim=True, dtype=torch.float32)
+            )
+        return g_norms, p_norms
+
+    @staticmethod
+    def scale_units(grads, factors: list):
+        for g, f in zip(grads, factors, strict=True):
+            g.mul_(f.to(g.dtype))
+        return grads
+
+    @property
+    def _sparse(self) -> bool:
+        return self.plan is not None and self.plan.has_sparse
+
+    def _dense_only(self, grads, policy: str) -> None:
+        if not self._sparse:
+            return
+        for name, g in zip(self.names, grads, strict=True):
+            if g.is_sparse:
+                raise ValueError(
+                    f"{policy} does not support the sparse gradient of parameter {name!r}; "
+                    "use a norm-based policy"
+                )
 
 
 class _Plan:
@@ -613,11 +673,8 @@ class GradientMonitor(MonitorAPI):
             sumsq = coef = layer_coef = None
         else:
             sumsq = _sumsq(grads, plan, self.device)
-            # the global sum is needed on the device only to check finiteness or to clip
-            need_total = self.chain is not None or self.nonfinite != "warn" or self.trace_nonfinite
-            total = sumsq.sum() if need_total else None
             if self.nonfinite != "warn" or self.trace_nonfinite:
-                bad = not bool(torch.isfinite(total))  # the one sync these modes pay for
+                bad = not bool(torch.isfinite(sumsq.sum()))  # the one sync these modes pay for
                 if bad and self.trace_nonfinite:
                     origin = self._find_origin()
                 if bad and self.nonfinite != "warn":
@@ -625,7 +682,7 @@ class GradientMonitor(MonitorAPI):
             self._trace.clear()
             coef = layer_coef = None
             if self.chain is not None and not report.skipped:
-                coef, layer_coef = self._clip(grads, plan, sumsq, total)
+                coef, layer_coef = self._clip(grads, plan, sumsq)
         # the device row (graddiag.host.RowLayout) gets what only the device knows; the rest of
         # the step's facts stay on the host until the row is read back
         buf_row, col = self._buf[row], self._layout.col
@@ -694,76 +751,25 @@ class GradientMonitor(MonitorAPI):
                 return name
         return None
 
-    def _clip(self, grads, plan: _Plan, sumsq, total):
-        """Apply the clipping chain in place.
+    def _clip(self, grads, plan: _Plan, sumsq):
+        """Apply the clipping chain in place through `graddiag.clip.clip_gradients`.
 
-        Returns `(coef, layer_coef)`: the global norm after clipping / before (a device scalar), and
-        the product of per-layer factors (a device vector) when the chain has per-layer policies.
+        Returns `(coef, layer_coef)`: the global norm after clipping / before (a device scalar),
+        and per layer the norm after / before (a device vector) when the chain is per-layer.
         """
-        ops = self._ops
-        states = self._clip_states
-        k = 0
-        present = plan.present
-        live = [grads[i] for i in present]
-        has_sparse = plan.has_sparse
-        per_layer = self.chain.has_layer_coef
-        measured = True
-        only_global = True
-        coef = lcoef = None
-        pre = total.sqrt()
-        after = pre
-        for elementwise, policies in self.chain.stages():
-            if elementwise:
-                for p in policies:
-                    self._apply_elementwise(p, present, live)
-                measured = only_global = False
-                k += len(policies)
-                continue
-            if not measured:
-                sumsq = _sumsq(grads, plan, self.device)
-                total = sumsq.sum()
-            layer_norms = None
-            if per_layer:  # global-only chains never need per-layer norms on the device
-                layer_norms = torch.zeros(self._n_layers, dtype=torch.float32, device=self.device)
-                layer_norms = layer_norms.index_add_(0, plan.layer_t, sumsq).sqrt()
-            g, lc, new, after = self.chain.update_norm_stage(
-                policies, layer_norms, total.sqrt(), states[k : k + len(policies)], ops
-            )
-            states[k : k + len(policies)] = new
-            k += len(policies)
-            if lc is not None:
-                only_global = False
-                _mul_([grads[i] for i in plan.order], list(lc[plan.layer_t].unbind()), has_sparse)
-                lcoef = lc if lcoef is None else lcoef * lc
-            if g is not None:
-                _mul_(live, g, has_sparse)
-                coef = g if coef is None else coef * g
-                if lcoef is not None:
-                    lcoef = lcoef * g
-            measured = True
-        if only_global:
-            return coef, None
-        if not measured:
-            after = _sumsq(grads, plan, self.device).sum().sqrt()
-        return after / pre, lcoef
-
-    def _apply_elementwise(self, policy, present, live) -> None:
-        for i in present:
-            if self.params[i].grad.is_sparse:
-                raise ValueError(
-                    f"{type(policy).__name__} does not support the sparse gradient of "
-                    f"parameter {self.param_names[i]!r}; use a norm-based policy"
-                )
-        if isinstance(policy, ValueClip):
-            torch._foreach_clamp_min_(live, -policy.clip_value)
-            torch._foreach_clamp_max_(live, policy.clip_value)
-        elif isinstance(policy, AGC):
-            for i in present:
-                p, g = self.params[i].detach(), self.params[i].grad
-                dims = tuple(range(1, g.dim())) if g.dim() > 1 else None
-                gn = torch.linalg.vector_norm(g, dim=dims, keepdim=True, dtype=torch.float32)
-                pn = torch.linalg.vector_norm(p, dim=dims, keepdim=True, dtype=torch.float32)
-                g.mul_(policy.scale(gn, pn, self._ops).to(g.dtype))
+        order = plan.order.tolist()
+        names = [self.param_names[i] for i in order] if plan.has_sparse else None
+        view = Gradients(
+            [grads[i] for i in order],
+            [self.params[i] for i in order],
+            plan.layer_t,
+            self._n_layers,
+            sumsq,
+        )
+        ops = TorchOps(self.device, plan, names)
+        out = clip_gradients(self.chain, view, self._clip_states, ops)
+        self._clip_states = out.state
+        return out.clip_coef, out.layer_coef
 
     def _detail(self, grads, present) -> np.ndarray:
         """Detail rows of the current step (`graddiag.host.DETAIL_FIELDS` x parameters), in one

@@ -9,12 +9,14 @@ from graddiag.clip import (
     AGC,
     AutoClip,
     GlobalNormClip,
+    Gradients,
     LayerNormClip,
     NumpyOps,
     ValueClip,
     ZClip,
     as_chain,
     chain,
+    clip_gradients,
 )
 from graddiag.detectors import Diagnoser, SpikeDetector, build_detectors
 from graddiag.monitor import MonitorCore
@@ -38,10 +40,13 @@ def stats(step, norms, has=None, nonfinite=None, **kw):
 
 
 # ------------------------------------------------------------------------ clipping, by hand
+NP = NumpyOps()
+
+
 def test_global_norm_clip_matches_torch_formula():
-    scale, _ = GlobalNormClip(2.0).update(None, np.float64(8.0), {})
+    scale, _ = GlobalNormClip(2.0).factors(None, np.float64(8.0), {}, NP)
     assert scale.global_coef == pytest.approx(2.0 / (8.0 + 1e-6), rel=EXACT)
-    scale, _ = GlobalNormClip(2.0).update(None, np.float64(1.0), {})
+    scale, _ = GlobalNormClip(2.0).factors(None, np.float64(1.0), {}, NP)
     assert scale.global_coef == 1.0
 
 
@@ -51,7 +56,7 @@ def test_autoclip_uses_percentile_of_history_including_current():
     seen = []
     for g in [4.0, 1.0, 3.0, 2.0, 10.0, 0.5]:
         seen.append(g)
-        scale, state = policy.update(None, np.float64(g), state)
+        scale, state = policy.factors(None, np.float64(g), state, NP)
         threshold = np.percentile(seen[-4:], 25)
         assert scale.global_coef == pytest.approx(min(1.0, threshold / (g + 1e-6)), rel=EXACT)
 
@@ -61,12 +66,12 @@ def test_autoclip_ignores_nonfinite_norms_and_keeps_finite_state():
 
     policy = AutoClip(percentile=50, history=3)
     state = policy.init(1)
-    _, state = policy.update(None, np.float64(2.0), state)
-    _, state = policy.update(None, np.float64(np.nan), state)
-    _, state = policy.update(None, np.float64(np.inf), state)
+    _, state = policy.factors(None, np.float64(2.0), state, NP)
+    _, state = policy.factors(None, np.float64(np.nan), state, NP)
+    _, state = policy.factors(None, np.float64(np.inf), state, NP)
     assert state["count"] == 1.0 and np.count_nonzero(state["norms"] < EMPTY) == 1
     assert np.isfinite(state["norms"]).all()  # no NaN/Inf sentinels (enable_check_numerics-safe)
-    scale, _ = policy.update(None, np.float64(8.0), state)  # history [2, 8]: median 5
+    scale, _ = policy.factors(None, np.float64(8.0), state, NP)  # history [2, 8]: median 5
     assert scale.global_coef == pytest.approx(5.0 / (8.0 + 1e-6), rel=EXACT)
 
 
@@ -74,11 +79,11 @@ def test_zclip_warmup_then_ema_by_hand():
     policy = ZClip(alpha=0.9, z_threshold=2.0, warmup=3)
     state = policy.init(1)
     for g in (1.0, 2.0, 3.0):  # warmup: no clipping; seeds mean 2, population var 2/3
-        scale, state = policy.update(None, np.float64(g), state)
+        scale, state = policy.factors(None, np.float64(g), state, NP)
         assert scale.global_coef == 1.0
     assert state["mean"] == pytest.approx(2.0) and state["var"] == pytest.approx(2 / 3)
     std = math.sqrt(2 / 3)
-    scale, state = policy.update(None, np.float64(10.0), state)  # z = 8/std >> 2
+    scale, state = policy.factors(None, np.float64(10.0), state, NP)  # z = 8/std >> 2
     target = 2.0 + 2.0 * std
     assert scale.global_coef == pytest.approx(target / (10.0 + 1e-6), rel=1e-12)
     d = target - 2.0  # the EMA is updated with the clipped norm
@@ -86,28 +91,128 @@ def test_zclip_warmup_then_ema_by_hand():
     assert state["var"] == pytest.approx(0.9 * (2 / 3 + 0.1 * d * d), rel=1e-12)
 
 
-def test_layer_clip_then_global_composes_analytically():
-    c = chain(LayerNormClip(1.0), GlobalNormClip(1.0))
-    norms = np.array([3.0, 0.5, 4.0])
-    g, lc, _, after = c.update_norm_stage(c.policies, norms, np.sqrt((norms**2).sum()), c.init(3))
-    np.testing.assert_allclose(lc, [1 / (3 + 1e-6), 1.0, 1 / (4 + 1e-6)], rtol=EXACT)
-    clipped = norms * lc
-    expected_g = min(1.0, 1.0 / (np.sqrt((clipped**2).sum()) + 1e-6))
-    assert g == pytest.approx(expected_g, rel=EXACT)
-    assert after == pytest.approx(np.sqrt((clipped**2).sum()) * expected_g, rel=EXACT)
-
-
-def test_agc_unit_scale_by_hand():
+def test_agc_unit_factors_by_hand():
     agc = AGC(clipping=0.1, eps=1e-3)
-    s = agc.scale(np.array([1.0, 0.01, 5.0]), np.array([2.0, 2.0, 0.0]), NumpyOps)
+    s = agc.factors(np.array([1.0, 0.01, 5.0]), np.array([2.0, 2.0, 0.0]), NP)
     np.testing.assert_allclose(s, [0.2 / 1.0, 1.0, 1e-4 / 5.0], rtol=EXACT)
 
 
-def test_chain_stages_split_elementwise_policies():
-    c = chain(ValueClip(1.0), GlobalNormClip(1.0), ZClip(), AGC())
-    assert [(e, len(p)) for e, p in c.stages()] == [(True, 1), (False, 2), (True, 1)]
+# three "layers": a (2, 3) weight and a bias in layer 0, a zero gradient in layer 1, a vector in 2
+LAYERS = np.array([0, 0, 1, 2])
+
+
+def _grads():
+    rng = np.random.default_rng(0)
+    return [rng.normal(size=(2, 3)), rng.normal(size=2), np.zeros(3), rng.normal(size=4) * 5]
+
+
+def _params():
+    rng = np.random.default_rng(1)
+    return [rng.normal(size=(2, 3)), rng.normal(size=2), rng.normal(size=3), rng.normal(size=4)]
+
+
+def _clip(policy, grads=None, state=None):
+    grads = _grads() if grads is None else grads
+    view = Gradients(grads, _params(), LAYERS, 3)
+    return clip_gradients(policy, view, policy.init(3) if state is None else state, NP)
+
+
+def _norm(gs):
+    return math.sqrt(sum(float(np.sum(g**2)) for g in gs))
+
+
+def _layer_norms(gs):
+    return np.array(
+        [_norm([g for g, k in zip(gs, LAYERS, strict=True) if k == i]) for i in range(3)]
+    )
+
+
+def test_clip_coef_is_global_norm_after_over_before_for_every_policy():
+    for policy in (
+        GlobalNormClip(1.0),
+        ValueClip(0.5),
+        LayerNormClip(1.0),
+        AutoClip(percentile=50, history=4),
+        ZClip(warmup=1),
+        AGC(clipping=0.1),
+        chain(ValueClip(0.5), GlobalNormClip(1.0)),
+    ):
+        out = _clip(policy)
+        assert out.clip_coef == pytest.approx(_norm(out.grads) / _norm(_grads()), rel=EXACT)
+
+
+def test_value_clip_then_global_norm_remeasures_by_hand():
+    out = _clip(chain(ValueClip(0.5), GlobalNormClip(1.0)))
+    clamped = [np.clip(g, -0.5, 0.5) for g in _grads()]
+    factor = min(1.0, 1.0 / (_norm(clamped) + 1e-6))
+    for a, b in zip(out.grads, clamped, strict=True):
+        np.testing.assert_allclose(a, b * factor, rtol=EXACT)
+    assert out.clip_coef == pytest.approx(_norm(clamped) * factor / _norm(_grads()), rel=EXACT)
+    assert out.layer_coef is None
+
+
+def test_layer_clip_then_global_composes_and_records_layer_norm_ratios():
+    out = _clip(chain(LayerNormClip(1.0), GlobalNormClip(1.0)))
+    before = _layer_norms(_grads())
+    lc = np.minimum(1.0, 1.0 / (before + 1e-6))
+    after_layer = [g * lc[k] for g, k in zip(_grads(), LAYERS, strict=True)]
+    gc = min(1.0, 1.0 / (_norm(after_layer) + 1e-6))
+    for a, b in zip(out.grads, after_layer, strict=True):
+        np.testing.assert_allclose(a, b * gc, rtol=EXACT)
+    # per layer: norm after / before; the zero layer (1) is 1.0
+    np.testing.assert_allclose(out.layer_coef, [lc[0] * gc, 1.0, lc[2] * gc], rtol=EXACT)
+    ratio = _layer_norms(out.grads)[[0, 2]] / before[[0, 2]]
+    np.testing.assert_allclose(out.layer_coef[[0, 2]], ratio, rtol=EXACT)
+
+
+def test_norm_policy_before_elementwise_policy_is_applied_first():
+    out = _clip(chain(GlobalNormClip(1.0), ValueClip(0.1)))
+    factor = 1.0 / (_norm(_grads()) + 1e-6)
+    for a, g in zip(out.grads, _grads(), strict=True):
+        np.testing.assert_allclose(a, np.clip(g * factor, -0.1, 0.1), rtol=EXACT)
+
+
+def test_agc_by_hand_on_rows():
+    out = _clip(AGC(clipping=0.1))
+    for a, g, p in zip(out.grads, _grads(), _params(), strict=True):
+        axes = tuple(range(1, g.ndim)) or None
+        gn = np.sqrt(np.sum(g**2, axis=axes, keepdims=g.ndim > 1))
+        pn = np.maximum(np.sqrt(np.sum(p**2, axis=axes, keepdims=g.ndim > 1)), 1e-3)
+        np.testing.assert_allclose(
+            a, np.where(gn > 0.1 * pn, g * 0.1 * pn / np.maximum(gn, 1e-6), g)
+        )
+
+
+def test_chain_of_chains_equals_the_flat_chain_and_nests_its_state():
+    inner = chain(ValueClip(0.5), ZClip(warmup=1))
+    nested = chain(inner, AutoClip(percentile=50, history=4))
+    flat = chain(ValueClip(0.5), ZClip(warmup=1), AutoClip(percentile=50, history=4))
+    s_nested, s_flat = nested.init(3), flat.init(3)
+    assert isinstance(s_nested[0], tuple) and len(s_nested) == 2
+    for k in range(4):
+        grads = [g * (1 + 3 * k) for g in _grads()]
+        a, b = _clip(nested, grads, s_nested), _clip(flat, grads, s_flat)
+        s_nested, s_flat = a.state, b.state
+        assert a.clip_coef == pytest.approx(b.clip_coef, rel=EXACT)
+        for x, y in zip(a.grads, b.grads, strict=True):
+            np.testing.assert_allclose(x, y, rtol=EXACT)
+    assert nested.per_layer is False and chain(inner, LayerNormClip(1.0)).per_layer is True
+
+
+def test_zero_and_nonfinite_gradients_give_one_and_nan():
+    zero = _clip(GlobalNormClip(1.0), [np.zeros_like(g) for g in _grads()])
+    assert zero.clip_coef == 1.0
+    bad = _grads()
+    bad[0][0, 0] = np.nan
+    assert math.isnan(_clip(GlobalNormClip(1.0), bad).clip_coef)
+
+
+def test_as_chain_normalizes_the_clip_argument():
     assert as_chain(0.5).policies[0].max_norm == 0.5
     assert as_chain(None) is None
+    c = chain(GlobalNormClip(1.0))
+    assert as_chain(c) is c
+    assert as_chain([ValueClip(1.0), AGC()]).policies[1].clipping == 0.01
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,16 @@ torch = pytest.importorskip("torch")
 
 from graddiag import tf as gd_tf  # noqa: E402
 from graddiag import torch as gd_torch  # noqa: E402
-from graddiag.clip import GlobalNormClip  # noqa: E402
+from graddiag.clip import (  # noqa: E402
+    AGC,
+    AutoClip,
+    Chain,
+    GlobalNormClip,
+    LayerNormClip,
+    ValueClip,
+    ZClip,
+    chain,
+)
 
 #: float32 forward/backward in two frameworks: a few ulps per op, a few layers deep.
 REL = 1e-5
@@ -194,3 +203,169 @@ def test_same_update_ratio_and_unoptimized_layer_with_sgd():
 
     assert frozen(kmon) == frozen(tmon, lambda n: TORCH_TO_TF.get(n, n))
     assert (0, "warning", "fc1") in frozen(kmon)
+
+
+# ------------------------------------------------------------------------ clipping parity
+#: float32 in both frameworks against each other and against a float64 reference by hand.
+CLIP_REL = 1e-4
+CLIP_STEPS = 8
+CLIP_SPIKE = 5  # targets scaled by 30: the adaptive policies (after warmup) clip this step
+CLIP_POLICIES = {
+    "global": GlobalNormClip(0.05),
+    "value": ValueClip(1e-2),
+    "layer": LayerNormClip(0.05),
+    "autoclip": AutoClip(percentile=30, history=4),
+    "zclip": ZClip(warmup=3, z_threshold=1.0),
+    "agc": AGC(clipping=0.01),
+    "value+global": chain(ValueClip(1e-2), GlobalNormClip(0.05)),
+    "agc+zclip+global": chain(
+        AGC(clipping=0.01), ZClip(warmup=3, z_threshold=1.0), GlobalNormClip(0.02)
+    ),
+    "layer+(agc+autoclip)+value": chain(
+        LayerNormClip(0.5),
+        chain(AGC(clipping=0.05), AutoClip(percentile=50, history=4)),
+        ValueClip(0.05),
+    ),
+}
+
+
+def clip_batches():
+    rng = np.random.default_rng(2)
+    for step in range(CLIP_STEPS):
+        x = rng.normal(size=(32, SIZES[0])).astype("float32")
+        y = rng.normal(size=(32, 1)).astype("float32") * (30.0 if step == CLIP_SPIKE else 1.0)
+        yield x, y
+
+
+def run_clip_torch(tnet, policy):
+    """Per step: the gradients before clipping, after, and the monitor's stats (torch layout)."""
+    mon = gd_torch.GradientMonitor(tnet, every=1, clip=policy, detail_every=0, hist_every=0)
+    params = [p for p in tnet.parameters() if p.requires_grad]
+    before, after = [], []
+    for x, y in clip_batches():
+        tnet.zero_grad()
+        ((tnet(torch.from_numpy(x)) - torch.from_numpy(y)) ** 2).mean().backward()
+        before.append([p.grad.double().numpy().copy() for p in params])
+        mon.step()
+        after.append([p.grad.double().numpy().copy() for p in params])
+    mon.close()
+    return before, after, mon.history, [p.detach().double().numpy() for p in params]
+
+
+def run_clip_tf(knet, policy):
+    mon = gd_tf.GradientMonitor(knet, every=1, clip=policy, detail_every=0)
+
+    @tf.function
+    def step(x, y):
+        with mon.tape() as tape:
+            loss = tf.reduce_mean((knet(x) - y) ** 2)
+        return tape.gradient(loss, knet.trainable_variables)
+
+    after = []
+    for x, y in clip_batches():
+        grads = step(tf.constant(x), tf.constant(y))
+        # Keras kernels are (in, out): transpose to torch's (out, in)
+        after.append([np.asarray(g, np.float64).T for g in grads])
+    mon.close()
+    return after, mon.history
+
+
+def hand_clip(policy, grads, params, layer_of, state):
+    """An independent float64 reference of each policy (torch layout: AGC units are rows)."""
+    if isinstance(policy, Chain):
+        state = state if state is not None else [None] * len(policy.policies)
+        out = []
+        for p, st in zip(policy.policies, state, strict=True):
+            grads, st = hand_clip(p, grads, params, layer_of, st)
+            out.append(st)
+        return grads, out
+    norm = math.sqrt(sum(float(np.sum(g * g)) for g in grads))
+    if isinstance(policy, GlobalNormClip):
+        c = min(1.0, policy.max_norm / (norm + 1e-6))
+        return [g * c for g in grads], state
+    if isinstance(policy, ValueClip):
+        return [np.clip(g, -policy.clip_value, policy.clip_value) for g in grads], state
+    if isinstance(policy, LayerNormClip):
+        out = []
+        for layer in sorted(set(layer_of)):
+            members = [g for g, k in zip(grads, layer_of, strict=True) if k == layer]
+            n = math.sqrt(sum(float(np.sum(g * g)) for g in members))
+            out += [g * min(1.0, policy.max_norm / (n + 1e-6)) for g in members]
+        return out, state
+    if isinstance(policy, AutoClip):
+        seen = (state or []) + [norm]
+        threshold = np.percentile(seen[-policy.history :], policy.percentile)
+        return [g * min(1.0, threshold / (norm + 1e-6)) for g in grads], seen
+    if isinstance(policy, ZClip):
+        seen, mean, var = state or ([], 0.0, 0.0)
+        if len(seen) < policy.warmup:
+            seen = seen + [norm]
+            if len(seen) == policy.warmup:
+                mean, var = float(np.mean(seen)), float(np.var(seen))
+            return grads, (seen, mean, var)
+        std = max(math.sqrt(max(var, 0.0)), policy.eps)
+        used = norm
+        if (norm - mean) / std > policy.z_threshold:
+            used = mean + policy.z_threshold * std
+            grads = [g * min(1.0, used / (norm + 1e-6)) for g in grads]
+        d = used - mean
+        a = policy.alpha
+        return grads, (seen, mean + (1 - a) * d, a * (var + (1 - a) * d * d))
+    if isinstance(policy, AGC):
+        out = []
+        for g, w in zip(grads, params, strict=True):
+            axes = tuple(range(1, g.ndim)) or None
+            gn = np.sqrt(np.sum(g * g, axis=axes, keepdims=g.ndim > 1))
+            wn = np.maximum(np.sqrt(np.sum(w * w, axis=axes, keepdims=g.ndim > 1)), policy.eps)
+            limit = policy.clipping * wn
+            out.append(np.where(gn > limit, g * limit / np.maximum(gn, 1e-6), g))
+        return out, state
+    raise AssertionError(policy)
+
+
+def _norm(gs):
+    return math.sqrt(sum(float(np.sum(g * g)) for g in gs))
+
+
+@pytest.fixture(scope="module", params=list(CLIP_POLICIES), ids=list(CLIP_POLICIES))
+def clip_runs(request):
+    policy = CLIP_POLICIES[request.param]
+    tnet, knet = networks()
+    return policy, run_clip_torch(tnet, policy), run_clip_tf(knet, policy)
+
+
+def test_clipping_is_the_same_in_both_frameworks_step_by_step(clip_runs):
+    policy, (_, t_after, t_hist, _), (k_after, k_hist) = clip_runs
+    assert len(t_hist) == len(k_hist) == CLIP_STEPS
+    for step, (t, k) in enumerate(zip(t_hist, k_hist, strict=True)):
+        np.testing.assert_allclose(k.grad_norm, t.grad_norm, rtol=CLIP_REL, err_msg=f"{step}")
+        assert k.global_norm == pytest.approx(t.global_norm, rel=CLIP_REL), step
+        assert t.clip_coef is not None and k.clip_coef is not None, step
+        assert k.clip_coef == pytest.approx(t.clip_coef, rel=CLIP_REL), step
+        if Chain(policy).per_layer:
+            np.testing.assert_allclose(k.layer_clip_coef, t.layer_clip_coef, rtol=CLIP_REL)
+        else:
+            assert t.layer_clip_coef is None and k.layer_clip_coef is None
+        for a, b in zip(k_after[step], t_after[step], strict=True):
+            np.testing.assert_allclose(a, b, rtol=CLIP_REL, atol=1e-9, err_msg=f"{step}")
+    assert any(s.clip_coef < 0.999 for s in t_hist)  # every policy clips at least once here
+
+
+def test_clipping_matches_a_reference_by_hand(clip_runs):
+    policy, (t_before, t_after, t_hist, params), _ = clip_runs
+    layer_of = [0, 0, 1, 1, 2, 2]  # fc0, fc1, head (weight, bias each); fc2 is frozen
+    state = None
+    for step, (before, after, stats) in enumerate(zip(t_before, t_after, t_hist, strict=True)):
+        expected, state = hand_clip(policy, before, params, layer_of, state)
+        for a, b in zip(after, expected, strict=True):
+            np.testing.assert_allclose(a, b, rtol=CLIP_REL, atol=1e-9, err_msg=f"{step}")
+        assert stats.clip_coef == pytest.approx(_norm(expected) / _norm(before), rel=CLIP_REL)
+        if stats.layer_clip_coef is not None:
+            by_layer = [
+                _norm([g for g, k in zip(gs, layer_of, strict=True) if k == i])
+                for gs in (expected, before)
+                for i in range(3)
+            ]
+            np.testing.assert_allclose(
+                stats.layer_clip_coef, np.divide(by_layer[:3], by_layer[3:]), rtol=CLIP_REL
+            )

@@ -325,6 +325,33 @@ def test_loss_scale_is_divided_out_of_the_statistics():
         )
 
 
+@pytest.mark.parametrize(
+    "policy",
+    [
+        cliplib.ValueClip(0.05),
+        cliplib.AGC(clipping=0.01),
+        cliplib.LayerNormClip(0.1),
+        cliplib.chain(cliplib.ValueClip(0.05), cliplib.GlobalNormClip(0.1)),
+    ],
+    ids=["value", "agc", "layer", "value+global"],
+)
+def test_clipping_scaled_gradients_equals_clipping_unscaled_ones(policy):
+    """Thresholds refer to the unscaled gradients: clipping loss-scaled gradients gives the
+    clipped unscaled gradients times the scale, and the same coefficients."""
+    model = mlp()
+    grads = grads_of(model, *batch())
+    plain = GradientMonitor(model, every=1, clip=policy, detectors=NO_SPIKE)
+    ref = plain.step(grads, model.trainable_variables)
+    scaled = GradientMonitor(model, every=1, clip=policy, loss_scale=1024.0, detectors=NO_SPIKE)
+    out = scaled.step([g * 1024.0 for g in grads], model.trainable_variables)
+    for a, b in zip(out, ref, strict=True):
+        np.testing.assert_allclose(a.numpy() / 1024.0, b.numpy(), rtol=1e-5, atol=1e-9)
+    a, b = scaled.history[-1], plain.history[-1]
+    assert a.clip_coef == pytest.approx(b.clip_coef, rel=1e-5) and a.clip_coef < 1.0
+    if b.layer_clip_coef is not None:
+        np.testing.assert_allclose(a.layer_clip_coef, b.layer_clip_coef, rtol=1e-5)
+
+
 def test_skip_policy_zeroes_the_step_and_reports_it_at_once():
     model = mlp()
     mon = GradientMonitor(model, every=100, nonfinite="skip", detectors=NO_SPIKE)
@@ -406,20 +433,18 @@ def test_stateful_policies_in_graph_match_numpy(policy):
     rng = np.random.default_rng(0)
     norms = rng.lognormal(size=(12, 3)) * np.array([1, 1, 1])[None]
     norms[7] *= 20  # an outlier
-    chain = cliplib.as_chain(policy)
-    np_state = chain.init(3)
-    tf_state = chain.init(3, TFOps)
+    np_state = policy.init(3)
+    tf_state = policy.init(3, TFOps())
     for row in norms:
         g = float(np.sqrt(np.sum(row**2)))
-        np_g, np_l, np_state = chain.update_norm_stage(chain.policies, row, g, np_state)[:3]
-        tf_g, tf_l, tf_state = chain.update_norm_stage(
-            chain.policies,
-            tf.constant(row, tf.float32),
-            tf.constant(g, tf.float32),
-            tf_state,
-            TFOps,
-        )[:3]
-        for a, b in ((np_g, tf_g), (np_l, tf_l)):
+        np_scale, np_state = policy.factors(row, g, np_state, cliplib.NumpyOps())
+        tf_scale, tf_state = policy.factors(
+            tf.constant(row, tf.float32), tf.constant(g, tf.float32), tf_state, TFOps()
+        )
+        for a, b in (
+            (np_scale.global_coef, tf_scale.global_coef),
+            (np_scale.layer_coef, tf_scale.layer_coef),
+        ):
             if a is not None:
                 np.testing.assert_allclose(np.asarray(b), a, rtol=1e-5)
 
@@ -430,6 +455,23 @@ def test_agc_scales_each_output_unit():
     mon = GradientMonitor([w], every=1, clip=cliplib.AGC(clipping=0.5), detectors=NO_SPIKE)
     [out] = mon.step([g], [w])
     np.testing.assert_allclose(out.numpy(), [[0.5, 1.0], [0.0, 0.0]], rtol=1e-5)
+
+
+def test_agc_on_indexed_slices_equals_agc_on_the_dense_gradient():
+    """An embedding's IndexedSlices stays sparse under AGC; its units (columns) see the rows it
+    holds, which are all the non-zero rows of the dense gradient."""
+    emb = tf.Variable(tf.random.stateless_normal((6, 3), seed=(1, 2)), name="emb")
+    rows = tf.IndexedSlices(
+        tf.constant([[3.0, -1.0, 0.5], [0.2, 4.0, -2.0]]), tf.constant([4, 1]), (6, 3)
+    )
+    sparse = GradientMonitor([emb], every=1, clip=cliplib.AGC(0.1), detectors=NO_SPIKE)
+    dense = GradientMonitor([emb], every=1, clip=cliplib.AGC(0.1), detectors=NO_SPIKE)
+    [a] = sparse.step([rows], [emb])
+    [b] = dense.step([tf.convert_to_tensor(rows)], [emb])
+    assert isinstance(a, tf.IndexedSlices)
+    np.testing.assert_allclose(tf.convert_to_tensor(a).numpy(), b.numpy(), rtol=1e-6)
+    assert sparse.history[-1].clip_coef == pytest.approx(dense.history[-1].clip_coef, rel=1e-6)
+    assert dense.history[-1].clip_coef < 1.0
 
 
 def test_writes_tensorboard_scalars(tmp_path):
