@@ -1,4 +1,4 @@
-"""Renderers (`graddiag.analysis.render`): names from a log never reach a terminal as control codes."""
+"""Renderers (`graddiag.analysis.render`): names from a log never emit control codes."""
 
 import csv
 import io
@@ -106,3 +106,14 @@ def test_error_naming_a_hostile_run_has_no_control_bytes(hostile):
     r, out = cli("analyze", hostile, "--run", "missing")
     assert r.exit_code == 2 and "missing" in out
     assert not CONTROL.search(out) and "x9b" in out  # click strips ESC sequences, not C1
+
+
+def test_plot_draws_names_that_look_like_mathtext(tmp_path):
+    from test_analysis import png_size
+
+    from graddiag.analysis import plot_run
+
+    make_run(str(tmp_path / "r$x$"), steps=8, names=("a$\\frac{$b", "x", f"{CLEAR}$", "z"))
+    (run,) = analyze(tmp_path).runs
+    assert png_size(plot_run(run, width=6, dpi=40))[0] > 0
+    assert escape("a$b", "matplotlib") == "a\\$b"

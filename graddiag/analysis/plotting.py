@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from graddiag.analysis._numeric import quiet_nan_warnings
+from graddiag.analysis.render import escape
 
 if TYPE_CHECKING:
     from graddiag.analysis.report import RunReport
@@ -107,10 +108,15 @@ def plot_run(
     n_labels = max(1, int(heat_h * 5))
     stride = max(1, math.ceil(L / n_labels))
     ax.set_yticks(np.arange(0, L, stride) + 0.5)
-    ax.set_yticklabels([s.layers[j][-40:] for j in range(0, L, stride)], fontsize=7)
+    ax.set_yticklabels(
+        [escape(s.layers[j][-40:], "matplotlib") for j in range(0, L, stride)], fontsize=7
+    )
     ax.set_ylim(L, 0)
     ax.set_ylabel(f"layer ({L})")
-    ax.set_title(f"gradient flow: run {r.run} ({len(r.findings)} findings; x = finding)")
+    ax.set_title(
+        f"gradient flow: run {escape(r.run, 'matplotlib')} "
+        f"({len(r.findings)} findings; x = finding)"
+    )
     gn = s.global_norm()
     ok = np.isfinite(gn) & (gn > 0)
     ax_g.plot(steps[ok], gn[ok], lw=1, color="k")

@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 #: what `escape` can quote for
-FORMATS = ("text", "csv", "markdown", "rich", "html")
+FORMATS = ("text", "csv", "markdown", "rich", "html", "matplotlib")
 
 # C0 controls (newline and tab included: a name is one line), DEL, C1 controls (U+009B is a one-byte
 # CSI) and the bidirectional embeddings/overrides/isolates that reorder what a terminal shows.
@@ -51,8 +51,10 @@ def escape(text: str, fmt: str = "text") -> str:
 
     Control characters become visible escapes in every format (``"a\\x1bb"`` prints as ``a\\x1bb``),
     so no log can move the cursor, clear the screen or reorder text; then ``rich`` escapes markup,
-    ``markdown`` escapes table cells (``|``, ``\\``, ``<``, ``>``) and ``html`` escapes HTML
-    (quotes included). ``text`` and ``csv`` need nothing more (the csv module quotes fields).
+    ``markdown`` escapes table cells (``|``, ``\\``, ``<``, ``>``), ``html`` escapes HTML
+    (quotes included) and ``matplotlib`` escapes ``$`` (a name like ``a$\\frac{$b`` would
+    otherwise be parsed as mathtext and fail to draw). ``text`` and ``csv`` need nothing more
+    (the csv module quotes fields).
 
     Args:
         text: any string from a log.
@@ -76,6 +78,8 @@ def escape(text: str, fmt: str = "text") -> str:
         return safe.translate(_MARKDOWN)
     if fmt == "html":
         return html.escape(safe)
+    if fmt == "matplotlib":
+        return safe.replace("$", "\\$")
     raise ValueError(f"Expected `fmt` to be one of {FORMATS}, got {fmt!r}")
 
 
@@ -208,7 +212,7 @@ _SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 
 
 def print_report(report: Report, console: Console) -> None:
-    """The report as rich tables: per run, the findings, one suggestion per kind, the worst layers."""
+    """The report as rich tables: per run, findings, one suggestion per kind, worst layers."""
     from rich.table import Table
 
     def e(text: str) -> str:

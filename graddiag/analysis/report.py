@@ -2,7 +2,8 @@
 
 `analyze(logdir)` reads the logs (`graddiag.reader`), diagnoses each run
 (`graddiag.analysis.diagnosis`) and returns a `Report`. Renderings of a report (terminal table,
-markdown, CSV, HTML) are in `graddiag.analysis.render`; the `to_*` methods here are shortcuts to them.
+markdown, CSV, HTML) are in `graddiag.analysis.render`; the `to_*` methods here are shortcuts to
+them.
 """
 
 from __future__ import annotations
