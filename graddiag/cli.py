@@ -5,6 +5,9 @@ naming the path and the problem).
 
 Start-up is kept short: nothing heavy is imported at module level; ``analyze`` never imports pandas,
 matplotlib, torch or tensorflow (``--format html`` imports matplotlib for the plots).
+
+This module only parses arguments and writes output: the analysis is `graddiag.analysis`, the
+renderings (which escape every name from the logs) are `graddiag.analysis.render`.
 """
 
 from __future__ import annotations
@@ -16,13 +19,53 @@ from enum import Enum
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from typer.core import TyperGroup
+
+try:  # typer >= 0.20 vendors click
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click.exceptions import ClickException
 
 if TYPE_CHECKING:
     from graddiag.analysis import Report
 
+
+def _escape(text: str) -> str:
+    from graddiag.analysis.render import escape
+
+    return escape(text)
+
+
+class _Group(TyperGroup):
+    """Reports usage errors (unknown option, missing argument, bad value) as one line, exit 2.
+
+    Typer would print them in a multi-line box; scripts and logs read one line better.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except ClickException as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # bare `graddiag`: the help, as before
+                e.show()
+            else:
+                ctx = getattr(e, "ctx", None)
+                where = ctx.command_path if ctx is not None else "graddiag"
+                msg = " ".join(_escape(e.format_message()).split())
+                typer.echo(f"graddiag: error: {msg} (see '{where} --help')", err=True)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            typer.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 app = typer.Typer(
     name="graddiag",
     help="Diagnose neural-network gradients from TensorBoard logs.",
+    cls=_Group,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -53,7 +96,7 @@ class InputError(Exception):
 
 
 def _fail(message: str) -> typer.Exit:
-    typer.echo(f"graddiag: error: {message}", err=True)
+    typer.echo(f"graddiag: error: {_escape(message)}", err=True)
     return typer.Exit(2)
 
 
@@ -141,76 +184,15 @@ def _write(text: str, output: str | None) -> None:
 
 def _print_table(report: Report, output: str | None) -> None:
     from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
+
+    from graddiag.analysis.render import print_report
 
     fh = open(output, "w", encoding="utf-8") if output else None  # noqa: SIM115 - closed below
     try:
-        console = Console(file=fh or sys.stdout, width=160 if fh else None)
-        style = {"error": "bold red", "warning": "yellow", "info": "cyan"}
-        rs = report.read_stats
-        for r in report.runs:
-            d = r.to_dict()
-            from graddiag.analysis import _summary_line
-
-            console.rule(f"run {escape(r.run)}  [dim]({escape(r.path)}, {d['source']})[/dim]")
-            console.print(escape(_summary_line(d)))
-            t = Table(title="findings", show_lines=False, expand=False)
-            for col, kw in (
-                ("step", {"justify": "right"}),
-                ("severity", {}),
-                ("kind", {}),
-                ("layer", {"overflow": "fold"}),
-                ("message", {"ratio": 1}),
-            ):
-                t.add_column(col, **kw)
-            for f in r.findings:
-                t.add_row(
-                    str(f.step),
-                    f"[{style[f.severity]}]{f.severity}[/]",
-                    f.kind,
-                    escape(f.layer or "(model)"),
-                    escape(f.message),
-                )
-            if r.findings:
-                console.print(t)
-                console.print("[bold]suggestions[/bold]")
-                for kind, text in dict.fromkeys((f.kind, f.suggestion) for f in r.findings):
-                    console.print(f"  [bold]{escape(kind)}[/bold]: {escape(text)}")
-            else:
-                console.print("[green]no findings[/green]")
-            w = Table(title="worst layers")
-            w.add_column("layer", overflow="fold", ratio=1)
-            for col in ("findings", "worst", "kinds", "median norm", "max norm", "NaN/Inf steps"):
-                w.add_column(col)
-            for row in d["worst_layers"]:
-                w.add_row(
-                    escape(row["layer"]),
-                    str(row["findings"]),
-                    row["max_severity"] or "",
-                    ", ".join(row["kinds"]),
-                    _fmt(row["median_grad_norm"]),
-                    _fmt(row["max_grad_norm"]),
-                    str(row["nonfinite_steps"]),
-                )
-            console.print(w)
-            for note in r.notes:
-                console.print(f"[dim]note: {escape(note)}[/dim]")
-        for note in report.notes:
-            console.print(f"[dim]note: {escape(note)}[/dim]")
-        if rs.corrupt_records or rs.truncated_files or rs.unreadable_files:
-            console.print(
-                f"[yellow]read: skipped {rs.corrupt_records} corrupt record(s), "
-                f"{len(rs.truncated_files)} truncated file tail(s), "
-                f"{len(rs.unreadable_files)} unreadable file(s)[/yellow]"
-            )
+        print_report(report, Console(file=fh or sys.stdout, width=160 if fh else None))
     finally:
         if fh is not None:
             fh.close()
-
-
-def _fmt(x: float | None) -> str:
-    return "" if x is None else f"{x:.3g}"
 
 
 @app.command()
@@ -263,155 +245,17 @@ def compare(
     tag_pattern: PatternOpt = None,
 ) -> None:
     """Compare two runs: per-layer norm ratios, first step of divergence, findings in one only."""
+    from graddiag.analysis.compare import compare_runs
+
     result = _guard(lambda: compare_runs(run_a, run_b, rtol=rtol, tag_pattern=tag_pattern))
     if format is CompareFormat.json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
         return
     from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
 
-    c = Console()
-    div = result["divergence"]
-    c.print(
-        f"A: {escape(run_a)}  ({result['a']['steps']} steps)\n"
-        f"B: {escape(run_b)}  ({result['b']['steps']} steps)\n"
-        f"common steps: {result['common_steps']}, common layers: {result['common_layers']}"
-    )
-    if div is None:
-        c.print(f"[green]no divergence beyond rtol={rtol:g} on common steps[/green]")
-    else:
-        c.print(
-            f"[yellow]first divergence at step {div['step']} in "
-            f"{escape(div['layer'] or '(global norm)')}: {_fmt(div['a'])} vs "
-            f"{_fmt(div['b'])}[/yellow]"
-        )
-    t = Table(title="per-layer median gradient norm (B / A)")
-    for col in ("layer", "A", "B", "B/A"):
-        t.add_column(col)
-    for row in result["layers"][:20]:
-        t.add_row(escape(row["layer"]), _fmt(row["a"]), _fmt(row["b"]), _fmt(row["ratio"]))
-    c.print(t)
-    for side in ("a", "b"):
-        only = result[f"only_{side}"]
-        if only:
-            c.print(
-                f"findings only in {side.upper()}: "
-                + ", ".join(escape(f"{f['kind']}@{f['layer'] or '(model)'}") for f in only)
-            )
+    from graddiag.analysis.render import print_comparison
 
-
-def compare_runs(a: str, b: str, *, rtol: float = 1e-3, tag_pattern: str | None = None) -> dict:
-    """The data behind ``graddiag compare`` (JSON-ready).
-
-    Returns:
-        ``{"a": {...}, "b": {...}, "common_steps", "common_layers", "divergence": {"step", "layer",
-        "a", "b"} | None, "layers": [{"layer", "a", "b", "ratio"}] (sorted by |log ratio|,
-        descending), "only_a": [finding key], "only_b": [finding key]}`` where a finding key is
-        ``{"kind", "layer", "severity"}``.
-
-    Raises:
-        LogReadError: if either path holds no gradient logs or more than one run.
-    """
-    import numpy as np
-
-    from graddiag.analysis import analyze as _analyze
-    from graddiag.reader import LogReadError
-
-    reports = []
-    for path in (a, b):
-        rep = _analyze(path, tag_pattern=tag_pattern)
-        if len(rep.runs) != 1:
-            names = ", ".join(r.run for r in rep.runs)
-            raise LogReadError(
-                f"{path}: holds {len(rep.runs)} runs ({names}); point at one run directory"
-            )
-        reports.append(rep.runs[0])
-    ra, rb = reports
-    sa, sb = ra.series, rb.series
-    steps, ia, ib = np.intersect1d(sa.steps, sb.steps, return_indices=True)
-    layers = [n for n in sa.layers if n in set(sb.layers)]
-    ja = [sa.layers.index(n) for n in layers]
-    jb = [sb.layers.index(n) for n in layers]
-    divergence = None
-    ga, gb = sa.global_norm()[ia], sb.global_norm()[ib]
-    xa, xb = sa.grad_norm[np.ix_(ia, ja)], sb.grad_norm[np.ix_(ib, jb)]
-    with np.errstate(all="ignore"):
-
-        def differs(x, y):
-            scale = np.maximum(np.abs(x), np.abs(y))
-            nan_mismatch = np.isnan(x) != np.isnan(y)
-            return nan_mismatch | (np.abs(x - y) > rtol * np.where(scale > 0, scale, 1.0))
-
-        dl = differs(xa, xb) if len(layers) else np.zeros((len(steps), 0), bool)
-        dg = differs(ga, gb)
-    rows = np.flatnonzero(dl.any(axis=1) | dg)
-    if len(rows):
-        i = int(rows[0])
-        if dl[i].any():
-            j = int(np.argmax(dl[i]))
-            divergence = {
-                "step": int(steps[i]),
-                "layer": layers[j],
-                "a": _num(xa[i, j]),
-                "b": _num(xb[i, j]),
-            }
-        else:
-            divergence = {"step": int(steps[i]), "layer": None, "a": _num(ga[i]), "b": _num(gb[i])}
-
-    def medians(s, js):
-        x = np.where(s.has_grad & np.isfinite(s.grad_norm), s.grad_norm, np.nan)[:, js]
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return np.nanmedian(x, axis=0) if len(x) else np.full(len(js), np.nan)
-
-    ma, mb = medians(sa, ja), medians(sb, jb)
-    table = []
-    for n, x, y in zip(layers, ma, mb, strict=True):
-        ratio = y / x if x > 0 and np.isfinite(x) and np.isfinite(y) else float("nan")
-        table.append({"layer": n, "a": _num(x), "b": _num(y), "ratio": _num(ratio)})
-    table.sort(key=lambda r: -abs(np.log(r["ratio"])) if r["ratio"] else 0.0)
-
-    def keys(r):
-        return {(f.kind, f.layer, f.severity) for f in r.findings}
-
-    ka, kb = keys(ra), keys(rb)
-
-    def as_list(ks):
-        return [
-            {"kind": k, "layer": n, "severity": s}
-            for k, n, s in sorted(ks, key=lambda t: (t[0], t[1] or "", t[2]))
-        ]
-
-    return {
-        "a": {
-            "path": a,
-            "steps": int(len(sa.steps)),
-            "layers": len(sa.layers),
-            "findings": len(ra.findings),
-        },
-        "b": {
-            "path": b,
-            "steps": int(len(sb.steps)),
-            "layers": len(sb.layers),
-            "findings": len(rb.findings),
-        },
-        "common_steps": int(len(steps)),
-        "common_layers": len(layers),
-        "divergence": divergence,
-        "layers": table,
-        "only_a": as_list(ka - kb),
-        "only_b": as_list(kb - ka),
-    }
-
-
-def _num(x) -> float | None:
-    import math
-
-    x = float(x)
-    return x if math.isfinite(x) else None
+    print_comparison(result, Console(), rtol)
 
 
 @app.command()
@@ -481,8 +325,16 @@ _register_validate()
 
 
 def main() -> None:
-    """Console-script entry point (``graddiag``)."""
+    """Console-script entry point (``graddiag``, ``python -m graddiag``)."""
     app()
+
+
+def __getattr__(name: str):
+    if name == "compare_runs":  # moved to the analysis layer; still importable from here
+        from graddiag.analysis.compare import compare_runs
+
+        return compare_runs
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

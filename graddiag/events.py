@@ -1,8 +1,8 @@
 """A lean TensorBoard event-file writer.
 
-Layers, each small (the tensorboardX shape): `RecordWriter` frames records (length, masked crc32c,
-data, masked crc32c) with a C crc32c; `EventFileWriter` encodes events. Scalars take a fast path:
-the protobuf bytes of a step's `Summary` are laid out once per tag set and each step only overwrites
+Layers, each small (the tensorboardX shape): `RecordWriter` frames records with
+`graddiag._records.frame` (length, masked crc32c, data, masked crc32c; the reader checks the same
+framing); `EventFileWriter` encodes events. Scalars take a fast path: the protobuf bytes of a step's `Summary` are laid out once per tag set and each step only overwrites
 the float32 payloads, so writing 200 scalars costs one NumPy scatter and one `write`.
 Histograms, text and layouts are rare and use TensorBoard's own protos.
 
@@ -20,18 +20,11 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 
-import crc32c as _crc32c
 import numpy as np
 
 from graddiag._checks import positive
-
-_MASK_DELTA = 0xA282EAD8
-
-
-def masked_crc32c(data: bytes) -> int:
-    """TFRecord's masked CRC-32C of `data`."""
-    crc = _crc32c.crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
+from graddiag._records import frame
+from graddiag._records import masked_crc32c as masked_crc32c  # re-exported
 
 
 def _varint(n: int) -> bytes:
@@ -70,13 +63,7 @@ class RecordWriter:
         self._f = open(path, "ab", buffering=1 << 16)  # noqa: SIM115 - closed in close()
 
     def write(self, data: bytes) -> None:
-        header = struct.pack("<Q", len(data))
-        self._f.write(
-            header
-            + struct.pack("<I", masked_crc32c(header))
-            + data
-            + struct.pack("<I", masked_crc32c(data))
-        )
+        self._f.write(frame(data))
 
     def flush(self) -> None:
         self._f.flush()

@@ -20,6 +20,7 @@ import numpy as np
 
 from graddiag import tags
 from graddiag._checks import int_at_least as check_int
+from graddiag.dashboard import custom_scalars_layout
 from graddiag.detectors import Detector, Diagnoser
 from graddiag.events import EventFileWriter
 from graddiag.findings import Finding, severity_rank
@@ -76,52 +77,6 @@ def close_at_exit_hook(obj: Any):
 
     atexit.register(hook)
     return hook
-
-
-def custom_scalars_layout():
-    """The dashboard grouping: global, per-layer norms, clipping, findings."""
-    from tensorboard.plugins.custom_scalar import layout_pb2 as lp
-
-    def chart(title: str, *regex: str):
-        return lp.Chart(title=title, multiline=lp.MultilineChartContent(tag=list(regex)))
-
-    g = "graddiag/global/"
-    return lp.Layout(
-        category=[
-            lp.Category(
-                title="graddiag: global",
-                chart=[
-                    chart("global gradient norm (pre-clip)", g + "grad_norm"),
-                    chart("layers with NaN/Inf gradients", g + "nonfinite"),
-                    chart("loss", g + "loss"),
-                ],
-            ),
-            lp.Category(
-                title="graddiag: per-layer gradient norms",
-                chart=[
-                    chart("gradient norm per layer", r"graddiag/grad_norm/.*"),
-                    chart("max |g| per layer", r"graddiag/grad_max/.*"),
-                    chart("update / weight ratio per layer", r"graddiag/update_ratio/.*"),
-                ],
-            ),
-            lp.Category(
-                title="graddiag: clipping",
-                chart=[
-                    chart("global clip coefficient", g + "clip_coef"),
-                    chart("per-layer clip coefficient", r"graddiag/clip_coef/.*"),
-                ],
-            ),
-            lp.Category(
-                title="graddiag: findings",
-                chart=[
-                    chart("new findings per step", g + "findings"),
-                    chart(
-                        "gradients reset / backward calls", g + "grad_reset", g + "backward_calls"
-                    ),
-                ],
-            ),
-        ]
-    )
 
 
 class TensorBoardSink:

@@ -7,7 +7,8 @@ importing pandas (the CLI's fast path).
 How it stays fast without TensorBoard or TensorFlow on the path:
 
 * Files are read in chunks (bounded memory whatever the file size). Records are framed as TFRecords
-  (length, masked CRC-32C of the length, data, masked CRC-32C of the data); both CRCs are checked.
+  (`graddiag._records`: length, masked CRC-32C of the length, data, masked CRC-32C of the data);
+  both CRCs are checked.
   A record whose data CRC fails is skipped and counted; a corrupt length makes the reader scan forward
   to the next valid header; a truncated tail is counted. None of these raise.
 * The protobufs (`Event`, `Summary`, `Summary.Value`, `TensorProto`, `HistogramProto`) are decoded by
@@ -57,10 +58,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import crc32c as _crc32c
 import numpy as np
 
-from graddiag import tags
+from graddiag import _records, tags
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -76,10 +76,7 @@ __all__ = [
     "read_logs",
 ]
 
-_MASK_DELTA = 0xA282EAD8
 _CHUNK = 8 << 20
-_HEADER = struct.Struct("<QI")
-_U32 = struct.Struct("<I")
 _F32 = struct.Struct("<f")
 _F64 = struct.Struct("<d")
 _PROGRESS_MIN_BYTES = 32 << 20
@@ -207,12 +204,6 @@ def _cat(arrays: list[np.ndarray], dtype) -> np.ndarray:
     if len(arrays) == 1:
         return arrays[0].astype(dtype, copy=False)
     return np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.empty(0, dtype)
-
-
-def masked_crc32c(data) -> int:
-    """TFRecord's masked CRC-32C of `data` (any bytes-like object)."""
-    crc = _crc32c.crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
 
 
 def parse_steps(steps: str | tuple | slice | None) -> tuple[int | None, int | None]:
@@ -462,37 +453,15 @@ class _Reader:
 
     def _scan(self, buf: bytes, run: _Run, pending: dict) -> int:
         """Frame and check records in `buf`; return where the first incomplete record starts."""
-        mv = memoryview(buf)
-        n = len(buf)
-        pos = 0
-        crc = _crc32c.crc32c
-        unpack_header = _HEADER.unpack_from
-        unpack_u32 = _U32.unpack_from
+        records, pos, corrupt, self._resync = _records.scan(buf, self._resync)
+        st = self.stats
+        st.corrupt_records += corrupt
+        st.records += len(records)
         unpack_f64 = _F64.unpack_from
         templates = self.templates
         sig_ends = self.sig_ends
-        st = self.stats
-        while pos + 12 <= n:
-            length, hcrc = unpack_header(buf, pos)
-            c = crc(mv[pos : pos + 8])
-            if ((((c >> 15) | (c << 17)) + _MASK_DELTA) & 0xFFFFFFFF) != hcrc:
-                if not self._resync:
-                    st.corrupt_records += 1
-                    self._resync = True
-                pos += 1
-                continue
-            self._resync = False
-            end = pos + 12 + length
-            if end + 4 > n:
-                return pos
-            c = crc(mv[pos + 12 : end])
-            if ((((c >> 15) | (c << 17)) + _MASK_DELTA) & 0xFFFFFFFF) != unpack_u32(buf, end)[0]:
-                st.corrupt_records += 1
-                pos = end + 4
-                continue
-            st.records += 1
-            s = pos + 12
-            pos = end + 4
+        for s, end in records:
+            length = end - s
             # Event: wall_time (1, fixed64), step (2, varint), summary (5, bytes), in that order
             # from every writer we know; anything else takes the general path.
             if length > 12 and buf[s] == 0x09 and buf[s + 9] == 0x10:

@@ -1,4 +1,4 @@
-"""The one TensorBoard tag scheme graddiag writes and reads.
+"""The one TensorBoard tag scheme graddiag writes and reads (and the regexes that select its tags).
 
 Layer statistics live under ``graddiag/<stat>/<layer>`` (``graddiag/grad_norm/encoder.0.linear1``),
 whole-model values under ``graddiag/global/<stat>``, gradient histograms under
@@ -7,6 +7,8 @@ description (layers, frozen parameters, detector settings; JSON text) under ``gr
 """
 
 from __future__ import annotations
+
+import re
 
 PREFIX = "graddiag"
 GLOBAL = "global"
@@ -55,7 +57,37 @@ def tag(stat: str, layer: str | None = None) -> str:
         return f"{PREFIX}/{GLOBAL}/{stat}"
     if not layer:
         raise ValueError(f"Expected `layer` to be a non-empty name or None, got {layer!r}")
-    return f"{PREFIX}/{stat}/{layer}"
+    return layer_prefix(stat) + layer
+
+
+def layer_prefix(stat: str) -> str:
+    """What every per-layer tag of `stat` starts with.
+
+    >>> layer_prefix("grad_norm")
+    'graddiag/grad_norm/'
+    """
+    if not stat or "/" in stat or stat == GLOBAL:
+        raise ValueError(
+            f"Expected `stat` to be a non-empty name without '/' other than {GLOBAL!r} (reserved "
+            f"for whole-model values), got {stat!r}"
+        )
+    return f"{PREFIX}/{stat}/"
+
+
+def tag_regex(stat: str, per_layer: bool = False) -> str:
+    """An anchored regex matching `stat`'s whole-model tag, or its tags of every layer.
+
+    For TensorBoard's custom-scalars charts (its server matches from the start, its browser code
+    searches anywhere: hence both anchors).
+
+    >>> tag_regex("grad_norm")
+    '^graddiag/global/grad_norm$'
+    >>> tag_regex("grad_norm", per_layer=True)
+    '^graddiag/grad_norm/.+$'
+    """
+    if per_layer:
+        return f"^{re.escape(layer_prefix(stat))}.+$"
+    return f"^{re.escape(tag(stat))}$"
 
 
 def hist_tag(layer: str) -> str:

@@ -1,0 +1,241 @@
+"""Series and diagnosis: rebuild a run's per-step statistics from its logs and run the detectors.
+
+For each run, `diagnose_run` rebuilds the `ModelInfo` and detector settings that the live run wrote
+under ``graddiag/model`` (defaults for foreign logs), turns the recorded series back into one
+`StepStats` per logged step (`Series.step_stats`) and feeds them to the same `Diagnoser` the live
+run used. A live run and a later analysis of its logs therefore report the same findings, up to
+float32 rounding of the logged values (a value within float32 rounding of a detector threshold may
+flip) and what the logs do not hold; `StepStats.nonfinite_origin` (backward tracing) is read from
+``graddiag/nonfinite_origin``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from graddiag.detectors import DETECTORS, Diagnoser
+from graddiag.findings import Finding
+from graddiag.reader import LogData, LogReadError, RunData
+from graddiag.stats import ModelInfo, StepStats
+
+__all__ = ["RunDiagnosis", "Series", "diagnose_run", "series_of"]
+
+_GLOBALS = ("grad_norm", "clip_coef", "grad_reset", "backward_calls", "skipped", "loss")
+
+
+@dataclass
+class Series:
+    """A run's gradient series as dense arrays (steps x layers); NaN marks "not logged".
+
+    Attributes:
+        steps: logged optimizer steps, ascending.
+        layers: layer names (the live run's order for graddiag logs; first appearance otherwise).
+        grad_norm: per-layer gradient norm (NaN where not logged, and where the norm was NaN).
+        has_grad: whether the layer had a gradient (a logged norm) at that step.
+        nonfinite: per-layer non-finite marker/count (0 where not logged).
+        layer_clip: per-layer clip coefficient (NaN where not logged).
+        glob: whole-model series by stat (grad_norm, clip_coef, grad_reset, backward_calls,
+            skipped, loss), NaN where not logged.
+        glob_logged: where each `glob` series was logged (a logged value may itself be NaN).
+        wall_time: wall-clock time of each step (the latest event of the step).
+    """
+
+    steps: np.ndarray
+    layers: tuple[str, ...]
+    grad_norm: np.ndarray
+    has_grad: np.ndarray
+    nonfinite: np.ndarray
+    layer_clip: np.ndarray
+    glob: dict[str, np.ndarray]
+    glob_logged: dict[str, np.ndarray]
+    wall_time: np.ndarray
+    origins: dict[int, str] = field(default_factory=dict)
+
+    def global_norm(self) -> np.ndarray:
+        """Logged global norm, or the root-sum-square of the layer norms where it was not logged."""
+        g = self.glob["grad_norm"].copy()
+        miss = ~self.glob_logged["grad_norm"] & self.has_grad.any(axis=1)
+        if miss.any():
+            sq = np.where(self.has_grad, self.grad_norm, 0.0) ** 2
+            g[miss] = np.sqrt(sq[miss].sum(axis=1))
+        return g
+
+    def bad(self) -> np.ndarray:
+        """(steps x layers) True where a layer's gradient held NaN/Inf."""
+        return (self.nonfinite > 0) | (self.has_grad & ~np.isfinite(self.grad_norm))
+
+    def step_stats(self) -> list[StepStats]:
+        """One `StepStats` per logged step, as the live monitor had them (from the logged values)."""
+        out = []
+        gnorm = self.global_norm()
+        miss_global = ~self.glob_logged["grad_norm"] & ~self.has_grad.any(axis=1)
+        g = self.glob
+        for i, step in enumerate(self.steps.tolist()):
+            has = self.has_grad[i]
+            lc = self.layer_clip[i]
+            present = ~np.isnan(lc)
+            out.append(
+                StepStats(
+                    step=int(step),
+                    grad_norm=np.where(has, self.grad_norm[i], 0.0),
+                    has_grad=has.copy(),
+                    nonfinite=self.nonfinite[i].copy(),
+                    global_norm=0.0 if miss_global[i] else float(gnorm[i]),
+                    clip_coef=_opt(g["clip_coef"][i], float),
+                    layer_clip_coef=np.where(present, lc, 1.0) if present.any() else None,
+                    grad_reset=_opt(g["grad_reset"][i], bool),
+                    backward_calls=_opt(g["backward_calls"][i], int),
+                    skipped=bool(_opt(g["skipped"][i], bool) or False),
+                    loss=_opt(g["loss"][i], float),
+                    nonfinite_origin=self.origins.get(int(step)),
+                )
+            )
+        return out
+
+
+def _opt(v: float, cast):
+    return None if math.isnan(v) else cast(v)
+
+
+def series_of(data: LogData, run: RunData, layers: Sequence[str] | None = None) -> Series:
+    """Dense `Series` of one run from `read_logs` output.
+
+    Args:
+        data: the `read_logs` result holding `run` (for its code tables).
+        run: the run.
+        layers: the layer order (e.g. from the live run's `ModelInfo`); default: layers with a
+            logged gradient norm, in order of first appearance. Layers not listed are ignored.
+    """
+    scode = {s: i for i, s in enumerate(data.stats)}
+    gn = scode.get("grad_norm", -2)
+    global_code = data.layers.index("") if "" in data.layers else -2
+    is_grad = run.stat == gn
+    if layers is None:
+        codes = run.layer[is_grad & (run.layer != global_code)]
+        _, first = np.unique(codes, return_index=True)
+        layers = [data.layers[c] for c in codes[np.sort(first)]]
+    layers = tuple(layers)
+    lut = np.full(len(data.layers) + 1, -1, np.int64)
+    for i, name in enumerate(layers):
+        try:
+            lut[data.layers.index(name)] = i
+        except ValueError:
+            pass
+    if global_code >= 0:
+        lut[global_code] = len(layers)  # a pseudo-column for whole-model values
+    steps = np.unique(run.step[is_grad])
+    S, L = len(steps), len(layers)
+    col = lut[run.layer]
+    pos = np.searchsorted(steps, run.step)
+    on_step = (
+        (pos < S) & (steps[np.minimum(pos, max(S - 1, 0))] == run.step)
+        if S
+        else np.zeros(len(run.step), bool)
+    )
+
+    def dense(stat: str, fill: float, glob: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        code = scode.get(stat, -2)
+        sel = on_step & (run.stat == code) & ((col == L) if glob else (col >= 0) & (col < L))
+        shape = (S,) if glob else (S, L)
+        arr = np.full(shape, fill, np.float64)
+        mask = np.zeros(shape, bool)
+        idx = pos[sel] if glob else (pos[sel], col[sel])
+        arr[idx] = run.value[sel]
+        mask[idx] = True
+        return arr, mask
+
+    grad_norm, has_grad = dense("grad_norm", np.nan)
+    nonfinite, _ = dense("nonfinite", 0.0)
+    layer_clip, _ = dense("clip_coef", np.nan)
+    dense_glob = {s: dense(s, np.nan, glob=True) for s in _GLOBALS}
+    glob = {s: v[0] for s, v in dense_glob.items()}
+    glob_logged = {s: v[1] for s, v in dense_glob.items()}
+    wall = np.full(S, np.nan)
+    if S:
+        np.fmax.at(wall, pos[on_step], run.wall_time[on_step])
+    return Series(
+        steps,
+        layers,
+        grad_norm,
+        has_grad,
+        nonfinite,
+        layer_clip,
+        glob,
+        glob_logged,
+        wall,
+        dict(run.nonfinite_origins),
+    )
+
+
+@dataclass
+class RunDiagnosis:
+    """What the detectors found in one run, and what they ran on.
+
+    Attributes:
+        series: the run's dense series.
+        info: the live run's model description (or one built from the logged layers).
+        findings: the detectors' findings, in the order they were made.
+        notes: what could not be rebuilt (unreadable model description, custom detectors).
+    """
+
+    series: Series
+    info: ModelInfo
+    findings: list[Finding]
+    notes: list[str] = field(default_factory=list)
+
+
+def _detector_spec(meta: Mapping[str, Any] | None, notes: list[str]) -> dict[str, Any] | None:
+    """The live run's detector settings (detectors it did not run stay off); None: defaults."""
+    if not meta or not isinstance(meta.get("detectors"), Mapping):
+        return None
+    cfg = meta["detectors"]
+    unknown = sorted(set(cfg) - set(DETECTORS))
+    if unknown:
+        notes.append(
+            f"custom detector(s) {', '.join(unknown)} of the live run cannot be rebuilt "
+            f"post hoc and were skipped"
+        )
+    return {name: dict(cfg[name]) if name in cfg else False for name in DETECTORS}
+
+
+def diagnose_run(
+    data: LogData, run: RunData, detectors: Mapping[str, Any] | None = None
+) -> RunDiagnosis | None:
+    """Run the detectors over one run of `read_logs` output; None if it holds no gradient tags.
+
+    Args:
+        data: the `read_logs` result holding `run`.
+        run: the run.
+        detectors: detector settings (see `graddiag.detectors.build_detectors`); default: the live
+            run's settings for graddiag logs, defaults for foreign logs.
+
+    Raises:
+        LogReadError: if the detector settings are invalid (the message names the run).
+    """
+    notes: list[str] = []
+    meta = run.meta if isinstance(run.meta, Mapping) else None
+    info = None
+    if meta and isinstance(meta.get("info"), Mapping):
+        try:
+            info = ModelInfo.from_dict(meta["info"])
+        except (KeyError, TypeError, ValueError) as e:
+            notes.append(f"unreadable model description ({e}); using the logged layers")
+    series = series_of(data, run, None if info is None else info.layers)
+    if not len(series.steps) or not series.layers:
+        return None
+    if info is None:
+        info = ModelInfo(layers=series.layers)
+    spec = detectors if detectors is not None else _detector_spec(meta, notes)
+    try:
+        diag = Diagnoser(info, spec)
+    except ValueError as e:
+        raise LogReadError(f"run {run.run!r}: bad detector settings: {e}") from None
+    for st in series.step_stats():
+        diag.update(st)
+    diag.finalize()
+    return RunDiagnosis(series, info, list(diag.findings), notes)
