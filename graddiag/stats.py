@@ -74,8 +74,10 @@ class StepStats:
         grad_max, zero_frac, param_norm, update_ratio: detail statistics, None on steps where they
             were not computed.
         global_norm: L2 norm over all gradients before clipping.
-        clip_coef: factor applied by global clipping (1.0: not clipped); None without clipping.
-        layer_clip_coef: per-layer factors (per-layer policies), else None.
+        clip_coef: global gradient norm after clipping / before (1.0: not clipped; see
+            `graddiag.clip.clip_gradients`); None without clipping or on a skipped step.
+        layer_clip_coef: each layer's norm after / before, with a per-layer policy in the chain;
+            else None.
         grad_reset: whether gradients were reset since the previous optimizer step (None: unknown).
         backward_calls: backward passes accumulated into this step (None: unknown).
         skipped: whether the optimizer step was skipped by the non-finite policy.

@@ -718,6 +718,8 @@ class GradientMonitor(MonitorAPI):
         if self.nonfinite == "skip":
             grads = [None if g is None else _zero_unless(ok, g) for g in grads]
             skipped = 1.0 - tf.cast(ok, tf.float32)
+            if self.chain is not None:  # a skipped step was not clipped (as in graddiag.torch)
+                clip_coef = tf.where(ok, clip_coef, RowLayout.NONE)
         step = self._count.read_value()
         row = tf.cast(tf.math.floormod(step, self.every), tf.int32)
         micro = self._micro.read_value()

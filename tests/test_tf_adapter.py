@@ -694,3 +694,16 @@ def test_unwritable_logdir_fails_at_construction(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(OSError, match="logdir"):
         GradientMonitor([tf.Variable(tf.ones((2,)))], blocker / "run")
+
+
+def test_skipped_step_is_not_clipped_and_records_no_clip_coef():
+    """As in graddiag.torch: a step skipped for NaN/Inf has no clip coefficient (not NaN)."""
+    model = mlp()
+    mon = GradientMonitor(
+        model, every=100, nonfinite="skip", clip=cliplib.GlobalNormClip(0.1), detectors=NO_SPIKE
+    )
+    mon.step(make_grads(model), model.trainable_variables)
+    mon.step(make_grads(model, nan_layers=("head",)), model.trainable_variables)
+    first, skipped = mon.history
+    assert first.clip_coef is not None and first.clip_coef < 1.0
+    assert skipped.skipped and skipped.clip_coef is None
