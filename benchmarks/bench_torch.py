@@ -166,7 +166,7 @@ def bench_model(name, model0, make_x, max_norm, reps, tmp):
 
 def norms_vs_bandwidth(reps=200):
     """graddiag's norm pass vs one read of all gradient bytes at the measured read bandwidth."""
-    from graddiag.torch import _Plan, _sumsq
+    from graddiag.torch import Plan, sum_squares
 
     big = torch.randn(64 * 1024 * 1024 // 4)  # 64 MB: read bandwidth with a dot
     t = []
@@ -197,7 +197,7 @@ def norms_vs_bandwidth(reps=200):
         model(make_x()).square().mean().backward()
         params = list(model.parameters())
         grads = [p.grad for p in params]
-        plan = _Plan(
+        plan = Plan(
             list(range(len(params))),
             params,
             np.zeros(len(params), dtype=np.int64),
@@ -205,7 +205,7 @@ def norms_vs_bandwidth(reps=200):
         )
         fe = med(lambda: torch.stack(torch._foreach_norm(grads)).square())  # noqa: B023
         dots = med(lambda: torch.stack([torch.dot(g.reshape(-1), g.reshape(-1)) for g in grads]))  # noqa: B023
-        m = med(lambda: _sumsq(grads, plan, params[0].device).sum())  # noqa: B023
+        m = med(lambda: sum_squares(grads, plan, params[0].device).sum())  # noqa: B023
         nbytes = sum(g.numel() * g.element_size() for g in grads)
         out.append(
             f"| {name} | {nbytes / 1e6:.1f} MB | {fe * 1e3:.3f} | {dots * 1e3:.3f} | {m * 1e3:.3f} "

@@ -1,23 +1,5 @@
-"""TensorFlow 2 / Keras 3 adapter: per-layer gradient statistics inside the compiled step.
-
-`GradientMonitor.step(grads, variables)` runs in the graph (eagerly or under `tf.function`): one
-fused pass computes each variable's sum of squares (``2 * tf.nn.l2_loss``, float32), the global norm
-and a single `is_finite` check on it, applies the clipping policies of `graddiag.clip` (their math
-runs here through `TFOps`, with their state in `tf.Variable`s) and writes one row of a
-`tf.Variable` ring buffer of `every` rows. Python sees the buffer only on log steps: through a
-`tf.py_function` placed in a `tf.cond` (default), or when the caller polls after the compiled step
-(`read_back="poll"`, XLA-friendly; the Keras callback does this). From there on, the framework-neutral
-`MonitorCore` runs the detectors and writes TensorBoard events.
-
-Example:
-    >>> monitor = GradientMonitor(model, "runs/exp1", clip=GlobalNormClip(1.0))
-    >>> @tf.function
-    ... def train_step(x, y):
-    ...     with monitor.tape() as tape:          # was: tf.GradientTape()
-    ...         loss = loss_fn(y, model(x, training=True))
-    ...     grads = tape.gradient(loss, model.trainable_variables)   # monitored and clipped
-    ...     optimizer.apply_gradients(zip(grads, model.trainable_variables))
-"""
+"""`graddiag.tf.GradientMonitor`: where to hook a TensorFlow step; the device half of a monitor
+(the host half is `graddiag.host`)."""
 
 from __future__ import annotations
 
@@ -35,195 +17,27 @@ import tensorflow as tf
 from graddiag import clip as cliplib
 from graddiag._checks import choice as check_choice
 from graddiag.findings import Finding
-from graddiag.host import DETAIL_FIELDS, HIST_BINS, HIST_WIDTH, HostPath, MonitorAPI, RowLayout
+from graddiag.host import DETAIL_FIELDS, HIST_WIDTH, HostPath, MonitorAPI, RowLayout
 from graddiag.monitor import close_at_exit_hook
 from graddiag.settings import Settings
 from graddiag.stats import ModelInfo
+from graddiag.tf._measure import (
+    dedup,
+    detail_columns,
+    histogram_rows,
+    identity,
+    sum_squares,
+    zero_unless,
+)
+from graddiag.tf._model import frozen_variables, is_model, key_of, layer_and_var, var_path
+from graddiag.tf._ops import TFOps
+from graddiag.tf._tape import MonitoredTape
 
 log = logging.getLogger("graddiag")
 
 READ_BACK = ("callback", "poll")
 #: Sum of squares written for a variable without a gradient (real sums are >= 0, NaN or Inf).
 _NO_GRAD = RowLayout.NO_GRAD
-
-
-class TFOps:
-    """`graddiag.clip.ClipOps` in TensorFlow float32, usable inside `tf.function` (functional: the
-    gradient-list operations return new lists).
-
-    Gradients may be `tf.IndexedSlices` (deduplicated, see `_dedup`). AGC units are the last axis of
-    a Keras kernel.
-
-    Args:
-        scale: the loss scale the gradients carry (a float32 scalar) or None. Sums of squares, unit
-            norms and the clamp limit then refer to the unscaled gradients; factors need no change.
-    """
-
-    def __init__(self, scale: Any = None) -> None:
-        self.loss_scale = scale
-
-    @staticmethod
-    def sqrt(x):
-        return tf.sqrt(x)
-
-    @staticmethod
-    def minimum1(x):
-        return tf.minimum(x, 1.0)
-
-    @staticmethod
-    def maximum(x, floor: float):
-        return tf.maximum(x, floor)
-
-    @staticmethod
-    def where(cond, a, b):
-        a = tf.cast(a, tf.float32)
-        b = tf.cast(b, tf.float32)
-        shape = tf.broadcast_dynamic_shape(tf.shape(a), tf.shape(b))
-        return tf.where(cond, tf.broadcast_to(a, shape), tf.broadcast_to(b, shape))
-
-    @staticmethod
-    def sum(x):
-        return tf.reduce_sum(x)
-
-    @staticmethod
-    def full(n: int, value: float):
-        return tf.fill([n], tf.constant(value, tf.float32))
-
-    @staticmethod
-    def scalar(value: float):
-        return tf.constant(value, tf.float32)
-
-    @staticmethod
-    def quantile_first(x, n, q: float):
-        n = tf.cast(n, tf.int32)
-        last = tf.maximum(n - 1, 0)
-        ranked = tf.sort(x)
-        pos = tf.cast(q, tf.float32) * tf.cast(last, tf.float32)
-        lo = tf.cast(tf.floor(pos), tf.int32)
-        hi = tf.minimum(lo + 1, last)
-        a, b = tf.gather(ranked, lo), tf.gather(ranked, hi)
-        value = a + (b - a) * (pos - tf.cast(lo, tf.float32))
-        return tf.where(n > 0, value, tf.constant(cliplib.EMPTY, tf.float32))
-
-    @staticmethod
-    def roll_in(buf, index, value):
-        i = tf.math.floormod(tf.cast(index, tf.int32), tf.shape(buf)[0])
-        return tf.tensor_scatter_nd_update(buf, [[i]], tf.reshape(tf.cast(value, buf.dtype), [1]))
-
-    @staticmethod
-    def segment_sum(x, segments, n: int):
-        return tf.math.unsorted_segment_sum(x, segments, n)
-
-    @staticmethod
-    def gather(x, index):
-        return tf.gather(x, index)
-
-    def sumsq(self, grads):
-        if not grads:
-            return tf.zeros([0])
-        vec = tf.stack([_sumsq(g) for g in grads])
-        return vec if self.loss_scale is None else vec * (1.0 / (self.loss_scale * self.loss_scale))
-
-    @staticmethod
-    def scale(grads, factors):
-        if factors.shape.rank == 0:
-            return [_scale(g, factors) for g in grads]
-        return [_scale(g, f) for g, f in zip(grads, tf.unstack(factors), strict=True)]
-
-    def clamp(self, grads, limit: float):
-        c = limit if self.loss_scale is None else limit * self.loss_scale
-        return [
-            _map_values(lambda v: tf.clip_by_value(v, -tf.cast(c, v.dtype), tf.cast(c, v.dtype)), g)
-            for g in grads
-        ]
-
-    def unit_norms(self, grads, params) -> tuple[list, list]:
-        return [_unit_norms(g, self.loss_scale) for g in grads], [_unit_norms(p) for p in params]
-
-    @staticmethod
-    def scale_units(grads, factors: list):
-        return [_scale(g, f) for g, f in zip(grads, factors, strict=True)]
-
-
-def _is_model(obj: Any) -> bool:
-    return hasattr(obj, "trainable_variables") and hasattr(obj, "weights")
-
-
-def _key(v: Any) -> int:
-    """Identity of a variable; a Keras variable and the tf.Variable it wraps share one key."""
-    if isinstance(v, tf.Variable):
-        return id(v)
-    inner = getattr(v, "_value", None)  # keras.Variable (TF backend) holds its tf.Variable here
-    return id(inner) if isinstance(inner, tf.Variable) else id(v)
-
-
-def _var_path(v: Any) -> str:
-    path = getattr(v, "path", None) or v.name
-    return path[:-2] if path.endswith(":0") else path
-
-
-def _layer_and_var(path: str, prefix: str) -> tuple[str, str]:
-    """Split a variable path into (layer, variable name), dropping the model's own name."""
-    if prefix and path.startswith(prefix + "/"):
-        path = path[len(prefix) + 1 :]
-    layer, _, name = path.rpartition("/")
-    return (layer or name), name
-
-
-def _frozen_variables(model: Any, trainable: set[int]) -> list[Any]:
-    """Variables that would be trained but for `layer.trainable = False` (not BatchNorm statistics,
-    which Keras creates non-trainable)."""
-    flatten = getattr(model, "_flatten_layers", None)
-    out, seen = [], set(trainable)
-    for layer in flatten(include_self=True) if flatten else [model]:
-        if getattr(layer, "trainable", True):
-            continue
-        for v in getattr(layer, "_trainable_variables", ()):
-            if _key(v) not in seen:
-                seen.add(_key(v))
-                out.append(v)
-    return out
-
-
-def _sumsq(g) -> tf.Tensor:
-    """Sum of squares of one gradient, accumulated in float32 (IndexedSlices: of the dense sum)."""
-    if isinstance(g, tf.IndexedSlices):
-        g = _dedup(g).values
-    if g.dtype != tf.float32:
-        g = tf.cast(g, tf.float32)
-    return 2.0 * tf.nn.l2_loss(g)
-
-
-def _dedup(g: tf.IndexedSlices) -> tf.IndexedSlices:
-    """Sum the rows of repeated indices, so norms and value clipping see the dense gradient."""
-    unique, idx = tf.unique(g.indices)
-    values = tf.math.unsorted_segment_sum(g.values, idx, tf.size(unique))
-    return tf.IndexedSlices(values, unique, g.dense_shape)
-
-
-def _map_values(fn, g):
-    """`fn(g)`, or on the values of an `IndexedSlices`."""
-    if isinstance(g, tf.IndexedSlices):
-        return tf.IndexedSlices(fn(g.values), g.indices, g.dense_shape)
-    return fn(g)
-
-
-def _scale(g, factor):
-    """`g * factor` (factor: float32 scalar or broadcastable), keeping dtype and IndexedSlices."""
-    return _map_values(lambda v: v * tf.cast(factor, v.dtype), g)
-
-
-def _unit_norms(x, scale=None):
-    """float32 norms per output unit (the last axis of a Keras kernel), shaped to broadcast; one
-    unit for vectors/scalars. Deduplicated IndexedSlices: over their rows (the others are zero)."""
-    if isinstance(x, tf.IndexedSlices):
-        x = x.values
-    x = tf.convert_to_tensor(x)
-    x = tf.cast(x, tf.float32) if x.dtype != tf.float32 else x
-    if scale is not None:
-        x = x / scale
-    axes = list(range(x.shape.rank - 1)) if x.shape.rank > 1 else None
-    return tf.sqrt(tf.reduce_sum(tf.square(x), axis=axes, keepdims=x.shape.rank > 1))
 
 
 def _clip_variables(state: Any, name: str = "graddiag_clip") -> Any:
@@ -306,7 +120,7 @@ class GradientMonitor(MonitorAPI):
         optimizer: Any = None,
         start_step: int = 0,
     ) -> None:
-        if not _is_model(model_or_variables):
+        if not is_model(model_or_variables):
             if isinstance(model_or_variables, (str, bytes)) or not isinstance(
                 model_or_variables, Iterable
             ):
@@ -363,7 +177,7 @@ class GradientMonitor(MonitorAPI):
         self._fetched = (
             self._settings.start_step
         )  # next step whose row has not been processed on the host
-        if accumulators is not None or not _is_model(model_or_variables):
+        if accumulators is not None or not is_model(model_or_variables):
             self._resolve()
 
     # ------------------------------------------------------------------ setup
@@ -372,18 +186,18 @@ class GradientMonitor(MonitorAPI):
         if hasattr(self, "_count"):
             return
         target = self._target
-        if _is_model(target):
+        if is_model(target):
             variables = list(target.trainable_variables)
             if not variables:
                 raise ValueError(
                     f"The model {getattr(target, 'name', target)!r} has no trainable "
                     "variables yet: build it (call it once) or pass variables."
                 )
-            frozen_vars = _frozen_variables(target, {_key(v) for v in variables})
+            frozen_vars = frozen_variables(target, {key_of(v) for v in variables})
             prefix = getattr(target, "path", None) or getattr(target, "name", "")
         else:
             variables, frozen_vars, prefix = list(target), [], ""
-        names = [_layer_and_var(_var_path(v), prefix) for v in variables]
+        names = [layer_and_var(var_path(v), prefix) for v in variables]
         self.variables = variables
         self.var_names = [f"{layer}.{name}" if layer != name else name for layer, name in names]
         layers: list[str] = []
@@ -391,7 +205,7 @@ class GradientMonitor(MonitorAPI):
             if layer not in layers:
                 layers.append(layer)
         self._layer_index = np.array([layers.index(layer) for layer, _ in names], dtype=np.int64)
-        self._index = {_key(v): i for i, v in enumerate(variables)}
+        self._index = {key_of(v): i for i, v in enumerate(variables)}
         if len(self._index) != len(variables):
             raise ValueError("Expected `model_or_variables` to hold each variable once.")
         numel = [int(np.prod(v.shape)) for v in variables]
@@ -399,7 +213,7 @@ class GradientMonitor(MonitorAPI):
         np.add.at(counts, self._layer_index, numel)
         frozen = []
         for v in frozen_vars:
-            layer, name = _layer_and_var(_var_path(v), prefix)
+            layer, name = layer_and_var(var_path(v), prefix)
             frozen.append(f"{layer}.{name}")
         self.info = ModelInfo(
             layers=tuple(layers),
@@ -477,14 +291,14 @@ class GradientMonitor(MonitorAPI):
         held = self._applied
         opt = self._optimizer
         if held is None and opt is not None and getattr(opt, "built", False):
-            held = {_key(v) for v in getattr(opt, "_trainable_variables", None) or ()} or None
+            held = {key_of(v) for v in getattr(opt, "_trainable_variables", None) or ()} or None
         if held is None:
             return ()
         has = np.ones(len(self.variables), bool) if has is None else has
         return tuple(
             name
             for v, name, h in zip(self.variables, self.var_names, has, strict=True)
-            if h and getattr(v, "trainable", True) and _key(v) not in held
+            if h and getattr(v, "trainable", True) and key_of(v) not in held
         )
 
     # ------------------------------------------------------------------ public API
@@ -526,15 +340,15 @@ class GradientMonitor(MonitorAPI):
             )
         slots = []
         for i, v in enumerate(variables):
-            slot = self._index.get(_key(v))
+            slot = self._index.get(key_of(v))
             if slot is None:
                 raise ValueError(
-                    f"variables[{i}] ({_var_path(v)!r}) is not monitored by this "
+                    f"variables[{i}] ({var_path(v)!r}) is not monitored by this "
                     f"GradientMonitor (monitored: {len(self.variables)} variables)"
                 )
             slots.append(slot)
         grads = [tf.convert_to_tensor(g) if hasattr(g, "assign") else g for g in grads]
-        grads = [_dedup(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
+        grads = [dedup(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
         out, ok = self._step_graph(grads, variables, slots, loss)
         self._last_ok = ok
         return out
@@ -565,7 +379,7 @@ class GradientMonitor(MonitorAPI):
         it updates, skip it on a non-finite step if `skip`, and on detail steps measure the update
         in the graph (a `tf.cond`: other steps pay its predicate only)."""
         self._resolve()
-        self._applied = (self._applied or set()) | {_key(v) for v in variables}
+        self._applied = (self._applied or set()) | {key_of(v) for v in variables}
         if self._optimizer is None:
             self._optimizer = optimizer
         ok = getattr(self, "_last_ok", None)
@@ -605,8 +419,8 @@ class GradientMonitor(MonitorAPI):
             after = [tf.cast(tf.convert_to_tensor(v), tf.float32) for v in self.variables]
         rows = tf.stack(
             [
-                tf.stack([_sumsq(a - b) for a, b in zip(after, before, strict=True)]),
-                tf.stack([_sumsq(b) for b in before]),
+                tf.stack([sum_squares(a - b) for a, b in zip(after, before, strict=True)]),
+                tf.stack([sum_squares(b) for b in before]),
             ]
         )
         with tf.control_dependencies([self._update.assign(rows)]):
@@ -671,7 +485,9 @@ class GradientMonitor(MonitorAPI):
         """Per-variable sums of squares (unscaled) as one vector over all monitored variables."""
         n = len(self.variables)
         by_slot = dict(zip(slots, grads, strict=True))
-        parts = [(_sumsq(by_slot[i]) if by_slot.get(i) is not None else None) for i in range(n)]
+        parts = [
+            (sum_squares(by_slot[i]) if by_slot.get(i) is not None else None) for i in range(n)
+        ]
         present = [p for p in parts if p is not None]
         if not present:
             return tf.zeros([n]), tf.zeros([n], tf.bool)
@@ -716,7 +532,7 @@ class GradientMonitor(MonitorAPI):
             grads, clip_coef, lcoef = self._clip(grads, variables, slots, vec, scale)
         skipped = tf.constant(0.0)
         if self.nonfinite == "skip":
-            grads = [None if g is None else _zero_unless(ok, g) for g in grads]
+            grads = [None if g is None else zero_unless(ok, g) for g in grads]
             skipped = 1.0 - tf.cast(ok, tf.float32)
             if self.chain is not None:  # a skipped step was not clipped (as in graddiag.torch)
                 clip_coef = tf.where(ok, clip_coef, RowLayout.NONE)
@@ -782,90 +598,20 @@ class GradientMonitor(MonitorAPI):
                 )
             if self.nonfinite == "raise":  # no update may run before the check
                 with tf.control_dependencies([fetched]):
-                    grads = [None if g is None else _identity(g) for g in grads]
+                    grads = [None if g is None else identity(g) for g in grads]
         return grads, ok
 
     def _write_detail(self, grads, slots, step, inv_scale2):
         """Detail statistics of this step (pre-clip), one row per statistic and variable."""
-        n = len(self.variables)
-        by_slot = dict(zip(slots, grads, strict=True))
-        cols = []
-        for i, v in enumerate(self.variables):
-            g = by_slot.get(i)
-            p = tf.convert_to_tensor(v)
-            psq = _sumsq(p if p.dtype.is_floating else tf.cast(p, tf.float32))
-            if g is None:
-                cols.append(tf.stack([0.0, 0.0, 0.0, 0.0, psq]))
-                continue
-            values = g.values if isinstance(g, tf.IndexedSlices) else g
-            a = tf.abs(tf.cast(values, tf.float32))
-            if inv_scale2 is not None:
-                a = a * tf.sqrt(inv_scale2)
-            count = lambda m: tf.cast(tf.math.count_nonzero(m), tf.float32)  # noqa: E731
-            cols.append(
-                tf.stack(
-                    [
-                        tf.reduce_max(a) if a.shape.num_elements() != 0 else 0.0,
-                        count(tf.not_equal(a, 0.0)),
-                        count(tf.math.is_nan(a)),
-                        count(tf.math.is_inf(a)),
-                        psq,
-                    ]
-                )
-            )
-        assert len(cols) == n
-        with tf.control_dependencies([self._detail.assign(tf.stack(cols, axis=1))]):
+        cols = detail_columns(dict(zip(slots, grads, strict=True)), self.variables, inv_scale2)
+        with tf.control_dependencies([self._detail.assign(cols)]):
             return tf.identity(self._detail_step.assign(step) >= 0)
 
     def _write_hist(self, grads, slots, step, inv_scale2):
-        """Per-layer histograms of this step's finite gradient values (pre-clip), with fixed shapes
-        (no boolean masks), so the branch also compiles under XLA."""
+        """Per-layer histograms of this step's finite gradient values (pre-clip)."""
         by_slot = dict(zip(slots, grads, strict=True))
-        rows = []
-        for li in range(len(self.info.layers)):
-            parts = []
-            for i in np.flatnonzero(self._layer_index == li):
-                g = by_slot.get(int(i))
-                if g is not None:
-                    g = g.values if isinstance(g, tf.IndexedSlices) else g
-                    parts.append(tf.reshape(tf.cast(g, tf.float32), [-1]))
-            if not parts:
-                rows.append(tf.zeros([HIST_BINS + 7]))
-                continue
-            v = tf.concat(parts, 0)
-            if inv_scale2 is not None:
-                v = v * tf.sqrt(inv_scale2)
-            fin = tf.math.is_finite(v)
-            finf = tf.cast(fin, tf.float32)
-            vf = tf.where(fin, v, 0.0)
-            lo = tf.reduce_min(tf.where(fin, v, math.inf))
-            hi = tf.reduce_max(tf.where(fin, v, -math.inf))
-            width = tf.maximum(hi - lo, 1e-12)
-            idx = tf.clip_by_value(
-                tf.cast(tf.floor((vf - lo) / width * HIST_BINS), tf.int32), 0, HIST_BINS - 1
-            )
-            counts = tf.math.unsorted_segment_sum(finf, idx, HIST_BINS)
-            nan = tf.reduce_sum(tf.cast(tf.math.is_nan(v), tf.float32))
-            rows.append(
-                tf.concat(
-                    [
-                        counts,
-                        tf.stack(
-                            [
-                                lo,
-                                hi,
-                                tf.reduce_sum(vf),
-                                tf.reduce_sum(vf * vf),
-                                tf.reduce_sum(finf),
-                                nan,
-                                tf.cast(tf.size(v), tf.float32) - tf.reduce_sum(finf) - nan,
-                            ]
-                        ),
-                    ],
-                    0,
-                )
-            )
-        with tf.control_dependencies([self._hist.assign(tf.stack(rows))]):
+        rows = histogram_rows(by_slot, self._layer_index, len(self.info.layers), inv_scale2)
+        with tf.control_dependencies([self._hist.assign(rows)]):
             return tf.identity(self._hist_step.assign(step) >= 0)
 
     def _state(self) -> list[tf.Variable]:
@@ -951,66 +697,3 @@ class GradientMonitor(MonitorAPI):
             self._ratio_done = update_step
             self._host.record_update(update_step, update)
         return new
-
-
-def _zero_unless(ok, g):
-    if isinstance(g, tf.IndexedSlices):
-        return tf.IndexedSlices(_zero_unless(ok, g.values), g.indices, g.dense_shape)
-    return tf.where(ok, g, tf.zeros_like(g))
-
-
-def _identity(g):
-    if isinstance(g, tf.IndexedSlices):
-        return tf.IndexedSlices(tf.identity(g.values), g.indices, g.dense_shape)
-    return tf.identity(g)
-
-
-class MonitoredTape(tf.GradientTape):
-    """A drop-in `tf.GradientTape` whose `gradient()` goes through a `GradientMonitor`.
-
-    Without accumulation buffers, each `gradient()` call is one optimizer step: the gradients of
-    monitored variables are measured and returned clipped (sources that are not monitored variables
-    pass through). With `accumulators=` set on the monitor, `gradient()` only counts the micro-batch
-    and checks the buffers were reset; call `monitor.step(accumulators, variables)` before applying.
-    """
-
-    def __init__(
-        self,
-        monitor: GradientMonitor,
-        persistent: bool = False,
-        watch_accessed_variables: bool = True,
-    ) -> None:
-        super().__init__(persistent=persistent, watch_accessed_variables=watch_accessed_variables)
-        self._monitor = monitor
-
-    @tf.autograph.experimental.do_not_convert
-    def gradient(
-        self,
-        target,
-        sources,
-        output_gradients=None,
-        unconnected_gradients=tf.UnconnectedGradients.NONE,
-    ):
-        grads = super().gradient(
-            target,
-            sources,
-            output_gradients=output_gradients,
-            unconnected_gradients=unconnected_gradients,
-        )
-        m = self._monitor
-        m._resolve()
-        if m._accumulators is not None:
-            m._on_backward()
-            return grads
-        single = len(tf.nest.flatten(sources)) == 1 and not isinstance(sources, (list, tuple, dict))
-        flat_src = tf.nest.flatten(sources)
-        flat_g = [grads] if single else tf.nest.flatten(grads)
-        pick = [i for i, s in enumerate(flat_src) if _key(s) in m._index]
-        if not pick:
-            return grads
-        clipped = m.step([flat_g[i] for i in pick], [flat_src[i] for i in pick])
-        for i, g in zip(pick, clipped, strict=True):
-            flat_g[i] = g
-        if single:
-            return flat_g[0]
-        return tf.nest.pack_sequence_as(grads, flat_g)

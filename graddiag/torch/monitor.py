@@ -1,20 +1,5 @@
-"""PyTorch adapter: measure per-layer gradient statistics on the device, clip, and diagnose.
-
-Usage::
-
-    monitor = GradientMonitor(model, optimizer, logdir="runs/exp1", clip=GlobalNormClip(1.0))
-    for x, y in loader:
-        optimizer.zero_grad()
-        loss_fn(model(x), y).backward()
-        optimizer.step()          # hooked: stats, clipping and findings happen here
-    monitor.close()
-    print(monitor.summary())
-
-Cost model (see docs/benchmarks.md): every step runs a handful of fused device ops (stacked
-same-shape gradients reduced with one row-wise norm, one dot per large tensor) and writes a row into a
-device ring buffer; the host reads that buffer once per log step (`every`), so detectors still see
-every step. `nonfinite="skip"`/`"raise"` and `trace_nonfinite=True` add one host sync per step.
-"""
+"""`graddiag.torch.GradientMonitor`: where to hook a PyTorch training loop; the device half of a
+monitor (the host half is `graddiag.host`)."""
 
 from __future__ import annotations
 
@@ -30,290 +15,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from graddiag.clip import EMPTY, Gradients, clip_gradients
+from graddiag.clip import Gradients, clip_gradients
 from graddiag.detectors import Detector
 from graddiag.findings import Finding
-from graddiag.host import HIST_BINS, HostPath, MonitorAPI
-from graddiag.monitor import NonFiniteGradientError, StepReport, close_at_exit_hook
+from graddiag.host import HostPath, MonitorAPI
+from graddiag.monitor import StepReport, close_at_exit_hook
 from graddiag.settings import Settings
 from graddiag.stats import ModelInfo
-
-__all__ = ["GradientMonitor", "NonFiniteGradientError", "TorchOps"]
-
-#: Tensors up to this many elements that share a shape (at least STACK_MIN of them) are stacked and
-#: reduced with one row-wise norm; larger ones get one dot each. Measured in benchmarks/bench_torch.py.
-STACK_MAX_NUMEL = 1 << 16
-STACK_MIN = 8
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-class TorchOps:
-    """`graddiag.clip.ClipOps` over torch tensors on one device, with no host sync.
-
-    Gradient lists are updated in place (the same list is returned). `plan` (the step's `_Plan`,
-    the gradient list being `plan.order`) makes `sumsq` as fast as the step's own measurement;
-    `names` (aligned with the gradient list) name a sparse gradient that ValueClip or AGC cannot
-    handle.
-    """
-
-    def __init__(
-        self, device: torch.device, plan: _Plan | None = None, names: list[str] | None = None
-    ) -> None:
-        self.device = device
-        self.plan = plan
-        self.names = names
-
-    sqrt = staticmethod(torch.sqrt)
-    sum = staticmethod(torch.sum)
-
-    @staticmethod
-    def minimum1(x):
-        return torch.clamp(x, max=1.0)
-
-    @staticmethod
-    def maximum(x, floor: float):
-        return torch.clamp(x, min=floor)
-
-    @staticmethod
-    def where(cond, a, b):
-        return torch.where(cond, a, b)
-
-    def full(self, n: int, value: float):
-        return torch.full((n,), value, dtype=torch.float32, device=self.device)
-
-    def scalar(self, value: float):
-        return torch.tensor(value, dtype=torch.float32, device=self.device)
-
-    @staticmethod
-    def quantile_first(x, n, q: float):
-        last = torch.clamp(n - 1, min=0)
-        pos = q * last
-        lo = torch.floor(pos)
-        hi = torch.minimum(lo + 1, last)
-        ranked = torch.sort(x).values
-        a, b = ranked[lo.long()], ranked[hi.long()]
-        return torch.where(n > 0, a + (b - a) * (pos - lo), torch.full_like(a, EMPTY))
-
-    @staticmethod
-    def roll_in(buf, index, value):
-        out = buf.clone()
-        i = (index.long() % buf.shape[0]).view(1)
-        return out.index_put_((i,), value.to(buf.dtype).view(1))
-
-    def segment_sum(self, x, segments, n: int):
-        return torch.zeros(n, dtype=x.dtype, device=self.device).index_add_(0, segments, x)
-
-    @staticmethod
-    def gather(x, index):
-        return x[index]
-
-    def sumsq(self, grads):
-        by_param = dict(zip(self.plan.order.tolist(), grads, strict=True))
-        return _sumsq(by_param, self.plan, self.device)
-
-    def scale(self, grads, factors):
-        _mul_(grads, factors if factors.dim() == 0 else list(factors.unbind()), self._sparse)
-        return grads
-
-    def clamp(self, grads, limit: float):
-        self._dense_only(grads, "ValueClip")
-        torch._foreach_clamp_min_(grads, -limit)
-        torch._foreach_clamp_max_(grads, limit)
-        return grads
-
-    def unit_norms(self, grads, params) -> tuple[list, list]:
-        """Norms over all dims but the first (a torch weight's output units), float32."""
-        self._dense_only(grads, "AGC")
-        g_norms, p_norms = [], []
-        for g, p in zip(grads, params, strict=True):
-            dims = tuple(range(1, g.dim())) if g.dim() > 1 else None
-            g_norms.append(torch.linalg.vector_norm(g, dim=dims, keepdim=True, dtype=torch.float32))
-            p_norms.append(
-                torch.linalg.vector_norm(p.detach(), dim=dims, keepdim=True, dtype=torch.float32)
-            )
-        return g_norms, p_norms
-
-    @staticmethod
-    def scale_units(grads, factors: list):
-        for g, f in zip(grads, factors, strict=True):
-            g.mul_(f.to(g.dtype))
-        return grads
-
-    @property
-    def _sparse(self) -> bool:
-        return self.plan is not None and self.plan.has_sparse
-
-    def _dense_only(self, grads, policy: str) -> None:
-        if not self._sparse:
-            return
-        for name, g in zip(self.names, grads, strict=True):
-            if g.is_sparse:
-                raise ValueError(
-                    f"{policy} does not support the sparse gradient of parameter {name!r}; "
-                    "use a norm-based policy"
-                )
-
-
-class _Plan:
-    """How to reduce one pattern of present gradients with few device ops.
-
-    - `stacks`: groups of at least `STACK_MIN` small same-shape tensors: one `stack` + one row-wise
-      `vector_norm` (measured: 7x faster than `_foreach_norm` over the same 100 tensors);
-    - `dots`: large dense float32/float64 tensors: one `dot` each (reads at full bandwidth, about
-      twice as fast as `vector_norm` on CPU);
-    - `bucket`: everything else, one `_foreach_norm` (float32 accumulation for fp16/bf16);
-    - `sparse`: sparse gradients, reduced over their coalesced values.
-
-    `order` maps output positions to parameter indices.
-    """
-
-    def __init__(
-        self, idx: list[int], params: list[torch.Tensor], layer_of: np.ndarray, device
-    ) -> None:
-        groups: dict[tuple, list[int]] = {}
-        self.dots: list[int] = []
-        self.sparse: list[int] = []
-        bucket: list[int] = []
-        for i in idx:
-            p = params[i]  # the gradient as measured (a complex one viewed as real pairs)
-            if p.is_sparse:
-                self.sparse.append(i)
-            elif p.dtype in _LOW_PRECISION:
-                bucket.append(i)
-            elif p.numel() > STACK_MAX_NUMEL:
-                self.dots.append(i)
-            else:
-                groups.setdefault((tuple(p.shape), p.dtype, p.device), []).append(i)
-        self.stacks = []
-        for members in groups.values():
-            if len(members) >= STACK_MIN:
-                self.stacks.append(members)
-            else:
-                bucket.extend(members)
-        by_device: dict[Any, list[int]] = {}
-        for i in bucket:  # low-precision tensors get their own bucket (float32 accumulation)
-            low = params[i].dtype in _LOW_PRECISION
-            by_device.setdefault((params[i].device, low), []).append(i)
-        self.buckets = list(by_device.values())
-        self.present = list(idx)
-        self.mask = np.zeros(len(params), dtype=bool)
-        self.mask[idx] = True
-        self.has_sparse = bool(self.sparse)
-        order = (
-            [i for g in self.stacks for i in g]
-            + [i for b in self.buckets for i in b]
-            + self.dots
-            + self.sparse
-        )
-        self.order = np.asarray(order, dtype=np.int64)
-        self.order_t = torch.as_tensor(self.order, device=device)
-        self.layer_t = torch.as_tensor(layer_of[self.order], device=device)
-
-
-def _sumsq(tensors: list[torch.Tensor], plan: _Plan, device) -> torch.Tensor:
-    """float32 sums of squares of `tensors` (indexed like the parameters) in `plan.order`."""
-    parts = []
-    for members in plan.stacks:
-        m = torch.stack([tensors[i] for i in members]).view(len(members), -1)
-        parts.append(torch.linalg.vector_norm(m, dim=1).float().square())
-    for members in plan.buckets:
-        ts = [tensors[i] for i in members]
-        low = ts[0].dtype in _LOW_PRECISION
-        norms = torch._foreach_norm(ts, 2, dtype=torch.float32) if low else torch._foreach_norm(ts)
-        parts.append(torch.stack(norms).float().square())
-    for i in plan.dots:
-        f = tensors[i].reshape(-1)
-        parts.append(torch.dot(f, f).float().view(1))
-    for i in plan.sparse:
-        v = tensors[i].coalesce().values().reshape(-1).float()
-        parts.append(torch.dot(v, v).view(1))
-    parts = [p if p.device == device else p.to(device, non_blocking=True) for p in parts]
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
-
-
-def _measured(g: torch.Tensor | None) -> torch.Tensor | None:
-    """The gradient as graddiag measures it: a complex one as a real view of (re, im) pairs, so
-    sums of squares are sums of |z|^2 and in-place clipping still acts on the gradient."""
-    if g is not None and g.is_complex() and not g.is_sparse:
-        return torch.view_as_real(g)
-    return g
-
-
-def _flat(g: torch.Tensor) -> torch.Tensor:
-    """The stored values of a gradient as a flat tensor (a sparse gradient's coalesced values)."""
-    return g.coalesce().values().reshape(-1) if g.is_sparse else g.reshape(-1)
-
-
-def _mul_(tensors: list[torch.Tensor], factors, has_sparse: bool) -> None:
-    """In-place multiply by one factor or one per tensor (a plain loop where sparse grads forbid
-    the fused op)."""
-    if not has_sparse:
-        torch._foreach_mul_(tensors, factors)
-        return
-    for i, t in enumerate(tensors):
-        t.mul_(factors[i] if isinstance(factors, list) else factors)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside `torch.compile` / (Distributed)DataParallel wrappers, so layer
-    names read `encoder.0`, not `_orig_mod.encoder.0` or `module.encoder.0` (same parameters)."""
-    while True:
-        inner = getattr(model, "_orig_mod", None)
-        if isinstance(inner, nn.Module):
-            model = inner
-        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        else:
-            return model
-
-
-def _owner(module_name: str) -> str:
-    """The layer a module's parameters belong to: a parametrization's parameters
-    (`0.parametrizations.weight.original`, from `weight_norm`, `spectral_norm`,
-    `register_parametrization`) belong to the parametrized module (`0`), not to a layer of their own.
-    """
-    parts = module_name.split(".")
-    if "parametrizations" in parts:
-        parts = parts[: parts.index("parametrizations")]
-    return ".".join(parts)
-
-
-def _layers_of(
-    model: nn.Module,
-) -> tuple[list[str], list[nn.Parameter], list[str], np.ndarray, list[str], list[str]]:
-    """Layers (modules directly owning trainable parameters), their params, names and frozen ones."""
-    seen: dict[int, str] = {}
-    layers: list[str] = []
-    params: list[nn.Parameter] = []
-    pnames: list[str] = []
-    layer_of: list[int] = []
-    frozen: list[str] = []
-    shared: list[str] = []
-    root = type(model).__name__
-    for mname, module in model.named_modules(remove_duplicate=False):
-        for pname, p in module.named_parameters(recurse=False):
-            full = f"{mname}.{pname}" if mname else pname
-            if id(p) in seen:
-                if seen[id(p)] != full:
-                    shared.append(full)
-                continue
-            seen[id(p)] = full
-            if not p.requires_grad:
-                frozen.append(full)
-                continue
-            lname = _owner(mname) or root
-            if not layers or layers[-1] != lname:
-                if lname in layers:
-                    layer_idx = layers.index(lname)
-                else:
-                    layers.append(lname)
-                    layer_idx = len(layers) - 1
-            else:
-                layer_idx = len(layers) - 1
-            params.append(p)
-            pnames.append(full)
-            layer_of.append(layer_idx)
-    return layers, params, pnames, np.asarray(layer_of, dtype=np.int64), frozen, shared
+from graddiag.torch._measure import (
+    Plan,
+    detail_rows,
+    histogram_rows,
+    measured,
+    sum_squares,
+)
+from graddiag.torch._model import layers_of, unwrap
+from graddiag.torch._ops import TorchOps
 
 
 class GradientMonitor(MonitorAPI):
@@ -410,8 +127,8 @@ class GradientMonitor(MonitorAPI):
             start_step=start_step,
         )
 
-        base = _unwrap(model)
-        layers, params, pnames, layer_of, frozen, shared = _layers_of(base)
+        base = unwrap(model)
+        layers, params, pnames, layer_of, frozen, shared = layers_of(base)
         if not params:
             raise ValueError(
                 f"`model` {type(model).__name__} has no trainable parameters (requires_grad=True)"
@@ -439,7 +156,7 @@ class GradientMonitor(MonitorAPI):
         self._atexit = close_at_exit_hook(self)  # drains the ring buffer into the log at exit
         self.step_count = settings.start_step
         self.closed = False
-        self._plans: dict[tuple, _Plan] = {}
+        self._plans: dict[tuple, Plan] = {}
         self._pending: list[tuple[int, dict[str, Any]]] = []  # steps in the ring, host facts
         self._no_grad = np.zeros(len(params), dtype=bool)
         self._backward_calls = 0
@@ -643,11 +360,11 @@ class GradientMonitor(MonitorAPI):
         step = self.step_count
         self.step_count += 1
         params = self.params
-        grads = [_measured(p.grad) for p in params]
+        grads = [measured(p.grad) for p in params]
         key = tuple(g is not None for g in grads)
         plan = self._plans.get(key)
         if plan is None and any(key):
-            plan = self._plans[key] = _Plan(
+            plan = self._plans[key] = Plan(
                 [i for i, k in enumerate(key) if k], grads, self.layer_of, self.device
             )
         present = plan.present if plan is not None else []
@@ -661,18 +378,22 @@ class GradientMonitor(MonitorAPI):
         origin = None
         detail = bool(self.detail_every and (step + 1) % self.detail_every == 0)
         # detail statistics and histograms describe the gradients before clipping, like grad_norm
-        extra = self._detail(grads, present) if detail and present else None
+        extra = (
+            detail_rows(grads, present, self.params, self._numel) if detail and present else None
+        )
         if (
             self.hist_every
             and step % self.hist_every == 0
             and self.core.sink is not None
             and present
         ):
-            self._histograms(step, grads)
+            hist = histogram_rows(grads, self.layer_of, self._n_layers, self.device)
+            if hist is not None:
+                self.core.write_histograms(step, *hist)
         if not present:
             sumsq = coef = layer_coef = None
         else:
-            sumsq = _sumsq(grads, plan, self.device)
+            sumsq = sum_squares(grads, plan, self.device)
             if self.nonfinite != "warn" or self.trace_nonfinite:
                 bad = not bool(torch.isfinite(sumsq.sum()))  # the one sync these modes pay for
                 if bad and self.trace_nonfinite:
@@ -751,7 +472,7 @@ class GradientMonitor(MonitorAPI):
                 return name
         return None
 
-    def _clip(self, grads, plan: _Plan, sumsq):
+    def _clip(self, grads, plan: Plan, sumsq):
         """Apply the clipping chain in place through `graddiag.clip.clip_gradients`.
 
         Returns `(coef, layer_coef)`: the global norm after clipping / before (a device scalar),
@@ -770,110 +491,6 @@ class GradientMonitor(MonitorAPI):
         out = clip_gradients(self.chain, view, self._clip_states, ops)
         self._clip_states = out.state
         return out.clip_coef, out.layer_coef
-
-    def _detail(self, grads, present) -> np.ndarray:
-        """Detail rows of the current step (`graddiag.host.DETAIL_FIELDS` x parameters), in one
-        host read; NaN/Inf are counted (a second read) only when some max |g| is not finite.
-
-        max |g| comes from one `aminmax` pass per tensor (20x faster on CPU than an inf-norm).
-        """
-        P = len(self.params)
-        idx = [i for i in present if grads[i].numel() and _flat(grads[i]).numel()]
-        cols = []
-        for i in idx:
-            v = _flat(grads[i])
-            mn, mx = torch.aminmax(v)
-            cols.append(torch.stack([mn.float(), mx.float(), torch.count_nonzero(v).float()]))
-        pnorm = torch.stack(torch._foreach_norm([p.detach() for p in self.params])).float()
-        host = torch.cat([torch.stack(cols, 1).reshape(-1) if cols else pnorm[:0], pnorm])
-        host = host.double().numpy(force=True)
-        k = len(idx)
-        mm = host[: 3 * k].reshape(3, k) if k else np.zeros((3, 0))
-        # rows: grad_max, nonzero, nan, inf, param_sumsq
-        out = np.zeros((5, P))
-        out[1] = self._numel
-        out[4] = host[3 * k :] ** 2
-        if k:
-            out[0, idx] = np.maximum(-mm[0], mm[1])
-            out[0, np.asarray(idx)[~np.isfinite(mm[0]) | ~np.isfinite(mm[1])]] = np.nan
-            out[1, idx] = mm[2]
-        for i in present:
-            if grads[i].is_sparse and i not in idx:  # an empty sparse gradient is all zeros
-                out[1, i] = 0.0
-        if np.isnan(out[0, present]).any():
-            flats = [_flat(grads[i]) for i in present]
-            counts = torch.stack(
-                [torch.stack([torch.isnan(v).sum(), torch.isinf(v).sum()]) for v in flats]
-            )
-            out[2:4, present] = counts.double().numpy(force=True).T
-        return out
-
-    def _histograms(self, step: int, grads) -> None:
-        """Per-layer histograms of finite gradient values, NaN/Inf counts beside them, written
-        through the core (`MonitorCore.write_histograms`).
-
-        Two host reads for all layers: per-tensor ranges, then per-layer counts and moments.
-        """
-        bins = HIST_BINS
-        layer_vals: list[list[torch.Tensor]] = [[] for _ in self.layers]
-        for i, g in enumerate(grads):
-            if g is not None:
-                v = _flat(g)
-                if v.numel():
-                    layer_vals[self.layer_of[i]].append(
-                        v if v.dtype not in _LOW_PRECISION else v.float()
-                    )
-        flat = [v for vs in layer_vals for v in vs]
-        if not flat:
-            return
-        ranges = (
-            torch.stack([torch.stack(torch.aminmax(v)).float() for v in flat])
-            .double()
-            .numpy(force=True)
-        )
-        rows, bounds, k = [], [], 0
-        zero = torch.zeros((), device=self.device)
-        has = np.zeros(self._n_layers, dtype=bool)
-        for li, vs in enumerate(layer_vals):
-            if not vs:
-                continue
-            has[li] = True
-            r = ranges[k : k + len(vs)]
-            k += len(vs)
-            lo, hi = float(r[:, 0].min()), float(r[:, 1].max())
-            if np.isfinite(lo) and np.isfinite(hi):  # no NaN/Inf: histogram each tensor in place
-                hi = hi if hi > lo else lo + 1e-12
-                counts = sum(torch.histc(v, bins=bins, min=lo, max=hi) for v in vs)
-                moments = torch.stack([sum(v.sum() for v in vs), sum(torch.dot(v, v) for v in vs)])
-                num = torch.tensor(float(sum(v.numel() for v in vs)), device=self.device)
-                nan = inf = zero
-            else:  # rare: mask the non-finite values out
-                v = torch.cat(vs)
-                fin = torch.isfinite(v)
-                vals = v[fin]
-                nan = torch.isnan(v).sum()
-                inf = (~fin).sum() - nan
-                num = fin.sum()
-                lo, hi = (float(vals.min()), float(vals.max())) if vals.numel() else (0.0, 0.0)
-                hi = hi if hi > lo else lo + 1e-12
-                counts = torch.histc(vals, bins=bins, min=lo, max=hi)
-                moments = torch.stack([vals.sum(), (vals * vals).sum()])
-            rows.append(
-                torch.cat(
-                    [
-                        counts.float(),
-                        moments.float().reshape(2),
-                        torch.stack([num, nan, inf]).float(),
-                    ]
-                )
-            )
-            bounds.append((li, lo, hi))
-        host = torch.stack(rows).double().numpy(force=True)
-        out = np.zeros((self._n_layers, bins + 7))
-        for (li, lo, hi), row in zip(bounds, host, strict=True):
-            out[li, :bins] = row[:bins]
-            out[li, bins:] = (lo, hi, *row[bins:])
-        self.core.write_histograms(step, out, has)
 
     def _drain(self) -> list[Finding]:
         """Fetch the pending rows of the ring buffer (one host sync) and hand them to the host

@@ -1,0 +1,147 @@
+"""What the TensorFlow adapter computes in the graph: sums of squares, scaling that keeps
+`IndexedSlices`, detail statistics and histogram rows."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from graddiag.host import HIST_BINS, HIST_WIDTH
+
+
+def sum_squares(g) -> tf.Tensor:
+    """Sum of squares of one gradient, accumulated in float32 (IndexedSlices: of the dense sum)."""
+    if isinstance(g, tf.IndexedSlices):
+        g = dedup(g).values
+    if g.dtype != tf.float32:
+        g = tf.cast(g, tf.float32)
+    return 2.0 * tf.nn.l2_loss(g)
+
+
+def dedup(g: tf.IndexedSlices) -> tf.IndexedSlices:
+    """Sum the rows of repeated indices, so norms and value clipping see the dense gradient."""
+    unique, idx = tf.unique(g.indices)
+    values = tf.math.unsorted_segment_sum(g.values, idx, tf.size(unique))
+    return tf.IndexedSlices(values, unique, g.dense_shape)
+
+
+def map_values(fn, g):
+    """`fn(g)`, or on the values of an `IndexedSlices`."""
+    if isinstance(g, tf.IndexedSlices):
+        return tf.IndexedSlices(fn(g.values), g.indices, g.dense_shape)
+    return fn(g)
+
+
+def scale_grad(g, factor):
+    """`g * factor` (factor: float32 scalar or broadcastable), keeping dtype and IndexedSlices."""
+    return map_values(lambda v: v * tf.cast(factor, v.dtype), g)
+
+
+def unit_norms(x, scale=None):
+    """float32 norms per output unit (the last axis of a Keras kernel), shaped to broadcast; one
+    unit for vectors/scalars. Deduplicated IndexedSlices: over their rows (the others are zero)."""
+    if isinstance(x, tf.IndexedSlices):
+        x = x.values
+    x = tf.convert_to_tensor(x)
+    x = tf.cast(x, tf.float32) if x.dtype != tf.float32 else x
+    if scale is not None:
+        x = x / scale
+    axes = list(range(x.shape.rank - 1)) if x.shape.rank > 1 else None
+    return tf.sqrt(tf.reduce_sum(tf.square(x), axis=axes, keepdims=x.shape.rank > 1))
+
+
+def zero_unless(ok, g):
+    if isinstance(g, tf.IndexedSlices):
+        return tf.IndexedSlices(zero_unless(ok, g.values), g.indices, g.dense_shape)
+    return tf.where(ok, g, tf.zeros_like(g))
+
+
+def identity(g):
+    if isinstance(g, tf.IndexedSlices):
+        return tf.IndexedSlices(tf.identity(g.values), g.indices, g.dense_shape)
+    return tf.identity(g)
+
+
+def detail_columns(by_slot: dict, variables: list, inv_scale2=None) -> tf.Tensor:
+    """Detail statistics of one step (`graddiag.host.DETAIL_FIELDS` x variables): max |g|, non-zero,
+    NaN and Inf counts of each gradient in `by_slot` (variable index -> gradient), and each
+    variable's sum of squares."""
+    n = len(variables)
+    cols = []
+    for i, v in enumerate(variables):
+        g = by_slot.get(i)
+        p = tf.convert_to_tensor(v)
+        psq = sum_squares(p if p.dtype.is_floating else tf.cast(p, tf.float32))
+        if g is None:
+            cols.append(tf.stack([0.0, 0.0, 0.0, 0.0, psq]))
+            continue
+        values = g.values if isinstance(g, tf.IndexedSlices) else g
+        a = tf.abs(tf.cast(values, tf.float32))
+        if inv_scale2 is not None:
+            a = a * tf.sqrt(inv_scale2)
+        count = lambda m: tf.cast(tf.math.count_nonzero(m), tf.float32)  # noqa: E731
+        cols.append(
+            tf.stack(
+                [
+                    tf.reduce_max(a) if a.shape.num_elements() != 0 else 0.0,
+                    count(tf.not_equal(a, 0.0)),
+                    count(tf.math.is_nan(a)),
+                    count(tf.math.is_inf(a)),
+                    psq,
+                ]
+            )
+        )
+    assert len(cols) == n
+    return tf.stack(cols, axis=1)
+
+
+def histogram_rows(by_slot: dict, layer_index: np.ndarray, n_layers: int, inv_scale2=None):
+    """Per-layer histogram rows (`graddiag.host.HIST_WIDTH` each) of one step's finite gradient
+    values, with fixed shapes (no boolean masks), so the branch also compiles under XLA."""
+    rows = []
+    for li in range(n_layers):
+        parts = []
+        for i in np.flatnonzero(layer_index == li):
+            g = by_slot.get(int(i))
+            if g is not None:
+                g = g.values if isinstance(g, tf.IndexedSlices) else g
+                parts.append(tf.reshape(tf.cast(g, tf.float32), [-1]))
+        if not parts:
+            rows.append(tf.zeros([HIST_WIDTH]))
+            continue
+        v = tf.concat(parts, 0)
+        if inv_scale2 is not None:
+            v = v * tf.sqrt(inv_scale2)
+        fin = tf.math.is_finite(v)
+        finf = tf.cast(fin, tf.float32)
+        vf = tf.where(fin, v, 0.0)
+        lo = tf.reduce_min(tf.where(fin, v, math.inf))
+        hi = tf.reduce_max(tf.where(fin, v, -math.inf))
+        width = tf.maximum(hi - lo, 1e-12)
+        idx = tf.clip_by_value(
+            tf.cast(tf.floor((vf - lo) / width * HIST_BINS), tf.int32), 0, HIST_BINS - 1
+        )
+        counts = tf.math.unsorted_segment_sum(finf, idx, HIST_BINS)
+        nan = tf.reduce_sum(tf.cast(tf.math.is_nan(v), tf.float32))
+        rows.append(
+            tf.concat(
+                [
+                    counts,
+                    tf.stack(
+                        [
+                            lo,
+                            hi,
+                            tf.reduce_sum(vf),
+                            tf.reduce_sum(vf * vf),
+                            tf.reduce_sum(finf),
+                            nan,
+                            tf.cast(tf.size(v), tf.float32) - tf.reduce_sum(finf) - nan,
+                        ]
+                    ),
+                ],
+                0,
+            )
+        )
+    return tf.stack(rows)
