@@ -8,7 +8,7 @@ import functools
 import os
 import types
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,7 +38,10 @@ class GradientMonitor(MonitorAPI):
 
     Args:
         model: the `torch.nn.Module` to watch.
-        optimizer: if given, its `step()` is hooked so no call to `monitor.step()` is needed
+        optimizer: an optimizer or a list of them (e.g. `SparseAdam` for an embedding and `Adam`
+            for the rest, or a GAN's two): each one's `step()` is hooked so no call to
+            `monitor.step()` is needed, and each hooked step is one monitored step;
+            "not in the optimizer" findings mean "in none of them"
             (statistics are taken just before the update; `nonfinite="skip"` skips the update).
         logdir: TensorBoard run directory, or None to keep results in memory only.
         every: host reads of the statistics happen every `every` steps (the log step); all steps are
@@ -82,7 +85,7 @@ class GradientMonitor(MonitorAPI):
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer | None = None,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
         logdir: str | os.PathLike | None = None,
         *,
         every: int = 10,
@@ -101,14 +104,7 @@ class GradientMonitor(MonitorAPI):
             raise TypeError(
                 f"Expected `model` to be a torch.nn.Module, got {type(model).__name__}: {model!r:.80}"
             )
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"Expected `optimizer` to be a torch.optim.Optimizer or None, got {optimizer!r:.80}"
-            )
-        if isinstance(optimizer, torch.optim.LBFGS):
-            raise ValueError(
-                "`optimizer` LBFGS re-evaluates its closure; hook it manually with monitor.step()"
-            )
+        optimizers = [] if optimizer is None else _optimizers(optimizer)
         if scaler is not None and optimizer is None:
             raise ValueError(
                 "`scaler` needs `optimizer` (to know whether gradients are unscaled yet)"
@@ -135,17 +131,14 @@ class GradientMonitor(MonitorAPI):
             )
         self.model = model
         self.optimizer = optimizer
+        self.optimizers = optimizers
         self.scaler = scaler
         self.layers = layers
         self.params = params
         self.param_names = pnames
         self.layer_of = layer_of
         self._n_layers = len(layers)
-        unoptimized: list[str] = []
-        if optimizer is not None:
-            held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-            unoptimized = [n for n, p in zip(pnames, params, strict=True) if id(p) not in held]
-        self._frozen, self._shared, self._unoptimized = frozen, shared, unoptimized
+        self._frozen, self._shared = frozen, shared
         self._numel = np.asarray([p.numel() for p in params], dtype=np.float64)
         self._settings = settings
         self._host = HostPath(
@@ -159,10 +152,7 @@ class GradientMonitor(MonitorAPI):
         self._plans: dict[tuple, Plan] = {}
         self._pending: list[tuple[int, dict[str, Any]]] = []  # steps in the ring, host facts
         self._no_grad = np.zeros(len(params), dtype=bool)
-        self._backward_calls = 0
-        self._probe: nn.Parameter | None = None
-        self._probe_ref = None
-        self._probe_version = 0
+        self._probes: dict[int, _Probe] = {}  # accumulation probe per optimizer (0: manual)
         self._snapshot: tuple[int, list[torch.Tensor]] | None = None
         self._handles: list[Any] = []
         self._order_seen: list[int] = []
@@ -179,10 +169,10 @@ class GradientMonitor(MonitorAPI):
                     )
                 )
         self._restore: list[tuple[Any, str, Any]] = []
-        if optimizer is not None:
-            self._wrap(optimizer, "step", self._hooked_optimizer_step)
-            if scaler is not None:
-                self._wrap(scaler, "step", self._hooked_scaler_step)
+        for k, opt in enumerate(optimizers):
+            self._wrap(opt, "step", functools.partial(self._hooked_optimizer_step, k))
+        if scaler is not None:
+            self._wrap(scaler, "step", self._hooked_scaler_step)
         self._in_scaler_step = False
 
     # ----------------------------------------------------------------------------- hooks
@@ -200,7 +190,7 @@ class GradientMonitor(MonitorAPI):
         setattr(obj, attr, wrapper)
         self._restore.append((obj, attr, (had_instance_attr, orig, wrapper)))
 
-    def _hooked_optimizer_step(self, orig):
+    def _hooked_optimizer_step(self, k: int, orig):
         def step(*args, **kwargs):
             if self.closed or self._in_scaler_step:
                 return orig(*args, **kwargs)
@@ -209,7 +199,7 @@ class GradientMonitor(MonitorAPI):
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
-            report = self._on_step(loss)
+            report = self._on_step(loss, opt=k)
             if report.skipped:
                 return loss
             out = orig() if closure is None else orig(lambda: loss)
@@ -220,15 +210,18 @@ class GradientMonitor(MonitorAPI):
 
     def _hooked_scaler_step(self, orig):
         def step(optimizer, *args, **kwargs):
-            if self.closed or optimizer is not self.optimizer:
+            k = next((i for i, o in enumerate(self.optimizers) if o is optimizer), None)
+            if self.closed or k is None:
                 return orig(optimizer, *args, **kwargs)
-            reset = self._grad_reset()  # before unscale_ bumps the gradients' versions
+            if self.core is None:
+                self._start()
+            reset = self._probe(k).reset()  # before unscale_ bumps the gradients' versions
             try:  # measure and clip true gradients (scaled sums of squares can overflow float32)
                 self.scaler.unscale_(optimizer)
             except RuntimeError as e:  # the user unscaled already (e.g. to clip themselves)
                 if "already been called" not in str(e):
                     raise
-            report = self._on_step(None, reset)
+            report = self._on_step(None, reset, opt=k)
             if report.skipped:
                 return None
             self._in_scaler_step = True
@@ -246,9 +239,6 @@ class GradientMonitor(MonitorAPI):
             self._order_seen.append(i)
 
         return hook
-
-    def _count_backward(self, _p) -> None:
-        self._backward_calls += 1
 
     def _make_trace_hook(self, name: str):
         def hook(_module, grad_input, grad_output):
@@ -276,7 +266,7 @@ class GradientMonitor(MonitorAPI):
         """
         if self.closed:
             raise RuntimeError("GradientMonitor is closed; create a new one to keep monitoring")
-        if self.optimizer is not None and not self._in_scaler_step:
+        if self.optimizers and not self._in_scaler_step:
             raise RuntimeError(
                 "GradientMonitor was given the optimizer and hooks its step(); "
                 "do not also call monitor.step()"
@@ -302,6 +292,8 @@ class GradientMonitor(MonitorAPI):
         atexit.unregister(self._atexit)
         for h in self._order_handles + self._handles:
             h.remove()
+        for probe in self._probes.values():
+            probe.remove()
         for obj, attr, (had, orig, wrapper) in reversed(self._restore):
             if getattr(obj, attr, None) is wrapper:
                 if had:
@@ -328,12 +320,12 @@ class GradientMonitor(MonitorAPI):
             name = self.layers[self.layer_of[i]]
             if name not in order:
                 order.append(name)
-        if self._order_seen:
-            self._probe = self.params[self._order_seen[0]]
-            self._handles.append(
-                self._probe.register_post_accumulate_grad_hook(self._count_backward)
-            )
-            self._backward_calls = 1
+        held = self._held()
+        unoptimized = []
+        if held is not None:
+            unoptimized = [
+                n for n, p in zip(self.param_names, self.params, strict=True) if id(p) not in held
+            ]
         info = ModelInfo(
             layers=tuple(self.layers),
             param_counts=tuple(
@@ -341,20 +333,41 @@ class GradientMonitor(MonitorAPI):
             ),
             backward_order=tuple(order) if order else None,
             frozen=tuple(self._frozen),
-            unoptimized=tuple(self._unoptimized),
+            unoptimized=tuple(unoptimized),
             shared=tuple(self._shared),
         )
         self._host.start(info, amp=self.scaler is not None)
 
-    def _grad_reset(self) -> bool | None:
-        if self._probe is None or self._probe_ref is None:
+    def _held(self) -> set[int] | None:
+        """ids of the parameters some optimizer holds (None without optimizers)."""
+        if not self.optimizers:
             return None
-        g = self._probe.grad
-        if g is None or self._probe_ref() is not g:
-            return True
-        return (g._version - self._probe_version) > self._backward_calls
+        return {id(p) for o in self.optimizers for g in o.param_groups for p in g["params"]}
 
-    def _on_step(self, loss, reset: bool | None | str = "observe") -> StepReport:
+    def _probe(self, k: int) -> _Probe:
+        """Optimizer `k`'s accumulation probe: the first parameter in backward order that it holds
+        and that still trains; chosen anew when that one freezes."""
+        probe = self._probes.get(k)
+        if probe is not None and probe.param is not None and probe.param.requires_grad:
+            return probe
+        if probe is not None:
+            probe.remove()
+        held = None
+        if self.optimizers:
+            held = {id(p) for g in self.optimizers[k].param_groups for p in g["params"]}
+        # in backward order where the first backward pass showed it; else any that has a gradient
+        order = self._order_seen + [i for i, p in enumerate(self.params) if p.grad is not None]
+        candidates = [
+            self.params[i]
+            for i in order
+            if self.params[i].requires_grad and (held is None or id(self.params[i]) in held)
+        ]
+        self._probes[k] = probe = _Probe(
+            candidates[0] if candidates else None, fresh=probe is None or probe.param is None
+        )
+        return probe
+
+    def _on_step(self, loss, reset: bool | None | str = "observe", opt: int = 0) -> StepReport:
         if self.core is None:
             self._start()
         step = self.step_count
@@ -368,10 +381,10 @@ class GradientMonitor(MonitorAPI):
                 [i for i, k in enumerate(key) if k], grads, self.layer_of, self.device
             )
         present = plan.present if plan is not None else []
+        probe = self._probe(opt)
         if reset == "observe":
-            reset = self._grad_reset()
-        calls = self._backward_calls if self._probe is not None else None
-        self._backward_calls = 0
+            reset = probe.reset()
+        calls = probe.take_calls()
         report = StepReport(step=step)
         row = step % self.every
         log_step = row == self.every - 1
@@ -434,21 +447,14 @@ class GradientMonitor(MonitorAPI):
             try:
                 report.findings = self._drain()
             finally:
-                self._record_probe()
+                probe.record()
             report.logged = True
             report.stats = self.core.history[-1] if self.core.history else None
         else:
-            self._record_probe()
-        if detail and self.optimizer is not None:
+            probe.record()
+        if detail and self.optimizers:
             self._snapshot = (step, [p.detach().clone() for p in params])
         return report
-
-    def _record_probe(self) -> None:
-        if self._probe is not None and self._probe.grad is not None:
-            self._probe_ref = weakref.ref(self._probe.grad)
-            self._probe_version = self._probe.grad._version
-        elif self._probe is not None:
-            self._probe_ref = None
 
     def _after_update(self) -> None:
         """After the optimizer step: resolve the update/weight ratio of a detail step."""
@@ -504,3 +510,64 @@ class GradientMonitor(MonitorAPI):
         for (step, known), row in zip(pending, rows, strict=True):
             new += self._host.ingest(step, row, **known)
         return new
+
+
+def _optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
+    """The user's `optimizer=` as a list, checked."""
+    many = isinstance(optimizer, (list, tuple))
+    opts = list(optimizer) if many else [optimizer]
+    for o in opts:
+        if not isinstance(o, torch.optim.Optimizer):
+            raise TypeError(
+                "Expected `optimizer` to be a torch.optim.Optimizer, a list of them or None, "
+                f"got {o!r:.80}"
+            )
+        if isinstance(o, torch.optim.LBFGS):
+            raise ValueError(
+                "`optimizer` LBFGS re-evaluates its closure; hook it manually with monitor.step()"
+            )
+    if many and not opts:
+        raise ValueError("Expected `optimizer` to hold at least one optimizer, got []")
+    return opts
+
+
+class _Probe:
+    """Detects a forgotten `zero_grad` on one parameter: counts the backward passes that reach it
+    (a post-accumulate-grad hook) and compares its gradient's identity and version counter with
+    those at the previous optimizer step. A new tensor or a version bump beyond the backward
+    passes is a reset; one in-place accumulation per backward pass and no reset is carry-over."""
+
+    def __init__(self, param: nn.Parameter | None, fresh: bool) -> None:
+        self.param = param
+        self.calls = 1 if fresh and param is not None else 0  # the first backward is already done
+        self.ref = None
+        self.version = 0
+        self.handle = (
+            None if param is None else param.register_post_accumulate_grad_hook(self._hook)
+        )
+
+    def _hook(self, _p) -> None:
+        self.calls += 1
+
+    def reset(self) -> bool | None:
+        """Whether the gradients were reset since the last step (None: unknown)."""
+        if self.param is None or self.ref is None:
+            return None
+        g = self.param.grad
+        if g is None or self.ref() is not g:
+            return True
+        return (g._version - self.version) > self.calls
+
+    def take_calls(self) -> int | None:
+        calls, self.calls = self.calls, 0
+        return calls if self.param is not None else None
+
+    def record(self) -> None:
+        g = None if self.param is None else self.param.grad
+        self.ref = None if g is None else weakref.ref(g)
+        self.version = 0 if g is None else g._version
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
