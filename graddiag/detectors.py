@@ -758,8 +758,8 @@ class DivergenceDetector(Detector):
         )
         msg = (
             f"Loss rose from its baseline {ref:.4g} (median of the first "
-            f"{_plural(len(self._base), 'step')}) to {now}{also}, and has been diverging for "
-            f"{_plural(self._run, 'step')} since step {onset}: training is diverging."
+            f"{_plural(len(self._base), 'step')}) to {now}{also}, on {_plural(self._run, 'step')} "
+            f"in a row since step {onset}: training is diverging."
         )
         return [self._open("loss", self._finding(onset, None, "error", loss, msg), s.step)]
 
