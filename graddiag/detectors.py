@@ -270,9 +270,6 @@ class Detector:
             suggestion=SUGGEST[suggestion_key or kind or self.name],
         )
 
-    def _zeros(self, dtype=np.int64) -> np.ndarray:
-        return np.zeros(len(self.info.layers), dtype=dtype)
-
 
 def _median(values: list[float]) -> float:
     return float(np.median(values))
@@ -941,22 +938,24 @@ class DetachedDetector(Detector):
 
     def _judge(self, step: int, missing_now: np.ndarray | None) -> list[Finding]:
         none_r, miss = self._none.rate(), self._none.rate() + self._zero.rate()
+        if not self._episodes and not (miss >= self.starved_rate).any():
+            return []  # the common, healthy case, cheaply
         m = (self._none.values() + self._zero.values()) > 0
         # separate runs of missing steps: intermittent (starved), not a layer going silent or
         # waking up once
         runs = m[0].astype(np.int64) + np.count_nonzero(m[1:] & ~m[:-1], axis=0)
         first, last = self._none.span()
         was_live = (self._first_live >= 0) & (self._first_live < first)
+        absent = none_r >= self.rate
+        zero = ~absent & (miss >= self.rate)
+        starved = ~absent & ~zero & (miss >= self.starved_rate) & (runs >= 2)
         out = []
-        for i in range(len(self.info.layers)):
-            if none_r[i] >= self.rate:
-                cond = "absent"
-            elif miss[i] >= self.rate:
-                cond = "zero"
-            elif miss[i] >= self.starved_rate and runs[i] >= 2:
-                cond = "starved"
-            else:
-                cond = None
+        for i in sorted(
+            set(np.flatnonzero(absent | zero | starved).tolist()) | set(self._episodes)
+        ):
+            cond = (
+                "absent" if absent[i] else "zero" if zero[i] else "starved" if starved[i] else None
+            )
             if self._episode(i) is not None:
                 if self._episodes[i][2] == "starved":
                     keep = cond == "starved" or (cond is None and miss[i] >= self.starved_rate / 2)

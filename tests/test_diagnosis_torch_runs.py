@@ -48,6 +48,7 @@ class ResBlock(nn.Module):
         return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
 
 
+@pytest.mark.slow
 def test_healthy_resnet_with_batchnorm_and_sgd_momentum():
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -179,15 +180,15 @@ class VAE(nn.Module):
 
 
 def test_healthy_vae_with_sum_reduced_loss():
-    """Sum reduction over a batch of 128 x 64 pixels: gradient norms in the hundreds from step 0,
+    """Sum reduction over a batch of 512 x 64 pixels: gradient norms in the thousands from step 0,
     which Adam does not care about (the old absolute `exploding` threshold fired at step 0)."""
     torch.manual_seed(0)
     model = VAE()
     protos = torch.rand(4, 64)
 
     def batch(g, _):
-        i = torch.randint(0, 4, (128,), generator=g)
-        return ((protos[i] + 0.1 * torch.rand(128, 64, generator=g)) > 0.5).float(), None
+        i = torch.randint(0, 4, (512,), generator=g)
+        return ((protos[i] + 0.1 * torch.rand(512, 64, generator=g)) > 0.5).float(), None
 
     def loss_fn(m, x, _):
         logits, mu, logvar = m(x)
@@ -196,7 +197,7 @@ def test_healthy_vae_with_sum_reduced_loss():
 
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     mon = fit(model, opt, batch, loss_fn, 60)
-    assert mon.history[0].global_norm > 300
+    assert mon.history[0].global_norm > 1e3
     assert loud(mon) == []
 
 
