@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 import warnings
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import replace
@@ -272,7 +273,7 @@ class Detector:
 
 
 def _median(values: list[float]) -> float:
-    return float(np.median(values))
+    return float(statistics.median(values))
 
 
 def _admit(baseline: list[float], size: int, value: float, ok: bool) -> None:
@@ -442,16 +443,15 @@ class VanishingDetector(Detector):
             return []
         count = self._tiny.sum
         out = []
+        for i in list(self._episodes):
+            if count[i] <= CLOSE_RATE * self.patience:
+                self._close(i)
+            elif tiny[i]:
+                self._hold(i, s.step)
         for i in np.flatnonzero(count >= math.ceil(OPEN_RATE * self.patience)):
             i = int(i)
-            if self._episode(i) is not None:
-                if tiny[i]:
-                    self._hold(i, s.step)
-                continue
-            out.append(self._open(i, self._report(s, i, ref_i, ratio, depth, int(count[i]))))
-        for i in np.flatnonzero(count <= math.floor(CLOSE_RATE * self.patience)):
-            if self._episode(int(i)) is not None:
-                self._close(int(i))
+            if self._episode(i) is None:
+                out.append(self._open(i, self._report(s, i, ref_i, ratio, depth, int(count[i]))))
         return out
 
     def _report(self, s, i, ref_i, ratio, depth, count) -> Finding:
