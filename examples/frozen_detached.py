@@ -1,9 +1,9 @@
-"""Parameters that cannot learn, four ways.
+"""Parameters that cannot learn, four ways (detached and dead are judged over the first 20 steps).
 
 - `embed` has requires_grad=False (reported as info: often intended);
 - `aux` is trainable but never used in forward (detached: no gradient ever);
 - `extra` is used but not given to the optimizer (frozen: it will never update);
-- `gate` multiplies its input by a zero mask, so its gradient is exactly zero (frozen).
+- `gate` multiplies its input by a zero mask, so its gradient exists but is exactly zero (dead).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""`model.fit` with exploding gradients, diagnosed by one callback.
+"""`model.fit` with huge gradients, diagnosed by one callback.
 
 The inputs are raw, unnormalized features (values in the thousands) and the targets are in the
-thousands too: the first MSE gradients are huge (exploding, named at the layer and step), and
-global-norm clipping at 1.0 then changes almost every step's gradients (clipped: a warning that
-the threshold, or rather the input scaling, is off). Standardizing the inputs fixes both.
+thousands too: every MSE gradient is huge from the first step on, and global-norm clipping at 1.0
+scales every step's gradients down by orders of magnitude (clipped: a warning that the threshold,
+or rather the input scaling, is off). Standardizing the inputs fixes it.
 
     TF_CPP_MIN_LOG_LEVEL=2 PYTHONPATH=. python examples/keras_fit.py [--logdir runs/keras_fit]
 """

@@ -1,22 +1,32 @@
 """Detectors: small stateful units that turn `StepStats` into `Finding`s.
 
-Each detector is pure scoring plus a little state (counters, running moments), torchmetrics-style:
-`start(info)` reports static facts, `update(stats)` returns the step's new findings, `finalize(step)`
-returns end-of-run summaries, `state_dict()`/`load_state_dict()` checkpoint it. The same detectors
-run live (in the adapters) and post-hoc (`graddiag.analyze` over event files), so both agree.
+Each detector is pure scoring plus a little state (windows of recent steps, running moments),
+torchmetrics-style: `start(info)` reports static facts, `update(stats)` returns the step's new
+findings, `finalize(step)` returns end-of-run summaries, `state_dict()`/`load_state_dict()`
+checkpoint it. The same detectors run live (in the adapters) and post-hoc (`graddiag.analyze` over
+event files), so both agree.
 
-Findings are edge-triggered: a condition is reported when it starts, not on every step it lasts.
+Findings are per episode: a condition is reported once when it starts (judged from rates over a
+window of recent steps, so it neither flickers nor waits for an unbroken streak), and when the
+episode ends -- or the run does -- that finding's message is completed with its duration
+(`Diagnoser.findings` holds the completed finding; `take_amendments()` hands the pairs over).
+Everything is judged relative to the run itself (its largest layer, its first steps, its running
+history); absolute limits are kept only where they are physical (float32 overflow).
 """
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Iterable, Mapping
+import statistics
+import warnings
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
-from graddiag._checks import positive
+from graddiag._checks import in_range, positive
 from graddiag.findings import Finding
 from graddiag.stats import ModelInfo, StepStats
 
@@ -34,33 +44,85 @@ SUGGEST = {
         "(LayerNorm/BatchNorm), and use He/Xavier initialization."
     ),
     "exploding": (
-        "Clip gradients (graddiag's clip=GlobalNormClip(1.0), clip_grad_norm_ or "
-        "tf.clip_by_global_norm), lower the learning rate or add warmup, and check the "
-        "initialization and input scaling."
+        "Lower the learning rate or add warmup, clip gradients (graddiag's clip=GlobalNormClip(...), "
+        "clip_grad_norm_ or tf.clip_by_global_norm), and check the initialization and input scaling."
+    ),
+    "exploding_clipped": (
+        "Clipping already bounds the step, but the gradients themselves keep growing: lower the "
+        "learning rate or add warmup, and check the initialization and input scaling."
     ),
     "spike": (
-        "Enable adaptive clipping (ZClip/AutoClip), lower the learning rate or add warmup, and inspect "
-        "the batch at this step for outliers or bad labels."
+        "Inspect the batch at this step for outliers or bad labels; if jumps recur, lower the learning "
+        "rate or add warmup, or enable adaptive clipping (ZClip/AutoClip)."
+    ),
+    "spike_clipped": (
+        "Clipping limits the damage of this step; inspect its batch for outliers or bad labels, and if "
+        "jumps recur or persist, lower the learning rate or add warmup."
+    ),
+    "divergence": (
+        "Lower the learning rate (often 3-10x) or add warmup; check the loss for a missing "
+        "normalization (mean vs sum) and the inputs/labels of the first batches."
+    ),
+    "large_update": (
+        "Lower the learning rate until a step moves the weights by about 1e-3 of their norm, or add "
+        "warmup; layers with tiny weights (zero-initialized) may need their own parameter group."
     ),
     "frozen_flag": "Intended if you fine-tune part of the model; else set requires_grad=True / trainable=True.",
-    "frozen_opt": "Pass these parameters to the optimizer (e.g. optimizer = Adam(model.parameters())).",
-    "frozen_zero": (
-        "The layer's gradient is exactly zero: check for dead ReLUs (try LeakyReLU/GELU, lower LR), "
-        "a zero multiplier or mask upstream, or a saturated activation."
+    "frozen_opt": (
+        "Pass these parameters to an optimizer (e.g. optimizer = Adam(model.parameters())); with "
+        "several optimizers, every trainable parameter should be in one of them."
+    ),
+    "frozen_mid": (
+        "Nothing to do if you froze it on purpose. If not: a layer that goes silent after training "
+        "for a while has dead units (lower the LR, use LeakyReLU/GELU) or sits on a branch the forward "
+        "pass stopped using."
+    ),
+    "dead": (
+        "The layer's gradient is exactly zero: check for dead ReLUs (try LeakyReLU/GELU, a lower LR, "
+        "a smaller negative bias), a zero multiplier or mask upstream, or a saturated activation."
     ),
     "detached": (
         "Check for .detach(), torch.no_grad()/tf.stop_gradient, .item()/.numpy() round trips, or a "
         "branch of the model that the forward pass never uses."
+    ),
+    "starved": (
+        "Expected for mixture-of-experts experts and rarely used embeddings. If the rate keeps "
+        "falling, balance the routing (auxiliary load-balancing loss, capacity factor) or check the "
+        "condition that sends inputs to this layer."
+    ),
+    "zero_gradient": (
+        "Look for batches whose loss is masked out entirely (all labels ignored, empty masks), a loss "
+        "multiplied by 0 on some steps, or zero_grad() called between backward() and the optimizer "
+        "step on some steps."
     ),
     "accumulation": (
         "Call optimizer.zero_grad() once per optimizer step (gradient accumulation over micro-batches "
         "should still reset after each step)."
     ),
     "clipped": (
-        "Clipping on most steps means the threshold is below the typical norm: raise it, or lower the "
+        "Clipping on most steps by a large factor means the threshold is far below the typical norm: "
+        "the learning rate alone sets the step size. Raise the threshold, or lower the learning rate."
+    ),
+    "clipped_info": (
+        "Fine if intended (e.g. a recurrent network); if the pre-clip norm keeps rising, lower the "
         "learning rate."
     ),
+    "clipped_rare": "Clipping an occasional outlier step is what clipping is for; nothing to do.",
 }
+
+#: A window must show a condition on at least this fraction of its steps to open an episode ...
+OPEN_RATE = 0.8
+#: ... and an open episode ends when the fraction falls to this or below (hysteresis: no flicker).
+CLOSE_RATE = 0.2
+#: Steps a run-level condition must be absent before its episode ends.
+CALM_STEPS = 5
+#: A first-steps value enters a baseline only within this factor of the baseline so far (so an
+#: explosion at step 1 does not become the reference).
+ADMIT = 10.0
+#: Prior belief about the step-to-step spread of log(global norm) (log-scale std), worth this many
+#: steps: lets the spike detector judge step 1 against step 0 without a blind warm-up.
+PRIOR_SIGMA = 0.5
+PRIOR_STEPS = 5
 
 
 def _module_of(param_name: str) -> str:
@@ -74,13 +136,61 @@ def _group_by_module(names: Iterable[str]) -> dict[str, list[str]]:
     return out
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+class Window:
+    """The last `size` rows of per-layer 0/1 (or real) values with their running sum: rates over a
+    window of steps, and the steps they came from."""
+
+    def __init__(self, size: int, width: int) -> None:
+        self.buf = np.zeros((size, width))
+        self.steps = np.full(size, -1, dtype=np.int64)
+        self.sum = np.zeros(width)
+        self.pos = 0
+        self.n = 0
+
+    def push(self, row: np.ndarray, step: int) -> None:
+        self.sum += row - self.buf[self.pos]
+        self.buf[self.pos] = row
+        self.steps[self.pos] = step
+        self.pos = (self.pos + 1) % len(self.steps)
+        self.n = min(self.n + 1, len(self.steps))
+
+    @property
+    def full(self) -> bool:
+        return self.n == len(self.steps)
+
+    def rate(self) -> np.ndarray:
+        return self.sum / max(self.n, 1)
+
+    def span(self) -> tuple[int, int]:
+        """First and last step in the window."""
+        first = self.steps[self.pos] if self.full else self.steps[0]
+        return int(first), int(self.steps[self.pos - 1])
+
+    def values(self) -> np.ndarray:
+        """The rows held, oldest first."""
+        if not self.full:
+            return self.buf[: self.n]
+        return np.roll(self.buf, -self.pos, axis=0)
+
+
 class Detector:
-    """Base class: subclasses set `name` and implement `update`."""
+    """Base class: subclasses set `name` and implement `update`.
+
+    Attributes:
+        retired: settings of earlier graddiag versions that are ignored (with a warning) so that
+            logs written by them can still be analyzed, mapped to why.
+    """
 
     name = ""
+    retired: Mapping[str, str] = {}
 
     def __init__(self) -> None:
         self.info = ModelInfo(layers=())
+        Detector.reset(self)
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments, so post-hoc analysis can rebuild the same detector."""
@@ -96,21 +206,50 @@ class Detector:
         raise NotImplementedError
 
     def finalize(self, step: int) -> list[Finding]:
+        """End of run: complete the findings of episodes still open."""
+        for key in list(self._episodes):
+            self._close(key, step)
         return []
 
     def reset(self) -> None:
         """Forget everything seen so far."""
+        self._episodes: dict[Hashable, list] = {}
+        self._amended: list[tuple[Finding, Finding]] = []
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            k: (v.copy() if isinstance(v, np.ndarray) else v)
-            for k, v in vars(self).items()
-            if k.startswith("_")
-        }
+        return {k: copy.deepcopy(v) for k, v in vars(self).items() if k.startswith("_")}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for k, v in state.items():
-            setattr(self, k, v)
+            setattr(self, k, copy.deepcopy(v))
+
+    def take_amendments(self) -> list[tuple[Finding, Finding]]:
+        """`(reported, completed)` pairs for findings whose episode has ended since the last call."""
+        out, self._amended = self._amended, []
+        return out
+
+    # ---- episodes: one finding per occurrence of a condition --------------------------------
+    def _episode(self, key: Hashable) -> Finding | None:
+        ep = self._episodes.get(key)
+        return None if ep is None else ep[0]
+
+    def _open(self, key: Hashable, finding: Finding, last: int | None = None) -> Finding:
+        self._episodes[key] = [finding, finding.step if last is None else int(last)]
+        return finding
+
+    def _hold(self, key: Hashable, step: int) -> None:
+        """The condition of an open episode is still present at `step`."""
+        self._episodes[key][1] = int(step)
+
+    def _close(self, key: Hashable, end: int | None = None) -> None:
+        """End an episode; `end` is the run's last step when the run ends first."""
+        f, last = self._episodes.pop(key)[:2]
+        n = last - f.step + 1
+        if end is not None and last >= end:
+            note = f" Still present at the last step, {last} ({_plural(n, 'step')} since step {f.step})."
+        else:
+            note = f" Lasted {_plural(n, 'step')} (steps {f.step}-{last})."
+        self._amended.append((f, replace(f, message=f.message + note)))
 
     def _finding(
         self,
@@ -120,19 +259,27 @@ class Detector:
         value: float | None,
         message: str,
         suggestion_key: str | None = None,
+        kind: str | None = None,
     ) -> Finding:
         return Finding(
             step=int(stats_step),
             layer=layer,
-            kind=self.name,
+            kind=kind or self.name,
             severity=severity,
             value=None if value is None else float(value),
             message=message,
-            suggestion=SUGGEST[suggestion_key or self.name],
+            suggestion=SUGGEST[suggestion_key or kind or self.name],
         )
 
-    def _zeros(self, dtype=np.int64) -> np.ndarray:
-        return np.zeros(len(self.info.layers), dtype=dtype)
+
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def _admit(baseline: list[float], size: int, value: float, ok: bool) -> None:
+    """Grow a first-steps baseline with `value` unless it is full or `value` is abnormal."""
+    if ok and len(baseline) < size:
+        baseline.append(float(value))
 
 
 class NonFiniteDetector(Detector):
@@ -200,221 +347,488 @@ class NonFiniteDetector(Detector):
 
 
 class VanishingDetector(Detector):
-    """A layer's gradient tiny in absolute terms and relative to the largest layer, for `patience` steps.
+    """Layers whose gradient is tiny relative to the rest of the model, most of a window long.
+
+    A layer is tiny at a step when its norm is below `rel_threshold` of the largest layer's (and,
+    when parameter counts are known, so is its per-element RMS, so that a small layer such as a
+    scalar gain or a sparsely used embedding is not called vanishing for its size alone) -- or below
+    `profile_threshold` of it at the bottom of a steady decay: every layer from the largest one down
+    to it, in backward order, smaller than the one before (the signature of gradients shrinking
+    layer by layer toward the input). No absolute floor: a whole model with small gradients has
+    converged or is scaled down, not vanishing; a float32 underflow to an all-zero norm on a layer
+    whose gradient is not all zeros (`zero_frac` < 1) counts as tiny.
 
     Args:
-        abs_threshold: a layer norm below this is tiny in absolute terms.
-        rel_threshold: ... and below this fraction of the largest layer norm of the step.
-        patience: consecutive steps before reporting.
+        rel_threshold: fraction of the largest layer below which a layer is tiny.
+        profile_threshold: the same, for a layer at the bottom of a steady decay (backward order
+            known).
+        patience: window length in steps; an episode opens when a layer was tiny on 80% of the
+            window and ends when that falls to 20%.
     """
 
     name = "vanishing"
+    retired = {"abs_threshold": "vanishing is judged relative to the model, without absolute floor"}
 
     def __init__(
-        self, abs_threshold: float = 1e-7, rel_threshold: float = 1e-4, patience: int = 10
+        self, rel_threshold: float = 1e-4, profile_threshold: float = 1e-3, patience: int = 10
     ) -> None:
         super().__init__()
-        self.abs_threshold = positive("abs_threshold", abs_threshold)
-        self.rel_threshold = positive("rel_threshold", rel_threshold)
+        self.rel_threshold = in_range("rel_threshold", rel_threshold, 0.0, 1.0)
+        self.profile_threshold = in_range("profile_threshold", profile_threshold, 0.0, 1.0)
         self.patience = positive("patience", patience, integer=True)
 
     def config(self) -> dict[str, Any]:
         return {
-            "abs_threshold": self.abs_threshold,
             "rel_threshold": self.rel_threshold,
+            "profile_threshold": self.profile_threshold,
             "patience": self.patience,
         }
 
     def reset(self) -> None:
-        self._count = self._zeros()
-        self._any = False
+        super().reset()
+        self._tiny = Window(self.patience, len(self.info.layers))
+
+    def start(self, info: ModelInfo) -> list[Finding]:
+        super().start(info)
+        n = len(info.layers)
+        counts = np.asarray(info.param_counts, dtype=np.float64)
+        self._sqrt_n = np.sqrt(counts) if len(counts) == n and (counts > 0).all() else None
+        index = {name: i for i, name in enumerate(info.layers)}
+        bo = info.backward_order
+        self._order = (
+            None if not bo else np.array([index[b] for b in bo if b in index], dtype=np.int64)
+        )
+        return []
+
+    def _steady_decay(self, g: np.ndarray, live: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Layers on a steady decay below the largest one (backward order), and their depth below
+        it in live layers (for the per-layer shrink factor)."""
+        out = np.zeros(len(g), bool)
+        depth = np.zeros(len(g), np.int64)
+        if self._order is None:
+            return out, depth
+        seq = self._order[live[self._order]]
+        if len(seq) < 2:
+            return out, depth
+        top = int(np.argmax(g[seq]))
+        below = seq[top:]
+        rises = np.flatnonzero(np.diff(g[below]) > 0)
+        stop = int(rises[0]) + 1 if len(rises) else len(below)
+        out[below[1:stop]] = True
+        depth[below] = np.arange(len(below))
+        return out, depth
 
     def update(self, s: StepStats) -> list[Finding]:
         g = s.grad_norm
-        if g.min() >= self.abs_threshold:  # nothing tiny (NaN compares False: handled below)
-            if self._any:
-                self._count[:] = 0
-                self._any = False
+        live = s.has_grad & np.isfinite(g) & (g > 0)
+        if s.zero_frac is not None:  # an underflowed norm of a gradient that is not all zeros
+            live |= s.has_grad & (g == 0) & (s.zero_frac < 1.0)
+        if np.count_nonzero(live) < 2:
+            return []  # nothing to compare with: the step says nothing about vanishing
+        ref_i = int(np.argmax(np.where(live, g, -1.0)))
+        ratio = np.where(live, g / g[ref_i], 1.0)
+        rms_ratio = None
+        if self._sqrt_n is not None:
+            rms = np.where(live, g / self._sqrt_n, 0.0)
+            rms_ratio = rms / rms.max()
+        steady, depth = self._steady_decay(g, live)
+        tiny = live & (ratio < self.rel_threshold)
+        profile = steady & (ratio < self.profile_threshold)
+        if rms_ratio is not None:
+            tiny &= rms_ratio < self.rel_threshold
+            profile &= rms_ratio < self.profile_threshold
+        tiny |= profile
+        self._tiny.push(tiny.astype(np.float64), s.step)
+        if self._tiny.n < self.patience:
             return []
-        ok = s.has_grad & np.isfinite(g) & (g > 0)
-        if not ok.any():
-            return []
-        ref = float(np.max(g[ok]))
-        tiny = ok & (g < self.abs_threshold) & (g < self.rel_threshold * ref)
-        self._count = np.where(tiny, self._count + 1, 0)
-        self._any = bool(tiny.any())
+        count = self._tiny.sum
         out = []
-        for i in np.flatnonzero(self._count == self.patience):
-            name = self.info.layers[i]
-            out.append(
-                self._finding(
-                    s.step,
-                    name,
-                    "warning",
-                    g[i],
-                    f"Gradient norm of {name!r} is {g[i]:.2e} for {self.patience} steps, "
-                    f"{g[i] / ref:.1e} of the largest layer ({ref:.2e}): this layer has almost stopped "
-                    f"learning.",
-                )
-            )
+        for i in list(self._episodes):
+            if count[i] <= CLOSE_RATE * self.patience:
+                self._close(i)
+            elif tiny[i]:
+                self._hold(i, s.step)
+        for i in np.flatnonzero(count >= math.ceil(OPEN_RATE * self.patience)):
+            i = int(i)
+            if self._episode(i) is None:
+                out.append(self._open(i, self._report(s, i, ref_i, ratio, depth, int(count[i]))))
         return out
+
+    def _report(self, s, i, ref_i, ratio, depth, count) -> Finding:
+        layers = self.info.layers
+        name, top = layers[i], layers[ref_i]
+        a, b = self._tiny.span()
+        shrink = ""
+        if depth[i] > 0 and self._order is not None:
+            per_layer = ratio[i] ** (-1.0 / depth[i])
+            shrink = (
+                f" In backward order it sits {_plural(int(depth[i]), 'layer')} below {top!r}, the "
+                f"gradient shrinking about {per_layer:.1f}x per layer toward the input."
+            )
+        below = self.rel_threshold if ratio[i] < self.rel_threshold else self.profile_threshold
+        return self._finding(
+            s.step,
+            name,
+            "warning",
+            ratio[i],
+            f"Gradient of {name!r} is {ratio[i]:.1e} of the largest layer's ({top!r}, "
+            f"{s.grad_norm[ref_i]:.2e}; this layer {s.grad_norm[i]:.2e}); it was below "
+            f"{below:.0e} of it on {count} of the last {self._tiny.n} steps ({a}-{b}): it receives "
+            f"almost no learning signal compared with the rest of the model.{shrink}",
+        )
 
 
 class ExplodingDetector(Detector):
-    """Global (or one layer's) gradient norm above an absolute threshold.
+    """The global gradient norm far above the run's own baseline, or near float32 overflow.
+
+    The baseline is the median norm of the run's first `baseline` steps (a step `ADMIT`x above the
+    baseline so far is left out of it, so an explosion at step 1 is not its own reference). A
+    sum-reduced loss or a large batch scales every norm of the run alike and changes nothing here.
 
     Args:
-        threshold: global-norm threshold.
-        layer_threshold: per-layer threshold (default: `threshold`).
+        factor: the norm must exceed this multiple of the baseline ...
+        patience: ... on this many consecutive steps (a single outlier step is a `spike`).
+        abs_threshold: a norm above this is reported at once, regardless of the baseline: float32
+            squares of such values (squared norms, Adam's second moment) overflow near 1.8e19.
+        baseline: number of first steps forming the baseline.
     """
 
     name = "exploding"
+    retired = {
+        "threshold": "replaced by `factor` (relative to the run's first steps) and `abs_threshold`",
+        "layer_threshold": "replaced by `factor` and `abs_threshold`",
+    }
 
-    def __init__(self, threshold: float = 1e3, layer_threshold: float | None = None) -> None:
+    def __init__(
+        self,
+        factor: float = 100.0,
+        patience: int = 3,
+        abs_threshold: float = 1e18,
+        baseline: int = 5,
+    ) -> None:
         super().__init__()
-        self.threshold = positive("threshold", threshold)
-        self.layer_threshold = (
-            self.threshold
-            if layer_threshold is None
-            else positive("layer_threshold", layer_threshold)
-        )
+        self.factor = in_range("factor", factor, 1.0, math.inf, lo_open=False)
+        self.patience = positive("patience", patience, integer=True)
+        self.abs_threshold = positive("abs_threshold", abs_threshold)
+        self.baseline = positive("baseline", baseline, integer=True)
 
     def config(self) -> dict[str, Any]:
-        return {"threshold": self.threshold, "layer_threshold": self.layer_threshold}
+        return {
+            "factor": self.factor,
+            "patience": self.patience,
+            "abs_threshold": self.abs_threshold,
+            "baseline": self.baseline,
+        }
 
     def reset(self) -> None:
-        self._active = False
+        super().reset()
+        self._base: list[float] = []
+        self._run = 0
+        self._calm = 0
+        self._clipping = False
 
     def update(self, s: StepStats) -> list[Finding]:
-        if not math.isfinite(s.global_norm) or not s.grad_norm.size:
+        self._clipping |= s.clip_coef is not None or s.layer_clip_coef is not None
+        gn = s.global_norm
+        if not (math.isfinite(gn) and gn > 0):
+            return []  # non-finite: the nonfinite detector's; zero: nothing exploded
+        ref = _median(self._base) if self._base else None
+        over_abs = gn > self.abs_threshold
+        over = over_abs or (ref is not None and gn > self.factor * ref)
+        _admit(self._base, self.baseline, gn, not over and (ref is None or gn <= ADMIT * ref))
+        self._run = self._run + 1 if over else 0
+        self._calm = 0 if over else self._calm + 1
+        if self._episode("global") is not None:
+            if over:
+                self._hold("global", s.step)
+            elif self._calm >= CALM_STEPS:
+                self._close("global")
             return []
-        if s.global_norm <= self.threshold and s.grad_norm.max() <= self.layer_threshold:
-            self._active = False
+        if self._run < self.patience and not over_abs:
             return []
         g = np.where(s.has_grad & np.isfinite(s.grad_norm), s.grad_norm, 0.0)
-        worst = int(np.argmax(g))
-        over = s.global_norm > self.threshold or g[worst] > self.layer_threshold
-        if not over:
-            self._active = False
-            return []
-        if self._active:
-            return []
-        self._active = True
-        name = self.info.layers[worst]
-        return [
-            self._finding(
-                s.step,
-                name,
-                "warning",
-                s.global_norm,
-                f"Gradient norm {s.global_norm:.3g} exceeds {self.threshold:.3g}; the largest layer is "
-                f"{name!r} ({g[worst]:.3g}).",
+        worst = int(np.argmax(g)) if g.size else None
+        name = None if worst is None else self.info.layers[worst]
+        at = f"; the largest layer is {name!r} ({g[worst]:.3g})" if name else ""
+        onset = s.step - self._run + 1
+        if over_abs:
+            msg = (
+                f"Gradient norm {gn:.3g} exceeds {self.abs_threshold:.0e}{at}: float32 arithmetic on "
+                f"these gradients (squared norms, Adam's second moment) is about to overflow."
             )
-        ]
+        else:
+            steps = _plural(len(self._base), "step")
+            run = f" on {_plural(self._run, 'consecutive step')} since step {onset}"
+            msg = (
+                f"Gradient norm {gn:.3g} is {gn / ref:.0f}x the run's baseline {ref:.3g} (median of "
+                f"its first {steps}){run}{at}: updates this much larger than at the start "
+                f"destabilize training."
+            )
+        key = "exploding_clipped" if self._clipping else "exploding"
+        return [self._open("global", self._finding(onset, name, "warning", gn, msg, key), s.step)]
 
 
 class SpikeDetector(Detector):
     """A sudden jump of the global gradient norm: z-score of log-norm against its running history.
 
-    The history is an exponential moving mean and variance of log(norm); spikes do not update it.
+    The history is an exponential moving mean and variance of log(norm), blended with a prior spread
+    (`PRIOR_SIGMA`, worth `PRIOR_STEPS` steps) so that step 1 is judged against step 0 with no blind
+    warm-up: early, only a large jump (about 15x at step 1) counts; as history accrues, its own
+    spread takes over. Spike steps stay out of the history; consecutive spike steps are one episode.
+    The finding names the layer that contributes most of the increase of the squared norm over its
+    own typical value (a layer silent until now counts from zero).
 
     Args:
         z_threshold: z-score above which a step is a spike.
         min_ratio: ... and the norm must be at least this multiple of the running (geometric) mean.
         window: span of the moving average, in steps.
-        warmup: steps observed before any spike is reported.
     """
 
     name = "spike"
+    retired = {"warmup": "spikes are judged from step 1 (a prior spread replaces the warm-up)"}
 
-    def __init__(
-        self, z_threshold: float = 6.0, min_ratio: float = 3.0, window: int = 100, warmup: int = 20
-    ) -> None:
+    def __init__(self, z_threshold: float = 6.0, min_ratio: float = 3.0, window: int = 100) -> None:
         super().__init__()
         self.z_threshold = positive("z_threshold", z_threshold)
         self.min_ratio = positive("min_ratio", min_ratio)
         self.window = positive("window", window, integer=True)
-        self.warmup = positive("warmup", warmup, integer=True, allow_zero=True)
 
     def config(self) -> dict[str, Any]:
-        return {
-            "z_threshold": self.z_threshold,
-            "min_ratio": self.min_ratio,
-            "window": self.window,
-            "warmup": self.warmup,
-        }
+        return {"z_threshold": self.z_threshold, "min_ratio": self.min_ratio, "window": self.window}
 
     def reset(self) -> None:
+        super().reset()
         self._n = 0
         self._mean = 0.0
         self._var = 0.0
-        self._layer_mean = np.zeros(len(self.info.layers))
+        self._layer_sq = np.zeros(len(self.info.layers))
+        self._clipping = False
+
+    def z_score(self, norm: float) -> float:
+        """The z-score of `norm` against the history so far (NaN before the first step)."""
+        if self._n == 0:
+            return math.nan
+        n = min(self._n, self.window)
+        var = (n * self._var + PRIOR_STEPS * PRIOR_SIGMA**2) / (n + PRIOR_STEPS)
+        return (math.log(norm) - self._mean) / math.sqrt(var)
 
     def update(self, s: StepStats) -> list[Finding]:
-        if not (math.isfinite(s.global_norm) and s.global_norm > 0):
+        self._clipping |= s.clip_coef is not None or s.layer_clip_coef is not None
+        gn = s.global_norm
+        if not (math.isfinite(gn) and gn > 0):
             return []
-        x = math.log(s.global_norm)
-        valid = s.has_grad & np.isfinite(s.grad_norm) & (s.grad_norm > 0)
-        # log of a safe stand-in where invalid (np.errstate costs ~80 us per use on NumPy 2.x)
-        lx = np.where(valid, np.log(np.where(valid, s.grad_norm, 1.0)), np.nan)
-        out = []
-        if self._n >= max(self.warmup, 2):
-            std = math.sqrt(max(self._var, 1e-12))
-            z = (x - self._mean) / std
-            if z > self.z_threshold and x - self._mean > math.log(self.min_ratio):
-                jump = lx - self._layer_mean
-                i = int(np.nanargmax(jump)) if np.isfinite(jump).any() else None
-                name = self.info.layers[i] if i is not None else None
-                at = f"; the largest jump is in {name!r} ({math.exp(jump[i]):.1f}x)" if name else ""
-                out.append(
-                    self._finding(
-                        s.step,
-                        name,
-                        "warning",
-                        z,
-                        f"Gradient norm spiked to {s.global_norm:.3g}, {math.exp(x - self._mean):.1f}x its "
-                        f"running mean (z={z:.1f} on log scale){at}.",
-                    )
-                )
-                return out  # keep the spike out of the history
+        x = math.log(gn)
+        sq = np.where(s.has_grad & np.isfinite(s.grad_norm), s.grad_norm, 0.0) ** 2
+        z = self.z_score(gn)
+        if z > self.z_threshold and x - self._mean > math.log(self.min_ratio):
+            if self._episode("spike") is not None:
+                self._hold("spike", s.step)
+                return []
+            return [self._open("spike", self._report(s, z, sq))]  # kept out of the history
+        if self._episode("spike") is not None:
+            self._close("spike")
         alpha = 1.0 / (self._n + 1) if self._n < self.window else 2.0 / (self.window + 1)
         self._n += 1
         if self._n == 1:
             self._mean = x
-            self._layer_mean = np.where(np.isfinite(lx), lx, 0.0)
-            return out
+            self._layer_sq = sq
+            return []
         d = x - self._mean
         self._mean += alpha * d
         self._var = (1 - alpha) * (self._var + alpha * d * d)
-        self._layer_mean = np.where(
-            np.isfinite(lx), self._layer_mean + alpha * (lx - self._layer_mean), self._layer_mean
+        self._layer_sq = self._layer_sq + alpha * (sq - self._layer_sq)
+        return []
+
+    def _report(self, s: StepStats, z: float, sq: np.ndarray) -> Finding:
+        rise = sq - self._layer_sq
+        name = at = None
+        if rise.size and rise.max() > 0:
+            i = int(np.argmax(rise))
+            name = self.info.layers[i]
+            share = rise[i] / rise[rise > 0].sum()
+            typical = math.sqrt(self._layer_sq[i])
+            was = f"typically {typical:.3g}" if typical > 0 else "silent before"
+            at = f"; {share:.0%} of the increase is in {name!r} ({math.sqrt(sq[i]):.3g}, {was})"
+        ratio = math.exp(math.log(s.global_norm) - self._mean)
+        key = "spike_clipped" if self._clipping else "spike"
+        return self._finding(
+            s.step,
+            name,
+            "warning",
+            z,
+            f"Gradient norm jumped to {s.global_norm:.3g}, {ratio:.1f}x its running mean "
+            f"{math.exp(self._mean):.3g} over {_plural(self._n, 'earlier step')} (z={z:.1f} on log "
+            f"scale){at or ''}.",
+            key,
         )
-        return out
 
 
-class FrozenDetector(Detector):
-    """Parameters that cannot learn.
+class DivergenceDetector(Detector):
+    """The loss (`StepStats.loss`, when the caller passes it) far above its first steps, or NaN/Inf.
 
-    Reports `requires_grad=False` parameters (info: often intended), trainable parameters the
-    optimizer does not hold (warning: they never update), and layers whose gradient is exactly zero
-    for `patience` consecutive steps (warning).
+    A loss `loss_factor` times its baseline's magnitude above the baseline is diverging on its own;
+    one `confirm_factor` times above it is when the global gradient norm is also `ADMIT`x above its
+    own first-steps baseline at the same step (a loss that rises alone, as a GAN generator's may
+    while its discriminator learns, needs the larger margin).
 
     Args:
-        patience: consecutive all-zero steps before reporting.
+        loss_factor: margin, in multiples of the baseline's magnitude, for the loss alone (9: ten
+            times a positive baseline).
+        confirm_factor: margin when the gradient norm confirms it (2: three times).
+        patience: consecutive diverging steps before reporting (NaN/Inf losses count).
+        baseline: number of first steps forming the baselines (medians; a loss more than twice, or a
+            norm `ADMIT`x, the baseline so far is left out of them).
     """
 
-    name = "frozen"
+    name = "divergence"
 
-    def __init__(self, patience: int = 20) -> None:
+    def __init__(
+        self,
+        loss_factor: float = 9.0,
+        confirm_factor: float = 2.0,
+        patience: int = 2,
+        baseline: int = 5,
+    ) -> None:
         super().__init__()
+        self.loss_factor = positive("loss_factor", loss_factor)
+        self.confirm_factor = in_range("confirm_factor", confirm_factor, 0.0, self.loss_factor)
+        self.patience = positive("patience", patience, integer=True)
+        self.baseline = positive("baseline", baseline, integer=True)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "loss_factor": self.loss_factor,
+            "confirm_factor": self.confirm_factor,
+            "patience": self.patience,
+            "baseline": self.baseline,
+        }
+
+    def reset(self) -> None:
+        super().reset()
+        self._base: list[float] = []
+        self._norm_base: list[float] = []
+        self._run = 0
+        self._calm = 0
+
+    def _norm_jumped(self, gn: float) -> bool:
+        """Whether the gradient norm is `ADMIT`x its first-steps baseline (which it then skips)."""
+        if not (math.isfinite(gn) and gn > 0):
+            return not math.isfinite(gn)
+        ref = _median(self._norm_base) if self._norm_base else None
+        jumped = ref is not None and gn > ADMIT * ref
+        _admit(self._norm_base, self.baseline, gn, not jumped)
+        return jumped
+
+    def update(self, s: StepStats) -> list[Finding]:
+        loss = s.loss
+        if loss is None:
+            return []
+        jumped = self._norm_jumped(s.global_norm)
+        ref = _median(self._base) if self._base else None
+        if math.isfinite(loss):
+            scale = abs(ref) if ref else None
+            bad = scale is not None and (
+                loss > ref + self.loss_factor * scale
+                or (jumped and loss > ref + self.confirm_factor * scale)
+            )
+            _admit(
+                self._base, self.baseline, loss, ref is None or loss <= ref + (scale or math.inf)
+            )
+        else:
+            bad = True
+        self._run = self._run + 1 if bad else 0
+        self._calm = 0 if bad else self._calm + 1
+        if self._episode("loss") is not None:
+            if bad:
+                self._hold("loss", s.step)
+            elif self._calm >= CALM_STEPS:
+                self._close("loss")
+            return []
+        if self._run < self.patience or ref is None:
+            return []
+        onset = s.step - self._run + 1
+        now = f"{loss:.4g}" if math.isfinite(loss) else str(loss)
+        also = (
+            f", with the gradient norm over {ADMIT:.0f}x its own first steps"
+            if jumped and math.isfinite(loss) and loss <= ref + self.loss_factor * abs(ref)
+            else ""
+        )
+        msg = (
+            f"Loss rose from its baseline {ref:.4g} (median of the first "
+            f"{_plural(len(self._base), 'step')}) to {now}{also}, on {_plural(self._run, 'step')} "
+            f"in a row since step {onset}: training is diverging."
+        )
+        return [self._open("loss", self._finding(onset, None, "error", loss, msg), s.step)]
+
+
+class LargeUpdateDetector(Detector):
+    """Optimizer steps that move the weights by a large fraction of their norm (`StepStats.update_ratio`,
+    on the steps that have it): the learning rate is too high for these weights.
+
+    Healthy training moves a layer by about 1e-3 of its weights per step. The median over layers is
+    judged, so a zero-initialized layer (whose ratio is huge at first) does not count alone.
+
+    Args:
+        max_ratio: the median layer's update/weight ratio must exceed this ...
+        patience: ... on this many consecutive measured steps.
+    """
+
+    name = "large_update"
+
+    def __init__(self, max_ratio: float = 0.1, patience: int = 2) -> None:
+        super().__init__()
+        self.max_ratio = positive("max_ratio", max_ratio)
         self.patience = positive("patience", patience, integer=True)
 
     def config(self) -> dict[str, Any]:
-        return {"patience": self.patience}
+        return {"max_ratio": self.max_ratio, "patience": self.patience}
 
     def reset(self) -> None:
-        self._count = self._zeros()
-        self._any = False
+        super().reset()
+        self._run = 0
+        self._onset = -1
+
+    def update(self, s: StepStats) -> list[Finding]:
+        r = s.update_ratio
+        if r is None:
+            return []
+        ok = np.isfinite(r)
+        if not ok.any():
+            return []
+        med = float(np.median(r[ok]))
+        bad = med > self.max_ratio
+        if bad and self._run == 0:
+            self._onset = s.step
+        self._run = self._run + 1 if bad else 0
+        if self._episode("lr") is not None:
+            if bad:
+                self._hold("lr", s.step)
+            else:
+                self._close("lr")
+            return []
+        if self._run < self.patience:
+            return []
+        top = np.argsort(np.where(ok, -r, np.inf))[:3]
+        worst = ", ".join(f"{self.info.layers[i]!r} {r[i]:.2g}" for i in top if ok[i])
+        msg = (
+            f"A typical layer moves by {med:.2g} of its weights per optimizer step (median "
+            f"update/weight ratio over layers; healthy training is near 1e-3), above "
+            f"{self.max_ratio:g} on {_plural(self._run, 'measured step')} since step "
+            f"{self._onset} (largest: {worst}): the learning rate is too high."
+        )
+        return [self._open("lr", self._finding(self._onset, None, "warning", med, msg), s.step)]
+
+
+class FrozenDetector(Detector):
+    """Parameters that cannot learn, from the model description.
+
+    Reports `requires_grad=False` parameters (info: often intended) and trainable parameters that no
+    optimizer holds (warning: they never update; adapters pass the union over all optimizers).
+    Layers that go silent during the run are the `detached` detector's.
+    """
+
+    name = "frozen"
+    retired = {"patience": "exactly-zero gradients are judged by the `detached` detector's window"}
 
     def start(self, info: ModelInfo) -> list[Finding]:
         super().start(info)
@@ -438,74 +852,252 @@ class FrozenDetector(Detector):
                     module,
                     "warning",
                     len(names),
-                    f"{len(names)} trainable parameter(s) of {module!r} are not in "
-                    f"the optimizer and will never update: {', '.join(names)}.",
+                    f"{len(names)} trainable parameter(s) of {module!r} are in no optimizer "
+                    f"and will never update: {', '.join(names)}.",
                     "frozen_opt",
                 )
             )
         return out
 
     def update(self, s: StepStats) -> list[Finding]:
-        zero = s.has_grad & (s.grad_norm == 0)
-        if not zero.any():
-            if self._any:
-                self._count[:] = 0
-                self._any = False
-            return []
-        self._any = True
-        self._count = np.where(zero, self._count + 1, 0)
-        return [
-            self._finding(
-                s.step,
-                self.info.layers[i],
-                "warning",
-                0.0,
-                f"Gradient of {self.info.layers[i]!r} has been exactly zero for "
-                f"{self.patience} steps.",
-                "frozen_zero",
-            )
-            for i in np.flatnonzero(self._count == self.patience)
-        ]
+        return []
 
 
 class DetachedDetector(Detector):
-    """Trainable layers that have never received a gradient after `patience` steps.
+    """Layers that get no gradient, or only exactly-zero ones, judged by rates over a window.
+
+    Per layer, over the last `patience` steps (steps where the whole gradient is zero are left to
+    the `zero_gradient` detector):
+
+    - no gradient at all (`has_grad` False) on a fraction >= `rate`: **detached** (warning), with the
+      cut point -- the nearest layer toward the loss that still gets a gradient;
+    - a gradient that exists but is exactly zero (or absent) on >= `rate`: **dead** (warning), e.g.
+      dead ReLUs, a zero mask;
+    - a layer that had gradients before the window and now has none or zero ones was either frozen
+      mid-run or died: with `StepStats.trainable` the adapter says which (frozen: info; still
+      trainable: dead/detached warning); without it, a `frozen` info naming both;
+    - no or zero gradient on a fraction >= `starved_rate` only, in separate runs (intermittent, not
+      one block of a layer going silent or waking up): **starved** (info with the rate), as for
+      mixture-of-experts experts.
+
+    A "zero" step is an exact-zero norm, or `zero_frac == 1` where detail statistics were taken (an
+    underflowed norm of a non-zero gradient is not zero). Runs shorter than the window are judged at
+    the end on what they have (at least `MIN_STEPS` steps).
 
     Args:
-        patience: steps without any gradient before reporting.
+        patience: window length in steps (the first report comes when it is full).
+        rate: fraction of the window that makes a layer detached or dead.
+        starved_rate: fraction that makes it starved.
     """
 
     name = "detached"
+    MIN_STEPS = 5
 
-    def __init__(self, patience: int = 3) -> None:
+    def __init__(self, patience: int = 20, rate: float = 0.95, starved_rate: float = 0.1) -> None:
         super().__init__()
         self.patience = positive("patience", patience, integer=True)
+        self.rate = in_range("rate", rate, 0.0, 1.0)
+        self.starved_rate = in_range("starved_rate", starved_rate, 0.0, self.rate)
 
     def config(self) -> dict[str, Any]:
-        return {"patience": self.patience}
+        return {"patience": self.patience, "rate": self.rate, "starved_rate": self.starved_rate}
 
     def reset(self) -> None:
-        self._ever = np.zeros(len(self.info.layers), dtype=bool)
-        self._steps = 0
+        super().reset()
+        n = len(self.info.layers)
+        self._none = Window(self.patience, n)
+        self._zero = Window(self.patience, n)
+        self._first_live = np.full(n, -1, dtype=np.int64)
+        self._last_live = np.full(n, -1, dtype=np.int64)
+        self._trainable: np.ndarray | None = None
 
     def update(self, s: StepStats) -> list[Finding]:
-        if self._steps >= self.patience:
+        if s.global_norm == 0 and not np.any(s.nonfinite > 0):
             return []
-        self._ever |= s.has_grad
-        self._steps += 1
-        if self._steps != self.patience:
+        has = s.has_grad
+        zero = has & (s.grad_norm == 0)
+        if s.zero_frac is not None:
+            zero &= s.zero_frac >= 1.0
+        live = has & ~zero
+        self._first_live[live & (self._first_live < 0)] = s.step
+        self._last_live[live] = s.step
+        self._none.push((~has).astype(np.float64), s.step)
+        self._zero.push(zero.astype(np.float64), s.step)
+        if s.trainable is not None:
+            self._trainable = np.asarray(s.trainable, dtype=bool).copy()
+        if not self._none.full:
             return []
-        return [
-            self._finding(
-                s.step,
-                self.info.layers[i],
-                "warning",
-                None,
-                f"Trainable layer {self.info.layers[i]!r} has received no gradient in "
-                f"{self.patience} steps: it is cut off from the loss.",
+        return self._judge(s.step, ~live)
+
+    def finalize(self, step: int) -> list[Finding]:
+        out = []
+        if not self._none.full and self._none.n >= self.MIN_STEPS:
+            out = self._judge(step, None)
+        super().finalize(step)
+        return out
+
+    def _judge(self, step: int, missing_now: np.ndarray | None) -> list[Finding]:
+        none_r, miss = self._none.rate(), self._none.rate() + self._zero.rate()
+        if not self._episodes and not (miss >= self.starved_rate).any():
+            return []  # the common, healthy case, cheaply
+        m = (self._none.values() + self._zero.values()) > 0
+        # separate runs of missing steps: intermittent (starved), not a layer going silent or
+        # waking up once
+        runs = m[0].astype(np.int64) + np.count_nonzero(m[1:] & ~m[:-1], axis=0)
+        first, last = self._none.span()
+        was_live = (self._first_live >= 0) & (self._first_live < first)
+        absent = none_r >= self.rate
+        zero = ~absent & (miss >= self.rate)
+        starved = ~absent & ~zero & (miss >= self.starved_rate) & (runs >= 2)
+        out = []
+        for i in sorted(
+            set(np.flatnonzero(absent | zero | starved).tolist()) | set(self._episodes)
+        ):
+            cond = (
+                "absent" if absent[i] else "zero" if zero[i] else "starved" if starved[i] else None
             )
-            for i in np.flatnonzero(~self._ever)
-        ]
+            if self._episode(i) is not None:
+                if self._episodes[i][2] == "starved":
+                    keep = cond == "starved" or (cond is None and miss[i] >= self.starved_rate / 2)
+                else:
+                    keep = miss[i] >= self.rate / 2
+                if keep:
+                    if missing_now is not None and missing_now[i]:
+                        self._hold(i, step)
+                    continue
+                self._close(i)
+            if cond is not None:
+                f = self._report(step, i, cond, bool(was_live[i]), none_r, miss, first, last)
+                self._open(i, f)
+                self._episodes[i].append(cond)
+                out.append(f)
+        return out
+
+    def _cut_point(self, i: int, miss: np.ndarray) -> str | None:
+        """The nearest layer toward the loss that still gets a gradient: before the layer in
+        backward order when it is listed there, else after it in the adapter's (forward) order."""
+        layers = self.info.layers
+        flowing = miss < 0.5
+        bo = self.info.backward_order
+        if bo and layers[i] in bo:
+            index = {n: j for j, n in enumerate(layers)}
+            for name in reversed(bo[: bo.index(layers[i])]):
+                if name in index and flowing[index[name]]:
+                    return name
+            return None
+        after = [j for j in range(i + 1, len(layers)) if flowing[j]]
+        before = [j for j in range(i - 1, -1, -1) if flowing[j]]
+        j = after[0] if after else before[0] if before else None
+        return None if j is None else layers[j]
+
+    def _report(self, step, i, cond, was_live, none_r, miss, first, last) -> Finding:
+        name = self.info.layers[i]
+        n = self._none.n
+        k = round(miss[i] * n)
+        span = f"{k} of the last {n} steps ({first}-{last})"
+        if cond == "starved":
+            got = n - k
+            msg = (
+                f"{name!r} got a usable gradient on only {got} of the last {n} steps ({first}-{last}; "
+                f"none or all-zero on {miss[i]:.0%}): it learns only from the batches that reach it."
+            )
+            return self._finding(step, name, "info", miss[i], msg, kind="starved")
+        what = "no gradient" if cond == "absent" else "an exactly-zero gradient"
+        if cond == "absent":
+            k = round(none_r[i] * n)
+            span = f"{k} of the last {n} steps ({first}-{last})"
+        if was_live:
+            since = int(self._last_live[i]) + 1
+            trainable = None if self._trainable is None else bool(self._trainable[i])
+            if trainable is False:
+                msg = (
+                    f"{name!r} had gradients until step {since - 1} and was frozen then "
+                    f"(requires_grad/trainable off): {what} on {span}."
+                )
+                return self._finding(step, name, "info", miss[i], msg, "frozen_flag", "frozen")
+            if trainable is None:
+                cause = (
+                    "zero_grad(set_to_none=False) leaves a zero gradient"
+                    if cond == "zero"
+                    else "its gradient is then None"
+                )
+                died = "its units died" if cond == "zero" else "the forward pass stopped using it"
+                msg = (
+                    f"{name!r} had gradients until step {since - 1}, then {what} on {span}: it was "
+                    f"frozen mid-run (requires_grad_(False); {cause}) or, if not, {died}."
+                )
+                return self._finding(step, name, "info", miss[i], msg, "frozen_mid", "frozen")
+            kind = "detached" if cond == "absent" else "dead"
+            msg = (
+                f"{name!r} had gradients until step {since - 1} but, still trainable, has had {what} "
+                f"on {span}: it stopped learning."
+            )
+            return self._finding(step, name, "warning", miss[i], msg, kind=kind)
+        if cond == "zero":
+            msg = (
+                f"Gradient of {name!r} exists but is exactly zero on {span}: its parameters get no "
+                f"learning signal."
+            )
+            return self._finding(step, name, "warning", miss[i], msg, kind="dead")
+        cut = self._cut_point(i, miss)
+        where = (
+            f"; the gradient stops at {cut!r}, the nearest layer toward the loss that still gets "
+            f"one: look between it and {name!r}"
+            if cut
+            else ""
+        )
+        msg = (
+            f"Trainable layer {name!r} received no gradient on {span}: it is cut off from the "
+            f"loss{where}."
+        )
+        return self._finding(step, name, "warning", none_r[i], msg, kind="detached")
+
+
+class ZeroGradientDetector(Detector):
+    """Steps on which the whole gradient is exactly zero (or absent), on a sizeable fraction of a
+    window: those optimizer steps carry no learning signal.
+
+    Args:
+        patience: window length in steps.
+        rate: fraction of zero steps in the window that is reported.
+    """
+
+    name = "zero_gradient"
+
+    def __init__(self, patience: int = 20, rate: float = 0.2) -> None:
+        super().__init__()
+        self.patience = positive("patience", patience, integer=True)
+        self.rate = in_range("rate", rate, 0.0, 1.0)
+
+    def config(self) -> dict[str, Any]:
+        return {"patience": self.patience, "rate": self.rate}
+
+    def reset(self) -> None:
+        super().reset()
+        self._win = Window(self.patience, 1)
+
+    def update(self, s: StepStats) -> list[Finding]:
+        zero = s.global_norm == 0 and not np.any(s.nonfinite > 0)
+        self._win.push(np.array([float(zero)]), s.step)
+        if not self._win.full:
+            return []
+        rate = float(self._win.rate()[0])
+        if self._episode("zero") is not None:
+            if rate < self.rate / 2:
+                self._close("zero")
+            elif zero:
+                self._hold("zero", s.step)
+            return []
+        if rate < self.rate:
+            return []
+        first, last = self._win.span()
+        k = round(rate * self._win.n)
+        msg = (
+            f"The whole gradient was exactly zero (or absent) on {k} of the last {self._win.n} "
+            f"steps ({first}-{last}, {rate:.0%}): those optimizer steps apply no learning signal, "
+            f"only momentum and weight decay."
+        )
+        return [self._open("zero", self._finding(s.step, None, "warning", rate, msg))]
 
 
 class AccumulationDetector(Detector):
@@ -518,6 +1110,7 @@ class AccumulationDetector(Detector):
     name = "accumulation"
 
     def reset(self) -> None:
+        super().reset()
         self._active = False
 
     def update(self, s: StepStats) -> list[Finding]:
@@ -544,46 +1137,103 @@ CLIP_TOL = 1e-6
 
 
 class ClipRateDetector(Detector):
-    """Reports, at the end of a run, how often clipping changed the gradients.
+    """How often clipping changes the gradients: persistent clipping as it happens, else a summary.
+
+    An episode opens when clipping changed the gradients on at least `warn_rate` of the last
+    `window` steps: a warning when it scaled them by less than `warn_coef` (median), i.e. the
+    threshold is far below the typical norm and every step is a normalized step; else info (steady,
+    moderate clipping, as in many recurrent networks). A run shorter than the window is judged at its
+    end. A run that clipped only now and then gets one info summary at the end; a run where clipping
+    never changed anything gets nothing. Both the
+    global and per-layer clip coefficients count.
 
     Args:
-        warn_rate: clipping on more than this fraction of steps is a warning, else info.
+        warn_rate: fraction of the window with clipping that opens an episode.
+        window: window length in steps.
+        warn_coef: a median clip coefficient below this makes the episode a warning.
     """
 
     name = "clipped"
 
-    def __init__(self, warn_rate: float = 0.5) -> None:
+    def __init__(self, warn_rate: float = 0.5, window: int = 20, warn_coef: float = 0.1) -> None:
         super().__init__()
-        self.warn_rate = positive("warn_rate", warn_rate)
+        self.warn_rate = in_range("warn_rate", warn_rate, 0.0, 1.0)
+        self.window = positive("window", window, integer=True)
+        self.warn_coef = in_range("warn_coef", warn_coef, 0.0, 1.0)
 
     def config(self) -> dict[str, Any]:
-        return {"warn_rate": self.warn_rate}
+        return {"warn_rate": self.warn_rate, "window": self.window, "warn_coef": self.warn_coef}
 
     def reset(self) -> None:
+        super().reset()
         self._seen = 0
         self._clipped = 0
+        self._episodes_seen = 0
+        self._coef = Window(self.window, 1)
 
     def update(self, s: StepStats) -> list[Finding]:
-        if s.clip_coef is not None and math.isfinite(s.clip_coef):
-            self._seen += 1
-            self._clipped += int(s.clip_coef < 1.0 - CLIP_TOL)
-        return []
+        coef = s.clip_coef
+        if s.layer_clip_coef is not None and s.layer_clip_coef.size:
+            layer = float(np.nanmin(s.layer_clip_coef))
+            coef = layer if coef is None else min(coef, layer)
+        if coef is None or not math.isfinite(coef):
+            return []
+        clipped = coef < 1.0 - CLIP_TOL
+        self._seen += 1
+        self._clipped += int(clipped)
+        self._coef.push(np.array([coef]), s.step)
+        if not self._coef.full:
+            return []
+        return self._judge(s.step, clipped)
+
+    def _judge(self, step: int, clipped: bool) -> list[Finding]:
+        coefs = self._coef.values()[:, 0]
+        hit = coefs < 1.0 - CLIP_TOL
+        rate = float(hit.mean())
+        if self._episode("clip") is not None:
+            if rate < self.warn_rate / 2:
+                self._close("clip")
+            elif clipped:
+                self._hold("clip", step)
+            return []
+        if rate < self.warn_rate:
+            return []
+        med = float(np.median(coefs[hit]))
+        first, last = self._coef.span()
+        heavy = med < self.warn_coef
+        why = (
+            "the threshold is far below the typical gradient norm, so the learning rate alone sets "
+            "the step size"
+            if heavy
+            else "steady, moderate clipping"
+        )
+        msg = (
+            f"Clipping changed the gradients on {int(hit.sum())} of the last {len(coefs)} steps "
+            f"({first}-{last}, {rate:.0%}), scaling them by {med:.2g} (median): {why}."
+        )
+        self._episodes_seen += 1
+        severity, key = ("warning", "clipped") if heavy else ("info", "clipped_info")
+        return [self._open("clip", self._finding(step, None, severity, rate, msg, key))]
 
     def finalize(self, step: int) -> list[Finding]:
-        if not self._seen:
-            return []
-        rate = self._clipped / self._seen
-        severity = "warning" if rate > self.warn_rate else "info"
-        return [
-            self._finding(
-                step,
-                None,
-                severity,
-                rate,
-                f"Clipping changed the gradients on {self._clipped} of {self._seen} "
-                f"steps ({rate:.1%}).",
+        out = []
+        if not self._coef.full and self._coef.n >= DetachedDetector.MIN_STEPS:
+            out = self._judge(step, False)  # a run shorter than the window
+        if self._clipped and not self._episodes_seen:
+            rate = self._clipped / self._seen
+            out.append(
+                self._finding(
+                    step,
+                    None,
+                    "info",
+                    rate,
+                    f"Clipping changed the gradients on {self._clipped} of {self._seen} steps "
+                    f"({rate:.1%}).",
+                    "clipped_rare",
+                )
             )
-        ]
+        super().finalize(step)
+        return out
 
 
 DETECTORS: dict[str, type[Detector]] = {
@@ -593,8 +1243,11 @@ DETECTORS: dict[str, type[Detector]] = {
         VanishingDetector,
         ExplodingDetector,
         SpikeDetector,
+        DivergenceDetector,
+        LargeUpdateDetector,
         FrozenDetector,
         DetachedDetector,
+        ZeroGradientDetector,
         AccumulationDetector,
         ClipRateDetector,
     )
@@ -636,6 +1289,15 @@ def build_detectors(spec: Mapping[str, Any] | Iterable[Detector] | None = None) 
             raise ValueError(
                 f"Expected `detectors[{name!r}]` to be a bool or a dict of settings, got {cfg!r}"
             )
+        old = sorted(set(cfg) & set(cls.retired))
+        if old:
+            warnings.warn(
+                f"Detector {name!r}: setting(s) {old} of an earlier graddiag version are ignored ("
+                + "; ".join(f"{k}: {cls.retired[k]}" for k in old)
+                + ")",
+                stacklevel=3,
+            )
+            cfg = {k: v for k, v in cfg.items() if k not in cls.retired}
         try:
             out.append(cls(**cfg))
         except TypeError as e:
@@ -665,16 +1327,29 @@ class Diagnoser:
         return {d.name: d.config() for d in self.detectors}
 
     def update(self, stats: StepStats) -> list[Finding]:
+        """Run every detector on one step; returns the findings it opened (as first reported)."""
         new: list[Finding] = []
         for d in self.detectors:
             new.extend(d.update(stats))
         self.findings.extend(new)
+        self._amend()
         self.last_step = max(self.last_step, stats.step)
         return new
 
     def finalize(self) -> list[Finding]:
+        """End of run: summaries, and the durations of episodes still open."""
         new: list[Finding] = []
         for d in self.detectors:
             new.extend(d.finalize(max(self.last_step, 0)))
         self.findings.extend(new)
+        self._amend()
         return new
+
+    def _amend(self) -> None:
+        """Replace the findings of ended episodes by their completed versions (with durations)."""
+        for d in self.detectors:
+            for old, done in d.take_amendments():
+                for i in range(len(self.findings) - 1, -1, -1):
+                    if self.findings[i] is old or self.findings[i] == old:
+                        self.findings[i] = done
+                        break

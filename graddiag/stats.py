@@ -83,6 +83,9 @@ class StepStats:
         skipped: whether the optimizer step was skipped by the non-finite policy.
         loss: the loss, when the caller passed it.
         nonfinite_origin: the module where a NaN/Inf was born in the backward pass, when traced.
+        trainable: per layer, whether any of its parameters still requires a gradient at this step
+            (`requires_grad` / `trainable`), when the adapter reports it; None: unknown. It tells a
+            layer frozen mid-run apart from one whose gradient died or stopped flowing.
     """
 
     step: int
@@ -103,6 +106,7 @@ class StepStats:
     skipped: bool = False
     loss: float | None = None
     nonfinite_origin: str | None = None
+    trainable: np.ndarray | None = None
 
     @property
     def any_nonfinite(self) -> bool:

@@ -140,7 +140,7 @@ def test_detectors_disabled_live_stay_disabled(tmp_path):
 def test_detector_override(tmp_path):
     d = str(tmp_path / "run")
     make_run(d, steps=20)
-    report = analyze(d, detectors={"exploding": {"threshold": 0.5}})
+    report = analyze(d, detectors={"exploding": {"abs_threshold": 0.5}})
     assert [f.kind for f in report.findings if f.kind == "exploding"] == ["exploding"]
 
 

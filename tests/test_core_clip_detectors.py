@@ -18,7 +18,7 @@ from graddiag.clip import (
     chain,
     clip_gradients,
 )
-from graddiag.detectors import Diagnoser, SpikeDetector, build_detectors
+from graddiag.detectors import PRIOR_SIGMA, PRIOR_STEPS, Diagnoser, SpikeDetector, build_detectors
 from graddiag.monitor import MonitorCore
 from graddiag.stats import ModelInfo, StepStats
 
@@ -256,7 +256,7 @@ def test_healthy_noisy_stream_has_no_findings():
 
 
 def test_spike_z_score_by_hand():
-    det = SpikeDetector(z_threshold=3.0, min_ratio=2.0, window=10, warmup=5)
+    det = SpikeDetector(z_threshold=3.0, min_ratio=2.0, window=10)
     det.start(INFO)
     base = [1.0, 1.1, 0.9, 1.05, 0.95, 1.0]
     for t, g in enumerate(base):
@@ -271,8 +271,12 @@ def test_spike_z_score_by_hand():
         d = x - mean
         mean += a * d
         var = (1 - a) * (var + a * d * d)
+    # the spread is blended with the prior (PRIOR_SIGMA, worth PRIOR_STEPS steps)
+    n = len(base)
+    var = (n * var + PRIOR_STEPS * PRIOR_SIGMA**2) / (n + PRIOR_STEPS)
     z = (math.log(math.sqrt(1 + 2500 + 1)) - mean) / math.sqrt(var)
     assert f.value == pytest.approx(z, rel=1e-9)
+    assert "'mid'" in f.message and "silent" not in f.message
 
 
 def test_vanishing_needs_absolute_and_relative_smallness():
@@ -317,7 +321,7 @@ def test_build_detectors_rejects_bad_specs():
     with pytest.raises(ValueError, match="Bad settings for detector 'frozen'"):
         build_detectors({"frozen": {"nope": 1}})
     with pytest.raises(ValueError, match="patience.*0"):
-        build_detectors({"frozen": {"patience": 0}})
+        build_detectors({"detached": {"patience": 0}})
     assert [d.name for d in build_detectors({"spike": False})].count("spike") == 0
 
 

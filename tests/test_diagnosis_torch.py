@@ -111,7 +111,7 @@ def test_vanishing_names_the_layers_near_the_input():
     layers = [f.layer for f in found]
     assert layers[0] == "0"  # the input layer is the worst
     assert "32" not in layers and "30" not in layers  # the top of the stack still learns
-    assert all(f.value < 1e-7 for f in found)
+    assert all(f.value < 1e-3 for f in found)  # relative to the largest layer
 
 
 @pytest.mark.parametrize("trace, layer", [(False, "mid"), (True, "norm")])
@@ -133,8 +133,8 @@ def test_frozen_and_detached():
     assert got == {
         ("frozen", "embed", "info", 0),  # requires_grad=False
         ("frozen", "extra", "warning", 0),  # not in the optimizer
-        ("frozen", "gate", "warning", 19),  # exactly-zero gradient for 20 steps
-        ("detached", "aux", "warning", 2),  # never receives a gradient
+        ("dead", "gate", "warning", 19),  # an exactly-zero gradient on the first 20 steps
+        ("detached", "aux", "warning", 19),  # no gradient on the first 20 steps
     }
 
 
@@ -162,22 +162,29 @@ def test_forgotten_zero_grad_with_set_to_none_false_neighbour_is_detected_correc
     assert mon.findings == []
 
 
-def test_exploding_names_the_largest_layer():
+def test_exploding_is_judged_against_the_runs_first_steps():
+    """Large gradients from step 0 on (a deep linear stack at a big init, LR 0) are the run's own
+    scale, not an explosion; the same net whose weights grow 2x at step 5 explodes from there."""
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(32, 32, bias=False) for _ in range(8)])
     for m in model:
         nn.init.normal_(m.weight, std=1.5)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     mon = GradientMonitor(model, opt, every=1)
-    for _ in range(3):
+    for step in range(12):
+        if step == 5:
+            with torch.no_grad():
+                for m in model:
+                    m.weight.mul_(2.0)  # gradients grow ~2^7 = 128x
         opt.zero_grad()
         model(torch.randn(16, 32)).square().mean().backward()
         opt.step()
     mon.close()
+    assert mon.history[0].global_norm > 1e3  # the old absolute threshold fired here
     (f,) = by_kind(mon, "exploding")
-    norms = mon.history[0].grad_norm
-    assert f.step == 0 and f.layer == mon.layers[int(norms.argmax())]
-    assert f.value > 1e3
+    norms = mon.history[5].grad_norm
+    assert (f.step, f.layer) == (5, mon.layers[int(norms.argmax())])
+    assert f.value > 100 * mon.history[0].global_norm
 
 
 def test_spike_at_the_bad_batch():
@@ -196,4 +203,5 @@ def test_spike_at_the_bad_batch():
     mon.close()
     (f,) = by_kind(mon, "spike")
     assert f.step == 50 and f.value > 6
-    assert kinds(mon) == ["spike"]
+    assert f.layer == "6"  # the output layer carries most of the jump
+    assert kinds(mon) == ["spike"]  # one outlier step: a spike, not an explosion

@@ -135,13 +135,15 @@ def test_needs_a_compiled_model():
         cb.on_train_begin()
 
 
-def test_keras_fit_example_finds_exploding_gradients():
+def test_keras_fit_example_finds_heavy_clipping():
+    """Unscaled inputs make every gradient huge from step 0: that is the run's own scale (not an
+    explosion), and clipping at 1.0 scales every step down by orders of magnitude (a warning)."""
     import keras_fit
 
     cb = keras_fit.run(epochs=1)
     got = {(f.kind, f.layer, f.step, f.severity) for f in cb.findings}
-    assert ("exploding", "hidden", 0, "warning") in got
     assert ("clipped", None, 15, "warning") in got
+    assert not [f for f in cb.findings if f.kind == "exploding"]
 
 
 def test_works_under_xla_jit_compile(tmp_path):
