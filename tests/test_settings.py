@@ -15,7 +15,7 @@ from graddiag.settings import Settings
 BAD = [
     ({"detectors": {"bogus": {}}}, "bogus"),
     ({"detectors": 42}, "`detectors`"),
-    ({"detectors": {"exploding": {"threshold": -1.0}}}, "threshold"),
+    ({"detectors": {"exploding": {"factor": -1.0}}}, "factor"),
     ({"detectors": {"spike": {"no_such_key": 1}}}, "spike"),
     ({"flush_secs": -1}, "`flush_secs`"),
     ({"flush_secs": math.inf}, "`flush_secs`"),
@@ -62,7 +62,7 @@ def test_normalised_values(tmp_path):
 
 
 def test_numpy_numbers_are_accepted_as_thresholds():
-    Settings(detectors={"exploding": {"threshold": np.float32(100.0)}})
+    Settings(detectors={"exploding": {"factor": np.float32(100.0)}})
     Settings(clip=GlobalNormClip(np.float32(1.0)))
 
 
@@ -121,7 +121,7 @@ MAKERS = {"torch": _torch_monitor, "tf": _tf_monitor, "keras_callback": _keras_c
         ({"flush_secs": -1}, "`flush_secs`"),
         ({"every": 0}, "`every`"),
         ({"clip": "x"}, "`clip`"),
-        ({"detectors": {"exploding": {"threshold": 0}}}, "threshold"),
+        ({"detectors": {"exploding": {"factor": 0}}}, "factor"),
     ],
 )
 def test_every_adapter_fails_at_construction(make, kwargs, text):
