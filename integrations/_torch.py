@@ -37,7 +37,7 @@ class TorchRun:
         self.kwargs = kwargs
         self.monitor = None
 
-    def start(self, model, logdir: str | os.PathLike | None, step: int):
+    def start(self, model, logdir: str | os.PathLike | None, step: int, **overrides: Any):
         """The run's monitor for `model`, created at the first start (`start_step=step`) and kept
         across later starts that continue it (same model, `step` not behind the monitor's count),
         so a second `fit` continues the same event file and the detectors keep their state.
@@ -49,7 +49,8 @@ class TorchRun:
             mon.close()
             mon = None
         if mon is None:
-            mon = GradientMonitor(model, None, logdir, start_step=step, **self.kwargs)
+            kwargs = {**self.kwargs, **overrides}
+            mon = GradientMonitor(model, None, logdir, start_step=step, **kwargs)
             self.monitor = mon
         return mon
 

@@ -247,3 +247,12 @@ def test_the_pytorch_lightning_package_gets_its_own_callback_class(tmp_path):
 
         tr.fit(PLModule(), data(2))
     assert [s.step for s in cb.monitor.history] == [0, 1]
+
+
+def test_lightning_example_finds_the_detached_head(tmp_path):
+    import lightning_fit
+
+    cb = lightning_fit.run(str(tmp_path), epochs=1)
+    got = {(f.kind, f.layer, f.step) for f in cb.findings}
+    assert got == {("detached", "aux", 2)}
+    assert cb.monitor.logdir == str(tmp_path / "version_0")
