@@ -43,6 +43,7 @@ def run(logdir=None, epochs: int = 3, **callback_kwargs) -> GradDiagCallback:
     callback_kwargs.setdefault("clip", GlobalNormClip(1.0))
     cb = GradDiagCallback(logdir, every=8, print_summary=False, **callback_kwargs)
     model.fit(x, y, batch_size=64, epochs=epochs, verbose=0, callbacks=[cb])
+    cb.close()  # the end of the run: adds end-of-run findings (the clipping rate)
     return cb
 
 

@@ -10,6 +10,12 @@ change, so `model.save`/`keras.models.load_model` see a plain model, during and 
 Statistics are read back from the device in `on_train_batch_end` once every `every` steps (no host
 op inside the compiled step, so XLA `jit_compile` keeps working).
 
+Steps are numbered by the optimizer's `iterations`: one callback reused across several `fit` calls
+on the same model (or a model whose optimizer state was restored) continues one run — one event
+file, one step count, detectors that keep their state. `on_train_end` logs every step and flushes
+the file; the run ends with `callback.close()` (or at interpreter exit), which adds the end-of-run
+findings such as the clipping rate.
+
 Example:
     >>> model.fit(x, y, epochs=3, callbacks=[GradDiagCallback(logdir="runs/fit")])
 """
@@ -48,6 +54,9 @@ class GradDiagCallback(keras.callbacks.Callback):
 
     Attributes:
         monitor: the `GradientMonitor` of the current or last run (None before training).
+            Its steps are the optimizer's `iterations`. A step Keras does not count (skipped
+            under `nonfinite="skip"`, a loss-scale overflow) still gets its own number, so the
+            count runs ahead of `iterations` by the skipped steps; it never goes back.
 
     Raises:
         ValueError: for a bad argument (at construction) or a non-TensorFlow backend / a model
@@ -110,15 +119,24 @@ class GradDiagCallback(keras.callbacks.Callback):
         if optimizer is None:
             raise ValueError("GradDiagCallback: the model has no optimizer; call model.compile().")
         lso = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-        self.monitor = GradientMonitor(
-            model,
-            self.logdir,
-            read_back="poll",
-            loss_scale=optimizer if lso else None,
-            optimizer=optimizer,
-            **self._kwargs,
-        )
-        self.monitor._resolve()
+        iterations = int(optimizer.iterations.numpy())
+        mon = self.monitor
+        if mon is not None and (mon._target is not model or mon._optimizer is not optimizer):
+            self.close()  # another model or a recompiled one: a new run
+            mon = None
+        if mon is None or mon.core is not None and mon.core.closed:
+            self.monitor = GradientMonitor(
+                model,
+                self.logdir,
+                read_back="poll",
+                loss_scale=optimizer if lso else None,
+                optimizer=optimizer,
+                start_step=iterations,
+                **self._kwargs,
+            )
+            self.monitor._resolve()
+        else:
+            self._continue(iterations)
         if not optimizer.built:
             optimizer.build(model.trainable_variables)
         monitor = self.monitor
@@ -148,9 +166,18 @@ class GradDiagCallback(keras.callbacks.Callback):
     def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
         self._restore()
         if self.monitor is not None:
-            self.monitor.close()
+            self.monitor.flush()  # every step of this fit logged and on disk; the run goes on
             if self.print_summary:
                 print(self.monitor.summary())
+
+    def close(self) -> list[Finding]:
+        """End the run: end-of-run findings (e.g. the clipping rate), close the event file."""
+        return [] if self.monitor is None else self.monitor.close()
+
+    def _continue(self, iterations: int) -> None:
+        """A later `fit` of the same run: steps the optimizer took without the callback (or
+        restored from a checkpoint) move the count forward to `iterations`."""
+        self.monitor.continue_at(iterations)
 
     def _restore(self) -> None:
         if self._optimizer is not None:

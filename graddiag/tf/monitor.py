@@ -450,6 +450,16 @@ class GradientMonitor(MonitorAPI):
             return []
         return self._fetch(steps_done)
 
+    def continue_at(self, step: int) -> list[Finding]:
+        """Number the next step `step` (the optimizer stepped without the monitor, or was
+        restored); steps measured so far are logged first. Never moves the count back."""
+        new = self.flush() if hasattr(self, "_count") else []
+        self._resolve()
+        if step > int(self._count.numpy()):
+            self._count.assign(step)
+            self._fetched = step
+        return new
+
     def flush(self) -> list[Finding]:
         """Process every step measured so far (also those before the next log step)."""
         if not hasattr(self, "_count"):

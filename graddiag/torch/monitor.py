@@ -283,6 +283,13 @@ class GradientMonitor(MonitorAPI):
         """Read pending statistics now (one host sync), diagnose and log them."""
         return self._drain()
 
+    def continue_at(self, step: int) -> list[Finding]:
+        """Number the next step `step` (steps were taken without the monitor, or a trainer's own
+        count says so); pending steps are logged first. Returns their findings."""
+        new = self._drain()
+        self.step_count = int(step)
+        return new
+
     def close(self) -> list[Finding]:
         """Process pending steps, write end-of-run findings, close the log, remove hooks."""
         if self.closed:
