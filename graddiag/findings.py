@@ -18,6 +18,11 @@ KINDS = (
     "accumulation",
     "clipped",
     "validation",
+    "dead",
+    "starved",
+    "zero_gradient",
+    "divergence",
+    "large_update",
 )
 
 

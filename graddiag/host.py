@@ -262,6 +262,11 @@ class HostPath:
         for k, v in d.items():
             setattr(stats, k, v)
 
+    def trainable(self, flags: Sequence[bool]) -> np.ndarray:
+        """Per layer, whether any of its parameters still trains, from per-parameter `flags`."""
+        w = np.asarray(flags, dtype=np.float64)
+        return np.bincount(self.layer_of, weights=w, minlength=self.n_layers) > 0
+
     def update_ratio(self, update: np.ndarray) -> np.ndarray:
         """Per-layer ||w_after - w_before|| / ||w_before|| from per-parameter sums of squares."""
         delta, weights = np.asarray(update, dtype=np.float64)

@@ -483,3 +483,29 @@ def test_parametrized_linear_is_one_layer():
         sum(float(p.grad.square().sum()) for p in (g.original0, g.original1, model[0].bias))
     )
     assert mon.history[-1].grad_norm[0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_update_ratio_reaches_the_detectors_live_and_post_hoc(tmp_path):
+    """The update/weight ratio of a detail step is known only after the optimizer step: the step
+    is diagnosed then, so `large_update` fires live, and the analysis of the logs agrees."""
+    import graddiag
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=5.0)  # every step moves the weights by ~their size
+    quiet = {"spike": False, "exploding": False, "divergence": False}
+    with GradientMonitor(
+        model, opt, logdir=tmp_path, every=4, detail_every=1, detectors=quiet
+    ) as mon:
+        for _ in range(8):
+            opt.zero_grad()
+            model(torch.randn(16, 8)).square().mean().backward()
+            opt.step()
+    live = [f for f in mon.findings if f.kind == "large_update"]
+    assert live and mon.history[live[0].step].update_ratio is not None
+    ratio = mon.history[0].update_ratio
+    assert np.all(ratio > 0.1)
+    posthoc = graddiag.analyze(str(tmp_path)).findings
+    assert [(f.kind, f.step) for f in posthoc if f.kind == "large_update"] == [
+        (f.kind, f.step) for f in live
+    ]

@@ -111,3 +111,22 @@ def test_frozen_probe_is_chosen_again_and_still_finds_a_forgotten_zero_grad():
     mon.close()
     acc = [f for f in mon.findings if f.kind == "accumulation"]
     assert acc and acc[0].step <= 6
+
+
+def test_freezing_mid_run_under_set_to_none_false_is_not_a_warning():
+    """`requires_grad_(False)` mid-run with `zero_grad(set_to_none=False)`: the layer's stale
+    gradient stays exactly zero; the adapter tells the detectors the layer no longer trains, so it
+    is info (frozen on purpose), not a `dead`/`frozen` warning."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mon = GradientMonitor(model, opt, every=5)
+    for step in range(40):
+        if step == 10:
+            model[0].requires_grad_(False)
+        opt.zero_grad(set_to_none=False)
+        model(torch.randn(8, 4)).square().mean().backward()
+        opt.step()
+    mon.close()
+    assert kinds(mon) == []
+    assert mon.history[-1].trainable.tolist() == [False, True]

@@ -26,6 +26,8 @@ from graddiag.stats import ModelInfo, StepStats
 __all__ = ["RunDiagnosis", "Series", "diagnose_run", "series_of"]
 
 _GLOBALS = ("grad_norm", "clip_coef", "grad_reset", "backward_calls", "skipped", "loss")
+#: Per-layer statistics logged on detail steps only, read back into `StepStats` where present.
+_DETAIL = ("grad_max", "zero_frac", "param_norm", "update_ratio")
 
 
 @dataclass
@@ -43,6 +45,7 @@ class Series:
             skipped, loss), NaN where not logged.
         glob_logged: where each `glob` series was logged (a logged value may itself be NaN).
         wall_time: wall-clock time of each step (the latest event of the step).
+        detail: per-layer detail statistics by stat (`_DETAIL`), NaN where not logged.
     """
 
     steps: np.ndarray
@@ -55,6 +58,7 @@ class Series:
     glob_logged: dict[str, np.ndarray]
     wall_time: np.ndarray
     origins: dict[int, str] = field(default_factory=dict)
+    detail: dict[str, np.ndarray] = field(default_factory=dict)
 
     def global_norm(self) -> np.ndarray:
         """Logged global norm, or the root-sum-square of the layer norms where it was not logged."""
@@ -79,22 +83,25 @@ class Series:
             has = self.has_grad[i]
             lc = self.layer_clip[i]
             present = ~np.isnan(lc)
-            out.append(
-                StepStats(
-                    step=int(step),
-                    grad_norm=np.where(has, self.grad_norm[i], 0.0),
-                    has_grad=has.copy(),
-                    nonfinite=self.nonfinite[i].copy(),
-                    global_norm=0.0 if miss_global[i] else float(gnorm[i]),
-                    clip_coef=_opt(g["clip_coef"][i], float),
-                    layer_clip_coef=np.where(present, lc, 1.0) if present.any() else None,
-                    grad_reset=_opt(g["grad_reset"][i], bool),
-                    backward_calls=_opt(g["backward_calls"][i], int),
-                    skipped=bool(_opt(g["skipped"][i], bool) or False),
-                    loss=_opt(g["loss"][i], float),
-                    nonfinite_origin=self.origins.get(int(step)),
-                )
+            stats = StepStats(
+                step=int(step),
+                grad_norm=np.where(has, self.grad_norm[i], 0.0),
+                has_grad=has.copy(),
+                nonfinite=self.nonfinite[i].copy(),
+                global_norm=0.0 if miss_global[i] else float(gnorm[i]),
+                clip_coef=_opt(g["clip_coef"][i], float),
+                layer_clip_coef=np.where(present, lc, 1.0) if present.any() else None,
+                grad_reset=_opt(g["grad_reset"][i], bool),
+                backward_calls=_opt(g["backward_calls"][i], int),
+                skipped=bool(_opt(g["skipped"][i], bool) or False),
+                loss=_opt(g["loss"][i], float),
+                nonfinite_origin=self.origins.get(int(step)),
             )
+            for stat, arr in self.detail.items():
+                row = arr[i]
+                if not np.isnan(row).all():  # live: 0 for layers without a gradient
+                    setattr(stats, stat, row if stat == "update_ratio" else np.nan_to_num(row))
+            out.append(stats)
         return out
 
 
@@ -169,6 +176,7 @@ def series_of(data: LogData, run: RunData, layers: Sequence[str] | None = None) 
         glob_logged,
         wall,
         dict(run.nonfinite_origins),
+        {stat: dense(stat, np.nan)[0] for stat in _DETAIL if stat in scode},
     )
 
 

@@ -690,10 +690,11 @@ class GradientMonitor(MonitorAPI):
         if self.core is None:
             row = rows[first % self.every] if first < steps_done else None
             self._start(None if row is None else row[self._layout.sumsq] != _NO_GRAD)
+        trainable = self._host.trainable([getattr(v, "trainable", True) for v in self.variables])
         new: list[Finding] = []
         for step in range(first, steps_done):
             self._fetched = step + 1  # before ingest: under nonfinite="raise" it raises
-            extra = {}
+            extra = {"trainable": trainable}
             if step == detail_step:
                 extra["detail"] = detail
             if step == hist_step:

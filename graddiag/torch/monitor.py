@@ -450,17 +450,14 @@ class GradientMonitor(MonitorAPI):
         if extra is not None:
             known["detail"] = extra
         self._pending.append((step, known))
-        if log_step or detail or report.skipped:  # detail/skip steps sync anyway: report now
-            try:
-                report.findings = self._drain()
-            finally:
-                probe.record()
+        probe.record()
+        if detail and self.optimizers and not report.skipped:
+            # the update/weight ratio needs the weights after the update: read back then
+            self._snapshot = (step, [p.detach().clone() for p in params])
+        elif log_step or detail or report.skipped:  # detail/skip steps sync anyway: report now
+            report.findings = self._drain()
             report.logged = True
             report.stats = self.core.history[-1] if self.core.history else None
-        else:
-            probe.record()
-        if detail and self.optimizers:
-            self._snapshot = (step, [p.detach().clone() for p in params])
         return report
 
     def _after_update(self) -> None:
@@ -473,7 +470,12 @@ class GradientMonitor(MonitorAPI):
         both = torch.stack(
             torch._foreach_norm(torch._foreach_sub(new, old)) + torch._foreach_norm(old)
         )
-        self._host.record_update(step, both.double().numpy(force=True).reshape(2, -1) ** 2)
+        update = both.double().numpy(force=True).reshape(2, -1) ** 2
+        if self._pending and self._pending[-1][0] == step:
+            self._pending[-1][1]["update"] = update
+            self._drain()
+        else:
+            self._host.record_update(step, update)
 
     def _find_origin(self) -> str | None:
         """First module (in backward order) whose incoming gradient is finite but outgoing is not."""
@@ -513,9 +515,10 @@ class GradientMonitor(MonitorAPI):
         pending, self._pending = self._pending, []
         first_row = pending[0][0] % self.every
         rows = self._buf[first_row : first_row + len(pending)].numpy(force=True)
+        trainable = self._host.trainable([p.requires_grad for p in self.params])
         new: list[Finding] = []
         for (step, known), row in zip(pending, rows, strict=True):
-            new += self._host.ingest(step, row, **known)
+            new += self._host.ingest(step, row, trainable=trainable, **known)
         return new
 
 
