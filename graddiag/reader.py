@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from graddiag import _records, tags
+from graddiag.events import GAP_TAG
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -117,6 +118,8 @@ class ReadStats:
         truncated_files: files whose last record is incomplete (e.g. still being written).
         truncated_bytes: bytes in those incomplete tails.
         unreadable_files: ``(path, reason)`` for files that could not be opened.
+        notes: one line per unusual thing the reader handled (corrupt stretches, restarted or
+            concurrent runs, skipped non-regular files, events the writer had to drop).
     """
 
     files: int = 0
@@ -128,6 +131,7 @@ class ReadStats:
     truncated_files: list[str] = field(default_factory=list)
     truncated_bytes: int = 0
     unreadable_files: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -140,6 +144,7 @@ class ReadStats:
             "truncated_files": list(self.truncated_files),
             "truncated_bytes": self.truncated_bytes,
             "unreadable_files": [list(x) for x in self.unreadable_files],
+            "notes": list(self.notes),
         }
 
 
@@ -699,6 +704,9 @@ class _Reader:
             text = _tensor_text(buf, *tensor)
             if text:
                 run.origins[step] = text
+            return None
+        if tag == GAP_TAG and tensor is not None:
+            self.stats.notes.append(f"run {run.name!r}: {_tensor_text(buf, *tensor)}")
             return None
         if tag == tags.MODEL and tensor is not None:
             if run.meta is None:
