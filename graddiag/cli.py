@@ -187,7 +187,7 @@ def _print_table(report: Report, output: str | None) -> None:
 
     from graddiag.analysis.render import print_report
 
-    fh = open(output, "w", encoding="utf-8") if output else None  # noqa: SIM115 - closed below
+    fh = _guard(lambda: open(output, "w", encoding="utf-8")) if output else None  # noqa: SIM115
     try:
         print_report(report, Console(file=fh or sys.stdout, width=160 if fh else None))
     finally:
@@ -273,6 +273,12 @@ def export(
     from graddiag.reader import read
 
     df = _guard(lambda: read(logdir, run=run or None, steps=steps, tag_pattern=tag_pattern))
+    if not len(df):
+        rs = df.attrs["read_stats"]
+        why = (
+            f" (skipped {rs['corrupt_records']} corrupt record(s))" if rs["corrupt_records"] else ""
+        )
+        raise _fail(f"{logdir}: no scalars to export{why}")
     if ext == ".csv":
         _guard(lambda: df.to_csv(output, index=False))
     else:
@@ -299,7 +305,7 @@ def demo(
 
         logging.getLogger("graddiag").setLevel(logging.ERROR)  # the report below lists them all
         typer.echo(f"Training the demo model with graddiag attached; logs: {run_dir}")
-        run_demo(run_dir)
+        _guard(lambda: run_demo(run_dir))
     except ImportError as e:
         raise _fail(f"graddiag demo needs PyTorch ({e})") from None
     analyze(

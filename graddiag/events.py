@@ -1,10 +1,12 @@
-"""A lean TensorBoard event-file writer.
+"""A lean TensorBoard event-file writer that never stops training.
 
-Layers, each small (the tensorboardX shape): `RecordWriter` frames records with
-`graddiag._records.frame` (length, masked crc32c, data, masked crc32c; the reader checks the same
-framing); `EventFileWriter` encodes events. Scalars take a fast path: the protobuf bytes of a step's `Summary` are laid out once per tag set and each step only overwrites
-the float32 payloads, so writing 200 scalars costs one NumPy scatter and one `write`.
-Histograms, text and layouts are rare and use TensorBoard's own protos.
+Layers, each small (the tensorboardX shape): `RecordWriter` appends framed records
+(`graddiag._records.frame`: length, masked crc32c, data, masked crc32c; the reader checks the same
+framing) and survives write failures; `EventFileWriter` encodes events, queues them and owns the
+thread that writes the queue out every `flush_secs`. Scalars take a fast path: the protobuf bytes
+of a step's `Summary` are laid out once per tag set and each step only overwrites the float32
+payloads, so writing 200 scalars costs one NumPy scatter. Histograms, text and layouts are rare
+and use TensorBoard's own protos. What a crash or a failing disk costs is in docs/guarantees.md.
 
 Why not TensorBoard's writer: without TensorFlow installed it computes CRCs in pure Python and
 (through its GFile layer) reopens the file per record; per-value `add_scalar` doubled the step
@@ -13,11 +15,16 @@ time of a 100-layer net in our benchmark (see docs/benchmarks.md).
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
 import socket
 import struct
 import threading
 import time
+import warnings
+import weakref
+from collections import deque
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -25,6 +32,8 @@ import numpy as np
 from graddiag._checks import positive
 from graddiag._records import frame
 from graddiag._records import masked_crc32c as masked_crc32c  # re-exported
+
+log = logging.getLogger("graddiag")
 
 
 def _varint(n: int) -> bytes:
@@ -56,26 +65,116 @@ def encode_event(step: int, wall_time: float, summary: bytes | None = None, **ra
 
 
 class RecordWriter:
-    """Appends TFRecord-framed records to one open, buffered file."""
+    """Appends framed records to one file, and keeps what it could not write yet.
+
+    It never raises on an I/O error: `write_batch` writes what the disk takes and reports where it
+    stopped, so the caller keeps the rest and retries. The file is opened for appending and never
+    truncated or rewritten; a record cut short by a failed write is finished by the retry (the
+    byte stream continues where it stopped), so the file stays a valid record stream. If the file
+    disappears (its directory deleted) or its path now names another file, the directory is
+    re-created and a new file is started with the header records (`header`) repeated at its
+    start, and the cut record written again whole.
+
+    Args:
+        path: the event file.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._f = open(path, "ab", buffering=1 << 16)  # noqa: SIM115 - closed in close()
+        self.header: list[bytes] = []  # framed records every new file starts with
+        self.error: OSError | None = None  # the last write failure, None once writing works
+        self._fd: int | None = None
+        self._id: tuple[int, int] | None = None  # (st_dev, st_ino) of the open file
+        self._opened = False
 
-    def write(self, data: bytes) -> None:
-        self._f.write(frame(data))
+    def open(self) -> None:
+        """Open (create) the file now; raises OSError (used at construction to fail early)."""
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        self._open(os.O_CREAT)
 
-    def flush(self) -> None:
-        self._f.flush()
+    def _open(self, flags: int) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | flags, 0o644)
+        st = os.fstat(fd)
+        self._fd, self._id, self._opened = fd, (st.st_dev, st.st_ino), True
+
+    def _file_gone(self) -> bool:
+        """Whether the open file is no longer at `path` (deleted, or the path replaced)."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino) != self._id
+
+    def _ensure_open(self) -> bool:
+        """Open the file if needed; True when a new file was started (it needs the header)."""
+        if self._fd is not None and not self._file_gone():
+            return False
+        fresh = self._opened
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        if fresh:  # never append to a file we did not start
+            if os.path.lexists(self.path):
+                root, dot, rest = os.path.basename(self.path).partition(".graddiag")
+                self.path = os.path.join(
+                    os.path.dirname(self.path), f"{root}.r{_next_id()}{dot}{rest}"
+                )
+            self._open(os.O_CREAT | os.O_EXCL)
+        else:
+            self._open(os.O_CREAT)
+        return fresh
+
+    def write_batch(self, records: list[bytes], head: int = 0) -> tuple[int, int]:
+        """Write `records` (the first one from byte `head` on) and return where writing stopped:
+        ``(index, offset)`` of the first byte not written, ``(len(records), 0)`` when all were.
+        Sets `error` on a failure (and clears it on success); never raises OSError."""
+        i, off = 0, head
+        try:
+            if self._ensure_open():
+                off = 0  # the cut record goes whole into the new file, after the header
+                self._write_all(b"".join(self.header))
+            while i < len(records):
+                data = b"".join(records[i : i + 256])
+                done = self._write_all(memoryview(data)[off:], stop_early=True)
+                while i < len(records) and done > 0:  # advance over what went out
+                    left = len(records[i]) - off
+                    if done >= left:
+                        done -= left
+                        i, off = i + 1, 0
+                    else:
+                        off += done
+                        done = 0
+            self.error = None
+        except OSError as e:
+            self.error = e
+        return i, off
+
+    def _write_all(self, data, stop_early: bool = False) -> int:
+        """os.write until `data` is out; on an error after partial progress with `stop_early`,
+        return the count written (the caller records it) and re-raise at the next call."""
+        mv = memoryview(data)
+        done = 0
+        while done < len(mv):
+            try:
+                done += os.write(self._fd, mv[done:])
+            except OSError:
+                if stop_early and done:
+                    return done
+                raise
+        return done
 
     def close(self) -> None:
-        if not self._f.closed:
-            self._f.flush()
-            self._f.close()
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
 
     @property
     def closed(self) -> bool:
-        return self._f.closed
+        return self._fd is None
 
 
 class _ScalarTemplate:
@@ -100,53 +199,134 @@ class _ScalarTemplate:
         return self._buf.tobytes()
 
 
+#: Bytes of unwritten events a writer keeps while it cannot write (disk full, logdir gone); beyond
+#: this the oldest are dropped and counted (see docs/guarantees.md).
+MAX_PENDING_BYTES = 64 << 20
+#: Unwritten bytes that wake the flush thread before `flush_secs` is up.
+_FLUSH_BYTES = 1 << 16
+#: The text tag of the note a writer leaves where it had to drop events.
+GAP_TAG = "graddiag/log_gap"
+
+
+class WriteFailureWarning(RuntimeWarning):
+    """A log could not be written; graddiag keeps the events in memory and retries."""
+
+
 class EventFileWriter:
-    """Writes TensorBoard events for one run directory.
+    """Writes TensorBoard events for one run directory; never raises an I/O error after it opened.
+
+    Events are framed into an in-memory queue; a daemon thread owned by the writer writes the
+    queue out every `flush_secs` (sooner when 64 KiB are waiting) whether or not new events
+    arrive, so a pause in training does not hold events back. The training thread never waits on
+    the disk.
+
+    When a write fails (disk full, permission lost, the logdir deleted or replaced by a file) the
+    writer warns once (a `WriteFailureWarning` naming the path and the error), keeps the unwritten
+    events (at most `max_pending_bytes`; beyond that the oldest are dropped, counted, and a
+    ``graddiag/log_gap`` text event says so once writing works again) and retries at each
+    flush; a deleted logdir is re-created. `flush()` and `close()` never raise OSError.
 
     Args:
         logdir: directory of the run; created if missing.
-        flush_secs: flush to disk when this many seconds passed since the last flush (checked at
-            every write); `close()` always flushes. A crash loses at most this interval.
+        flush_secs: write queued events at least this often (0: at every write, in the caller's
+            thread); `close()` always flushes. A crash (even SIGKILL) loses at most the events of
+            the last `flush_secs` (see docs/guarantees.md).
         filename_suffix: appended to the event file's name.
+        max_pending_bytes: how much unwritten data to keep while writing fails.
+        fail_fast: raise at construction if the file cannot be created (else warn and retry).
 
     Raises:
         ValueError: if `flush_secs` is not a non-negative number.
-        OSError: if `logdir` cannot be created or written (the message names the path).
+        OSError: with `fail_fast`, if `logdir` cannot be created or written (the message names
+            the path).
     """
 
     def __init__(
-        self, logdir: str | os.PathLike, flush_secs: float = 2.0, filename_suffix: str = ""
+        self,
+        logdir: str | os.PathLike,
+        flush_secs: float = 2.0,
+        filename_suffix: str = "",
+        *,
+        max_pending_bytes: int = MAX_PENDING_BYTES,
+        fail_fast: bool = True,
     ) -> None:
         positive("flush_secs", flush_secs, allow_zero=True)
+        positive("max_pending_bytes", max_pending_bytes, integer=True)
         logdir = os.fspath(logdir)
-        try:
-            os.makedirs(logdir, exist_ok=True)
-            name = (
-                f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
-                f"{os.getpid()}.{_next_id()}{filename_suffix}"
-            )
-            self.path = os.path.join(logdir, name)
-            self._records = RecordWriter(self.path)
-        except OSError as e:
-            raise OSError(
-                f"cannot write TensorBoard logs to logdir {logdir!r}: {e.strerror or e}"
-            ) from e
+        name = (
+            f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
+            f"{os.getpid()}.{_next_id()}{filename_suffix}"
+        )
         self.logdir = logdir
+        self._records = RecordWriter(os.path.join(logdir, name))
+        if fail_fast:
+            try:
+                self._records.open()
+            except OSError as e:
+                raise OSError(
+                    f"cannot write TensorBoard logs to logdir {logdir!r}: {e.strerror or e}"
+                ) from e
         self.flush_secs = float(flush_secs)
-        self._last_flush = time.monotonic()
+        self.max_pending_bytes = int(max_pending_bytes)
         self._templates: dict[tuple[str, ...], _ScalarTemplate] = {}
-        self._lock = threading.Lock()
-        self._write(encode_event(0, time.time(), file_version=b"brain.Event:2"))
+        self._lock = threading.Lock()  # the queue
+        self._io_lock = threading.Lock()  # the file; taken before `_lock`, never after
+        self._queue: deque[bytes] = deque()
+        self._head = 0  # bytes of the queue's first record already in the file
+        self._queued = 0
+        self._closed = False
+        self._warned = False
+        #: events dropped (and their bytes) because writing failed for too long
+        self.dropped_records = 0
+        self.dropped_bytes = 0
+        self._gap_noted = (0, 0)
+        self._write(encode_event(0, time.time(), file_version=b"brain.Event:2"), header=True)
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        if self.flush_secs > 0:
+            self._thread = threading.Thread(
+                target=_flush_loop,
+                args=(weakref.ref(self), self._wake, self.flush_secs),
+                name=f"graddiag-flush-{name}",
+                daemon=True,
+            )
+            self._thread.start()
+        else:
+            self.flush()
+        _live.add(self)
 
-    def _write(self, event: bytes) -> None:
+    @property
+    def path(self) -> str:
+        """The event file (a new name if the writer had to start a new file)."""
+        return self._records.path
+
+    def _write(self, event: bytes, header: bool = False) -> None:
+        rec = frame(event)
         with self._lock:
-            if self._records.closed:
+            if self._closed:
                 raise ValueError(f"event file {self.path!r} is closed")
-            self._records.write(event)
-            now = time.monotonic()
-            if now - self._last_flush >= self.flush_secs:
-                self._records.flush()
-                self._last_flush = now
+            if header:
+                self._records.header.append(rec)
+            self._queue.append(rec)
+            self._queued += len(rec)
+            if self._queued > self.max_pending_bytes:
+                self._drop_oldest()
+            due = self._queued >= _FLUSH_BYTES and self._records.error is None
+        if self.flush_secs == 0:
+            self.flush()
+        elif due and self._thread is not None:
+            self._wake.set()
+
+    def _drop_oldest(self) -> None:
+        """Drop the oldest queued events beyond the bound (a record already partly in the file
+        stays, so that the file's record stream can be completed)."""
+        keep = 1 if self._head else 0
+        while self._queued > self.max_pending_bytes and len(self._queue) > keep + 1:
+            rec = self._queue[keep]
+            del self._queue[keep]
+            self._queued -= len(rec)
+            self.dropped_records += 1
+            self.dropped_bytes += len(rec)
 
     def add_scalars(
         self, step: int, tags: Sequence[str], values, wall_time: float | None = None
@@ -176,10 +356,17 @@ class EventFileWriter:
         """Write `{tag: value}` as one event."""
         self.add_scalars(step, tuple(scalars), list(scalars.values()), wall_time)
 
-    def add_summary(self, step: int, summary, wall_time: float | None = None) -> None:
-        """Write a `tensorboard.compat.proto.summary_pb2.Summary` (or its serialized bytes)."""
+    def add_summary(
+        self, step: int, summary, wall_time: float | None = None, *, header: bool = False
+    ) -> None:
+        """Write a `tensorboard.compat.proto.summary_pb2.Summary` (or its serialized bytes).
+
+        With `header`, the event is also repeated at the start of any new file the writer has to
+        start (see `RecordWriter`): the run's description survives a deleted logdir.
+        """
         data = summary if isinstance(summary, bytes) else summary.SerializeToString()
-        self._write(encode_event(step, time.time() if wall_time is None else wall_time, data))
+        event = encode_event(step, time.time() if wall_time is None else wall_time, data)
+        self._write(event, header=header)
 
     def add_histogram(
         self,
@@ -207,8 +394,9 @@ class EventFileWriter:
         )
         self.add_summary(step, Summary(value=[Summary.Value(tag=tag, histo=h)]))
 
-    def add_text(self, step: int, tag: str, text: str) -> None:
-        """Write text (rendered as markdown by TensorBoard's text plugin)."""
+    def add_text(self, step: int, tag: str, text: str, *, header: bool = False) -> None:
+        """Write text (rendered as markdown by TensorBoard's text plugin); `header` as in
+        `add_summary`."""
         from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
         from tensorboard.compat.proto.tensor_pb2 import TensorProto
         from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
@@ -221,7 +409,9 @@ class EventFileWriter:
             tensor_shape=TensorShapeProto(dim=[TensorShapeProto.Dim(size=1)]),
         )
         self.add_summary(
-            step, Summary(value=[Summary.Value(tag=tag, metadata=meta, tensor=tensor)])
+            step,
+            Summary(value=[Summary.Value(tag=tag, metadata=meta, tensor=tensor)]),
+            header=header,
         )
 
     def add_custom_scalars_layout(self, layout) -> None:
@@ -237,21 +427,135 @@ class EventFileWriter:
             Summary(
                 value=[Summary.Value(tag="custom_scalars__config__", metadata=meta, tensor=tensor)]
             ),
+            header=True,
         )
 
     def flush(self) -> None:
+        """Write the queued events now (a failure is kept for the next flush, never raised)."""
+        with self._io_lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
         with self._lock:
-            if not self._records.closed:
-                self._records.flush()
-                self._last_flush = time.monotonic()
+            batch, head = list(self._queue), self._head
+            self._queue.clear()
+            self._head = self._queued = 0
+        if not batch:
+            return
+        rw = self._records
+        i, off = rw.write_batch(batch, head)
+        if i < len(batch):
+            rest = batch[i:]
+            with self._lock:
+                self._queue.extendleft(reversed(rest))
+                self._head = off
+                self._queued += sum(map(len, rest)) - off
+                if self._queued > self.max_pending_bytes:
+                    self._drop_oldest()
+        if rw.error is not None:
+            if not self._warned:
+                self._warned = True
+                _warn(
+                    f"graddiag: cannot write TensorBoard log {rw.path!r}: "
+                    f"{rw.error.strerror or rw.error}. Training goes on; graddiag keeps up to "
+                    f"{self.max_pending_bytes / 2**20:g} MiB of unwritten events in memory "
+                    f"(the oldest beyond that are dropped) and retries every "
+                    f"{self.flush_secs:g} s."
+                )
+            return
+        if self._warned:
+            self._warned = False
+            log.warning("graddiag: writing TensorBoard log %r again", rw.path)
+        gap = (self.dropped_records, self.dropped_bytes)
+        if gap != self._gap_noted:
+            n = gap[0] - self._gap_noted[0]
+            b = gap[1] - self._gap_noted[1]
+            self._gap_noted = gap
+            note = (
+                f"graddiag dropped {n} event(s) ({b} bytes) it could not write while the log "
+                f"was unwritable (it keeps at most {self.max_pending_bytes} bytes)."
+            )
+            log.warning("%s (%s)", note, rw.path)
+            rec = frame(encode_event(0, time.time(), _text_summary(note)))
+            with self._lock:
+                self._queue.append(rec)
+                self._queued += len(rec)
 
     def close(self) -> None:
+        """Flush and close; never raises OSError (what cannot be written is reported, then lost)."""
         with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self._thread is not None:
+            self._wake.set()
+            self._thread.join(timeout=max(5.0, self.flush_secs))
+        with self._io_lock:
+            self._flush_locked()
+            if self._queued:
+                self._flush_locked()  # the gap note, if one was just queued
+            if self._records.error is not None and self._queued:
+                _warn(
+                    f"graddiag: closing TensorBoard log {self.path!r} with {self._queued} bytes "
+                    f"unwritten ({self._records.error.strerror or self._records.error})"
+                )
             self._records.close()
+        _live.discard(self)
 
     @property
     def closed(self) -> bool:
-        return self._records.closed
+        return self._closed
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of events not yet in the file."""
+        return self._queued
+
+
+def _text_summary(text: str) -> bytes:
+    """Summary bytes of one text value (tag `GAP_TAG`) without importing TensorBoard."""
+    meta = _field_bytes(1, _field_bytes(1, b"text"))  # plugin_data.plugin_name
+    tensor = b"\x08\x07" + _field_bytes(8, text.encode("utf-8"))  # dtype DT_STRING, string_val
+    value = _field_bytes(1, GAP_TAG.encode()) + _field_bytes(8, tensor) + _field_bytes(9, meta)
+    return _field_bytes(1, value)
+
+
+def _warn(message: str) -> None:
+    """Warn without ever raising into training (even under ``-W error``)."""
+    try:
+        warnings.warn(message, WriteFailureWarning, stacklevel=3)
+    except Exception:  # noqa: BLE001 - a warnings filter set to "error" must not stop training
+        log.warning(message)
+
+
+def _flush_loop(ref, wake: threading.Event, interval: float) -> None:
+    """The flush thread: write a writer's queue every `interval` seconds (sooner when woken)
+    until the writer is closed or garbage-collected."""
+    while True:
+        wake.wait(interval)
+        wake.clear()
+        w = ref()
+        if w is None:
+            return
+        try:
+            w.flush()
+        except Exception:  # noqa: BLE001 - the thread must outlive any surprise
+            log.exception("graddiag: flushing %r failed", w.path)
+        if w._closed:
+            return
+        del w
+
+
+_live: weakref.WeakSet[EventFileWriter] = weakref.WeakSet()
+
+
+def flush_all() -> None:
+    """Flush every open writer (at exit and on SIGTERM)."""
+    for w in list(_live):
+        w.flush()
+
+
+atexit.register(flush_all)
 
 
 _counter = 0

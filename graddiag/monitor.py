@@ -10,6 +10,8 @@ import atexit
 import json
 import logging
 import os
+import signal
+import threading
 import weakref
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -22,7 +24,7 @@ from graddiag import tags
 from graddiag._checks import int_at_least as check_int
 from graddiag.dashboard import custom_scalars_layout
 from graddiag.detectors import Detector, Diagnoser
-from graddiag.events import EventFileWriter
+from graddiag.events import EventFileWriter, flush_all
 from graddiag.findings import Finding, severity_rank
 from graddiag.settings import NONFINITE_POLICIES
 from graddiag.stats import ModelInfo, StepStats
@@ -66,17 +68,64 @@ class StepReport:
 
 
 def close_at_exit_hook(obj: Any):
-    """Register `obj.close()` to run at interpreter exit (through a weak reference, so the hook does
-    not keep `obj` alive); returns the hook for `atexit.unregister`."""
+    """Register `obj.close()` to run at interpreter exit and on SIGTERM (through a weak reference,
+    so the hook does not keep `obj` alive); returns the hook for `atexit.unregister`.
+
+    Closing there never raises: a failure is logged. SIGTERM: see `_on_sigterm`.
+    """
     ref = weakref.ref(obj)
 
     def hook() -> None:
         o = ref()
         if o is not None:
-            o.close()
+            _close_quietly(o)
 
     atexit.register(hook)
+    _open.add(obj)
+    _install_sigterm()
     return hook
+
+
+_open: weakref.WeakSet = weakref.WeakSet()
+_prev_sigterm: Any = None
+
+
+def _close_quietly(obj: Any) -> None:
+    try:
+        obj.close()
+    except Exception as e:  # noqa: BLE001 - at exit or on a signal nothing may escape
+        log.warning("graddiag: closing %s failed: %s: %s", type(obj).__name__, type(e).__name__, e)
+
+
+def _install_sigterm() -> None:
+    """Flush (and, when the process is about to die, close) the monitors on SIGTERM, then do
+    what the previous handler did: call it, or die of SIGTERM as before. Installed once, from the
+    main thread, and only over Python's default action or a Python handler (never over
+    SIG_IGN or a handler installed outside Python)."""
+    global _prev_sigterm
+    if _prev_sigterm is not None or threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        prev = signal.getsignal(signal.SIGTERM)
+        if prev is signal.SIG_IGN or prev is None:
+            return
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        _prev_sigterm = prev
+    except (ValueError, OSError, AttributeError):  # no SIGTERM here, or not allowed
+        return
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    prev = _prev_sigterm
+    if callable(prev):  # the user's handler decides whether training goes on: flush only
+        flush_all()
+        prev(signum, frame)
+        return
+    for obj in list(_open):  # the default action ends the process: close first
+        _close_quietly(obj)
+    flush_all()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 class TensorBoardSink:
@@ -89,7 +138,11 @@ class TensorBoardSink:
         run_meta: Mapping[str, Any],
         flush_secs: float = 2.0,
     ) -> None:
-        self.writer = EventFileWriter(logdir, flush_secs=flush_secs, filename_suffix=".graddiag")
+        # the logdir was checked when the monitor was built; if it breaks since, the writer warns
+        # and retries instead of raising into a training step
+        self.writer = EventFileWriter(
+            logdir, flush_secs=flush_secs, filename_suffix=".graddiag", fail_fast=False
+        )
         self.info = info
         self._layer_tags = {
             s: tuple(tags.tag(s, n) for n in info.layers)
@@ -107,7 +160,9 @@ class TensorBoardSink:
         }
         self._keys: dict[tuple, tuple[str, ...]] = {}
         self.writer.add_custom_scalars_layout(custom_scalars_layout())
-        self.writer.add_text(0, tags.MODEL, json.dumps(dict(run_meta), sort_keys=True, default=str))
+        self.writer.add_text(
+            0, tags.MODEL, json.dumps(dict(run_meta), sort_keys=True, default=str), header=True
+        )
 
     def write_step(self, s: StepStats, n_findings: int) -> None:
         """All scalars of one step, as one event."""

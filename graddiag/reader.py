@@ -9,8 +9,13 @@ How it stays fast without TensorBoard or TensorFlow on the path:
 * Files are read in chunks (bounded memory whatever the file size). Records are framed as TFRecords
   (`graddiag._records`: length, masked CRC-32C of the length, data, masked CRC-32C of the data);
   both CRCs are checked.
-  A record whose data CRC fails is skipped and counted; a corrupt length makes the reader scan forward
-  to the next valid header; a truncated tail is counted. None of these raise.
+  A record whose data CRC fails is skipped and counted; a corrupt length makes the reader search
+  forward for the next valid header (vectorised, `graddiag._records.find_header`); a truncated tail
+  is counted; non-regular files are skipped. None of these raise; each is named in
+  `ReadStats.notes`.
+* A directory's files are put together in the order they were written: a restarted step count
+  supersedes the earlier events from that step on (TensorBoard's purge rule); files written at the
+  same time by concurrent monitors become runs ``RUN#1``, ``RUN#2`` (see docs/guarantees.md).
 * The protobufs (`Event`, `Summary`, `Summary.Value`, `TensorProto`, `HistogramProto`) are decoded by
   a small wire-format decoder written here.
 * graddiag writes one event per step holding hundreds of ``simple_value`` entries with the same tags
@@ -52,6 +57,7 @@ import json
 import math
 import os
 import re
+import stat as _stat
 import struct
 import sys
 from collections.abc import Iterable, Sequence
@@ -61,6 +67,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from graddiag import _records, tags
+from graddiag.events import GAP_TAG
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -113,10 +120,15 @@ class ReadStats:
         records: intact records.
         events: events decoded.
         scalars: scalar values decoded (before tag mapping and step filtering).
-        corrupt_records: records skipped because a CRC did not match (or a length was corrupt).
+        corrupt_records: records skipped because a CRC did not match, a length was corrupt or
+            the event inside could not be decoded.
+        corrupt_bytes: bytes those corrupt records (and stretches of garbage) spanned.
         truncated_files: files whose last record is incomplete (e.g. still being written).
         truncated_bytes: bytes in those incomplete tails.
         unreadable_files: ``(path, reason)`` for files that could not be opened.
+        first_step, last_step: the range of steps the scalars cover (before `steps` filtering).
+        notes: one line per unusual thing the reader handled (corrupt stretches, restarted or
+            concurrent runs, skipped non-regular files, events the writer had to drop).
     """
 
     files: int = 0
@@ -125,9 +137,13 @@ class ReadStats:
     events: int = 0
     scalars: int = 0
     corrupt_records: int = 0
+    corrupt_bytes: int = 0
     truncated_files: list[str] = field(default_factory=list)
     truncated_bytes: int = 0
     unreadable_files: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    first_step: int | None = None
+    last_step: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -137,9 +153,13 @@ class ReadStats:
             "events": self.events,
             "scalars": self.scalars,
             "corrupt_records": self.corrupt_records,
+            "corrupt_bytes": self.corrupt_bytes,
             "truncated_files": list(self.truncated_files),
             "truncated_bytes": self.truncated_bytes,
             "unreadable_files": [list(x) for x in self.unreadable_files],
+            "notes": list(self.notes),
+            "first_step": self.first_step,
+            "last_step": self.last_step,
         }
 
 
@@ -178,6 +198,7 @@ class LogData:
     layers: list[str]
     stats: list[str]
     read_stats: ReadStats
+    steps: tuple[int | None, int | None] = (None, None)
 
     def to_frame(self) -> pd.DataFrame:
         """The long-format DataFrame (categorical ``run``/``layer``/``stat`` columns)."""
@@ -260,6 +281,10 @@ def discover_runs(logdir: str | os.PathLike) -> list[tuple[str, str, list[str]]]
         raise LogReadError(f"{path}: no such file or directory")
     if os.path.isfile(path):
         return [(".", os.path.dirname(path) or ".", [path])]
+    if not os.path.isdir(path):
+        raise LogReadError(f"{path}: not a directory or an event file")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise LogReadError(f"{path}: permission denied")
     runs = []
     for d, dirs, files in os.walk(path, followlinks=False):
         dirs.sort()
@@ -303,12 +328,18 @@ class _Template:
 
 
 class _Run:
-    """Per-run decoding state and collected columns."""
+    """Decoding state and collected columns of one event file of a run."""
 
-    def __init__(self, name: str, path: str) -> None:
+    def __init__(self, name: str, path: str, plugins: dict[str, str] | None = None) -> None:
         self.name = name
         self.path = path
-        self.plugins: dict[str, str] = {}
+        self.file = ""
+        # TF writes a tag's plugin metadata with its first event only: shared by a run's files
+        self.plugins: dict[str, str] = {} if plugins is None else plugins
+        # the file's extent before step filtering: step and wall-time range of its scalars
+        self.step_lo = self.wall_lo = math.inf
+        self.step_hi = self.wall_hi = -math.inf
+        self.tag_set: set[int] = set()
         self.cols: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         self.meta: dict[str, Any] | None = None
         self.origins: dict[int, str] = {}
@@ -414,13 +445,98 @@ class _Reader:
         return self._lut
 
     # ---- files -----------------------------------------------------------------------------
-    def read_run(self, name: str, path: str, files: Sequence[str]) -> RunData:
-        run = _Run(name, path)
+    def read_run(self, name: str, path: str, files: Sequence[str]) -> list[RunData]:
+        """The run(s) in one directory: each file is read on its own, then the files are put
+        together (`_assemble`)."""
+        plugins: dict[str, str] = {}
+        pieces = []
         for f in files:
-            self._read_file(f, run)
-        return self._finish(run)
+            piece = _Run(name, path, plugins)
+            piece.file = f
+            self._read_file(f, piece)
+            pieces.append(piece)
+        return [
+            self._finish(run_name, path, stream)
+            for run_name, stream in self._assemble(name, pieces)
+        ]
+
+    def _assemble(self, name: str, pieces: list[_Run]) -> list[tuple[str, list[_Run]]]:
+        """Group a directory's files into runs and apply TensorBoard's restart rule.
+
+        Files are taken in the order they were written (first wall time). A file written while
+        another one was being written (overlapping wall times) that logs the same tags at the
+        same steps comes from a concurrent monitor (a GAN's generator and discriminator): it
+        starts a run of its own (named ``RUN#2``, ...). Otherwise it continues a run; if it
+        starts at a step the run already has (a resumed run, a second `fit()`), its events
+        supersede the run's earlier ones from that step on (TensorBoard's purge rule). Both are
+        noted in `ReadStats.notes`.
+        """
+        for p in pieces:
+            p.tag_set = (
+                set(np.unique(np.concatenate([c[2] for c in p.cols])).tolist())
+                if (p.cols)
+                else set()
+            )
+        timed = sorted((p for p in pieces if p.wall_lo <= p.wall_hi), key=lambda p: p.wall_lo)
+        streams: list[list[_Run]] = []
+        for p in timed:
+            for s in streams:
+                if not any(_collide(p, q) for q in s):
+                    s.append(p)
+                    break
+            else:
+                streams.append([p])
+        rest = [p for p in pieces if not p.wall_lo <= p.wall_hi]  # no scalars (e.g. headers only)
+        if not streams:
+            streams = [rest]
+        else:
+            streams[0][:0] = rest
+        for s in streams:
+            self._purge(s)
+        if len(streams) == 1:
+            return [(name, streams[0])]
+        names = [f"{name}#{k + 1}" for k in range(len(streams))]
+        files = "; ".join(
+            f"{n}: " + ", ".join(os.path.basename(p.file) for p in s)
+            for n, s in zip(names, streams, strict=True)
+        )
+        self.stats.notes.append(
+            f"run {name!r}: {len(streams)} monitors wrote to the directory at the same time "
+            f"(overlapping wall times, same tags and steps); kept apart as runs ({files})"
+        )
+        return list(zip(names, streams, strict=True))
+
+    def _purge(self, stream: list[_Run]) -> None:
+        """Drop the rows a later, non-overlapping file supersedes (steps >= its first step)."""
+        for i, p in enumerate(stream):
+            if not p.wall_lo <= p.wall_hi:
+                continue
+            earlier = [q for q in stream[:i] if q.wall_lo <= q.wall_hi and q.wall_hi <= p.wall_lo]
+            cut = p.step_lo
+            dropped: set[int] = set()
+            for q in earlier:
+                for k, (rs, rw, tid, rv) in enumerate(q.cols):
+                    keep = rs < cut
+                    if not keep.all():
+                        dropped.update(np.unique(rs[~keep]).tolist())
+                        q.cols[k] = (rs[keep], rw[keep], tid[keep], rv[keep])
+            if dropped:
+                self.stats.notes.append(
+                    f"run {p.name!r}: steps restart at {int(cut)} in {os.path.basename(p.file)} "
+                    f"(a resumed run or a new session in the same directory); its events "
+                    f"supersede {len(dropped)} earlier step(s) from {int(cut)} to "
+                    f"{max(dropped)} (TensorBoard's purge rule)"
+                )
 
     def _read_file(self, path: str, run: _Run) -> None:
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            self.stats.unreadable_files.append((path, e.strerror or str(e)))
+            return
+        if not _stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+            self.stats.notes.append(f"skipped {path}: not a regular file")
+            return
         try:
             fh = open(path, "rb")  # noqa: SIM115 - closed below
         except OSError as e:
@@ -428,32 +544,46 @@ class _Reader:
             return
         self.stats.files += 1
         self._resync = False
+        corrupt0, bytes0 = self.stats.corrupt_records, self.stats.corrupt_bytes
         buf = b""
         pos = 0
+        need = self.chunk_size
         with fh:
             while True:
                 try:
-                    chunk = fh.read(self.chunk_size)
+                    chunk = fh.read(need)
                 except OSError as e:
                     self.stats.unreadable_files.append((path, e.strerror or str(e)))
-                    break
-                if not chunk:
+                    chunk = b""
+                final = not chunk
+                if final and pos >= len(buf):
                     break
                 self.stats.bytes += len(chunk)
-                if self.progress is not None:
+                if self.progress is not None and chunk:
                     self.progress.advance(self.task, len(chunk))
                 buf = buf[pos:] + chunk if pos < len(buf) else chunk
                 pending: dict[tuple[int, bytes], tuple[list, list, list]] = {}
-                pos = self._scan(buf, run, pending)
+                pos = self._scan(buf, run, pending, final)
                 self._flush(buf, run, pending)
+                if final:
+                    break
+                # a record longer than a chunk: read the rest of it at once
+                need = max(self.chunk_size, _records.bytes_needed(buf, pos))
         tail = len(buf) - pos
         if tail > 0:
             self.stats.truncated_files.append(path)
             self.stats.truncated_bytes += tail
+        corrupt = self.stats.corrupt_records - corrupt0
+        if corrupt:
+            self.stats.notes.append(
+                f"skipped {corrupt} corrupt record(s) ({_size(self.stats.corrupt_bytes - bytes0)})"
+                f" in {path}"
+            )
 
-    def _scan(self, buf: bytes, run: _Run, pending: dict) -> int:
+    def _scan(self, buf: bytes, run: _Run, pending: dict, final: bool = False) -> int:
         """Frame and check records in `buf`; return where the first incomplete record starts."""
-        records, pos, corrupt, self._resync = _records.scan(buf, self._resync)
+        records, pos, corrupt, skipped, self._resync = _records.scan(buf, self._resync, final)
+        self.stats.corrupt_bytes += skipped
         st = self.stats
         st.corrupt_records += corrupt
         st.records += len(records)
@@ -562,6 +692,16 @@ class _Reader:
         """Append rows: `vals` is (events, tags) for a template, or (rows, 1) with per-row tags."""
         if not per_row:
             self.stats.scalars += vals.size  # generic-path values are counted as decoded
+        if len(steps):
+            run.step_lo = min(run.step_lo, int(steps.min()))
+            run.step_hi = max(run.step_hi, int(steps.max()))
+            st = self.stats
+            st.first_step = (
+                run.step_lo if st.first_step is None else min(st.first_step, run.step_lo)
+            )
+            st.last_step = run.step_hi if st.last_step is None else max(st.last_step, run.step_hi)
+            run.wall_lo = min(run.wall_lo, float(walls.min()))
+            run.wall_hi = max(run.wall_hi, float(walls.max()))
         lo, hi = self.lo, self.hi
         if lo is not None or hi is not None:
             keep = np.ones(len(steps), bool)
@@ -593,7 +733,14 @@ class _Reader:
 
     # ---- protobuf decoding -----------------------------------------------------------------
     def _event(self, buf: bytes, s: int, e: int, run: _Run) -> None:
-        """General `Event` decode (field order and extra fields of any writer)."""
+        """General `Event` decode (field order and extra fields of any writer); an event that does
+        not decode is counted as corrupt."""
+        try:
+            self._event_fields(buf, s, e, run)
+        except (IndexError, struct.error, ValueError, UnicodeDecodeError):
+            self.stats.corrupt_records += 1
+
+    def _event_fields(self, buf: bytes, s: int, e: int, run: _Run) -> None:
         wall, step, summ = 0.0, 0, None
         p = s
         while p < e:
@@ -700,13 +847,17 @@ class _Reader:
             if text:
                 run.origins[step] = text
             return None
+        if tag == GAP_TAG and tensor is not None:
+            self.stats.notes.append(f"run {run.name!r}: {_tensor_text(buf, *tensor)}")
+            return None
         if tag == tags.MODEL and tensor is not None:
             if run.meta is None:
                 text = _tensor_text(buf, *tensor)
                 try:
-                    run.meta = json.loads(text) if text else None
+                    meta = json.loads(text) if text else None
                 except ValueError:
-                    run.meta = None
+                    meta = None
+                run.meta = meta if isinstance(meta, dict) else None
             return None
         if simple_at >= 0:
             tid = self._tag_id(tag, False)
@@ -739,10 +890,15 @@ class _Reader:
         run.g_val.append(value)
 
     # ---- finishing -------------------------------------------------------------------------
-    def _finish(self, run: _Run) -> RunData:
+    def _finish(self, name: str, path: str, pieces: list[_Run]) -> RunData:
         t_layer, t_stat, t_comb = self.lut()
-        if run.cols:
-            cols, run.cols = run.cols, []
+        cols = [c for p in pieces for c in p.cols]
+        for p in pieces:
+            p.cols = []
+        meta = next((p.meta for p in pieces if p.meta is not None), None)
+        origins = {k: v for p in pieces for k, v in p.origins.items()}
+        own = any(p.own for p in pieces)
+        if cols:
             step, wall, tid, value = (np.concatenate([c[i] for c in cols]) for i in range(4))
             del cols
         else:
@@ -765,9 +921,30 @@ class _Reader:
         if len(step) > 1 and (np.diff(step) < 0).any():
             order = np.argsort(step, kind="stable")
             step, wall, layer, stat, value = (a[order] for a in (step, wall, layer, stat, value))
-        return RunData(
-            run.name, run.path, step, wall, layer, stat, value, run.meta, run.own, dict(run.origins)
-        )
+        return RunData(name, path, step, wall, layer, stat, value, meta, own, origins)
+
+
+def _collide(a: _Run, b: _Run) -> bool:
+    """Whether two files of a directory were written at the same time by different monitors:
+    overlapping wall times, a tag in common and overlapping steps."""
+    return (
+        a.wall_lo < b.wall_hi
+        and b.wall_lo < a.wall_hi
+        and not a.tag_set.isdisjoint(b.tag_set)
+        and a.step_lo <= b.step_hi
+        and b.step_lo <= a.step_hi
+    )
+
+
+def _size(n: int) -> str:
+    """A byte count for people: 512 bytes, 1.2 KiB, 3.4 MiB."""
+    if n < 1024:
+        return f"{n} bytes"
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}"
+    return f"{n} bytes"  # pragma: no cover
 
 
 def _combine(step, wall, layer, stat, value, stat_codes: dict[str, int]):
@@ -988,13 +1165,15 @@ def read_logs(
     if run is not None:
         wanted = [run] if isinstance(run, str) else list(run)
         known = {r[0] for r in runs}
-        missing = [w for w in wanted if w not in known]
+        # "RUN#2": the second of the runs concurrent monitors wrote into directory RUN
+        dirs = {w if w in known else w.rpartition("#")[0] for w in wanted}
+        missing = [w for w in wanted if (w if w in known else w.rpartition("#")[0]) not in known]
         if missing:
             raise LogReadError(
                 f"{os.fspath(logdir)}: no run named {missing[0]!r} "
                 f"(runs: {', '.join(sorted(known))})"
             )
-        runs = [r for r in runs if r[0] in wanted]
+        runs = [r for r in runs if r[0] in dirs]
     reader = _Reader(tag_pattern, step_range, chunk_size)
     total = 0
     for _, _, files in runs:
@@ -1025,12 +1204,19 @@ def read_logs(
             reader.progress = prog
             reader.task = prog.add_task(os.fspath(logdir), total=total)
             for name, path, files in runs:
-                out.append(reader.read_run(name, path, files))
+                out.extend(reader.read_run(name, path, files))
     else:
         for name, path, files in runs:
-            out.append(reader.read_run(name, path, files))
+            out.extend(reader.read_run(name, path, files))
+    if run is not None:
+        out = [r for r in out if r.run in wanted or r.run.rpartition("#")[0] in wanted]
     return LogData(
-        os.fspath(logdir), out, list(reader.layers), list(reader.stat_codes), reader.stats
+        os.fspath(logdir),
+        out,
+        list(reader.layers),
+        list(reader.stat_codes),
+        reader.stats,
+        step_range,
     )
 
 

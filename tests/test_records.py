@@ -39,7 +39,7 @@ def test_framed_records_read_back_by_tensorboard(tmp_path):
 def test_scan_finds_every_record():
     payloads = [b"a", b"", b"bcd" * 100]
     buf = b"".join(frame(p) for p in payloads)
-    records, end, corrupt, resyncing = scan(buf)
+    records, end, corrupt, _, resyncing = scan(buf)
     assert [buf[s:e] for s, e in records] == payloads
     assert (end, corrupt, resyncing) == (len(buf), 0, False)
 
@@ -48,7 +48,7 @@ def test_scan_skips_and_counts_a_record_with_a_bad_data_crc():
     bad = bytearray(frame(b"hello"))
     bad[HEADER_SIZE] ^= 0xFF  # flip the first data byte
     buf = frame(b"one") + bytes(bad) + frame(b"two")
-    records, end, corrupt, _ = scan(buf)
+    records, end, corrupt, _, _ = scan(buf)
     assert [buf[s:e] for s, e in records] == [b"one", b"two"]
     assert (end, corrupt) == (len(buf), 1)
 
@@ -57,7 +57,7 @@ def test_scan_resyncs_after_a_bad_length_counting_one_corrupt_stretch():
     bad = bytearray(frame(b"hello"))
     bad[0] ^= 0xFF  # the length no longer matches its CRC
     buf = frame(b"one") + bytes(bad) + frame(b"two")
-    records, end, corrupt, resyncing = scan(buf)
+    records, end, corrupt, _, resyncing = scan(buf)
     assert [buf[s:e] for s, e in records] == [b"one", b"two"]
     assert (end, corrupt, resyncing) == (len(buf), 1, False)
 
@@ -65,6 +65,6 @@ def test_scan_resyncs_after_a_bad_length_counting_one_corrupt_stretch():
 def test_scan_stops_at_an_incomplete_record():
     whole = frame(b"one")
     buf = whole + frame(b"two")[:-1]
-    records, end, corrupt, _ = scan(buf)
+    records, end, corrupt, _, _ = scan(buf)
     assert [buf[s:e] for s, e in records] == [b"one"]
     assert (end, corrupt) == (len(whole), 0)

@@ -220,7 +220,7 @@ def analyze_logs(
 ) -> Report:
     """Analyze already-read logs (see `analyze`)."""
     runs = []
-    notes = []
+    notes = list(data.read_stats.notes)  # restarted/concurrent runs, corrupt stretches, ...
     for run in data.runs:
         diag = diagnose_run(data, run, detectors)
         if diag is None:
@@ -242,6 +242,19 @@ def analyze_logs(
     if not runs and data.read_stats.unreadable_files:
         path, reason = data.read_stats.unreadable_files[0]
         raise LogReadError(f"{path}: cannot read event file ({reason})")
+    rs = data.read_stats
+    lo, hi = data.steps
+    if not runs and (lo is not None or hi is not None) and rs.first_step is not None:
+        wanted = f"{'' if lo is None else lo}:{'' if hi is None else hi}"
+        raise LogReadError(
+            f"{data.logdir}: no logged steps in --steps {wanted} (the logs hold steps "
+            f"{rs.first_step} to {rs.last_step})"
+        )
+    if not runs and rs.corrupt_records and not rs.scalars:
+        raise LogReadError(
+            f"{data.logdir}: no intact events: skipped {rs.corrupt_records} corrupt record(s) "
+            f"({rs.corrupt_bytes} bytes); " + "; ".join(rs.notes[:3])
+        )
     if not runs:
         raise LogReadError(
             f"{data.logdir}: no gradient tags found (looked for "
