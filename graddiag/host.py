@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -352,8 +353,16 @@ class MonitorAPI:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # the user's exception comes first: never replace it with ours
+            self.close()
+        except Exception as e:  # noqa: BLE001 - reported, then the user's exception goes on
+            warnings.warn(
+                f"graddiag: closing the monitor after an exception failed: {e!r}", stacklevel=2
+            )
 
 
 def settings_from(kwargs: Mapping[str, Any]) -> Settings:

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 
+from graddiag.findings import Finding
 from graddiag.host import DETAIL_FIELDS, HIST_BINS, HIST_WIDTH, HostPath, RowLayout
 from graddiag.monitor import NonFiniteGradientError
 from graddiag.settings import Settings
@@ -169,3 +170,23 @@ def test_run_metadata_has_the_same_keys_in_both_frameworks(tmp_path):
     assert mt["info"]["framework"] == "torch" and mk["info"]["framework"] == "tensorflow"
     assert mt["parameters"] == ["weight", "bias"] and len(mk["parameters"]) == 2
     assert json.loads(json.dumps(mt)) == mt and not math.isnan(mt["every"])
+
+
+def test_with_block_keeps_the_users_exception_when_close_raises(monkeypatch):
+    """If closing fails (e.g. `nonfinite="raise"` draining a NaN step) inside a `with` block that
+    is already unwinding the user's own exception, the user's exception wins (with a warning);
+    without one, the close error is raised."""
+    torch = pytest.importorskip("torch")
+    from graddiag.torch import GradientMonitor
+
+    def failing_drain():
+        raise NonFiniteGradientError(Finding(3, "a", "nonfinite", "error", None, "NaN", ""))
+
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(KeyError, match="users"), pytest.warns(UserWarning, match="closing"):
+        with GradientMonitor(model) as mon:
+            monkeypatch.setattr(mon, "_drain", failing_drain)
+            raise KeyError("users")
+    with pytest.raises(NonFiniteGradientError):
+        with GradientMonitor(model) as mon:
+            monkeypatch.setattr(mon, "_drain", failing_drain)
