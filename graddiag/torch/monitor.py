@@ -140,6 +140,7 @@ class GradientMonitor(MonitorAPI):
         self._n_layers = len(layers)
         self._frozen, self._shared = frozen, shared
         self._numel = np.asarray([p.numel() for p in params], dtype=np.float64)
+        self._complex = [i for i, p in enumerate(params) if p.is_complex()]
         self._settings = settings
         self._host = HostPath(
             settings, layer_of, pnames, self._numel, "torch", torch.__version__.split("+")[0]
@@ -380,7 +381,9 @@ class GradientMonitor(MonitorAPI):
         step = self.step_count
         self.step_count += 1
         params = self.params
-        grads = [measured(p.grad) for p in params]
+        grads = [p.grad for p in params]
+        for i in self._complex:  # measured as real (re, im) pairs
+            grads[i] = measured(grads[i])
         key = tuple(g is not None for g in grads)
         plan = self._plans.get(key)
         if plan is None and any(key):
