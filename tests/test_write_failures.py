@@ -264,3 +264,25 @@ def test_torch_training_on_a_real_full_tmpfs(tiny_tmpfs):
     df = graddiag.read(logdir)  # what fit on the disk reads back, in order, from step 0
     steps = sorted(set(df[df.stat == "grad_norm"].step.tolist()))
     assert steps == list(range(len(steps))) and len(steps) > 5
+
+
+def test_keras_fit_trains_through_a_full_disk(tmp_path, monkeypatch):
+    """`model.fit` with `GradDiagCallback` on a full disk: training finishes, one warning, the
+    diagnosis goes on in memory, and the steps are written once space returns."""
+    keras = pytest.importorskip("keras")
+    pytest.importorskip("tensorflow")
+    from graddiag.integrations.keras import GradDiagCallback
+
+    logdir = tmp_path / "run"
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    cb = GradDiagCallback(logdir=logdir, every=2, flush_secs=0, print_summary=False)
+    x = np.random.default_rng(0).normal(size=(64, 3)).astype("float32")
+    disk = DiskFull(monkeypatch, logdir)
+    with pytest.warns(WriteFailureWarning, match="No space left"):
+        model.fit(x, x[:, :1], batch_size=8, epochs=2, verbose=0, callbacks=[cb])
+    assert disk.failures > 0 and int(model.optimizer.iterations) == 16
+    assert [s.step for s in cb.monitor.history][-1] == 15
+    disk.full = False
+    cb.close()
+    assert _logged_steps(logdir) == list(range(16))
