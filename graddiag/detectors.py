@@ -330,11 +330,18 @@ class NonFiniteDetector(Detector):
         where = f"first in layer {first!r} (backward order)" if first else "in the gradients"
         extra = f"; {len(hit) - 1} more layer(s) affected" if len(hit) > 1 else ""
         layer = first
-        if s.nonfinite_origin:
+        if s.nonfinite_origin and s.nonfinite_pass == "forward":
             layer = s.nonfinite_origin
             where = (
-                f"born in module {s.nonfinite_origin!r} (its gradient input is non-finite while "
-                f"its gradient output was finite); first parameter layer {first!r}"
+                f"born in the forward pass in module {s.nonfinite_origin!r} (its output is "
+                f"non-finite while its inputs were finite); first parameter layer {first!r}"
+            )
+        elif s.nonfinite_origin:
+            layer = s.nonfinite_origin
+            where = (
+                f"born in the backward pass in module {s.nonfinite_origin!r} (its gradient input "
+                f"is non-finite while its gradient output was finite); first parameter layer "
+                f"{first!r}"
             )
         value = float(s.nonfinite[hit[0]]) if hit else None
         if self.amp:

@@ -217,8 +217,9 @@ class TensorBoardSink:
             arr if m is None else np.asarray(arr)[m] for _, arr, m in per_layer
         ]
         self.writer.add_scalars(s.step, tag_tuple, np.concatenate(values))
-        if s.nonfinite_origin:
-            self.writer.add_text(s.step, tags.NONFINITE_ORIGIN, s.nonfinite_origin)
+        if s.nonfinite_origin:  # "forward:<module>" for the forward pass, "<module>" backward
+            prefix = "forward:" if s.nonfinite_pass == "forward" else ""
+            self.writer.add_text(s.step, tags.NONFINITE_ORIGIN, prefix + s.nonfinite_origin)
 
     def write_findings(self, step: int, findings: list[Finding]) -> None:
         rows = ["| severity | kind | layer | message | suggestion |", "|---|---|---|---|---|"]

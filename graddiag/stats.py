@@ -82,7 +82,9 @@ class StepStats:
         backward_calls: backward passes accumulated into this step (None: unknown).
         skipped: whether the optimizer step was skipped by the non-finite policy.
         loss: the loss, when the caller passed it.
-        nonfinite_origin: the module where a NaN/Inf was born in the backward pass, when traced.
+        nonfinite_origin: the module where a NaN/Inf was born, when traced.
+        nonfinite_pass: where it was born: "forward" (the module's output turned non-finite from
+            finite inputs) or "backward" (its gradient did), when traced.
         trainable: per layer, whether any of its parameters still requires a gradient at this step
             (`requires_grad` / `trainable`), when the adapter reports it; None: unknown. It tells a
             layer frozen mid-run apart from one whose gradient died or stopped flowing.
@@ -107,6 +109,7 @@ class StepStats:
     loss: float | None = None
     nonfinite_origin: str | None = None
     trainable: np.ndarray | None = None
+    nonfinite_pass: str | None = None
 
     @property
     def any_nonfinite(self) -> bool:

@@ -97,6 +97,11 @@ class Series:
                 loss=_opt(g["loss"][i], float),
                 nonfinite_origin=self.origins.get(int(step)),
             )
+            if stats.nonfinite_origin and stats.nonfinite_origin.startswith("forward:"):
+                stats.nonfinite_origin = stats.nonfinite_origin[len("forward:") :]
+                stats.nonfinite_pass = "forward"
+            elif stats.nonfinite_origin:
+                stats.nonfinite_pass = "backward"
             for stat, arr in self.detail.items():
                 row = arr[i]
                 if not np.isnan(row).all():  # live: 0 for layers without a gradient

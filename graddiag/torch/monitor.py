@@ -162,13 +162,12 @@ class GradientMonitor(MonitorAPI):
             for i, p in enumerate(params)
         ]
         self._trace: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        self._ftrace: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         if settings.trace_nonfinite:
             for name, m in base.named_modules():
-                self._handles.append(
-                    m.register_full_backward_hook(
-                        self._make_trace_hook(name or type(base).__name__)
-                    )
-                )
+                label = name or type(base).__name__
+                self._handles.append(m.register_full_backward_hook(self._make_trace_hook(label)))
+                self._handles.append(m.register_forward_hook(self._make_forward_hook(label)))
         self._restore: list[tuple[Any, str, Any]] = []
         for k, opt in enumerate(optimizers):
             self._wrap(opt, "step", functools.partial(self._hooked_optimizer_step, k))
@@ -238,6 +237,20 @@ class GradientMonitor(MonitorAPI):
     def _make_order_hook(self, i: int):
         def hook(_p):
             self._order_seen.append(i)
+
+        return hook
+
+    def _make_forward_hook(self, name: str):
+        def hook(_module, inputs, output):
+            outs = _float_tensors(output)
+            if outs:
+                ins = _float_tensors(inputs)
+                fi = (
+                    _all_finite(ins)
+                    if ins
+                    else torch.ones((), dtype=torch.bool, device=outs[0].device)
+                )
+                self._ftrace.append((name, fi, _all_finite(outs)))
 
         return hook
 
@@ -398,7 +411,7 @@ class GradientMonitor(MonitorAPI):
         report = StepReport(step=step)
         row = step % self.every
         log_step = row == self.every - 1
-        origin = None
+        origin = origin_pass = None
         detail = bool(self.detail_every and (step + 1) % self.detail_every == 0)
         # detail statistics and histograms describe the gradients before clipping, like grad_norm
         extra = (
@@ -420,10 +433,11 @@ class GradientMonitor(MonitorAPI):
             if self.nonfinite != "warn" or self.trace_nonfinite:
                 bad = not bool(torch.isfinite(sumsq.sum()))  # the one sync these modes pay for
                 if bad and self.trace_nonfinite:
-                    origin = self._find_origin()
+                    origin, origin_pass = self._find_origin()
                 if bad and self.nonfinite != "warn":
                     report.skipped = True
             self._trace.clear()
+            self._ftrace.clear()
             coef = layer_coef = None
             if self.chain is not None and not report.skipped:
                 coef, layer_coef = self._clip(grads, plan, sumsq)
@@ -436,6 +450,7 @@ class GradientMonitor(MonitorAPI):
             "backward_calls": calls,
             "skipped": report.skipped,
             "nonfinite_origin": origin,
+            "nonfinite_pass": origin_pass,
         }
         if sumsq is not None:
             buf_row.index_copy_(0, plan.order_t, sumsq)
@@ -480,15 +495,19 @@ class GradientMonitor(MonitorAPI):
         else:
             self._host.record_update(step, update)
 
-    def _find_origin(self) -> str | None:
-        """First module (in backward order) whose incoming gradient is finite but outgoing is not."""
-        if not self._trace:
-            return None
-        flags = torch.stack([torch.stack([fo, fi]) for _, fo, fi in self._trace]).numpy(force=True)
-        for (name, _, _), (fo, fi) in zip(self._trace, flags, strict=True):
-            if fo and not fi:
-                return name
-        return None
+    def _find_origin(self) -> tuple[str | None, str | None]:
+        """Where a NaN/Inf was born: the first module (in the order modules finished their forward)
+        whose inputs were finite but whose output is not — the forward pass; else the first module
+        (in backward order) whose incoming gradient is finite but outgoing is not. Returns
+        `(module, "forward" | "backward")`, or `(None, None)`."""
+        for trace, kind in ((self._ftrace, "forward"), (self._trace, "backward")):
+            if not trace:
+                continue
+            flags = torch.stack([torch.stack([a, b]) for _, a, b in trace]).numpy(force=True)
+            for (name, _, _), (ok_in, ok_out) in zip(trace, flags, strict=True):
+                if ok_in and not ok_out:
+                    return name, kind
+        return None, None
 
     def _clip(self, grads, plan: Plan, sumsq):
         """Apply the clipping chain in place through `graddiag.clip.clip_gradients`.
@@ -584,3 +603,20 @@ class _Probe:
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
+
+
+def _float_tensors(value: Any) -> list[torch.Tensor]:
+    """The floating-point tensors in a module's inputs or output (tensors, tuples, lists, dicts)."""
+    if isinstance(value, torch.Tensor):
+        return [value] if value.is_floating_point() or value.is_complex() else []
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _float_tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _float_tensors(v)]
+    return []
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A device bool: every element of every tensor is finite (no host sync)."""
+    flags = [torch.isfinite(t.detach()).all() for t in tensors]
+    return flags[0] if len(flags) == 1 else torch.stack(flags).all()
