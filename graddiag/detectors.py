@@ -95,6 +95,11 @@ SUGGEST = {
         "multiplied by 0 on some steps, or zero_grad() called between backward() and the optimizer "
         "step on some steps."
     ),
+    "modified": (
+        "Let graddiag clip instead (remove your clip_grad_norm_/clip_grad_value_ and pass clip=... "
+        "to the monitor), or do not pass the optimizer and call monitor.step() right after "
+        "backward(), before your own changes."
+    ),
     "accumulation": (
         "Call optimizer.zero_grad() once per optimizer step (gradient accumulation over micro-batches "
         "should still reset after each step)."
@@ -1139,6 +1144,33 @@ class AccumulationDetector(Detector):
         ]
 
 
+class ModifiedDetector(Detector):
+    """Gradients changed between `backward()` and the optimizer step (user code clipped or scaled
+    them): what graddiag measured is not what backward produced. Reported once."""
+
+    name = "modified"
+
+    def reset(self) -> None:
+        super().reset()
+        self._seen = False
+
+    def update(self, s: StepStats) -> list[Finding]:
+        if not s.grads_modified or self._seen:
+            return []
+        self._seen = True
+        return [
+            self._finding(
+                s.step,
+                None,
+                "warning",
+                None,
+                "The gradients were changed in place between backward() and the optimizer step "
+                "(e.g. your own clip_grad_norm_): graddiag measured the changed gradients, so its "
+                "norms and findings describe them, not what backward produced.",
+            )
+        ]
+
+
 #: A clip coefficient within this of 1 means "not clipped" (norm ratios carry rounding).
 CLIP_TOL = 1e-6
 
@@ -1256,6 +1288,7 @@ DETECTORS: dict[str, type[Detector]] = {
         DetachedDetector,
         ZeroGradientDetector,
         AccumulationDetector,
+        ModifiedDetector,
         ClipRateDetector,
     )
 }

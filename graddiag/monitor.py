@@ -176,6 +176,7 @@ class TensorBoardSink:
             ("grad_reset", None if s.grad_reset is None else int(s.grad_reset)),
             ("backward_calls", s.backward_calls),
             ("skipped", 1 if s.skipped else None),
+            ("grads_modified", None if s.grads_modified is None else int(s.grads_modified)),
             ("loss", s.loss),
         ):
             if value is not None:

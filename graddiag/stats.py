@@ -83,6 +83,8 @@ class StepStats:
         skipped: whether the optimizer step was skipped by the non-finite policy.
         loss: the loss, when the caller passed it.
         nonfinite_origin: the module where a NaN/Inf was born, when traced.
+        grads_modified: whether user code changed the gradients in place between backward() and
+            the optimizer step (None: unknown).
         nonfinite_pass: where it was born: "forward" (the module's output turned non-finite from
             finite inputs) or "backward" (its gradient did), when traced.
         trainable: per layer, whether any of its parameters still requires a gradient at this step
@@ -110,6 +112,7 @@ class StepStats:
     nonfinite_origin: str | None = None
     trainable: np.ndarray | None = None
     nonfinite_pass: str | None = None
+    grads_modified: bool | None = None
 
     @property
     def any_nonfinite(self) -> bool:

@@ -130,3 +130,47 @@ def test_freezing_mid_run_under_set_to_none_false_is_not_a_warning():
     mon.close()
     assert kinds(mon) == []
     assert mon.history[-1].trainable.tolist() == [False, True]
+
+
+@pytest.mark.parametrize("own_clip", [False, True])
+def test_gradients_changed_between_backward_and_step_are_reported(own_clip):
+    """A loop that keeps its own clip_grad_norm_ makes graddiag measure clipped gradients: it
+    says so once (a `modified` warning); a plain loop gets no such finding."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mon = GradientMonitor(model, opt, every=4)
+    for _ in range(12):
+        opt.zero_grad()
+        (model(torch.randn(8, 4)) * 100).square().mean().backward()
+        if own_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+        opt.step()
+    mon.close()
+    modified = [f for f in mon.findings if f.kind == "modified"]
+    if own_clip:
+        assert len(modified) == 1 and modified[0].step == 1 and modified[0].severity == "warning"
+        assert mon.history[-1].global_norm == pytest.approx(0.25, rel=1e-4)  # what it measured
+    else:
+        assert modified == []
+
+
+@pytest.mark.parametrize("own_clip", [False, True])
+def test_amp_loop_that_unscales_and_clips_itself(own_clip):
+    """The documented AMP recipe (unscale_, clip_grad_norm_, scaler.step) is reported; unscale_
+    alone is not a change of the gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    mon = GradientMonitor(model, opt, every=4, scaler=scaler)
+    for _ in range(8):
+        opt.zero_grad()
+        scaler.scale((model(torch.randn(8, 4)) * 100).square().mean()).backward()
+        scaler.unscale_(opt)
+        if own_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+        scaler.step(opt)
+        scaler.update()
+    mon.close()
+    assert bool([f for f in mon.findings if f.kind == "modified"]) == own_clip

@@ -25,7 +25,15 @@ from graddiag.stats import ModelInfo, StepStats
 
 __all__ = ["RunDiagnosis", "Series", "diagnose_run", "series_of"]
 
-_GLOBALS = ("grad_norm", "clip_coef", "grad_reset", "backward_calls", "skipped", "loss")
+_GLOBALS = (
+    "grad_norm",
+    "clip_coef",
+    "grad_reset",
+    "backward_calls",
+    "skipped",
+    "loss",
+    "grads_modified",
+)
 #: Per-layer statistics logged on detail steps only, read back into `StepStats` where present.
 _DETAIL = ("grad_max", "zero_frac", "param_norm", "update_ratio")
 
@@ -95,6 +103,7 @@ class Series:
                 backward_calls=_opt(g["backward_calls"][i], int),
                 skipped=bool(_opt(g["skipped"][i], bool) or False),
                 loss=_opt(g["loss"][i], float),
+                grads_modified=_opt(g["grads_modified"][i], bool),
                 nonfinite_origin=self.origins.get(int(step)),
             )
             if stats.nonfinite_origin and stats.nonfinite_origin.startswith("forward:"):

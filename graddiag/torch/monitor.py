@@ -215,13 +215,17 @@ class GradientMonitor(MonitorAPI):
                 return orig(optimizer, *args, **kwargs)
             if self.core is None:
                 self._start()
-            reset = self._probe(k).reset()  # before unscale_ bumps the gradients' versions
+            probe = self._probe(k)
+            reset = probe.reset()  # before unscale_ bumps the gradients' versions
+            modified = probe.modified()
             try:  # measure and clip true gradients (scaled sums of squares can overflow float32)
                 self.scaler.unscale_(optimizer)
             except RuntimeError as e:  # the user unscaled already (e.g. to clip themselves)
                 if "already been called" not in str(e):
                     raise
-            report = self._on_step(None, reset, opt=k)
+                bumps = probe.bumps()  # beyond what their unscale_ did, the change is their own
+                modified = None if bumps is None else bumps > _unscale_bumps(self.device)
+            report = self._on_step(None, reset, opt=k, modified=modified)
             if report.skipped:
                 return None
             self._in_scaler_step = True
@@ -388,7 +392,13 @@ class GradientMonitor(MonitorAPI):
         )
         return probe
 
-    def _on_step(self, loss, reset: bool | None | str = "observe", opt: int = 0) -> StepReport:
+    def _on_step(
+        self,
+        loss,
+        reset: bool | None | str = "observe",
+        opt: int = 0,
+        modified: bool | None | str = "observe",
+    ) -> StepReport:
         if self.core is None:
             self._start()
         step = self.step_count
@@ -407,6 +417,8 @@ class GradientMonitor(MonitorAPI):
         probe = self._probe(opt)
         if reset == "observe":
             reset = probe.reset()
+        if modified == "observe":
+            modified = probe.modified()
         calls = probe.take_calls()
         report = StepReport(step=step)
         row = step % self.every
@@ -451,6 +463,7 @@ class GradientMonitor(MonitorAPI):
             "skipped": report.skipped,
             "nonfinite_origin": origin,
             "nonfinite_pass": origin_pass,
+            "grads_modified": modified,
         }
         if sumsq is not None:
             buf_row.index_copy_(0, plan.order_t, sumsq)
@@ -574,12 +587,26 @@ class _Probe:
         self.calls = 1 if fresh and param is not None else 0  # the first backward is already done
         self.ref = None
         self.version = 0
+        self.after_backward: int | None = None
         self.handle = (
             None if param is None else param.register_post_accumulate_grad_hook(self._hook)
         )
 
-    def _hook(self, _p) -> None:
+    def _hook(self, p) -> None:
         self.calls += 1
+        self.after_backward = p.grad._version  # what backward left (accumulation included)
+
+    def bumps(self) -> int | None:
+        """In-place changes of the gradient since the last backward pass (None: unknown)."""
+        g = None if self.param is None else self.param.grad
+        if g is None or self.after_backward is None:
+            return None
+        return g._version - self.after_backward
+
+    def modified(self) -> bool | None:
+        """Whether the gradient changed in place since the last backward pass (None: unknown)."""
+        bumps = self.bumps()
+        return None if bumps is None else bumps > 0
 
     def reset(self) -> bool | None:
         """Whether the gradients were reset since the last step (None: unknown)."""
@@ -598,6 +625,7 @@ class _Probe:
         g = None if self.param is None else self.param.grad
         self.ref = None if g is None else weakref.ref(g)
         self.version = 0 if g is None else g._version
+        self.after_backward = None
 
     def remove(self) -> None:
         if self.handle is not None:
@@ -620,3 +648,15 @@ def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     """A device bool: every element of every tensor is finite (no host sync)."""
     flags = [torch.isfinite(t.detach()).all() for t in tensors]
     return flags[0] if len(flags) == 1 else torch.stack(flags).all()
+
+
+@functools.cache
+def _unscale_bumps(device: torch.device) -> int:
+    """How many version bumps `GradScaler.unscale_` leaves on a gradient on `device` (its kernel
+    bumps the version counter on some devices, not on others)."""
+    t = torch.ones(1, device=device)
+    before = t._version
+    torch._amp_foreach_non_finite_check_and_unscale_(
+        [t], torch.zeros(1, device=device), torch.ones(1, device=device)
+    )
+    return t._version - before
