@@ -429,12 +429,7 @@ class GradientMonitor(MonitorAPI):
         extra = (
             detail_rows(grads, present, self.params, self._numel) if detail and present else None
         )
-        if (
-            self.hist_every
-            and step % self.hist_every == 0
-            and self.core.sink is not None
-            and present
-        ):
+        if self.hist_every and step % self.hist_every == 0 and present:  # 0 without a logdir
             hist = histogram_rows(grads, self.layer_of, self._n_layers, self.device)
             if hist is not None:
                 self.core.write_histograms(step, *hist)
