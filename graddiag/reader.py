@@ -104,6 +104,26 @@ _LIGHTNING_PREFIX = "grad_2.0_norm/"
 _GRAD_HIST = re.compile(
     r"(?i)(?:grads?|gradients?)[/.](?P<param>.+)|(?P<param2>.+?)(?:[/._](?:grads?|gradients?))"
 )
+#: A section prefix some trainers put before their scalars (HF Trainer: ``train/grad_norm``).
+_SECTION = r"(?:(?:train|training|trainer|optim|optimizer|metrics|stats)/)?"
+#: Whole-model gradient norm scalars (``grad_norm``, ``train/grad_norm``, ``grad_norm_total``, ...).
+_GLOBAL_NORM = re.compile(
+    rf"(?i){_SECTION}(?:(?:(?:total|global)_)?grad(?:ient)?s?_norm(?:_total)?"
+    r"|grad(?:ient)?s?_norms?/(?:total|global|all|total_norm|global_norm))"
+)
+#: Per-parameter gradient norm scalars: ``grad_norm/<param>`` (``gradient_norms/<param>``, ...).
+_PARAM_NORM = re.compile(rf"(?i){_SECTION}grad(?:ient)?s?_norms?/(?P<param>.+)")
+#: ``grad/<param>``, ``gradients/<param>`` scalars: norms unless the name ends in another statistic.
+_PARAM_GRAD = re.compile(r"(?i)(?:grads?|gradients?)/(?P<param>.+?)(?:[/._](?:l2_?)?norm)?")
+_NOT_A_NORM = re.compile(
+    r"(?i)(?:.*[/._])?(?:mean|avg|average|std|stddev|var|variance|min|max|median|sum|abs_?mean|"
+    r"abs_?max|sparsity|zero_?frac(?:tion)?|hist(?:ogram)?|l1(?:_?norm)?|linf(?:_?norm)?|"
+    r"inf_?norm|max_?norm|rms|snr|count|nan|inf)"
+)
+#: Source priorities of the combined (per-parameter) schemes: a (step, layer, stat) logged by
+#: several schemes takes the rows of the first one only, so the same parameter is never counted
+#: twice (e.g. a ``grad_norm/<param>`` scalar next to a ``<param>.grad`` histogram).
+_USER, _LIGHTNING, _NORM_SCALAR, _GRAD_SCALAR, _HISTOGRAM = 1, 2, 3, 4, 5
 
 
 class LogReadError(ValueError):
@@ -417,7 +437,7 @@ class _Reader:
             m = self.user_re.fullmatch(tag)
             if m:
                 stat = m.groupdict().get("stat") or "grad_norm"
-                return m.group("layer") or "", stat, 1, False
+                return m.group("layer") or "", stat, _USER, False
         parsed = tags.parse_tag(tag)
         if parsed is not None:
             stat, layer = parsed
@@ -427,12 +447,21 @@ class _Reader:
         if hist:
             m = _GRAD_HIST.fullmatch(tag)
             if m:
-                return _layer_of(m.group("param") or m.group("param2")), "grad_norm", 1, False
+                param = m.group("param") or m.group("param2")
+                return _layer_of(param), "grad_norm", _HISTOGRAM, False
             return "", None, 0, False
         if tag == _LIGHTNING_TOTAL:
-            return "", "grad_norm", 0, False
+            return "", "grad_norm", _LIGHTNING, False
         if tag.startswith(_LIGHTNING_PREFIX) and len(tag) > len(_LIGHTNING_PREFIX):
-            return _layer_of(tag[len(_LIGHTNING_PREFIX) :]), "grad_norm", 1, False
+            return _layer_of(tag[len(_LIGHTNING_PREFIX) :]), "grad_norm", _LIGHTNING, False
+        if _GLOBAL_NORM.fullmatch(tag):
+            return "", "grad_norm", 0, False
+        m = _PARAM_NORM.fullmatch(tag)
+        if m and not _NOT_A_NORM.fullmatch(m.group("param")):
+            return _layer_of(m.group("param")), "grad_norm", _NORM_SCALAR, False
+        m = _PARAM_GRAD.fullmatch(tag)
+        if m and not _NOT_A_NORM.fullmatch(tag):
+            return _layer_of(m.group("param")), "grad_norm", _GRAD_SCALAR, False
         return "", tag, 0, False
 
     def lut(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -907,11 +936,18 @@ class _Reader:
             tid = np.empty(0, np.int32)
             value = np.empty(0, np.float64)
         layer, stat = t_layer[tid], t_stat[tid]
-        comb = t_comb[tid].astype(bool)
+        prio = t_comb[tid]
+        comb = prio > 0
         if comb.any():
             keep = ~comb
             cs, cw, cl, ct, cv = _combine(
-                step[comb], wall[comb], layer[comb], stat[comb], value[comb], self.stat_codes
+                step[comb],
+                wall[comb],
+                layer[comb],
+                stat[comb],
+                value[comb],
+                prio[comb],
+                self.stat_codes,
             )
             step = np.concatenate([step[keep], cs])
             wall = np.concatenate([wall[keep], cw])
@@ -947,12 +983,22 @@ def _size(n: int) -> str:
     return f"{n} bytes"  # pragma: no cover
 
 
-def _combine(step, wall, layer, stat, value, stat_codes: dict[str, int]):
-    """Combine rows sharing (step, layer, stat): root-sum-square norms, max, sum, or last."""
-    order = np.lexsort((stat, layer, step))
-    step, wall, layer, stat, value = (a[order] for a in (step, wall, layer, stat, value))
+def _combine(step, wall, layer, stat, value, prio, stat_codes: dict[str, int]):
+    """Combine rows sharing (step, layer, stat): root-sum-square norms, max, sum, or last.
+
+    Only the rows of the group's first source (lowest `prio`) count, so one parameter logged by
+    two schemes is not counted twice."""
+    order = np.lexsort((prio, stat, layer, step))
+    step, wall, layer, stat, value, prio = (
+        a[order] for a in (step, wall, layer, stat, value, prio)
+    )
     new = np.ones(len(step), bool)
     new[1:] = (step[1:] != step[:-1]) | (layer[1:] != layer[:-1]) | (stat[1:] != stat[:-1])
+    best = prio[np.flatnonzero(new)][np.cumsum(new) - 1]
+    if (prio != best).any():
+        first = prio == best
+        step, wall, layer, stat, value = (a[first] for a in (step, wall, layer, stat, value))
+        new = new[first]
     starts = np.flatnonzero(new)
     gid = np.cumsum(new) - 1
     names = {c: n for n, c in stat_codes.items()}
@@ -1115,12 +1161,22 @@ def _tensor_text(buf: bytes, s: int, e: int) -> str | None:
 
 
 def _histo_sumsq(buf: bytes, s: int, e: int) -> float | None:
-    """HistogramProto.sum_squares (field 5, double)."""
+    """HistogramProto.sum_squares (field 5, double); NaN/Inf if min, max or sum (fields 1, 2, 4)
+    is, since a writer may leave non-finite values out of the sum of squares."""
     out = None
+    others = []
     for f, wt, v in _fields(buf, s, e):
-        if f == 5 and wt == 1:
-            out = _F64.unpack(v)[0]
-    return out
+        if wt == 1 and f in (1, 2, 4, 5):
+            x = _F64.unpack(v)[0]
+            if f == 5:
+                out = x
+            else:
+                others.append(x)
+    if out is None or not math.isfinite(out):
+        return out
+    if any(math.isnan(x) for x in others):
+        return math.nan
+    return math.inf if any(math.isinf(x) for x in others) else out
 
 
 def _tensor_hist_sumsq(buf: bytes, s: int, e: int) -> float | None:
