@@ -23,7 +23,7 @@ from graddiag.findings import Finding
 from graddiag.reader import LogData, LogReadError, RunData
 from graddiag.stats import ModelInfo, StepStats
 
-__all__ = ["RunDiagnosis", "Series", "diagnose_run", "series_of"]
+__all__ = ["Coverage", "RunDiagnosis", "Series", "diagnose_run", "series_of"]
 
 _GLOBALS = (
     "grad_norm",
@@ -123,7 +123,9 @@ def _opt(v: float, cast):
     return None if math.isnan(v) else cast(v)
 
 
-def series_of(data: LogData, run: RunData, layers: Sequence[str] | None = None) -> Series:
+def series_of(
+    data: LogData, run: RunData, layers: Sequence[str] | None = None, layer_steps: bool = False
+) -> Series:
     """Dense `Series` of one run from `read_logs` output.
 
     Args:
@@ -131,6 +133,8 @@ def series_of(data: LogData, run: RunData, layers: Sequence[str] | None = None) 
         run: the run.
         layers: the layer order (e.g. from the live run's `ModelInfo`); default: layers with a
             logged gradient norm, in order of first appearance. Layers not listed are ignored.
+        layer_steps: keep only the steps with a per-layer gradient norm (foreign logs, where a
+            global norm logged more often than the layers' must not read as "no gradient").
     """
     scode = {s: i for i, s in enumerate(data.stats)}
     gn = scode.get("grad_norm", -2)
@@ -149,7 +153,8 @@ def series_of(data: LogData, run: RunData, layers: Sequence[str] | None = None) 
             pass
     if global_code >= 0:
         lut[global_code] = len(layers)  # a pseudo-column for whole-model values
-    steps = np.unique(run.step[is_grad])
+    per_layer = is_grad & (run.layer != global_code)
+    steps = np.unique(run.step[per_layer if layer_steps and per_layer.any() else is_grad])
     S, L = len(steps), len(layers)
     col = lut[run.layer]
     pos = np.searchsorted(steps, run.step)
@@ -195,6 +200,96 @@ def series_of(data: LogData, run: RunData, layers: Sequence[str] | None = None) 
 
 
 @dataclass
+class Coverage:
+    """How much of a run the per-layer gradient data covers.
+
+    Attributes:
+        logged_steps, first, last: distinct steps with any logged scalar (loss, global norm, ...)
+            and their range.
+        layer_steps, layer_first, layer_last: steps with a per-layer gradient norm, their range.
+        stride: the step between consecutive per-layer steps when it is constant and > 1.
+        partial_layers: layer -> steps with a gradient norm, for layers of a foreign run that miss
+            some of the per-layer steps (in graddiag's logs a missing norm means "no gradient").
+    """
+
+    logged_steps: int
+    first: int | None
+    last: int | None
+    layer_steps: int
+    layer_first: int | None
+    layer_last: int | None
+    stride: int | None = None
+    partial_layers: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def partial(self) -> bool:
+        return self.layer_steps < self.logged_steps or bool(self.partial_layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "logged_steps": self.logged_steps,
+            "first": self.first,
+            "last": self.last,
+            "layer_steps": self.layer_steps,
+            "layer_first": self.layer_first,
+            "layer_last": self.layer_last,
+            "stride": self.stride,
+            "partial_layers": dict(self.partial_layers),
+            "partial": self.partial,
+        }
+
+    def notes(self) -> list[str]:
+        """One line per gap, e.g. "per-layer gradients cover 100 of 1000 logged steps (0-99)"."""
+        out = []
+        if self.layer_steps < self.logged_steps:
+            span = (
+                "none"
+                if not self.layer_steps
+                else f"{self.layer_first}-{self.layer_last}"
+                + (f", every {self.stride} steps" if self.stride else "")
+            )
+            out.append(
+                f"per-layer gradients cover {self.layer_steps} of {self.logged_steps} logged "
+                f"steps ({span}); steps {self.first}-{self.last} are logged: findings and "
+                f"NaN/Inf checks cover only the steps with per-layer gradients"
+            )
+        if self.partial_layers:
+            shown = ", ".join(
+                f"{k} ({v} of {self.layer_steps} steps)"
+                for k, v in list(self.partial_layers.items())[:5]
+            )
+            more = len(self.partial_layers) - 5
+            out.append(
+                f"{len(self.partial_layers)} layer(s) have gradient data on only some of the "
+                f"{self.layer_steps} per-layer steps: {shown}"
+                + (f" and {more} more" if more > 0 else "")
+            )
+        return out
+
+
+def coverage_of(run: RunData, series: Series, foreign: bool) -> Coverage:
+    """The `Coverage` of `series` against every step logged in `run`."""
+    logged = np.unique(run.step)
+    rows = series.has_grad.any(axis=1) if series.layers else np.zeros(len(series.steps), bool)
+    ls = series.steps[rows]
+    diffs = np.unique(np.diff(ls)) if len(ls) > 2 else np.empty(0, np.int64)
+    partial = {}
+    if foreign and len(ls):
+        counts = series.has_grad[rows].sum(axis=0)
+        partial = {n: int(c) for n, c in zip(series.layers, counts, strict=True) if c < len(ls)}
+    return Coverage(
+        logged_steps=len(logged),
+        first=int(logged[0]) if len(logged) else None,
+        last=int(logged[-1]) if len(logged) else None,
+        layer_steps=len(ls),
+        layer_first=int(ls[0]) if len(ls) else None,
+        layer_last=int(ls[-1]) if len(ls) else None,
+        stride=int(diffs[0]) if len(diffs) == 1 and diffs[0] > 1 else None,
+        partial_layers=partial,
+    )
+
+
+@dataclass
 class RunDiagnosis:
     """What the detectors found in one run, and what they ran on.
 
@@ -202,13 +297,16 @@ class RunDiagnosis:
         series: the run's dense series.
         info: the live run's model description (or one built from the logged layers).
         findings: the detectors' findings, in the order they were made.
-        notes: what could not be rebuilt (unreadable model description, custom detectors).
+        notes: what could not be rebuilt (unreadable model description, custom detectors), and
+            where the per-layer data covers only part of the run (`Coverage.notes`).
+        coverage: how much of the run the per-layer gradient data covers.
     """
 
     series: Series
     info: ModelInfo
     findings: list[Finding]
     notes: list[str] = field(default_factory=list)
+    coverage: Coverage | None = None
 
 
 def _detector_spec(meta: Mapping[str, Any] | None, notes: list[str]) -> dict[str, Any] | None:
@@ -247,7 +345,7 @@ def diagnose_run(
             info = ModelInfo.from_dict(meta["info"])
         except (KeyError, TypeError, ValueError) as e:
             notes.append(f"unreadable model description ({e}); using the logged layers")
-    series = series_of(data, run, None if info is None else info.layers)
+    series = series_of(data, run, None if info is None else info.layers, not run.graddiag)
     if not len(series.steps) or not series.layers:
         return None
     if info is None:
@@ -260,4 +358,6 @@ def diagnose_run(
     for st in series.step_stats():
         diag.update(st)
     diag.finalize()
-    return RunDiagnosis(series, info, list(diag.findings), notes)
+    coverage = coverage_of(run, series, not run.graddiag)
+    notes += coverage.notes()
+    return RunDiagnosis(series, info, list(diag.findings), notes, coverage)

@@ -92,17 +92,34 @@ def summary_line(d: Mapping[str, Any]) -> str:
     """One sentence on a run (from `RunReport.to_dict()`); not escaped."""
     st = d["steps"]
     nf = d["first_nonfinite"]
+    partial = bool(d.get("coverage") and d["coverage"]["partial"])
     nf_text = (
         f"first NaN/Inf at step {nf['step']} in {nf['layer'] or '(model)'}"
         if nf
-        else "no NaN/Inf gradients"
+        else "no NaN/Inf gradients" + (" in the steps with per-layer data" if partial else "")
     )
     clip = "no clipping logged" if d["clip_rate"] is None else f"clip rate {d['clip_rate']:.1%}"
     span = f"steps {st['first']}..{st['last']}" if st["count"] else "no steps"
+    cov = ""
+    if partial:
+        c = d["coverage"]
+        cov = (
+            f" Partial coverage: per-layer gradients on {c['layer_steps']} of "
+            f"{c['logged_steps']} logged steps"
+            + (f", {len(c['partial_layers'])} layer(s) on fewer" if c["partial_layers"] else "")
+            + " (see notes)."
+        )
     return (
         f"{st['count']} logged steps ({span}), {d['layers']} layers, "
-        f"{len(d['findings'])} findings; {nf_text}; {clip}."
+        f"{len(d['findings'])} findings; {nf_text}; {clip}.{cov}"
     )
+
+
+def no_findings_text(d: Mapping[str, Any]) -> str:
+    """ "no findings", qualified when the per-layer data covers only part of the run."""
+    if d.get("coverage") and d["coverage"]["partial"]:
+        return "no findings in the steps with per-layer gradients (partial coverage, see notes)"
+    return "no findings"
 
 
 # ---- report ------------------------------------------------------------------------------------
@@ -139,7 +156,7 @@ def to_markdown(report: Report) -> str:
                 f"{e(f.message)} | {e(f.suggestion)} |"
             )
         if not r.findings:
-            out.append("| | | | | no findings | |")
+            out.append(f"| | | | | {e(no_findings_text(d))} | |")
         out += [
             "",
             "**Worst layers**",
@@ -246,7 +263,8 @@ def print_report(report: Report, console: Console) -> None:
             for kind, text in dict.fromkeys((f.kind, f.suggestion) for f in r.findings):
                 console.print(f"  [bold]{e(kind)}[/bold]: {e(text)}")
         else:
-            console.print("[green]no findings[/green]")
+            text = no_findings_text(d)
+            console.print(f"[{'green' if text == 'no findings' else 'yellow'}]{text}[/]")
         w = Table(title="worst layers")
         w.add_column("layer", overflow="fold", ratio=1)
         for col in ("findings", "worst", "kinds", "median norm", "max norm", "NaN/Inf steps"):

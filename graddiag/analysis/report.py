@@ -17,7 +17,7 @@ import numpy as np
 
 from graddiag import tags
 from graddiag.analysis._numeric import finite_or_none, quiet_nan_warnings
-from graddiag.analysis.diagnosis import Series, diagnose_run
+from graddiag.analysis.diagnosis import Coverage, Series, diagnose_run
 from graddiag.findings import SEVERITIES, Finding, severity_rank
 from graddiag.reader import LogData, LogReadError, ReadStats, read_logs
 
@@ -40,6 +40,7 @@ class RunReport:
     notes: list[str] = field(default_factory=list)
     top: int = 5
     backward_order: tuple[str, ...] | None = None
+    coverage: Coverage | None = None
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -140,6 +141,7 @@ class RunReport:
             "worst_layers": self.worst_layers(),
             "first_nonfinite": self.first_nonfinite(),
             "clip_rate": self.clip_rate(),
+            "coverage": None if self.coverage is None else self.coverage.to_dict(),
             "notes": list(self.notes),
         }
 
@@ -159,7 +161,10 @@ class Report:
                    "max_severity": str|null, "kinds": [str], "median_grad_norm": float|null,
                    "max_grad_norm": float|null, "nonfinite_steps": int, "grad_steps": int}],
                    "first_nonfinite": {"step": int, "layer": str|null}|null,
-                   "clip_rate": float|null, "notes": [str]}],
+                   "clip_rate": float|null, "coverage": {"logged_steps": int, "first": int|null,
+                   "last": int|null, "layer_steps": int, "layer_first": int|null,
+                   "layer_last": int|null, "stride": int|null, "partial_layers": {str: int},
+                   "partial": bool}, "notes": [str]}],
          "read": <ReadStats.to_dict()>, "notes": [str]}
     """
 
@@ -237,6 +242,7 @@ def analyze_logs(
                 notes=diag.notes,
                 top=top,
                 backward_order=diag.info.backward_order,
+                coverage=diag.coverage,
             )
         )
     if not runs and data.read_stats.unreadable_files:
@@ -258,7 +264,7 @@ def analyze_logs(
     if not runs:
         raise LogReadError(
             f"{data.logdir}: no gradient tags found (looked for "
-            f"{tags.layer_prefix('grad_norm')}*, Lightning's grad_2.0_norm/*, gradient "
+            f"{tags.layer_prefix('grad_norm')}*, grad_norm/*, Lightning's grad_2.0_norm/*, gradient "
             f"histograms); map other tags with --tag-pattern"
         )
     return Report(data.logdir, runs, data.read_stats, notes)
