@@ -23,6 +23,7 @@ KINDS = (
     "zero_gradient",
     "divergence",
     "large_update",
+    "unmonitored",
 )
 
 
