@@ -44,7 +44,8 @@ class GradDiagCallback(keras.callbacks.Callback):
             optimizer receives.
         nonfinite: "warn", "skip" (the optimizer step is not taken on a non-finite step) or "raise"
             (`NonFiniteGradientError` from `on_train_batch_end`, at the end of the offending batch
-            under `steps_per_execution=1`; this reads one flag from the device per batch).
+            under `steps_per_execution=1`, of its execution otherwise; this reads one flag from
+            the device per batch).
         detectors: detector settings, see `graddiag.detectors.build_detectors`.
         detail_every: max |g|, zero fraction, parameter norm and NaN/Inf counts every this many
             steps (0: never).

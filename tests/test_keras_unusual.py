@@ -16,6 +16,7 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
 import graddiag  # noqa: E402
+import graddiag.tf  # noqa: E402
 
 try:  # a checkout first (an editable install maps graddiag.integrations to its own tree)
     from integrations.keras import GradDiagCallback
@@ -152,3 +153,29 @@ def test_tf_distribute_gets_a_clear_error_naming_the_strategy():
         assert "not supported" in message and "single-device" in message
     assert out["fit"].startswith("GradDiagCallback")
     assert out["plain"] == [0]  # outside any strategy the same code monitors as usual
+
+
+def test_nonfinite_skip_reports_a_nan_in_the_middle_of_an_execution_at_once():
+    """`every` 10 > 4 steps per execution and the steps after the NaN are finite again: the
+    device flag stays set until the poll after the execution has read step 1 back."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, name="head")])
+    model.compile(keras.optimizers.SGD(0.01), "mse", steps_per_execution=4)
+    x = np.ones((8 * BATCH, 4), "float32")
+    x[1 * BATCH] = np.nan
+    y = np.zeros((8 * BATCH, 1), "float32")
+    cb = GradDiagCallback(every=10, nonfinite="skip", print_summary=False)
+    seen = []
+    record = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: seen.append(
+            [f.step for f in cb.findings if f.kind == "nonfinite"]
+        )
+    )
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[cb, record])
+    assert seen == [[1], [1]]  # after the first execution already, not at the end of the fit
+    assert np.isfinite(model.get_weights()[0]).all()  # the NaN step was skipped
+
+
+def test_steps_per_poll_is_validated():
+    with pytest.raises(ValueError, match="`steps_per_poll` to be an int >= 1, got 0"):
+        graddiag.tf.GradientMonitor([tf.Variable(1.0)], read_back="poll", steps_per_poll=0)
