@@ -24,6 +24,7 @@ KINDS = (
     "divergence",
     "large_update",
     "modified",
+    "unmonitored",
 )
 
 

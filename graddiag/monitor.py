@@ -318,6 +318,11 @@ class MonitorCore:
             self._emit(stats.step, new)
         return new
 
+    def add_finding(self, finding: Finding) -> None:
+        """Record and log a finding an adapter made itself (not a detector's)."""
+        self.diagnoser.findings.append(finding)
+        self._emit(finding.step, [finding])
+
     def write_histograms(self, step: int, rows: np.ndarray, has: np.ndarray) -> None:
         """Write one step's per-layer histograms: `rows` holds a `graddiag.host.HIST_WIDTH` row
         per layer (bin counts of the finite values over [min, max], then min, max, sum, sum of

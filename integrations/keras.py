@@ -31,6 +31,7 @@ import keras
 from graddiag.findings import Finding
 from graddiag.settings import Settings
 from graddiag.tf import GradientMonitor
+from graddiag.tf._model import check_not_distributed
 
 
 class GradDiagCallback(keras.callbacks.Callback):
@@ -43,7 +44,8 @@ class GradDiagCallback(keras.callbacks.Callback):
             optimizer receives.
         nonfinite: "warn", "skip" (the optimizer step is not taken on a non-finite step) or "raise"
             (`NonFiniteGradientError` from `on_train_batch_end`, at the end of the offending batch
-            under `steps_per_execution=1`; this reads one flag from the device per batch).
+            under `steps_per_execution=1`, of its execution otherwise; this reads one flag from
+            the device per batch).
         detectors: detector settings, see `graddiag.detectors.build_detectors`.
         detail_every: max |g|, zero fraction, parameter norm and NaN/Inf counts every this many
             steps (0: never).
@@ -58,9 +60,14 @@ class GradDiagCallback(keras.callbacks.Callback):
             under `nonfinite="skip"`, a loss-scale overflow) still gets its own number, so the
             count runs ahead of `iterations` by the skipped steps; it never goes back.
 
+    Under `steps_per_execution=N` Keras calls back once per N steps; the monitor's ring buffer
+    then holds `every + N - 1` rows, so every step is still logged under its own number.
+
     Raises:
         ValueError: for a bad argument (at construction) or a non-TensorFlow backend / a model
             without optimizer (at `on_train_begin`).
+        NotImplementedError: at `on_train_begin` under a `tf.distribute` strategy (not supported
+            yet).
     """
 
     def __init__(
@@ -118,6 +125,9 @@ class GradDiagCallback(keras.callbacks.Callback):
         optimizer = getattr(model, "optimizer", None)
         if optimizer is None:
             raise ValueError("GradDiagCallback: the model has no optimizer; call model.compile().")
+        check_not_distributed(model, "GradDiagCallback")
+        # Keras calls on_train_batch_end once per execution of `steps_per_execution` steps
+        per_poll = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
         lso = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         iterations = int(optimizer.iterations.numpy())
         mon = self.monitor
@@ -132,11 +142,13 @@ class GradDiagCallback(keras.callbacks.Callback):
                 loss_scale=optimizer if lso else None,
                 optimizer=optimizer,
                 start_step=iterations,
+                steps_per_poll=per_poll,
                 **self._kwargs,
             )
             self.monitor._resolve()
         else:
             self._continue(iterations)
+            self.monitor._set_steps_per_poll(per_poll)
         if not optimizer.built:
             optimizer.build(model.trainable_variables)
         monitor = self.monitor

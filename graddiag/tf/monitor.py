@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from graddiag import clip as cliplib
 from graddiag._checks import choice as check_choice
+from graddiag._checks import int_at_least
 from graddiag.findings import Finding
 from graddiag.host import DETAIL_FIELDS, HIST_WIDTH, HostPath, MonitorAPI, RowLayout
 from graddiag.monitor import close_at_exit_hook
@@ -29,7 +30,14 @@ from graddiag.tf._measure import (
     sum_squares,
     zero_unless,
 )
-from graddiag.tf._model import frozen_variables, is_model, key_of, layer_and_var, var_path
+from graddiag.tf._model import (
+    check_not_distributed,
+    frozen_variables,
+    is_model,
+    key_of,
+    layer_and_var,
+    var_path,
+)
 from graddiag.tf._ops import TFOps
 from graddiag.tf._tape import MonitoredTape
 
@@ -94,10 +102,15 @@ class GradientMonitor(MonitorAPI):
             Keras callback learn this from the variables they apply instead.
         start_step: the number of the first step (resuming a run: the optimizer steps already
             taken), so the logs continue the run's step count.
+        steps_per_poll: with `read_back="poll"`, the most optimizer steps that may run between
+            two `poll()` calls (Keras' `steps_per_execution`): the ring buffer holds
+            `every + steps_per_poll - 1` rows, so no step is overwritten before it is read back.
 
     Raises:
         TypeError: if `model_or_variables` is neither a Keras model/layer nor variables.
         ValueError: for a bad setting, naming the argument and showing its value.
+        NotImplementedError: when created in a `tf.distribute` strategy scope, or for a model
+            created in one (distributed training is not supported yet).
     """
 
     def __init__(
@@ -119,7 +132,9 @@ class GradientMonitor(MonitorAPI):
         run_meta: Mapping[str, Any] | None = None,
         optimizer: Any = None,
         start_step: int = 0,
+        steps_per_poll: int = 1,
     ) -> None:
+        check_not_distributed(model_or_variables, "graddiag.tf.GradientMonitor")
         if not is_model(model_or_variables):
             if isinstance(model_or_variables, (str, bytes)) or not isinstance(
                 model_or_variables, Iterable
@@ -149,6 +164,7 @@ class GradientMonitor(MonitorAPI):
             start_step=start_step,
         )
         self.read_back = check_choice("read_back", read_back, READ_BACK)
+        self._steps_per_poll = int_at_least("steps_per_poll", steps_per_poll)
         if isinstance(loss_scale, bool) or (
             loss_scale is not None
             and not (
@@ -232,11 +248,7 @@ class GradientMonitor(MonitorAPI):
         self._layout = self._host.layout
         n, nl = len(variables), len(layers)
         with tf.init_scope():
-            self._rows = tf.Variable(
-                np.tile(self._layout.blank(), (self.every, 1)),
-                trainable=False,
-                name="graddiag_rows",
-            )
+            self._rows = self._ring_variable()
             # detail rows: max|g|, non-zero count, NaN count, Inf count, parameter sum of squares
             self._detail = (
                 tf.Variable(
@@ -277,6 +289,29 @@ class GradientMonitor(MonitorAPI):
             self._clip_state = (
                 _clip_variables(self.chain.init(nl, TFOps())) if self.chain is not None else ()
             )
+
+    @property
+    def _capacity(self) -> int:
+        """Rows of the ring buffer: a log step's `every` rows, plus the steps that may run after
+        the last log step before the next `poll()` (Keras: the rest of an execution)."""
+        return self.every + self._steps_per_poll - 1
+
+    def _ring_variable(self) -> tf.Variable:
+        with tf.init_scope():
+            return tf.Variable(
+                np.tile(self._layout.blank(), (self._capacity, 1)),
+                trainable=False,
+                name="graddiag_rows",
+            )
+
+    def _set_steps_per_poll(self, steps: int) -> None:
+        """Grow the ring buffer for `steps` steps between polls (a later Keras `fit` with a larger
+        `steps_per_execution`). Call between steps, before the step function is traced again."""
+        if steps <= self._steps_per_poll:
+            return
+        self.flush()  # every row read back: the new buffer may start blank
+        self._steps_per_poll = steps
+        self._rows = self._ring_variable()
 
     def _start(self, has: np.ndarray | None) -> None:
         """Start the core at the first read back (as graddiag.torch at its first step), when the
@@ -329,7 +364,11 @@ class GradientMonitor(MonitorAPI):
         Returns:
             The gradients after clipping (and zeroed under `nonfinite="skip"` on a non-finite
             step), in the order given, ready for `optimizer.apply_gradients`.
+
+        Raises:
+            NotImplementedError: inside a `tf.distribute` strategy scope or replica context.
         """
+        check_not_distributed(None, "graddiag.tf.GradientMonitor.step")
         self._resolve()
         grads = list(grads)
         variables = self.variables if variables is None else list(variables)
@@ -448,6 +487,8 @@ class GradientMonitor(MonitorAPI):
             due = bool(self._bad.numpy())
         if not due:
             return []
+        if self.nonfinite != "warn":
+            self._bad.assign(False)
         return self._fetch(steps_done)
 
     def continue_at(self, step: int) -> list[Finding]:
@@ -547,7 +588,7 @@ class GradientMonitor(MonitorAPI):
             if self.chain is not None:  # a skipped step was not clipped (as in graddiag.torch)
                 clip_coef = tf.where(ok, clip_coef, RowLayout.NONE)
         step = self._count.read_value()
-        row = tf.cast(tf.math.floormod(step, self.every), tf.int32)
+        row = tf.cast(tf.math.floormod(step, self._capacity), tf.int32)
         micro = self._micro.read_value()
         scalars = {
             "clip_coef": clip_coef,
@@ -561,7 +602,9 @@ class GradientMonitor(MonitorAPI):
         if self._layout.layer_coef is not None:
             parts.append(tf.ones([len(self.info.layers)]) if lcoef is None else lcoef)
         values = tf.concat(parts, 0)
-        writes = [self._rows.scatter_nd_update([[row]], values[None]), self._bad.assign(~ok)]
+        # `_bad` stays set until a poll() has read the step back (several steps per execution)
+        bad = (self._bad.read_value() | ~ok) if self.read_back == "poll" else ~ok
+        writes = [self._rows.scatter_nd_update([[row]], values[None]), self._bad.assign(bad)]
         if self._accumulators is not None:
             writes += [self._micro.assign(0.0), self._reset.assign(-1.0)]
         if self._detail is not None:
@@ -678,17 +721,17 @@ class GradientMonitor(MonitorAPI):
         update, update_step = block(self._update, self._update_step)
         if update_step <= self._ratio_done:
             update = None
-        first = max(self._fetched, steps_done - self.every)
+        first = max(self._fetched, steps_done - self._capacity)
         if first > self._fetched:
             log.warning(
                 "graddiag: steps %d-%d were overwritten before being read back; poll() "
-                "at least every %d steps",
+                "at least every %d steps (or raise `steps_per_poll`)",
                 self._fetched,
                 first - 1,
-                self.every,
+                self._capacity,
             )
         if self.core is None:
-            row = rows[first % self.every] if first < steps_done else None
+            row = rows[first % self._capacity] if first < steps_done else None
             self._start(None if row is None else row[self._layout.sumsq] != _NO_GRAD)
         trainable = self._host.trainable([getattr(v, "trainable", True) for v in self.variables])
         new: list[Finding] = []
@@ -702,7 +745,7 @@ class GradientMonitor(MonitorAPI):
             if step == update_step and update is not None:
                 extra["update"], update = update, None
                 self._ratio_done = step
-            new += self._host.ingest(step, rows[step % self.every], **extra)
+            new += self._host.ingest(step, rows[step % self._capacity], **extra)
         self._fetched = steps_done
         if update is not None and update_step < steps_done:  # the update came after its step's read
             self._ratio_done = update_step

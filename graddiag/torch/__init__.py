@@ -19,7 +19,7 @@ every step. `nonfinite="skip"`/`"raise"` and `trace_nonfinite=True` add one host
 from graddiag.monitor import NonFiniteGradientError
 from graddiag.torch._measure import STACK_MAX_NUMEL, STACK_MIN, Plan, sum_squares
 from graddiag.torch._ops import TorchOps
-from graddiag.torch.monitor import GradientMonitor
+from graddiag.torch.monitor import GradientMonitor, UnmonitoredWarning
 
 __all__ = [
     "STACK_MAX_NUMEL",
@@ -28,5 +28,6 @@ __all__ = [
     "NonFiniteGradientError",
     "Plan",
     "TorchOps",
+    "UnmonitoredWarning",
     "sum_squares",
 ]

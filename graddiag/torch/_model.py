@@ -67,3 +67,20 @@ def layers_of(
             pnames.append(full)
             layer_of.append(layer_idx)
     return layers, params, pnames, np.asarray(layer_of, dtype=np.int64), frozen, shared
+
+
+def lazy_parameters(model: nn.Module) -> list[tuple[str, str]]:
+    """(parameter name, module class) of each parameter not materialized yet (`nn.LazyLinear` and
+    other lazy modules before their first forward pass)."""
+    return [
+        (f"{mname}.{pname}" if mname else pname, type(module).__name__)
+        for mname, module in model.named_modules()
+        for pname, p in module.named_parameters(recurse=False)
+        if nn.parameter.is_lazy(p)
+    ]
+
+
+def new_trainable(model: nn.Module, known: set[int]) -> list[str]:
+    """Names of the parameters that train now (`requires_grad`) but are not in `known` (ids):
+    modules added, layers unfrozen or parametrizations applied after the monitor was built."""
+    return [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in known]

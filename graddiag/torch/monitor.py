@@ -7,6 +7,7 @@ import atexit
 import functools
 import os
 import types
+import warnings
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -29,7 +30,7 @@ from graddiag.torch._measure import (
     measured,
     sum_squares,
 )
-from graddiag.torch._model import layers_of, unwrap
+from graddiag.torch._model import layers_of, lazy_parameters, new_trainable, unwrap
 from graddiag.torch._ops import TorchOps
 
 
@@ -68,8 +69,9 @@ class GradientMonitor(MonitorAPI):
 
     Raises:
         TypeError: if `model` is not an `nn.Module` or `optimizer` not a `torch.optim.Optimizer`.
-        ValueError: for bad settings (the message names the argument and the value), or a model with
-            no trainable parameters.
+        ValueError: for bad settings (the message names the argument and the value), a model with
+            no trainable parameters, or one with lazy parameters not materialized yet (run one
+            forward pass first).
         OSError: if `logdir` cannot be written.
 
     Example:
@@ -124,6 +126,15 @@ class GradientMonitor(MonitorAPI):
         )
 
         base = unwrap(model)
+        lazy = lazy_parameters(base)
+        if lazy:
+            names = ", ".join(f"{name} ({cls})" for name, cls in lazy[:5])
+            more = f" and {len(lazy) - 5} more" if len(lazy) > 5 else ""
+            raise ValueError(
+                f"`model` {type(model).__name__} has uninitialized (lazy) parameters: "
+                f"{names}{more}. Run one forward pass first (e.g. `model(example_batch)`), "
+                "so their shapes are known, then create the GradientMonitor (and the optimizer)."
+            )
         layers, params, pnames, layer_of, frozen, shared = layers_of(base)
         if not params:
             raise ValueError(
@@ -153,6 +164,8 @@ class GradientMonitor(MonitorAPI):
         self._plans: dict[tuple, Plan] = {}
         self._pending: list[tuple[int, dict[str, Any]]] = []  # steps in the ring, host facts
         self._no_grad = np.zeros(len(params), dtype=bool)
+        self._param_ids = {id(p) for p in params}
+        self.unmonitored: list[str] = []  # parameters that began to train after construction
         self._probes: dict[int, _Probe] = {}  # accumulation probe per optimizer (0: manual)
         self._snapshot: tuple[int, list[torch.Tensor]] | None = None
         self._handles: list[Any] = []
@@ -549,7 +562,43 @@ class GradientMonitor(MonitorAPI):
         new: list[Finding] = []
         for (step, known), row in zip(pending, rows, strict=True):
             new += self._host.ingest(step, row, trainable=trainable, **known)
-        return new
+        return new + self._check_unmonitored(pending[-1][0])
+
+    def _check_unmonitored(self, step: int) -> list[Finding]:
+        """Once per monitor, at a log step: parameters that train now but did not (or did not
+        exist) when the monitor was built are not monitored — say so (one pass over the names)."""
+        if self.unmonitored:
+            return []
+        names = new_trainable(unwrap(self.model), self._param_ids)
+        if not names:
+            return []
+        self.unmonitored = names
+        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        finding = Finding(
+            step=step,
+            layer=None,
+            kind="unmonitored",
+            severity="info",
+            value=float(len(names)),
+            message=(
+                f"{len(names)} parameter(s) began to train after the monitor was created and are "
+                f"not monitored: {shown} (a module added, a layer unfrozen or weight_norm/"
+                "spectral_norm applied later; an earlier `frozen` finding may be stale)"
+            ),
+            suggestion=(
+                "to monitor them, call monitor.close() and create a new GradientMonitor with "
+                "start_step=monitor.step_count after changing the model"
+            ),
+        )
+        warnings.warn(
+            f"graddiag: {finding.message}; {finding.suggestion}", UnmonitoredWarning, stacklevel=2
+        )
+        self.core.add_finding(finding)
+        return [finding]
+
+
+class UnmonitoredWarning(UserWarning):
+    """Parameters began to train after the monitor was created; they are not monitored."""
 
 
 def _optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
