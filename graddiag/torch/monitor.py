@@ -166,6 +166,8 @@ class GradientMonitor(MonitorAPI):
         self._no_grad = np.zeros(len(params), dtype=bool)
         self._param_ids = {id(p) for p in params}
         self.unmonitored: list[str] = []  # parameters that began to train after construction
+        self._frozen_params = [p for p in base.parameters() if not p.requires_grad]
+        self._registry = _RegistrationFlag()  # set when any module registers a parameter/module
         self._probes: dict[int, _Probe] = {}  # accumulation probe per optimizer (0: manual)
         self._snapshot: tuple[int, list[torch.Tensor]] | None = None
         self._handles: list[Any] = []
@@ -332,6 +334,7 @@ class GradientMonitor(MonitorAPI):
             h.remove()
         for probe in self._probes.values():
             probe.remove()
+        self._registry.remove()
         for obj, attr, (had, orig, wrapper) in reversed(self._restore):
             if getattr(obj, attr, None) is wrapper:
                 if had:
@@ -569,6 +572,10 @@ class GradientMonitor(MonitorAPI):
         exist) when the monitor was built are not monitored — say so (one pass over the names)."""
         if self.unmonitored:
             return []
+        unfrozen = any(p.requires_grad for p in self._frozen_params)
+        if not (self._registry.dirty or unfrozen):
+            return []  # no parameter registered anywhere and none unfrozen: nothing to walk
+        self._registry.dirty = False
         names = new_trainable(unwrap(self.model), self._param_ids)
         if not names:
             return []
@@ -704,3 +711,25 @@ def _unscale_bumps(device: torch.device) -> int:
         [t], torch.zeros(1, device=device), torch.ones(1, device=device)
     )
     return t._version - before
+
+
+class _RegistrationFlag:
+    """A flag torch's global registration hooks set whenever any module registers a parameter or
+    a submodule (modules appended, parametrizations applied), so the monitor walks the model's
+    parameters only after such a change. The hooks hold this flag, not the monitor."""
+
+    def __init__(self) -> None:
+        self.dirty = False
+        reg = torch.nn.modules.module
+        self._handles = [
+            reg.register_module_parameter_registration_hook(self._set),
+            reg.register_module_module_registration_hook(self._set),
+        ]
+
+    def _set(self, *_args) -> None:
+        self.dirty = True
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
