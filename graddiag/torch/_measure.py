@@ -25,20 +25,30 @@ class Plan:
     - `dots`: large dense float32/float64 tensors: one `dot` each (reads at full bandwidth, about
       twice as fast as `vector_norm` on CPU);
     - `bucket`: everything else, one `_foreach_norm` (float32 accumulation for fp16/bf16);
-    - `sparse`: sparse gradients, reduced over their coalesced values.
+    - `sparse`: sparse gradients, reduced over their coalesced values;
+    - `exact`: parameters whose float32 sum of squares overflowed or underflowed at an earlier
+      step: a float64 norm each (exact for every finite float32 value; slower, so only these).
 
     `order` maps output positions to parameter indices.
     """
 
     def __init__(
-        self, idx: list[int], params: list[torch.Tensor], layer_of: np.ndarray, device
+        self,
+        idx: list[int],
+        params: list[torch.Tensor],
+        layer_of: np.ndarray,
+        device,
+        exact: frozenset[int] = frozenset(),
     ) -> None:
         groups: dict[tuple, list[int]] = {}
         self.dots: list[int] = []
         self.sparse: list[int] = []
+        self.exact = sorted(i for i in idx if i in exact)
         bucket: list[int] = []
         for i in idx:
             p = params[i]  # the gradient as measured (a complex one viewed as real pairs)
+            if i in exact:
+                continue
             if p.is_sparse:
                 self.sparse.append(i)
             elif p.dtype in LOW_PRECISION:
@@ -67,14 +77,27 @@ class Plan:
             + [i for b in self.buckets for i in b]
             + self.dots
             + self.sparse
+            + self.exact
         )
         self.order = np.asarray(order, dtype=np.int64)
         self.order_t = torch.as_tensor(self.order, device=device)
         self.layer_t = torch.as_tensor(layer_of[self.order], device=device)
 
 
+def exact_sum_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Sums of squares accumulated in float64: neither overflow nor underflow for any finite
+    float32/bf16/fp16 values (non-finite only where an element is)."""
+    dense = [t for t in tensors if not t.is_sparse]
+    if len(dense) == len(tensors):  # one fused op (float64 accumulation of every element)
+        return torch.stack(torch._foreach_norm(dense, 2, dtype=torch.float64)).square()
+    return torch.stack(
+        [torch.linalg.vector_norm(flat(t), dtype=torch.float64).square() for t in tensors]
+    )
+
+
 def sum_squares(tensors: list[torch.Tensor], plan: Plan, device) -> torch.Tensor:
-    """float32 sums of squares of `tensors` (indexed like the parameters) in `plan.order`."""
+    """Sums of squares of `tensors` (indexed like the parameters) in `plan.order`: float32, or
+    float64 when the plan measures some parameters exactly."""
     parts = []
     for members in plan.stacks:
         m = torch.stack([tensors[i] for i in members]).view(len(members), -1)
@@ -90,6 +113,8 @@ def sum_squares(tensors: list[torch.Tensor], plan: Plan, device) -> torch.Tensor
     for i in plan.sparse:
         v = tensors[i].coalesce().values().reshape(-1).float()
         parts.append(torch.dot(v, v).view(1))
+    if plan.exact:
+        parts = [p.double() for p in parts] + [exact_sum_squares([tensors[i] for i in plan.exact])]
     parts = [p if p.device == device else p.to(device, non_blocking=True) for p in parts]
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 

@@ -26,6 +26,7 @@ from graddiag.stats import ModelInfo
 from graddiag.torch._measure import (
     Plan,
     detail_rows,
+    exact_sum_squares,
     histogram_rows,
     measured,
     sum_squares,
@@ -162,6 +163,9 @@ class GradientMonitor(MonitorAPI):
         self.step_count = settings.start_step
         self.closed = False
         self._plans: dict[tuple, Plan] = {}
+        self._exact: frozenset[int] = frozenset()  # measured in float64 (see _exactness)
+        self._true_zero: set[int] = set()  # an exact measurement found them exactly zero
+        self._current: tuple | None = None
         self._pending: list[tuple[int, dict[str, Any]]] = []  # steps in the ring, host facts
         self._no_grad = np.zeros(len(params), dtype=bool)
         self._param_ids = {id(p) for p in params}
@@ -351,7 +355,8 @@ class GradientMonitor(MonitorAPI):
         self.device = self.params[0].device
         self._ops = TorchOps(self.device)
         self._clip_states = self.chain.init(self._n_layers, self._ops) if self.chain else None
-        blank = torch.as_tensor(self._layout.blank(), device=self.device)
+        # float64 rows: an exactly measured sum of squares of any finite float32 gradient fits
+        blank = torch.as_tensor(self._layout.blank(), dtype=torch.float64, device=self.device)
         self._buf = blank.repeat(self.every, 1)
         for h in self._order_handles:
             h.remove()
@@ -423,12 +428,12 @@ class GradientMonitor(MonitorAPI):
         grads = [p.grad for p in params]
         for i in self._complex:  # measured as real (re, im) pairs
             grads[i] = measured(grads[i])
-        key = tuple(g is not None for g in grads)
+        has = tuple(g is not None for g in grads)
+        key = (has, self._exact)
         plan = self._plans.get(key)
-        if plan is None and any(key):
-            plan = self._plans[key] = Plan(
-                [i for i, k in enumerate(key) if k], grads, self.layer_of, self.device
-            )
+        if plan is None and any(has):
+            idx = [i for i, k in enumerate(has) if k]
+            plan = self._plans[key] = Plan(idx, grads, self.layer_of, self.device, self._exact)
         present = plan.present if plan is not None else []
         probe = self._probe(opt)
         if reset == "observe":
@@ -455,6 +460,9 @@ class GradientMonitor(MonitorAPI):
             sumsq = sum_squares(grads, plan, self.device)
             if self.nonfinite != "warn" or self.trace_nonfinite:
                 bad = not bool(torch.isfinite(sumsq.sum()))  # the one sync these modes pay for
+                if bad:  # decided by the elements: a float32 overflow of finite values is not
+                    sumsq = self._exact_where_nonfinite(grads, plan, sumsq)
+                    bad = not bool(torch.isfinite(sumsq.sum()))
                 if bad and self.trace_nonfinite:
                     origin, origin_pass = self._find_origin()
                 if bad and self.nonfinite != "warn":
@@ -463,7 +471,7 @@ class GradientMonitor(MonitorAPI):
             self._ftrace.clear()
             coef = layer_coef = None
             if self.chain is not None and not report.skipped:
-                coef, layer_coef = self._clip(grads, plan, sumsq)
+                coef, layer_coef = self._clip(grads, plan, sumsq.float())
         # the device row (graddiag.host.RowLayout) gets what only the device knows; the rest of
         # the step's facts stay on the host until the row is read back
         buf_row, col = self._buf[row], self._layout.col
@@ -477,7 +485,7 @@ class GradientMonitor(MonitorAPI):
             "grads_modified": modified,
         }
         if sumsq is not None:
-            buf_row.index_copy_(0, plan.order_t, sumsq)
+            buf_row.index_copy_(0, plan.order_t, sumsq.double())
         if coef is not None:
             buf_row[col["clip_coef"]].copy_(coef)
         else:
@@ -491,7 +499,9 @@ class GradientMonitor(MonitorAPI):
             known["loss"] = None if loss is None else float(loss)
         if extra is not None:
             known["detail"] = extra
+        known["exact"] = plan.exact if plan is not None else ()
         self._pending.append((step, known))
+        self._current = (step, grads, plan)  # the step whose gradients are still there
         probe.record()
         if detail and self.optimizers and not report.skipped:
             # the update/weight ratio needs the weights after the update: read back then
@@ -560,12 +570,54 @@ class GradientMonitor(MonitorAPI):
             return []
         pending, self._pending = self._pending, []
         first_row = pending[0][0] % self.every
-        rows = self._buf[first_row : first_row + len(pending)].numpy(force=True)
+        rows = self._buf[first_row : first_row + len(pending)].numpy(force=True).copy()
+        self._exactness(pending, rows)
         trainable = self._host.trainable([p.requires_grad for p in self.params])
         new: list[Finding] = []
         for (step, known), row in zip(pending, rows, strict=True):
+            known.pop("exact", None)
             new += self._host.ingest(step, row, trainable=trainable, **known)
         return new + self._check_unmonitored(pending[-1][0])
+
+    def _exact_where_nonfinite(self, grads, plan: Plan, sumsq: torch.Tensor) -> torch.Tensor:
+        """`sumsq` (plan order) with the non-finite entries measured again in float64: finite
+        unless an element is NaN/Inf (one more host read, on such steps only)."""
+        bad = np.flatnonzero(~torch.isfinite(sumsq).numpy(force=True))
+        if not len(bad):
+            return sumsq
+        out = sumsq.double().clone()
+        exact = exact_sum_squares([grads[plan.order[j]] for j in bad])
+        out[torch.as_tensor(bad, device=out.device)] = exact.to(out.device)
+        return out
+
+    def _exactness(self, pending: list, rows: np.ndarray) -> None:
+        """Float32 sums of squares overflow for elements above ~1e19 and underflow below ~1e-19.
+        The current step's gradients are still there: its suspicious entries are measured again
+        in float64 now; and from now on such parameters are measured in float64 (`Plan.exact`)
+        until an exact measurement shows them truly zero."""
+        P = len(self.params)
+        exact = set(self._exact)
+        zero_ok = np.zeros(P, bool)
+        zero_ok[list(self._true_zero)] = True
+        for (step, known), row in zip(pending, rows, strict=True):
+            has = known["has"]
+            v = row[:P].copy()  # as measured on the device
+            was_exact = np.zeros(P, bool)
+            was_exact[list(known["exact"])] = True
+            tiny = (v > 0) & (v < _TINY) | ((v == 0) & ~zero_ok)
+            sus = has & ~was_exact & (np.isposinf(v) | tiny)
+            cur = self._current
+            if sus.any() and cur is not None and cur[0] == step:  # still there: measure again
+                idx = np.flatnonzero(sus)
+                row[idx] = exact_sum_squares([cur[1][i] for i in idx]).numpy(force=True)
+                was_exact[idx] = True
+                sus[idx] = np.isposinf(v[idx]) | (row[idx] > 0) & (row[idx] < _TINY)
+            truly_zero = np.flatnonzero(has & was_exact & (row[:P] == 0))
+            self._true_zero.update(int(i) for i in truly_zero)
+            zero_ok[truly_zero] = True
+            exact -= {int(i) for i in truly_zero}
+            exact |= {int(i) for i in np.flatnonzero(sus)}
+        self._exact = frozenset(exact)
 
     def _check_unmonitored(self, step: int) -> list[Finding]:
         """Once per monitor, at a log step: parameters that train now but did not (or did not
@@ -711,6 +763,10 @@ def _unscale_bumps(device: torch.device) -> int:
         [t], torch.zeros(1, device=device), torch.ones(1, device=device)
     )
     return t._version - before
+
+
+#: Below this a float32 sum of squares may have lost its elements to underflow (elements < ~1e-19).
+_TINY = 1e-30
 
 
 class _RegistrationFlag:

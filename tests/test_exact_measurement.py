@@ -1,0 +1,108 @@
+"""Norms are right for every finite float32 gradient: float32 sums of squares overflow for elements
+above ~1e19 and underflow below ~1e-19; graddiag decides non-finite from the elements and measures
+such parameters in float64 (the current step at once, later steps from then on)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from graddiag.torch import GradientMonitor  # noqa: E402
+
+#: float64 reference vs graddiag's float64 measurement of the same float32 values
+REL = 1e-6
+
+
+class Scaled(nn.Module):
+    """Eight parallel layers whose gradients are scaled by `factor` in the backward pass (through a
+    custom function), then an ordinary head. Eight same-shape tensors take the adapter's fastest
+    path for small tensors (stacked, one float32 row-wise norm), where squares under/overflow."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.first = nn.ModuleList(nn.Linear(16, 16) for _ in range(8))
+        self.second = nn.Linear(16, 1)
+        self.factor = factor
+
+    def forward(self, x):
+        h = sum(_GradScale.apply(layer(x), self.factor) for layer in self.first)
+        return self.second(torch.tanh(h))
+
+
+class _GradScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.factor, None
+
+
+def _exact_norm(params) -> float:
+    return math.sqrt(sum(float(p.grad.double().square().sum()) for p in params))
+
+
+def _run(factor, steps=4, **kw):
+    torch.manual_seed(0)
+    model = Scaled(factor)
+    mon = GradientMonitor(model, every=kw.pop("every", 1), **kw)
+    norms = []
+    for _ in range(steps):
+        model.zero_grad()
+        model(torch.randn(8, 16)).square().mean().backward()
+        norms.append(_exact_norm(model.first[0].parameters()))
+        mon.step()
+    mon.close()
+    return mon, norms
+
+
+@pytest.mark.parametrize("factor", [1e-24, 1e-30])
+def test_underflowing_gradients_are_measured_not_zero(factor):
+    mon, norms = _run(factor)
+    assert min(norms) > 0
+    got = [s.grad_norm[0] for s in mon.history]
+    assert got == pytest.approx(norms, rel=REL, abs=0)
+    bad = [f for f in mon.findings if f.kind in ("dead", "frozen", "zero_gradient")]
+    assert bad == []
+
+
+def test_overflowing_finite_gradients_are_not_nonfinite():
+    mon, norms = _run(1e21)
+    got = [s.grad_norm[0] for s in mon.history]
+    assert all(math.isfinite(n) for n in norms)
+    assert got == pytest.approx(norms, rel=REL, abs=0)
+    assert not [f for f in mon.findings if f.kind == "nonfinite"]
+
+
+def test_skip_policy_does_not_skip_a_finite_overflowing_step():
+    mon, _ = _run(1e21, nonfinite="skip", every=10)
+    assert not any(s.skipped for s in mon.history)
+    assert not [f for f in mon.findings if f.kind == "nonfinite"]
+
+
+def test_later_steps_are_measured_exactly_after_a_log_step():
+    """every=2: the first log step measures the suspicious parameter again; from then on it is in
+    the plan's float64 group, so even steps between log steps are exact."""
+    mon, norms = _run(1e-24, steps=7, every=2)
+    got = [s.grad_norm[0] for s in mon.history]
+    assert got[1:] == pytest.approx(
+        norms[1:], rel=REL, abs=0
+    )  # step 0 is before anything was known
+
+
+def test_a_truly_zero_layer_stays_zero_and_is_not_remeasured_forever():
+    torch.manual_seed(0)
+    model = Scaled(0.0)
+    mon = GradientMonitor(model, every=1)
+    for _ in range(5):
+        model.zero_grad()
+        model(torch.randn(8, 16)).square().mean().backward()
+        mon.step()
+    assert [s.grad_norm[0] for s in mon.history] == [0.0] * 5
+    assert 0 in mon._true_zero and 0 not in mon._exact
