@@ -117,3 +117,12 @@ def test_plot_draws_names_that_look_like_mathtext(tmp_path):
     (run,) = analyze(tmp_path).runs
     assert png_size(plot_run(run, width=6, dpi=40))[0] > 0
     assert escape("a$b", "matplotlib") == "a\\$b"
+
+
+def test_csv_text_cannot_run_as_a_spreadsheet_formula():
+    from graddiag.analysis.render import _csv_cell
+
+    assert _csv_cell('=HYPERLINK("http://x")') == '\'=HYPERLINK("http://x")'
+    assert _csv_cell("@SUM(A1)") == "'@SUM(A1)" and _csv_cell("+1") == "'+1"
+    assert _csv_cell(-3.5) == "-3.5" and _csv_cell(12) == "12" and _csv_cell(None) == ""
+    assert _csv_cell("blocks.0") == "blocks.0"

@@ -132,8 +132,19 @@ def to_csv(report: Report) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
     for row in report.findings_rows():
-        w.writerow(["" if row[k] is None else escape(row[k], "csv") for k in CSV_COLUMNS])
+        w.writerow([_csv_cell(row[k]) for k in CSV_COLUMNS])
     return buf.getvalue()
+
+
+def _csv_cell(value) -> str:
+    """A CSV field: text that a spreadsheet would run as a formula (``=``, ``+``, ``-``, ``@``
+    first, as a layer name from a log could be) is prefixed with ``'``; numbers stay numbers."""
+    if value is None:
+        return ""
+    text = escape(value, "csv")
+    if isinstance(value, str) and text[:1] in ("=", "+", "-", "@"):
+        return "'" + text
+    return text
 
 
 def to_markdown(report: Report) -> str:
