@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,8 @@ HIST_BINS = 30
 #: A histogram row per layer: HIST_BINS counts of finite values, then these.
 HIST_FIELDS = ("min", "max", "sum", "sum_squares", "num", "nan", "inf")
 HIST_WIDTH = HIST_BINS + len(HIST_FIELDS)
+#: Below this a float32 sum of squares may have lost elements to underflow (elements < ~1e-19).
+TINY_SUMSQ = 1e-30
 #: Detail rows (one column per parameter), in this order.
 DETAIL_FIELDS = ("grad_max", "nonzero", "nan", "inf", "param_sumsq")
 
@@ -365,7 +367,12 @@ class MonitorAPI:
             )
 
 
-def settings_from(kwargs: Mapping[str, Any]) -> Settings:
-    """`Settings` from an adapter's keyword arguments (only the shared ones are taken)."""
-    names = Settings.__dataclass_fields__
-    return Settings(**{k: v for k, v in kwargs.items() if k in names})
+def imprecise(
+    sumsq: np.ndarray, has: np.ndarray, exact: np.ndarray, true_zero: np.ndarray
+) -> np.ndarray:
+    """Parameters whose float32 sum of squares may be wrong: +inf (finite elements above ~1e19
+    overflow) or below `TINY_SUMSQ` (elements below ~1e-19 underflow; exactly 0 counts unless the
+    parameter is known to be truly zero). Entries measured exactly (`exact`) or without a
+    gradient are not. Every adapter asks this of its float32 measurements."""
+    tiny = ((sumsq > 0) & (sumsq < TINY_SUMSQ)) | ((sumsq == 0) & ~true_zero)
+    return has & ~exact & (np.isposinf(sumsq) | tiny)

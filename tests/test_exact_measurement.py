@@ -106,3 +106,19 @@ def test_a_truly_zero_layer_stays_zero_and_is_not_remeasured_forever():
         mon.step()
     assert [s.grad_norm[0] for s in mon.history] == [0.0] * 5
     assert 0 in mon._true_zero and 0 not in mon._exact
+
+
+def test_a_steps_gradients_are_not_kept_alive_after_it():
+    """The re-measurement at a log step needs the step's gradients; they are released after it."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = Scaled(1.0)
+    mon = GradientMonitor(model, every=3)
+    model(torch.randn(8, 16)).square().mean().backward()
+    mon.step()
+    ref = weakref.ref(model.second.weight.grad)
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    assert ref() is None

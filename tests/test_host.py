@@ -190,3 +190,22 @@ def test_with_block_keeps_the_users_exception_when_close_raises(monkeypatch):
     with pytest.raises(NonFiniteGradientError):
         with GradientMonitor(model) as mon:
             monkeypatch.setattr(mon, "_drain", failing_drain)
+
+
+def test_imprecise_marks_overflow_and_underflow_of_float32_sums_only():
+    from graddiag.host import imprecise
+
+    v = np.array([np.inf, 1e-35, 0.0, 0.0, 1.0, np.nan, 1e-35, np.inf])
+    has = np.array([True, True, True, True, True, True, True, False])
+    exact = np.array([False, False, False, False, False, False, True, False])
+    true_zero = np.array([False, False, False, True, False, False, False, False])
+    assert imprecise(v, has, exact, true_zero).tolist() == [
+        True,  # +inf: finite elements may have overflowed
+        True,  # tiny: elements may have underflowed
+        True,  # zero, not known to be truly zero
+        False,  # known truly zero
+        False,  # ordinary
+        False,  # NaN is an element's NaN, not a float32 artefact
+        False,  # measured exactly already
+        False,  # no gradient
+    ]

@@ -19,7 +19,7 @@ from torch import nn
 from graddiag.clip import Gradients, clip_gradients
 from graddiag.detectors import Detector
 from graddiag.findings import Finding
-from graddiag.host import HostPath, MonitorAPI
+from graddiag.host import TINY_SUMSQ, HostPath, MonitorAPI, imprecise
 from graddiag.monitor import StepReport, close_at_exit_hook
 from graddiag.settings import Settings
 from graddiag.stats import ModelInfo
@@ -506,10 +506,12 @@ class GradientMonitor(MonitorAPI):
         if detail and self.optimizers and not report.skipped:
             # the update/weight ratio needs the weights after the update: read back then
             self._snapshot = (step, [p.detach().clone() for p in params])
-        elif log_step or detail or report.skipped:  # detail/skip steps sync anyway: report now
-            report.findings = self._drain()
-            report.logged = True
-            report.stats = self.core.history[-1] if self.core.history else None
+        else:
+            if log_step or detail or report.skipped:  # detail/skip steps sync anyway: report now
+                report.findings = self._drain()
+                report.logged = True
+                report.stats = self.core.history[-1] if self.core.history else None
+            self._current = None  # never keep a step's gradients alive past it
         return report
 
     def _after_update(self) -> None:
@@ -528,6 +530,7 @@ class GradientMonitor(MonitorAPI):
             self._drain()
         else:
             self._host.record_update(step, update)
+        self._current = None  # never keep a step's gradients alive past it
 
     def _find_origin(self) -> tuple[str | None, str | None]:
         """Where a NaN/Inf was born: the first module (in the order modules finished their forward)
@@ -604,14 +607,13 @@ class GradientMonitor(MonitorAPI):
             v = row[:P].copy()  # as measured on the device
             was_exact = np.zeros(P, bool)
             was_exact[list(known["exact"])] = True
-            tiny = (v > 0) & (v < _TINY) | ((v == 0) & ~zero_ok)
-            sus = has & ~was_exact & (np.isposinf(v) | tiny)
+            sus = imprecise(v, has, was_exact, zero_ok)
             cur = self._current
             if sus.any() and cur is not None and cur[0] == step:  # still there: measure again
                 idx = np.flatnonzero(sus)
                 row[idx] = exact_sum_squares([cur[1][i] for i in idx]).numpy(force=True)
                 was_exact[idx] = True
-                sus[idx] = np.isposinf(v[idx]) | (row[idx] > 0) & (row[idx] < _TINY)
+                sus[idx] = np.isposinf(v[idx]) | (row[idx] > 0) & (row[idx] < TINY_SUMSQ)
             truly_zero = np.flatnonzero(has & was_exact & (row[:P] == 0))
             self._true_zero.update(int(i) for i in truly_zero)
             zero_ok[truly_zero] = True
@@ -763,10 +765,6 @@ def _unscale_bumps(device: torch.device) -> int:
         [t], torch.zeros(1, device=device), torch.ones(1, device=device)
     )
     return t._version - before
-
-
-#: Below this a float32 sum of squares may have lost its elements to underflow (elements < ~1e-19).
-_TINY = 1e-30
 
 
 class _RegistrationFlag:
