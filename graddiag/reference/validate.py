@@ -23,6 +23,7 @@ import numpy as np
 from graddiag.findings import Finding
 from graddiag.reference.engine import Tensor
 from graddiag.reference.gradcheck import DEFAULT_EPS, relative_error
+from graddiag.reference.importers.torch_fx import UnsupportedOpError
 
 #: Largest acceptable relative error (``max|a − b| / max|b|``) of a framework gradient against
 #: the engine's float64 gradient, by the dtype the framework computed in. float64 allows for
@@ -250,8 +251,6 @@ def _validate_torch(
 ) -> _Run:
     import torch
 
-    from graddiag.reference.importers.torch_fx import import_torch
-
     notes = []
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
     dropout = torch.nn.modules.dropout._DropoutNd  # base of Dropout, Dropout1d/2d/3d, ...
@@ -261,14 +260,24 @@ def _validate_torch(
         if cast is not None:
             m = m.to(cast)
         for sub in m.modules():
-            if isinstance(sub, dropout):
+            if isinstance(sub, dropout):  # eval, and p = 0 for functional uses of sub.p
                 sub.eval()
+                sub.p = 0.0
+            elif isinstance(sub, torch.nn.MultiheadAttention):
+                sub.dropout = 0.0
+        config = getattr(m, "config", None)  # Hugging Face: a KV cache is no gradient's concern
+        if getattr(config, "use_cache", False):
+            config.use_cache = False
         return m
 
-    if any(isinstance(s, dropout) and s.training and s.p > 0 for s in model.modules()):
+    if any(
+        (isinstance(s, dropout) and s.training and s.p > 0)
+        or (isinstance(s, torch.nn.MultiheadAttention) and s.training and s.dropout > 0)
+        for s in model.modules()
+    ):
         notes.append(
-            "dropout modules were switched to eval for the check (their masks are "
-            "random and cannot be replayed)"
+            "dropout (modules, and attention dropout) was switched off for the check (its "
+            "masks are random and cannot be replayed)"
         )
 
     def cast_inputs(cast: Any) -> list[Any]:
@@ -297,18 +306,10 @@ def _validate_torch(
     native_loss, native = framework(None)
     f64_loss, f64 = framework(torch.float64)
 
-    class Loss(torch.nn.Module):
-        def __init__(self, fn: Any) -> None:
-            super().__init__()
-            self.loss_fn = fn
-
-        def forward(self, output: Any, target: Any) -> Any:
-            return self.loss_fn(output, target)
-
-    graph = import_torch(prepared(torch.float64))
-    loss_graph = import_torch(Loss(loss_fn))
     *xs, y = cast_inputs(torch.float64)
-    engine_loss, engine = _engine_grads(graph, tuple(xs), lambda out: loss_graph({}, out, y))
+    graph, engine_loss, engine, route = _torch_engine(prepared(torch.float64), loss_fn, xs, y)
+    if route:
+        notes.append(route)
     custom = (
         [_check_torch_custom(call, seed, torch) for call in graph.custom_calls]
         if check_custom_ops
@@ -326,6 +327,83 @@ def _validate_torch(
         custom,
         notes,
     )
+
+
+def _torch_engine(
+    model: Any, loss_fn: Any, xs: list[Any], y: Any
+) -> tuple[Any, float, dict[str, np.ndarray], str]:
+    """Replay model + loss in the engine: through torch.export's core ATen graph, or, where
+    the model does not export, through torch.fx. Returns the graph, the engine's loss and
+    gradients, and a note saying which importer ran when it was the fallback.
+
+    Raises:
+        UnsupportedOpError: naming the model part and the op that blocks both importers; any
+            other error raised while replaying is reported as one too, never raw.
+    """
+    import torch
+
+    from graddiag.reference.importers.torch_export import import_torch_export
+    from graddiag.reference.importers.torch_fx import import_torch
+
+    class WithLoss(torch.nn.Module):
+        def __init__(self, model: Any, fn: Any) -> None:
+            super().__init__()
+            self.model, self.loss_fn = model, fn
+
+        def forward(self, *args: Any) -> Any:
+            *inputs, target = args
+            return self.loss_fn(self.model(*inputs), target)
+
+    class Loss(torch.nn.Module):  # for fx, which traces fixed signatures
+        def __init__(self, fn: Any) -> None:
+            super().__init__()
+            self.loss_fn = fn
+
+        def forward(self, output: Any, target: Any) -> Any:
+            return self.loss_fn(output, target)
+
+    route, failure = "", None
+    try:
+        graph = import_torch_export(WithLoss(model, loss_fn), (*xs, y), prefix="model.")
+    except UnsupportedOpError as export_error:
+        if "torch.export could not export" not in str(export_error):
+            raise
+        graph, failure = None, export_error
+        impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        if impl not in (None, "eager") and hasattr(model, "set_attn_implementation"):
+            # Hugging Face fused attention kernels may not export; the engine replays the
+            # same math written out ("eager"), against the framework's own kernel.
+            try:
+                model.set_attn_implementation("eager")
+                graph = import_torch_export(WithLoss(model, loss_fn), (*xs, y), prefix="model.")
+                route = f"attention replayed as 'eager' math ({impl!r} kernel did not export)"
+            except Exception:  # noqa: BLE001 - the original export error is the one to report
+                graph = None
+    if graph is None:
+        try:
+            graph = import_torch(model)
+            loss_graph = import_torch(Loss(loss_fn))
+        except UnsupportedOpError as fx_error:
+            raise UnsupportedOpError(f"{failure}; and {fx_error}") from fx_error
+        loss, grads = _guarded(
+            model, lambda: _engine_grads(graph, tuple(xs), lambda out: loss_graph({}, out, y))
+        )
+        return graph, loss, grads, f"torch.export failed, replayed through torch.fx ({failure})"
+    loss, grads = _guarded(model, lambda: _engine_grads(graph, (*xs, y), lambda out: out))
+    return graph, loss, grads, route
+
+
+def _guarded(model: Any, run: Callable[[], Any]) -> Any:
+    """Run the engine replay; an error that is not graddiag's own becomes one, with context."""
+    try:
+        return run()
+    except UnsupportedOpError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user must get graddiag's error, with the cause
+        raise UnsupportedOpError(
+            f"the reference engine could not replay {type(model).__name__}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _check_torch_custom(call: Any, seed: int, torch: Any) -> CustomOpCheck:

@@ -239,10 +239,10 @@ def test_validate_does_not_touch_the_users_model():
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_unsupported_module_is_named():
+def test_unsupported_module_is_named_by_the_fx_importer():
     model = nn.Sequential(nn.Linear(4, 4), nn.PReLU())
     with pytest.raises(UnsupportedOpError, match="`1` of type PReLU is not supported"):
-        validate(model, torch.randn(2, 4), tnf.mse_loss, torch.randn(2, 4))
+        import_torch(model)({}, np.ones((2, 4)))
 
 
 def test_unsupported_function_is_named():
