@@ -1,0 +1,266 @@
+"""`validate` on the architectures people train, through torch.export's core ATen graph:
+a transformer encoder layer, a causal transformer LM, LSTM / GRU, a Hugging Face GPT-2 built
+from a config. Each is checked against torch's own float64 gradients; a planted wrong custom
+backward inside them is caught at the right parameters; an op without a rule is graddiag's
+error naming the module and the op."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+tnf = torch.nn.functional
+
+from graddiag.reference import Tensor, validate  # noqa: E402
+from graddiag.reference.importers.torch_export import import_torch_export  # noqa: E402
+from graddiag.reference.importers.torch_fx import UnsupportedOpError  # noqa: E402
+
+#: Engine float64 vs torch float64 gradients: the same math, summed in another order.
+F64_RTOL = 1e-10
+#: The wrong backwards below are off by a factor 3/2 (1.5 instead of 1): far outside.
+PLANTED_MIN_ERR = 1e-3
+
+
+class Square(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * g * x
+
+
+class WrongSquare(Square):
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * g * x  # should be 2
+
+
+class Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.enc(x).mean(1))
+
+
+class CausalLM(nn.Module):
+    """Embedding + learned positions sliced to the sequence length + a pre-norm encoder layer
+    under a causal mask; `fn` (a custom Function) may sit between the block and the head."""
+
+    def __init__(self, vocab: int = 11, dim: int = 16, max_len: int = 8, fn=None) -> None:
+        super().__init__()
+        self.fn = fn
+        self.embed = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(torch.randn(max_len, dim) * 0.1)
+        self.block = nn.TransformerEncoderLayer(
+            dim, 2, 32, dropout=0.1, batch_first=True, norm_first=True
+        )
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, tokens):
+        t = tokens.shape[1]
+        h = self.embed(tokens) + self.pos[:t]
+        mask = nn.Transformer.generate_square_subsequent_mask(t)
+        h = self.block(h, src_mask=mask, is_causal=True)
+        if self.fn is not None:
+            h = self.fn.apply(h)
+        return self.head(h)
+
+
+class Recurrent(nn.Module):
+    def __init__(self, cell, fn=None) -> None:
+        super().__init__()
+        self.fn = fn
+        self.rnn = cell(4, 8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        last = out[:, -1]
+        return self.head(self.fn.apply(last) if self.fn is not None else last)
+
+
+def sequence_loss(logits, y):
+    return tnf.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def tokens(vocab=11, shape=(2, 6), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, shape, generator=g), torch.randint(0, vocab, shape, generator=g)
+
+
+def sequences(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(3, 5, 4, generator=g), torch.randint(0, 3, (3,), generator=g)
+
+
+def assert_clean(report, expected_layers):
+    assert report.ok, [f.message for f in report.findings]
+    layers = {a.layer: a for a in report.layers}
+    assert expected_layers <= set(layers)
+    for a in report.layers:
+        assert a.max_rel_err_f64 <= F64_RTOL, a
+
+
+def errors(report):
+    return {f.layer: f for f in report.findings if f.severity == "error"}
+
+
+def test_transformer_encoder_layer_validates_clean():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(2, 5, 16, generator=g), torch.randint(0, 3, (2,), generator=g)
+    report = validate(Encoder(), x, tnf.cross_entropy, y)
+    assert_clean(report, {"enc.self_attn", "enc.linear1", "enc.norm2", "head"})
+    assert any("dropout" in n for n in report.notes)
+
+
+def test_causal_lm_validates_clean_and_its_loss_matches_torch():
+    torch.manual_seed(0)
+    x, y = tokens()
+    model = CausalLM()
+    report = validate(model, x, sequence_loss, y)
+    assert_clean(report, {"pos", "embed", "block.self_attn", "block.norm1", "head"})
+    model.eval()
+    with torch.no_grad():
+        expected = float(sequence_loss(model.double()(x), y))
+    assert report.loss == pytest.approx(expected, rel=F64_RTOL)
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU], ids=["lstm", "gru"])
+def test_two_layer_recurrent_nets_validate_clean(cell):
+    torch.manual_seed(0)
+    x, y = sequences()
+    report = validate(Recurrent(cell), x, tnf.cross_entropy, y)
+    assert_clean(report, {"rnn", "head"})
+    assert len(report.layers[0].parameters) == 8  # 2 layers x (w_ih, w_hh, b_ih, b_hh)
+
+
+def test_wrong_custom_backward_inside_a_causal_lm_is_caught_upstream_only():
+    torch.manual_seed(0)
+    x, y = tokens()
+    report = validate(CausalLM(fn=WrongSquare), x, sequence_loss, y)
+    found = errors(report)
+    assert "autograd.Function WrongSquare" in found
+    assert found["autograd.Function WrongSquare"].value > PLANTED_MIN_ERR
+    # upstream of the bad backward: wrong; the head (downstream) is right
+    assert {"embed", "pos", "block.linear1", "block.self_attn"} <= set(found)
+    assert "head" not in found
+
+
+def test_correct_custom_backward_inside_a_causal_lm_passes():
+    torch.manual_seed(0)
+    x, y = tokens()
+    report = validate(CausalLM(fn=Square), x, sequence_loss, y)
+    assert report.ok, [f.message for f in report.findings]
+    assert [c.ok for c in report.custom_ops] == [True]
+
+
+def test_wrong_custom_backward_after_an_lstm_is_caught_at_the_lstm():
+    torch.manual_seed(0)
+    x, y = sequences()
+    report = validate(Recurrent(nn.LSTM, fn=WrongSquare), x, tnf.cross_entropy, y)
+    found = errors(report)
+    assert {"autograd.Function WrongSquare", "rnn"} <= set(found)
+    assert "head" not in found
+
+
+@pytest.mark.slow
+def test_hugging_face_tiny_gpt2_from_a_config_validates_clean():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=50,
+        n_positions=16,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    model = transformers.GPT2LMHeadModel(config).eval()
+    x, y = tokens(vocab=50)
+    report = validate(model, x, lambda out, t: sequence_loss(out.logits, t), y)
+    # lm_head.weight is tied to wte: one parameter, checked once
+    assert_clean(report, {"transformer.wte", "transformer.h.0.attn.c_attn", "transformer.ln_f"})
+
+
+class Cumulative(nn.Module):
+    def forward(self, x):
+        return torch.cumsum(x, 1)
+
+
+class UsesCumsum(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.inner = Cumulative()
+
+    def forward(self, x):
+        return self.inner(self.proj(x))
+
+
+def test_an_op_without_a_rule_is_named_with_its_module():
+    with pytest.raises(UnsupportedOpError, match=r"in `inner` \(Cumulative\).*`cumsum`"):
+        validate(UsesCumsum(), torch.randn(2, 4), tnf.mse_loss, torch.randn(2, 4))
+
+
+def test_an_embedding_with_padding_idx_is_a_clear_error_not_a_wrong_gradient():
+    model = nn.Sequential(nn.Embedding(5, 3, padding_idx=0), nn.Flatten(), nn.Linear(6, 2))
+    x = torch.tensor([[0, 1], [2, 3]])
+    with pytest.raises(UnsupportedOpError, match=r"in `0` \(Embedding\).*padding_idx=0"):
+        validate(model, x, tnf.cross_entropy, torch.tensor([0, 1]))
+
+
+def test_a_model_neither_importer_can_read_is_one_clear_error():
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+        def forward(self, x):
+            h = self.lin(x)
+            return h if h.sum() > 0 else -h  # data-dependent control flow
+
+    with pytest.raises(UnsupportedOpError, match="torch.export could not export.*torch.fx"):
+        validate(Branchy(), torch.ones(1, 2), tnf.mse_loss, torch.ones(1, 2))
+
+
+def test_export_importer_replays_the_loss_and_the_gradients_of_torch():
+    # The importer alone, on a model mixing conv1d, batch norm (eval), gather and clamp.
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv1d(2, 3, 3, padding=1)
+            self.bn = nn.BatchNorm1d(3)
+            self.lin = nn.Linear(3, 4)
+
+        def forward(self, x, idx):
+            h = self.bn(self.conv(x)).clamp(-0.5, 0.5).mean(-1)
+            return torch.gather(tnf.silu(self.lin(h)), 1, idx).sum()
+
+    torch.manual_seed(0)
+    model = Mixed().double().eval()
+    g = torch.Generator().manual_seed(5)
+    x, idx = (
+        torch.randn(4, 2, 6, generator=g, dtype=torch.float64),
+        torch.tensor([[0], [3], [3], [1]]),
+    )
+    graph = import_torch_export(model, (x, idx))
+    params = {k: Tensor(v, requires_grad=True) for k, v in graph.parameters.items()}
+    out = graph(params, x, idx)
+    out.backward()
+    loss = model(x, idx)
+    loss.backward()
+    assert float(out.value) == pytest.approx(float(loss), rel=F64_RTOL)
+    for name, p in model.named_parameters():
+        np.testing.assert_allclose(params[name].grad, p.grad.numpy(), rtol=1e-9, atol=1e-12)
