@@ -58,7 +58,9 @@ def load_factory(spec: str) -> Any:
     return fn
 
 
-def _table(report: Any) -> Table:
+def _table(report: Any, limit: int = 30) -> Table:
+    from graddiag.reference.validate import TOLERANCES
+
     table = Table(
         title=f"gradient agreement with the reference engine ({report.framework}, {report.dtype})"
     )
@@ -71,7 +73,14 @@ def _table(report: Any) -> Table:
         "status",
     ):
         table.add_column(col, justify="left" if col == "layer" else "right")
-    for a in report.layers:
+    ranked = sorted(  # worst first: the error as a multiple of its tolerance
+        report.layers,
+        key=lambda a: max(
+            (a.max_rel_err_f64 or 0.0) / TOLERANCES["float64"], a.max_rel_err / a.tolerance
+        ),
+        reverse=True,
+    )
+    for a in ranked[:limit]:
         f64 = "n/a" if a.max_rel_err_f64 is None else f"{a.max_rel_err_f64:.2e}"
         status = "[green]ok[/green]" if a.ok else "[red]MISMATCH[/red]"
         table.add_row(
@@ -85,6 +94,8 @@ def _table(report: Any) -> Table:
     for c in report.custom_ops:
         status = "[green]ok[/green]" if c.ok else "[red]MISMATCH[/red]"
         table.add_row(c.name, "", f"{c.rel_err:.2e}", "1e-05", "(finite differences)", status)
+    if len(ranked) > limit:
+        table.caption = f"the {limit} worst of {len(ranked)} layers; --top to show more"
     return table
 
 
@@ -98,6 +109,7 @@ def validate_command(
     rtol: float | None = typer.Option(None, help="Relative tolerance for the model's dtype."),
     training: bool = typer.Option(False, help="Keras: batch norm in training mode."),
     step: int = typer.Option(0, help="Step number written into the findings."),
+    top: int = typer.Option(30, help="Show the TOP worst layers (table format)."),
 ) -> None:
     """Re-run a model's forward and backward in float64 in the reference engine and compare
     every layer's gradients with the framework's. Exit 0 if they agree, 1 on a mismatch,
@@ -129,7 +141,7 @@ def validate_command(
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
         console = Console()
-        console.print(_table(report))
+        console.print(_table(report, max(top, 1)))
         for note in report.notes:
             console.print(f"note: {note}")
         for finding in report.findings:

@@ -72,6 +72,32 @@ class LayerAgreement:
 
 
 @dataclass(frozen=True)
+class ParameterAgreement:
+    """How well one parameter's gradient agrees with the engine (fields as `LayerAgreement`).
+
+    `badness` is the worst error as a multiple of its tolerance (> 1: out of tolerance), the
+    key that orders a report worst first.
+    """
+
+    name: str
+    layer: str
+    shape: tuple[int, ...]
+    max_abs_err: float
+    max_rel_err: float
+    max_rel_err_f64: float | None
+    tolerance: float
+
+    @property
+    def badness(self) -> float:
+        f64 = 0.0 if self.max_rel_err_f64 is None else self.max_rel_err_f64 / TOLERANCES["float64"]
+        return max(f64, self.max_rel_err / self.tolerance)
+
+    @property
+    def ok(self) -> bool:
+        return self.badness <= 1.0
+
+
+@dataclass(frozen=True)
 class CustomOpCheck:
     """A custom op's hand-written gradient against central differences (float64)."""
 
@@ -103,10 +129,51 @@ class ValidationReport:
     custom_ops: list[CustomOpCheck] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    parameters: list[ParameterAgreement] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not any(f.severity in ("warning", "error") for f in self.findings)
+
+    def worst(self, n: int | None = None) -> list[ParameterAgreement]:
+        """The parameters, worst agreement first (error as a multiple of its tolerance)."""
+        ranked = sorted(self.parameters, key=lambda p: p.badness, reverse=True)
+        return ranked if n is None else ranked[:n]
+
+    def format(self, limit: int = 20) -> str:
+        """A plain-text report: tolerances, the `limit` worst parameters, custom ops, verdict.
+
+        Raises:
+            ValueError: if `limit` is not positive.
+        """
+        if limit < 1:
+            raise ValueError(f"Expected `limit` >= 1, got {limit!r}")
+        tol = self.parameters[0].tolerance if self.parameters else TOLERANCES["float32"]
+        lines = [
+            f"{self.framework} {self.dtype}: {len(self.parameters)} parameters, "
+            f"{sum(not p.ok for p in self.parameters)} out of tolerance "
+            f"(float64 vs engine <= {TOLERANCES['float64']:.0e}, {self.dtype} vs engine <= "
+            f"{tol:.0e}; errors relative to the gradient's largest entry)",
+            f"{'parameter':<44} {'shape':>14} {'rel err f64':>11} {'rel err':>9}  status",
+        ]
+        for p in self.worst(limit):
+            f64 = "n/a" if p.max_rel_err_f64 is None else f"{p.max_rel_err_f64:.1e}"
+            name = p.name if len(p.name) <= 44 else "…" + p.name[-43:]
+            lines.append(
+                f"{name:<44} {str(p.shape):>14} {f64:>11} {p.max_rel_err:>9.1e}  "
+                f"{'ok' if p.ok else 'MISMATCH'}"
+            )
+        rest = self.parameters and len(self.parameters) - limit
+        if rest and rest > 0:
+            lines.append(f"... {rest} more, all no worse than the last row")
+        for c in self.custom_ops:
+            lines.append(
+                f"custom op {c.name}: rel err {c.rel_err:.1e} vs finite differences "
+                f"(<= {CUSTOM_OP_RTOL:.0e}) {'ok' if c.ok else 'MISMATCH'}"
+            )
+        lines.extend(f"note: {n}" for n in self.notes)
+        lines.append("all gradients agree" if self.ok else "gradient mismatch found")
+        return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -117,6 +184,7 @@ class ValidationReport:
             "framework_loss": self.framework_loss,
             "ok": self.ok,
             "layers": [asdict(a) for a in self.layers],
+            "parameters": [{**asdict(p), "ok": p.ok} for p in self.worst()],
             "custom_ops": [asdict(c) for c in self.custom_ops],
             "findings": [f.to_dict() for f in self.findings],
             "notes": list(self.notes),
@@ -624,6 +692,18 @@ def _compare(framework: str, run: _Run, step: int, rtol: float | None) -> Valida
     floor = SCALE_FLOOR * max(
         (float(np.max(np.abs(g), initial=0.0)) for g in run.engine.values()), default=0.0
     )
+    for name in run.engine:
+        report.parameters.append(
+            ParameterAgreement(
+                name,
+                run.layer_of.get(name, name),
+                tuple(np.shape(run.engine[name])),
+                _max_abs(run.native[name], run.engine[name]),
+                relative_error(run.native[name], run.engine[name], floor),
+                None if run.f64 is None else relative_error(run.f64[name], run.engine[name], floor),
+                tol,
+            )
+        )
     for layer, names in by_layer.items():
         native_abs = max(_max_abs(run.native[n], run.engine[n]) for n in names)
         native_rel = max(relative_error(run.native[n], run.engine[n], floor) for n in names)

@@ -56,9 +56,14 @@ FACTORIES = textwrap.dedent("""
         return Model(WrongSquare), x, y, nn.CrossEntropyLoss()
 
 
+    class Cumulative(nn.Module):
+        def forward(self, x):
+            return torch.cumsum(x, 1)
+
+
     def unsupported():
         x, y = batch()
-        return nn.Sequential(nn.Linear(4, 3), nn.PReLU()), x, y, nn.CrossEntropyLoss()
+        return nn.Sequential(nn.Linear(4, 3), Cumulative()), x, y, nn.CrossEntropyLoss()
 
 
     def wrong_arity():
@@ -110,7 +115,7 @@ def test_json_output_is_machine_readable(factory_file):
         ("graddiag_no_such_module:good", "cannot import FACTORY module 'graddiag_no_such_module'"),
         ("{factory}:nothing", "has no callable 'nothing'"),
         ("{factory}:wrong_arity", "must return (model, inputs, targets, loss), got tuple"),
-        ("{factory}:unsupported", "PReLU is not supported"),
+        ("{factory}:unsupported", "ATen op `cumsum` is not supported"),
         ("{factory}:raises", "raised RuntimeError: no data"),
     ],
 )

@@ -264,3 +264,33 @@ def test_export_importer_replays_the_loss_and_the_gradients_of_torch():
     assert float(out.value) == pytest.approx(float(loss), rel=F64_RTOL)
     for name, p in model.named_parameters():
         np.testing.assert_allclose(params[name].grad, p.grad.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_report_ranks_a_hundred_parameters_worst_first_with_tolerances_stated():
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(25):
+        layers += [nn.Linear(4, 4), nn.LayerNorm(4)]  # 4 parameters per pair: 100 in all
+    x, y = torch.randn(3, 4), torch.randn(3, 4)
+    model = nn.Sequential(*layers[:-2], nn.Linear(4, 4))
+
+    class Scaled(nn.Module):  # a wrong backward in the middle of the stack
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = model
+
+        def forward(self, x):
+            h = self.net[:20](x)
+            return self.net[20:](WrongSquare.apply(h))
+
+    report = validate(Scaled(), x, tnf.mse_loss, y)
+    assert len(report.parameters) == len(list(model.parameters()))
+    ranked = report.worst()
+    assert [p.badness for p in ranked] == sorted((p.badness for p in ranked), reverse=True)
+    assert not ranked[0].ok and ranked[0].name.startswith("net.")
+    assert int(ranked[0].name.split(".")[1]) < 20  # upstream of the wrong backward
+    assert all(p.ok for p in report.parameters if int(p.name.split(".")[1]) >= 20)
+    text = report.format(limit=10)
+    assert "<= 1e-07" in text and "<= 1e-03" in text
+    assert text.count("MISMATCH") >= 10 and f"... {len(ranked) - 10} more" in text
+    assert "gradient mismatch found" in text.splitlines()[-1]

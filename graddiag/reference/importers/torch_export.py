@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -304,7 +305,9 @@ def export_program(model: Any, args: tuple[Any, ...]) -> Any:
     """
     import torch
 
-    with _opaque_functions(torch):
+    # torch's own deprecation and export notices are noise to the user of `validate`
+    with _opaque_functions(torch), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         try:
             program = torch.export.export(model, tuple(args))
             return program.run_decompositions()
