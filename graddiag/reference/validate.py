@@ -497,14 +497,23 @@ def _none_or_numpy(g: Any) -> Any:
 
 # ------------------------------------------------------------------------------------ keras
 
-KERAS_LOSSES = ("MeanSquaredError", "SparseCategoricalCrossentropy", "CategoricalCrossentropy")
+KERAS_LOSSES = (
+    "MeanSquaredError",
+    "MeanAbsoluteError",
+    "SparseCategoricalCrossentropy",
+    "CategoricalCrossentropy",
+    "BinaryCrossentropy",
+)
 
 
 KERAS_LOSS_NAMES = {
     "mse": "MeanSquaredError",
     "mean_squared_error": "MeanSquaredError",
+    "mae": "MeanAbsoluteError",
+    "mean_absolute_error": "MeanAbsoluteError",
     "sparse_categorical_crossentropy": "SparseCategoricalCrossentropy",
     "categorical_crossentropy": "CategoricalCrossentropy",
+    "binary_crossentropy": "BinaryCrossentropy",
 }
 
 
@@ -531,6 +540,13 @@ def _keras_loss(loss_fn: Any, dtype: str | None = None) -> Any:
             f"Keras loss {name!r} is not supported by the reference engine; use one of "
             f"{KERAS_LOSSES} (from_logits=True recommended)"
         )
+    if getattr(loss_fn, "label_smoothing", 0):
+        raise UnsupportedOpError(f"Keras loss {name} with label_smoothing is not supported")
+    if name == "BinaryCrossentropy" and not loss_fn.from_logits:
+        raise UnsupportedOpError(
+            "Keras BinaryCrossentropy on probabilities clips them to [1e-7, 1 - 1e-7], which the "
+            "reference engine does not replay; use BinaryCrossentropy(from_logits=True)"
+        )
     if dtype is None:
         return loss_fn
     return type(loss_fn).from_config({**loss_fn.get_config(), "dtype": dtype})
@@ -543,6 +559,10 @@ def _keras_engine_loss(loss_fn: Any, targets: np.ndarray) -> Callable[[Tensor], 
     from_logits = getattr(loss_fn, "from_logits", False)
     if name == "MeanSquaredError":
         return lambda out: F.mse(out, targets)
+    if name == "MeanAbsoluteError":
+        return lambda out: F.mean(F.abs(out - targets))
+    if name == "BinaryCrossentropy":  # from logits z: softplus(z) - y·z, averaged
+        return lambda out: F.mean(F.softplus(out) - out * targets)
     if name in ("SparseCategoricalCrossentropy", "CategoricalCrossentropy"):
         if from_logits:
             return lambda out: F.cross_entropy(out, targets)
@@ -615,7 +635,9 @@ def _validate_keras(
             "model's own dtype only"
         )
     graph = import_keras(model, training=training)
-    engine_loss, engine = _engine_grads(graph, inputs, _keras_engine_loss(loss_obj, y))
+    engine_loss, engine = _guarded(
+        model, lambda: _engine_grads(graph, inputs, _keras_engine_loss(loss_obj, y))
+    )
     custom = []
     if check_custom_ops:
         custom = [_check_keras_custom(call, seed, tf) for call in graph.custom_calls]

@@ -199,9 +199,9 @@ def test_validate_accepts_a_correct_custom_gradient():
 
 
 def test_unsupported_layer_with_weights_is_named():
-    model = keras.Sequential([keras.Input((4, 2)), layers.Conv1D(2, 2)])
-    with pytest.raises(UnsupportedOpError, match="of type Conv1D is not supported"):
-        validate(model, np.ones((1, 4, 2), "float32"), "mse", np.ones((1, 3, 2), "float32"))
+    model = keras.Sequential([keras.Input((4, 2)), layers.PReLU()])
+    with pytest.raises(UnsupportedOpError, match="of type PReLU is not supported"):
+        validate(model, np.ones((1, 4, 2), "float32"), "mse", np.ones((1, 4, 2), "float32"))
 
 
 def test_unsupported_loss_is_named():

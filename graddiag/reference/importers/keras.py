@@ -90,13 +90,19 @@ class KerasGraph:
                     f"importer (supported: {sorted(OPS)})"
                 )
             return lambda *args, **kwargs: op(layer, *args, **kwargs)
-        weights = {
-            v.path.rsplit("/", 1)[-1]: params[v.path] if v.path in params else Tensor(_to_numpy(v))
-            for v in layer.weights
-        }
+        weights = {}
+        for v in layer.weights:  # by short name (kernel, bias...) and by full path
+            value = params[v.path] if v.path in params else Tensor(_to_numpy(v))
+            weights[v.path.rsplit("/", 1)[-1]] = weights[v.path] = value
         handler = LAYERS.get(kind)
         if handler is not None:
-            return lambda *args, **kwargs: handler(layer, weights, self.training, *args)
+            return lambda *args, **kwargs: handler(
+                layer,
+                weights,
+                self.training,
+                *args,
+                **{k: v for k, v in kwargs.items() if k != "training"},
+            )
         if layer.weights:
             raise UnsupportedOpError(
                 f"layer `{layer.name}` of type {kind} is not supported by the reference "
@@ -262,7 +268,215 @@ def _merge(fn: Callable[[Any, Any], Any]) -> Callable[..., Any]:
     return merge
 
 
-LAYERS: dict[str, Callable[..., Any]] = {
+def _conv1d(layer: Any, w: dict[str, Any], training: bool, x: Any) -> Tensor:
+    _check_channels_last(layer)
+    if tuple(layer.dilation_rate) != (1,) or layer.groups != 1:
+        raise UnsupportedOpError(f"layer `{layer.name}`: only dilation 1 and groups 1")
+    (k,), (stride,) = tuple(layer.kernel_size), tuple(layer.strides)
+    if layer.padding == "causal":
+        raise UnsupportedOpError(f"layer `{layer.name}`: padding='causal' is not supported")
+    pad = (
+        0
+        if layer.padding == "valid"
+        else _same_padding(layer, (1, x.shape[1]), (1, k), (1, stride))[1]
+    )
+    weight = F.transpose(
+        F.reshape(w["kernel"], (1, k, *_tensor(w["kernel"]).shape[1:])), (3, 2, 0, 1)
+    )
+    h = F.transpose(F.reshape(x, (x.shape[0], 1, *x.shape[1:])), (0, 3, 1, 2))  # N, C, 1, W
+    y = F.conv2d(h, weight, stride=(1, stride), padding=(0, pad))
+    y = F.transpose(F.reshape(y, (y.shape[0], y.shape[1], y.shape[3])), (0, 2, 1))
+    y = y + w["bias"] if "bias" in w else y
+    return _activation(layer.activation, layer)(y)
+
+
+def _pool1d(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    def pool(layer: Any, w: dict[str, Any], training: bool, x: Any) -> Tensor:
+        _check_channels_last(layer)
+        if layer.padding != "valid":
+            raise UnsupportedOpError(f"layer `{layer.name}`: only padding='valid' for pooling")
+        (k,), (stride,) = tuple(layer.pool_size), tuple(layer.strides)
+        h = F.transpose(F.reshape(x, (x.shape[0], 1, *x.shape[1:])), (0, 3, 1, 2))
+        y = fn(h, (1, k), (1, stride))
+        return F.transpose(F.reshape(y, (y.shape[0], y.shape[1], y.shape[3])), (0, 2, 1))
+
+    return pool
+
+
+def _global_pool(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    def pool(layer: Any, w: dict[str, Any], training: bool, x: Any) -> Tensor:
+        _check_channels_last(layer)
+        return fn(x, axis=tuple(range(1, x.ndim - 1)), keepdims=layer.keepdims)
+
+    return pool
+
+
+def _check_rnn(layer: Any, kwargs: dict[str, Any]) -> None:
+    if kwargs.get("mask") is not None or kwargs.get("initial_state") is not None:
+        raise UnsupportedOpError(
+            f"layer `{layer.name}`: masks and initial states are not supported"
+        )
+    for flag in ("go_backwards", "return_state", "stateful"):
+        if getattr(layer, flag, False):
+            raise UnsupportedOpError(f"layer `{layer.name}`: {flag}=True is not supported")
+
+
+def _run_rnn(layer: Any, x: Any, state: Any, step: Callable[..., Any]) -> Tensor:
+    """Unroll `step(x_t, state) -> (h_t, state)` over the time axis (batch-major, as Keras)."""
+    outputs = []
+    for t in range(x.shape[1]):
+        h, state = step(_tensor(x)[:, t], state)
+        outputs.append(h)
+    return F.stack(outputs, axis=1) if layer.return_sequences else outputs[-1]
+
+
+def _rnn_weights(layer: Any, w: dict[str, Any]) -> tuple[Any, Any, Any]:
+    return w["kernel"], w["recurrent_kernel"], w.get("bias")
+
+
+def _rnn_dropout(layer: Any, training: bool) -> None:
+    if training and (layer.dropout or layer.recurrent_dropout):
+        raise UnsupportedOpError(
+            f"layer `{layer.name}`: dropout in training mode is random and cannot be replayed; "
+            "validate with training=False"
+        )
+
+
+def _simple_rnn(layer: Any, w: dict[str, Any], training: bool, x: Any, **kwargs: Any) -> Tensor:
+    _check_rnn(layer, kwargs)
+    _rnn_dropout(layer, training)
+    kernel, recurrent, bias = _rnn_weights(layer, w)
+    act = _activation(layer.cell.activation, layer)
+    h0 = np.zeros((x.shape[0], layer.units))
+
+    def step(xt: Any, h: Any) -> tuple[Any, Any]:
+        z = F.matmul(xt, kernel) + F.matmul(h, recurrent)
+        h = act(z + bias if bias is not None else z)
+        return h, h
+
+    return _run_rnn(layer, x, h0, step)
+
+
+def _lstm(layer: Any, w: dict[str, Any], training: bool, x: Any, **kwargs: Any) -> Tensor:
+    _check_rnn(layer, kwargs)
+    _rnn_dropout(layer, training)
+    kernel, recurrent, bias = _rnn_weights(layer, w)
+    act = _activation(layer.cell.activation, layer)
+    gate = _activation(layer.cell.recurrent_activation, layer)
+    u = layer.units
+    zeros = np.zeros((x.shape[0], u))
+
+    def step(xt: Any, state: Any) -> tuple[Any, Any]:
+        h, c = state
+        z = F.matmul(xt, kernel) + F.matmul(h, recurrent)
+        z = z + bias if bias is not None else z
+        i, f, g, o = (
+            gate(z[:, :u]),
+            gate(z[:, u : 2 * u]),
+            act(z[:, 2 * u : 3 * u]),
+            gate(z[:, 3 * u :]),
+        )
+        c = f * c + i * g
+        h = o * act(c)
+        return h, (h, c)
+
+    return _run_rnn(layer, x, (zeros, zeros), step)
+
+
+def _gru(layer: Any, w: dict[str, Any], training: bool, x: Any, **kwargs: Any) -> Tensor:
+    _check_rnn(layer, kwargs)
+    _rnn_dropout(layer, training)
+    kernel, recurrent, bias = _rnn_weights(layer, w)
+    act = _activation(layer.cell.activation, layer)
+    gate = _activation(layer.cell.recurrent_activation, layer)
+    u = layer.units
+    reset_after = layer.cell.reset_after
+    if bias is None:
+        b_in = b_rec = None
+    elif reset_after:
+        b_in, b_rec = bias[0], bias[1]
+    else:
+        b_in, b_rec = bias, None
+
+    def step(xt: Any, h: Any) -> tuple[Any, Any]:
+        xz = F.matmul(xt, kernel)
+        xz = xz + b_in if b_in is not None else xz
+        if reset_after:
+            hz = F.matmul(h, recurrent)
+            hz = hz + b_rec if b_rec is not None else hz
+            z = gate(xz[:, :u] + hz[:, :u])
+            r = gate(xz[:, u : 2 * u] + hz[:, u : 2 * u])
+            hh = act(xz[:, 2 * u :] + r * hz[:, 2 * u :])
+        else:
+            rk = _tensor(recurrent)
+            z = gate(xz[:, :u] + F.matmul(h, rk[:, :u]))
+            r = gate(xz[:, u : 2 * u] + F.matmul(h, rk[:, u : 2 * u]))
+            hh = act(xz[:, 2 * u :] + F.matmul(r * h, rk[:, 2 * u :]))
+        h = z * h + (1.0 - z) * hh
+        return h, h
+
+    return _run_rnn(layer, x, np.zeros((x.shape[0], u)), step)
+
+
+def _einsum_dense_in(x: Any, kernel: Any, bias: Any) -> Tensor:
+    """(B, T, D) x (D, H, K) -> (B, T, H, K), as MultiHeadAttention's projections."""
+    d, h, k = _tensor(kernel).shape
+    y = F.reshape(F.matmul(x, F.reshape(kernel, (d, h * k))), (*x.shape[:-1], h, k))
+    return y + bias if bias is not None else y
+
+
+def _mha(
+    layer: Any,
+    w: dict[str, Any],
+    training: bool,
+    query: Any,
+    value: Any = None,
+    key: Any = None,
+    attention_mask: Any = None,
+    use_causal_mask: bool = False,
+    return_attention_scores: bool = False,
+    **kwargs: Any,
+) -> Tensor:
+    if return_attention_scores or attention_mask is not None:
+        raise UnsupportedOpError(
+            f"layer `{layer.name}`: attention_mask / return_attention_scores are not supported "
+            "(use_causal_mask is)"
+        )
+    if tuple(layer._attention_axes) != (1,) or _tensor(query).ndim != 3:
+        raise UnsupportedOpError(f"layer `{layer.name}`: only (batch, time, features) inputs")
+    if training and layer._dropout:
+        raise UnsupportedOpError(
+            f"layer `{layer.name}`: attention dropout in training mode cannot be replayed"
+        )
+    value = query if value is None else value
+    key = value if key is None else key
+
+    def dense(sub: Any) -> tuple[Any, Any]:
+        bias = w[sub.bias.path] if getattr(sub, "bias", None) is not None else None
+        return w[sub.kernel.path], bias
+
+    q = _einsum_dense_in(query, *dense(layer._query_dense)) * (1.0 / math.sqrt(layer._key_dim))
+    k = _einsum_dense_in(key, *dense(layer._key_dense))
+    v = _einsum_dense_in(value, *dense(layer._value_dense))
+    scores = F.matmul(F.transpose(q, (0, 2, 1, 3)), F.transpose(k, (0, 2, 3, 1)))  # B H Tq Tk
+    if use_causal_mask:
+        tq, tk = scores.shape[-2:]
+        keep = np.tril(np.ones((tq, tk), dtype=bool), tk - tq)
+        scores = F.where(np.broadcast_to(keep, scores.shape), scores, np.full(scores.shape, -1e9))
+    probs = F.softmax(scores, axis=-1)
+    out = F.transpose(F.matmul(probs, F.transpose(v, (0, 2, 1, 3))), (0, 2, 1, 3))  # B Tq H V
+    kernel, bias = dense(layer._output_dense)
+    h, vd, d = _tensor(kernel).shape
+    y = F.matmul(F.reshape(out, (*out.shape[:2], h * vd)), F.reshape(kernel, (h * vd, d)))
+    return y + bias if bias is not None else y
+
+
+def _no_kwargs(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Layer rules that take no call keywords (training=..., mask=... are ignored)."""
+    return lambda layer, w, training, *args, **kwargs: fn(layer, w, training, *args)
+
+
+_LAYERS: dict[str, Callable[..., Any]] = {
     "InputLayer": lambda layer, w, training, x: x,
     "Dense": _dense,
     "Conv2D": _conv2d,
@@ -285,6 +499,20 @@ LAYERS: dict[str, Callable[..., Any]] = {
     "Subtract": _merge(lambda a, b: a - b),
     "Multiply": _merge(lambda a, b: a * b),
     "Concatenate": lambda layer, w, training, xs: F.concat(list(xs), axis=layer.axis),
+    "Conv1D": _conv1d,
+    "MaxPooling1D": _pool1d(F.max_pool2d),
+    "AveragePooling1D": _pool1d(F.avg_pool2d),
+    "GlobalAveragePooling1D": _global_pool(F.mean),
+    "GlobalMaxPooling1D": _global_pool(F.max),
+    "GlobalAveragePooling2D": _global_pool(F.mean),
+    "GlobalMaxPooling2D": _global_pool(F.max),
+}
+LAYERS: dict[str, Callable[..., Any]] = {
+    **{name: _no_kwargs(fn) for name, fn in _LAYERS.items()},
+    "SimpleRNN": _simple_rnn,
+    "LSTM": _lstm,
+    "GRU": _gru,
+    "MultiHeadAttention": _mha,
 }
 
 
