@@ -192,6 +192,23 @@ def broadcast_to(x: Any, shape: Sequence[int]) -> Tensor:
     return apply("broadcast_to", x, shape=tuple(shape))
 
 
+def index(x: Any, key: Any) -> Tensor:
+    """``x[key]`` with integer or boolean index arrays among the key's entries (advanced
+    indexing, NumPy semantics); repeated indices accumulate in the gradient.
+
+    Raises:
+        TypeError: if `key` is not a tuple.
+    """
+    if not isinstance(key, tuple):
+        raise TypeError(f"Expected `key` to be a tuple, got {type(key).__name__}")
+    return apply("index", x, key=key)
+
+
+def erf(x: Any) -> Tensor:
+    """The error function."""
+    return apply("erf", x)
+
+
 def take(x: Any, indices: Any) -> Tensor:
     """Rows of `x` at integer `indices` (any shape): an embedding lookup.
 

@@ -279,6 +279,24 @@ def _getitem_vjp(xp: Any, g: Any, ans: Any, x: Any, key: Any) -> Any:
     return out
 
 
+def _index_vjp(xp: Any, g: Any, ans: Any, x: Any, key: Any) -> Any:
+    """Scatter-add `g` back to the indexed positions; repeated indices accumulate."""
+    if hasattr(getattr(xp, "add", None), "at"):  # NumPy, CuPy
+        out = xp.zeros(x.shape, dtype=g.dtype)
+        xp.add.at(out, key, g)
+        return out
+    # torch: the flat position of every indexed element, then one index_add_
+    n = math.prod(x.shape)
+    positions = xp.reshape(xp.arange(n, device=g.device), x.shape)[key]
+    out = xp.zeros((n,), dtype=g.dtype, device=g.device)
+    out = out.index_add_(0, xp.reshape(positions, (-1,)), xp.reshape(g, (-1,)))
+    return xp.reshape(out, x.shape)
+
+
+def _erf_grad(xp: Any, x: Any) -> Any:
+    return 2.0 / math.sqrt(math.pi) * xp.exp(-(x**2))
+
+
 def _concat_vjp(xp: Any, i: int, g: Any, ans: Any, *xs: Any, axis: int) -> Any:
     start = sum(x.shape[axis] for x in xs[:i])
     key = (slice(None),) * (axis % g.ndim) + (slice(start, start + xs[i].shape[axis]), ...)
@@ -418,6 +436,12 @@ defop(
     [lambda xp, t, ans, x, approximate: t * _gelu_grad(xp, x, approximate)],
 )
 defop(
+    "erf",
+    lambda xp, x: erf(xp, x),
+    [lambda xp, g, ans, x: g * _erf_grad(xp, x)],
+    [lambda xp, t, ans, x: t * _erf_grad(xp, x)],
+)
+defop(
     "softplus",
     lambda xp, x: xp.log1p(xp.exp(-xp.abs(x))) + xp.maximum(x, xp.zeros_like(x)),
     [lambda xp, g, ans, x: g * _sigmoid(xp, x)],
@@ -532,6 +556,12 @@ defop(
 )
 defop("getitem", lambda xp, x, key: x[key], [_getitem_vjp], [lambda xp, t, ans, x, key: t[key]])
 defop("take", _take, [_take_vjp, None], [lambda xp, t, ans, x, idx: _take(xp, t, idx), None])
+defop(
+    "index",  # advanced (integer-array) indexing: gathers, embeddings
+    lambda xp, x, key: x[key],
+    [_index_vjp],
+    [lambda xp, t, ans, x, key: xp.broadcast_to(t, x.shape)[key]],
+)
 defop(
     "concat",
     lambda xp, *xs, axis: xp.concat(list(xs), axis=axis),

@@ -65,6 +65,12 @@ OP_CASES = [
     ("broadcast_to", lambda x: F.broadcast_to(x, (2, 3, 4)), [randn(3, 1)]),
     ("getitem", lambda x: x[1:, ::2], [randn(3, 4)]),
     ("take", lambda x: F.take(x, LABELS), [randn(5, 3)]),
+    (
+        "index_repeated",
+        lambda x: F.index(x, (np.array([0, 2, 2, 1]), slice(None), np.array([1, 0, 1, 1]))),
+        [randn(3, 2, 2)],
+    ),
+    ("erf", F.erf, [randn(3, 4)]),
     ("concat", lambda x, y: F.concat([x, y], axis=1), [randn(2, 3), randn(2, 2)]),
     ("stack", lambda x, y: F.stack([x, y], axis=-1), [randn(2, 3), randn(2, 3)]),
     ("softmax", lambda x: F.softmax(x, axis=0), [randn(3, 4)]),

@@ -32,7 +32,6 @@ from graddiag.reference import functional as F
 from graddiag.reference.engine import Tensor, apply
 from graddiag.reference.gradcheck import external
 from graddiag.reference.importers.torch_fx import CustomCall, CustomFunction, UnsupportedOpError
-from graddiag.reference.ops import defop, unbroadcast
 
 # ----------------------------------------------------------------- opaque autograd.Functions
 
@@ -372,49 +371,6 @@ def import_torch_export(model: Any, args: tuple[Any, ...], prefix: str = "") -> 
     return ExportGraph(program, params, [], prefix, inputs, const_values, outputs)
 
 
-# ---------------------------------------------------------------------- extra primitives
-# Advanced (integer-array) indexing: the forward is ``x[key]``, the VJP scatter-adds.
-
-
-def _index_vjp(xp: Any, g: Any, ans: Any, x: Any, key: Any) -> Any:
-    out = xp.zeros(x.shape, dtype=g.dtype)
-    if xp is np:
-        np.add.at(out, key, g)
-        return out
-    return out.index_put_(tuple(key), g, accumulate=True)  # torch tensors
-
-
-def _index_jvp(xp: Any, t: Any, ans: Any, x: Any, key: Any) -> Any:
-    return xp.broadcast_to(t, x.shape)[key]
-
-
-defop("index", lambda xp, x, key: x[key], [_index_vjp], [_index_jvp])
-
-
-def _erf_grad(xp: Any, x: Any) -> Any:
-    return 2.0 / math.sqrt(math.pi) * xp.exp(-(x**2))
-
-
-def _erf_fwd(xp: Any, x: Any) -> Any:
-    from graddiag.reference.backend import erf
-
-    return erf(xp, x)
-
-
-defop(
-    "erf",
-    _erf_fwd,
-    [lambda xp, g, ans, x: g * _erf_grad(xp, x)],
-    [lambda xp, t, ans, x: t * _erf_grad(xp, x)],
-)
-defop(
-    "sum_to",  # unbroadcast as an op: the VJP of expand
-    lambda xp, x, shape: unbroadcast(xp, x, shape),
-    [lambda xp, g, ans, x, shape: xp.broadcast_to(xp.reshape(g, shape), x.shape)],
-    [lambda xp, t, ans, x, shape: unbroadcast(xp, t, shape)],
-)
-
-
 # --------------------------------------------------------------------------- ATen rules
 
 
@@ -522,7 +478,7 @@ def _index(x: Any, indices: Any) -> Tensor:
             raise UnsupportedOpError("an index that depends on a parameter")
         arr = np.asarray(ix)
         key.append(arr if arr.dtype == bool else arr.astype(np.int64))
-    return apply("index", x, key=tuple(key))
+    return F.index(x, key=tuple(key))
 
 
 def _gather(x: Any, dim: int, index: Any, sparse_grad: bool = False) -> Tensor:
@@ -530,12 +486,12 @@ def _gather(x: Any, dim: int, index: Any, sparse_grad: bool = False) -> Tensor:
     d = dim % _ndim(x)
     grids = np.meshgrid(*[np.arange(n) for n in idx.shape], indexing="ij")
     key = tuple(idx if i == d else grids[i] for i in range(idx.ndim))
-    return apply("index", x, key=key)
+    return F.index(x, key=key)
 
 
 def _index_select(x: Any, dim: int, index: Any) -> Tensor:
     d = dim % _ndim(x)
-    return apply("index", x, key=(slice(None),) * d + (np.asarray(index).astype(np.int64),))
+    return F.index(x, key=(slice(None),) * d + (np.asarray(index).astype(np.int64),))
 
 
 def _embedding(weight: Any, indices: Any, padding_idx: int = -1, *args: Any) -> Tensor:
@@ -543,7 +499,7 @@ def _embedding(weight: Any, indices: Any, padding_idx: int = -1, *args: Any) -> 
         raise UnsupportedOpError(
             f"embedding with padding_idx={padding_idx} (torch zeroes that row's gradient)"
         )
-    return apply("index", weight, key=(np.asarray(indices).astype(np.int64),))
+    return F.index(weight, key=(np.asarray(indices).astype(np.int64),))
 
 
 def _addmm(bias: Any, a: Any, b: Any, beta: float = 1, alpha: float = 1) -> Tensor:
@@ -872,7 +828,7 @@ ATEN: dict[str, Callable[..., Any]] = {
     "relu": _relu,
     "gelu": lambda x, approximate="none": F.gelu(x, approximate=approximate),
     "silu": _silu,
-    "erf": lambda x: apply("erf", x),
+    "erf": F.erf,
     "softplus": lambda x, beta=1, threshold=20: F.softplus(_t(x) * beta) / beta,
     "leaky_relu": _leaky_relu,
     "elu": _elu,
