@@ -1,5 +1,6 @@
-"""The GPU check script: skips cleanly without a GPU; its comparison logic, run on a CPU
-stand-in backend, agrees with NumPy."""
+"""The GPU check script: skips cleanly without a GPU; its checks, run on CPU stand-ins (torch
+CPU tensors as the "GPU" array backend, "cpu" as the torch device), agree with NumPy and
+catch the planted bug."""
 
 from __future__ import annotations
 
@@ -25,17 +26,40 @@ def test_script_exits_0_and_says_skipped_or_ok():
         [sys.executable, str(SCRIPT)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
         cwd=SCRIPT.parents[1],
         env={"PYTHONPATH": str(SCRIPT.parents[1]), "PATH": ""},
     )
     assert result.returncode == 0, result.stderr
     assert "skipped" in result.stdout or "-> ok" in result.stdout
+    assert "MISMATCH" not in result.stdout
 
 
-def test_comparison_logic_on_a_cpu_stand_in(monkeypatch, capsys):
+def test_without_cuda_nothing_runs_and_it_says_so(monkeypatch, capsys):
+    script = load_script()
+    monkeypatch.setattr(script, "gpu_backends", dict)
+    monkeypatch.setattr(script, "torch_device", lambda: None)
+    monkeypatch.setattr(script, "check_engine", lambda b: pytest.fail("engine check ran"))
+    assert script.main() == 0
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_engine_checks_on_a_cpu_stand_in(monkeypatch, capsys):
     torch = pytest.importorskip("torch")
     script = load_script()
     monkeypatch.setattr(script, "gpu_backends", lambda: {"torch-cpu": torch.from_numpy})
+    monkeypatch.setattr(script, "torch_device", lambda: None)
     assert script.main() == 0
-    assert "torch-cpu: loss rel err" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    for case in ("conv net", "causal attention block", "LSTM"):
+        assert f"torch-cpu: {case}: loss rel err" in out
+
+
+@pytest.mark.slow
+def test_validate_checks_on_a_cpu_stand_in(capsys):
+    pytest.importorskip("torch")
+    script = load_script()
+    assert script.validate_models("cpu")
+    out = capsys.readouterr().out
+    assert out.count("-> ok") == 5
+    assert "wrong custom backward: ok=False" in out
