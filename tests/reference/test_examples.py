@@ -30,3 +30,12 @@ def test_keras_example(capsys):
     out = run_example("validate_keras_model", capsys)
     assert "--- correct model: ok" in out
     assert "--- model with a wrong custom_gradient: MISMATCH" in out and "ClippedIdentity" in out
+
+
+@pytest.mark.slow
+def test_transformer_example(capsys):
+    pytest.importorskip("torch")
+    out = run_example("validate_transformer", capsys)
+    assert "--- causal LM: ok" in out and "--- 2-layer LSTM: ok" in out
+    assert "--- causal LM with a buggy custom op: MISMATCH" in out
+    assert "custom op autograd.Function LeakySquare" in out
