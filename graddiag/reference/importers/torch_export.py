@@ -495,11 +495,13 @@ def _index_select(x: Any, dim: int, index: Any) -> Tensor:
 
 
 def _embedding(weight: Any, indices: Any, padding_idx: int = -1, *args: Any) -> Tensor:
-    if padding_idx is not None and padding_idx >= 0:
-        raise UnsupportedOpError(
-            f"embedding with padding_idx={padding_idx} (torch zeroes that row's gradient)"
-        )
-    return F.index(weight, key=(np.asarray(indices).astype(np.int64),))
+    idx = np.asarray(indices).astype(np.int64)
+    rows = F.index(weight, (idx,))
+    if padding_idx is None or padding_idx < 0:
+        return rows
+    # torch's padding_idx: the padding row is looked up but gets no gradient
+    pad = np.broadcast_to((idx == padding_idx)[..., None], rows.shape)
+    return F.where(pad, np.asarray(_values(weight))[idx], rows)
 
 
 def _addmm(bias: Any, a: Any, b: Any, beta: float = 1, alpha: float = 1) -> Tensor:
@@ -571,6 +573,55 @@ def _batch_norm_legit(
     x: Any, weight: Any, bias: Any, mean: Any, var: Any, training: bool, momentum: float, eps: float
 ) -> tuple[Any, ...]:
     return _batch_norm_train(x, weight, bias, mean, var, training, momentum, eps)[:3]
+
+
+def _group_norm(
+    x: Any, weight: Any, bias: Any, n: int, c: int, hw: int, groups: int, eps: float
+) -> tuple[Any, ...]:
+    shape = _shape(x)
+    y = F.reshape(F.normalize(F.reshape(x, (n, groups, -1)), (2,), eps), shape)
+    affine = (1, c) + (1,) * (len(shape) - 2)
+    y = y if weight is None else y * F.reshape(weight, affine)
+    return (y if bias is None else y + F.reshape(bias, affine), None, None)
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    v = tuple(v) if isinstance(v, list | tuple) else (v,)
+    return (int(v[0]), int(v[-1])) if v else ()
+
+
+def _pool_check(what: str, ceil_mode: bool, dilation: Any = (1, 1)) -> None:
+    if ceil_mode or any(d != 1 for d in dilation):
+        raise UnsupportedOpError(f"{what} with ceil_mode=True or dilation (not supported)")
+
+
+def _max_pool2d(
+    x: Any,
+    kernel: Any,
+    stride: Any = (),
+    padding: Any = 0,
+    dilation: Any = (1, 1),
+    ceil_mode: bool = False,
+) -> tuple[Any, Any]:
+    _pool_check("max_pool2d", ceil_mode, _pair(dilation))
+    if _ndim(x) != 4:
+        raise UnsupportedOpError(f"max_pool2d of a {_ndim(x)}-D input (NCHW only)")
+    return F.max_pool2d(x, _pair(kernel), _pair(stride) or None, _pair(padding)), None
+
+
+def _avg_pool2d(
+    x: Any,
+    kernel: Any,
+    stride: Any = (),
+    padding: Any = 0,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+    divisor_override: Any = None,
+) -> Tensor:
+    _pool_check("avg_pool2d", ceil_mode)
+    if (not count_include_pad and any(_pair(padding))) or divisor_override is not None:
+        raise UnsupportedOpError("avg_pool2d with count_include_pad=False or divisor_override")
+    return F.avg_pool2d(x, _pair(kernel), _pair(stride) or None, _pair(padding))
 
 
 def _softmax(x: Any, dim: int, half_to_float: bool = False) -> Tensor:
@@ -782,8 +833,11 @@ ATEN: dict[str, Callable[..., Any]] = {
     "addmm": _addmm,
     "baddbmm": _baddbmm,
     "convolution": _convolution,
+    "max_pool2d_with_indices": _max_pool2d,
+    "avg_pool2d": _avg_pool2d,
     # normalization
     "native_layer_norm": _layer_norm,
+    "native_group_norm": _group_norm,
     "_native_batch_norm_legit_no_training": _batch_norm_eval,
     "_native_batch_norm_legit_functional": _batch_norm_train,
     "_native_batch_norm_legit": _batch_norm_legit,
