@@ -129,7 +129,7 @@ def check_grads(
 def _fd_vjp(
     xp: Any, i: int, g: Any, ans: Any, *args: Any, fn: Callable[..., Any], name: str
 ) -> np.ndarray:
-    arrays = [np.asarray(a, dtype=np.float64) for a in args]
+    arrays = [_float64_if_floating(a) for a in args]
 
     def f(xi: np.ndarray) -> float:
         return float(np.sum(g * fn(*[xi if j == i else a for j, a in enumerate(arrays)])))
@@ -137,10 +137,17 @@ def _fd_vjp(
     return numerical_gradient(f, arrays[i])
 
 
+def _float64_if_floating(a: Any) -> np.ndarray:
+    """Float arrays in float64; integer and boolean arrays (indices, masks) keep their dtype."""
+    arr = np.asarray(a)
+    keep = np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_
+    return arr if keep else arr.astype(np.float64)
+
+
 def _fd_jvp(
     xp: Any, i: int, t: Any, ans: Any, *args: Any, fn: Callable[..., Any], name: str
 ) -> np.ndarray:
-    arrays = [np.asarray(a, dtype=np.float64) for a in args]
+    arrays = [_float64_if_floating(a) for a in args]
     h = DEFAULT_EPS * max(1.0, float(np.max(np.abs(arrays[i]), initial=0.0)))
     up = fn(*[a + h * t if j == i else a for j, a in enumerate(arrays)])
     down = fn(*[a - h * t if j == i else a for j, a in enumerate(arrays)])

@@ -42,6 +42,24 @@ class WrongSquare(Square):
         return 3 * g * x  # should be 2
 
 
+class WrongScaledGather(torch.autograd.Function):
+    """``x[:, idx] * scale`` (+ bias when given), its backward off by 3/2 on x."""
+
+    @staticmethod
+    def forward(ctx, x, idx, scale, bias):
+        ctx.save_for_backward(idx)
+        ctx.scale, ctx.shape = scale, x.shape
+        out = x[:, idx] * scale
+        return out if bias is None else out + bias
+
+    @staticmethod
+    def backward(ctx, g):
+        (idx,) = ctx.saved_tensors
+        dx = g.new_zeros(ctx.shape)
+        dx.index_add_(1, idx, g * ctx.scale * 1.5)
+        return dx, None, None, None
+
+
 class Encoder(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -192,6 +210,50 @@ def test_hugging_face_tiny_gpt2_from_a_config_validates_clean():
     report = validate(model, x, lambda out, t: sequence_loss(out.logits, t), y)
     # lm_head.weight is tied to wte: one parameter, checked once
     assert_clean(report, {"transformer.wte", "transformer.h.0.attn.c_attn", "transformer.ln_f"})
+
+
+class Gathering(nn.Module):
+    def __init__(self, keyword: bool = False) -> None:
+        super().__init__()
+        self.keyword = keyword
+        self.stem, self.head = nn.Linear(4, 6), nn.Linear(5, 3)
+        self.register_buffer("idx", torch.tensor([0, 2, 2, 5, 1]))
+
+    def forward(self, x):
+        h = self.stem(x)
+        if self.keyword:
+            return self.head(WrongScaledGather.apply(h, self.idx, 2.0, bias=None))
+        return self.head(WrongScaledGather.apply(h, self.idx, 2.0, None))
+
+
+def test_custom_function_with_index_float_and_none_arguments_is_checked():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(5, 4, generator=g), torch.randint(0, 3, (5,), generator=g)
+    report = validate(Gathering(), x, tnf.cross_entropy, y)
+    found = errors(report)
+    assert "autograd.Function WrongScaledGather" in found
+    assert found["autograd.Function WrongScaledGather"].value == pytest.approx(1 / 3, rel=1e-4)
+    assert "stem" in found and "head" not in found
+
+
+def test_custom_function_called_with_keywords_is_a_clear_error():
+    with pytest.raises(UnsupportedOpError, match="WrongScaledGather is called with keyword"):
+        validate(
+            Gathering(keyword=True), torch.randn(5, 4), tnf.cross_entropy, torch.zeros(5).long()
+        )
+
+
+def test_an_internal_error_while_replaying_is_graddiags_own_error(monkeypatch):
+    from graddiag.reference.importers import torch_export
+
+    def broken(*args, **kwargs):
+        raise IndexError("boom")
+
+    monkeypatch.setitem(torch_export.ATEN, "addmm", broken)
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(UnsupportedOpError, match=r"in `0` \(Linear\).*`addmm` \(IndexError: boom"):
+        validate(model, torch.randn(2, 4), tnf.mse_loss, torch.randn(2, 4))
 
 
 class Cumulative(nn.Module):

@@ -43,6 +43,8 @@ _LIBRARY: list[Any] = []
 def _schema_type(torch: Any, a: Any) -> str:
     if torch.is_tensor(a):
         return "Tensor"
+    if a is None:
+        return "Tensor?"
     if isinstance(a, bool):
         return "bool"
     if isinstance(a, int):
@@ -51,7 +53,7 @@ def _schema_type(torch: Any, a: Any) -> str:
         return "float"
     raise UnsupportedOpError(
         f"a custom autograd.Function argument of type {type(a).__name__} ({a!r}); only "
-        "tensors, ints, floats and bools can be kept opaque for the reference check"
+        "tensors, None, ints, floats and bools can be kept opaque for the reference check"
     )
 
 
@@ -90,8 +92,13 @@ def _opaque_functions(torch: Any) -> Iterator[None]:
     original = function.__dict__["apply"]
 
     def apply_(cls: type, *args: Any, **kwargs: Any) -> Any:
-        if kwargs or not any(torch.is_tensor(a) for a in args):
+        if not any(torch.is_tensor(a) for a in (*args, *kwargs.values())):
             return original.__func__(cls, *args, **kwargs)
+        if kwargs:  # traced through, its backward would go unchecked: say so instead
+            raise UnsupportedOpError(
+                f"custom autograd.Function {cls.__name__} is called with keyword arguments "
+                f"({', '.join(kwargs)}); pass them positionally so it can be checked"
+            )
         return _opaque_op(torch, cls, args, original)(*args)
 
     function.apply = classmethod(apply_)
@@ -184,23 +191,30 @@ class ExportGraph:
             ) from exc
 
     def _custom(self, cls: type, args: Any, torch: Any) -> Tensor:
-        target = CustomFunction(cls)
+        """The Function as an external op of its array arguments; other arguments are bound."""
+        slots = [i for i, a in enumerate(args) if isinstance(a, Tensor | np.ndarray)]
+
+        def function(*tensors: Any) -> Any:  # torch tensors in, as the Function takes them
+            full = list(args)
+            for i, t in zip(slots, tensors, strict=True):
+                full[i] = t
+            return CustomFunction(cls)(*full)
 
         def fn(*arrays: Any) -> np.ndarray:
             with torch.no_grad():
-                out = target(*[_to_torch(torch, a) for a in arrays])
+                out = function(*[_to_torch(torch, a) for a in arrays])
             return out.double().numpy()
 
-        arrays = [a.value if isinstance(a, Tensor) else a for a in args]
-        self.custom_calls.append(
-            CustomCall(cls.__name__, target, [np.asarray(a, dtype=np.float64) for a in arrays])
-        )
-        return external(fn, *args, name=cls.__name__)
+        inputs = [
+            np.asarray(args[i].value if isinstance(args[i], Tensor) else args[i]) for i in slots
+        ]
+        self.custom_calls.append(CustomCall(cls.__name__, function, inputs))
+        return external(fn, *[args[i] for i in slots], name=cls.__name__)
 
 
 def _to_torch(torch: Any, a: Any) -> Any:
     if isinstance(a, np.ndarray | np.generic):
-        return torch.from_numpy(np.array(a, dtype=np.float64))
+        return torch.from_numpy(np.array(a))
     return a
 
 
