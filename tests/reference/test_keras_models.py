@@ -120,3 +120,14 @@ def test_rnn_options_the_engine_does_not_replay_are_named():
     model = keras.Model(inp, layers.LSTM(3, go_backwards=True, name="back")(inp))
     with pytest.raises(UnsupportedOpError, match="`back`: go_backwards=True"):
         validate(model, X, "mse", np.ones((3, 3), "float32"))
+
+
+def test_an_internal_error_while_replaying_names_the_layer(monkeypatch):
+    from graddiag.reference.importers import keras as importer
+
+    def broken(*args, **kwargs):
+        raise IndexError("boom")
+
+    monkeypatch.setitem(importer.LAYERS, "LayerNormalization", broken)
+    with pytest.raises(UnsupportedOpError, match=r"layer `norm` \(LayerNormalization\).*boom"):
+        validate(sequence_model(layers.LSTM), X, SPARSE_CE, LABELS)

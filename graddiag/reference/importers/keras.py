@@ -81,6 +81,23 @@ class KerasGraph:
         return x
 
     def _layer_fn(self, layer: Any, params: dict[str, Tensor]) -> Callable[..., Any]:
+        """The layer's replay; an error inside it is graddiag's own, naming the layer."""
+        rule = self._layer_rule(layer, params)
+
+        def replay(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return rule(*args, **kwargs)
+            except UnsupportedOpError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - never surface an importer-internal error
+                raise UnsupportedOpError(
+                    f"layer `{layer.name}` ({type(layer).__name__}): the reference engine could "
+                    f"not replay it ({type(exc).__name__}: {exc})"
+                ) from exc
+
+        return replay
+
+    def _layer_rule(self, layer: Any, params: dict[str, Tensor]) -> Callable[..., Any]:
         kind = type(layer).__name__
         if not hasattr(layer, "weights"):  # a keras.ops operation in a functional graph
             op = OPS.get(kind)
