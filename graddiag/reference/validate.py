@@ -5,8 +5,10 @@ model's own dtype, in the framework in float64, and in the engine in float64. En
 framework-float64 isolates gradient *bugs* (a wrong custom backward, a broken op): both sides
 compute the same math at the same precision. Engine vs framework-in-its-dtype adds the
 *precision* loss of float32/bfloat16 training. Each layer whose error exceeds the tolerance for
-its dtype becomes a `Finding(kind="validation")`. Custom ops that the importer cannot see
-inside are differentiated by central differences in the engine, and their hand-written
+its dtype becomes a `Finding(kind="validation")`; `ValidationReport.format` ranks every
+parameter worst first. Torch models reach the engine through `torch.export`'s core ATen graph
+(torch.fx where export fails), Keras models layer by layer. Custom ops that the importer cannot
+see inside are differentiated by central differences in the engine, and their hand-written
 backward is also checked directly, so a wrong one is named.
 """
 
@@ -209,10 +211,11 @@ def validate(
         model: a `torch.nn.Module` or a built `keras.Model`. It is not modified (torch models
             are deep-copied; Keras weights are only read).
         example_inputs: one input batch, or a tuple of inputs for multi-input models.
-        loss_fn: torch: a loss module or function ``loss_fn(output, targets)`` that torch.fx
-            can trace (e.g. `nn.CrossEntropyLoss()`, `F.mse_loss`, a small Python function of
-            supported ops). Keras: a `keras.losses` object or name among
-            MeanSquaredError / SparseCategoricalCrossentropy / CategoricalCrossentropy.
+        loss_fn: torch: a loss module or function ``loss_fn(output, targets)``, exported
+            with the model by torch.export (e.g. `nn.CrossEntropyLoss()`, `F.mse_loss`, a
+            function of a Hugging Face output's `.logits`); torch.fx is the fallback for
+            models that do not export. Keras: a `keras.losses` object or name among
+            `KERAS_LOSSES` / `KERAS_LOSS_NAMES` (BinaryCrossentropy from logits only).
         targets: the batch's targets.
         step: the step number written into the findings.
         rtol: override the relative tolerance for the model's dtype (see `TOLERANCES`).

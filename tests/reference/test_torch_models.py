@@ -430,3 +430,44 @@ def test_report_ranks_a_hundred_parameters_worst_first_with_tolerances_stated():
     assert "<= 1e-07" in text and "<= 1e-03" in text
     assert text.count("MISMATCH") >= 10 and f"... {len(ranked) - 10} more" in text
     assert "gradient mismatch found" in text.splitlines()[-1]
+
+
+def test_forward_mode_through_an_exported_causal_lm_matches_torch():
+    # Every ATen rule is built from engine ops with JVPs: the engine's forward-mode directional
+    # derivative of the loss along a random parameter direction equals <torch's float64
+    # gradient, direction> (torch has no forward AD for its attention kernels).
+    from graddiag.reference import jvp
+
+    torch.manual_seed(0)
+    model = CausalLM().double()
+    for m in model.modules():  # dropout off (training mode otherwise, as validate runs it)
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        elif isinstance(m, nn.MultiheadAttention):
+            m.dropout = 0.0
+    x, y = tokens()
+
+    class WithLoss(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, tokens, targets):
+            return sequence_loss(self.model(tokens), targets)
+
+    graph = import_torch_export(WithLoss(), (x, y), prefix="model.")
+    names = list(graph.parameters)
+    rng = np.random.default_rng(0)
+    directions = [rng.standard_normal(graph.parameters[n].shape) for n in names]
+
+    def loss(*values):
+        return graph(dict(zip(names, values, strict=True)), x, y)
+
+    _, ours = jvp(loss, [graph.parameters[n] for n in names], directions)
+    sequence_loss(model(x), y).backward()
+    params = dict(model.named_parameters())
+    theirs = sum(
+        float((params[n].grad * torch.from_numpy(d)).sum())
+        for n, d in zip(names, directions, strict=True)
+    )
+    assert float(ours) == pytest.approx(theirs, rel=F64_RTOL)
