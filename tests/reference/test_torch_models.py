@@ -471,3 +471,25 @@ def test_forward_mode_through_an_exported_causal_lm_matches_torch():
         for n, d in zip(names, directions, strict=True)
     )
     assert float(ours) == pytest.approx(theirs, rel=F64_RTOL)
+
+
+def test_variance_and_standard_deviation_with_each_correction_match_torch():
+    class Spread(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+
+        def forward(self, x):
+            h = self.w * x
+            return h.var(1).sum() + h.var(unbiased=False) + torch.std(h, 0, correction=0).sum()
+
+    torch.manual_seed(0)
+    model, x = Spread(), torch.randn(3, 4, dtype=torch.float64)
+    graph = import_torch_export(model, (x,))
+    params = {k: Tensor(v, requires_grad=True) for k, v in graph.parameters.items()}
+    out = graph(params, x)
+    out.backward()
+    loss = model(x)
+    loss.backward()
+    assert float(out.value) == pytest.approx(float(loss), rel=F64_RTOL)
+    np.testing.assert_allclose(params["w"].grad, model.w.grad.numpy(), rtol=F64_RTOL, atol=1e-14)

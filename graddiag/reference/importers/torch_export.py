@@ -668,11 +668,14 @@ def _max_dim(x: Any, dim: int, keepdim: bool = False) -> tuple[Any, Any]:
     return F.max(x, dim, keepdim), np.argmax(_values(x), axis=dim)
 
 
-def _var(x: Any, dim: Any = None, *, correction: float = 1, keepdim: bool = False) -> Tensor:
+def _var(
+    x: Any, dim: Any = None, *, correction: float | None = None, keepdim: bool = False
+) -> Tensor:
     dims = _dims(x, dim)
     centered = _t(x) - F.mean(x, dims, True)
     n = math.prod(_shape(x)) if dims is None else math.prod(_shape(x)[d] for d in dims)
-    return F.sum(centered * centered, dims, keepdim) / max(n - (correction or 0), 1)
+    correction = 1 if correction is None else correction  # aten: None means Bessel's
+    return F.sum(centered * centered, dims, keepdim) / max(n - correction, 1)
 
 
 def _where_op(cond: Any, x: Any, y: Any) -> Tensor:
