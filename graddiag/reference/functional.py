@@ -204,6 +204,18 @@ def index(x: Any, key: Any) -> Tensor:
     return apply("index", x, key=key)
 
 
+def index_add(values: Any, key: Any, shape: Sequence[int]) -> Tensor:
+    """Zeros of `shape` with `values` added at ``[key]`` (repeats accumulate): the adjoint of
+    `index`, the building block of scatter-add and index_put.
+
+    Raises:
+        TypeError: if `key` is not a tuple.
+    """
+    if not isinstance(key, tuple):
+        raise TypeError(f"Expected `key` to be a tuple, got {type(key).__name__}")
+    return apply("index_add", values, key=key, shape=tuple(int(n) for n in shape))
+
+
 def erf(x: Any) -> Tensor:
     """The error function."""
     return apply("erf", x)

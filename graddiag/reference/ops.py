@@ -279,18 +279,22 @@ def _getitem_vjp(xp: Any, g: Any, ans: Any, x: Any, key: Any) -> Any:
     return out
 
 
-def _index_vjp(xp: Any, g: Any, ans: Any, x: Any, key: Any) -> Any:
-    """Scatter-add `g` back to the indexed positions; repeated indices accumulate."""
+def _scatter_add(xp: Any, v: Any, key: Any, shape: tuple[int, ...]) -> Any:
+    """Zeros of `shape` with `v` added at ``[key]``; repeated indices accumulate."""
     if hasattr(getattr(xp, "add", None), "at"):  # NumPy, CuPy
-        out = xp.zeros(x.shape, dtype=g.dtype)
-        xp.add.at(out, key, g)
+        out = xp.zeros(shape, dtype=v.dtype)
+        xp.add.at(out, key, v)
         return out
     # torch: the flat position of every indexed element, then one index_add_
-    n = math.prod(x.shape)
-    positions = xp.reshape(xp.arange(n, device=g.device), x.shape)[key]
-    out = xp.zeros((n,), dtype=g.dtype, device=g.device)
-    out = out.index_add_(0, xp.reshape(positions, (-1,)), xp.reshape(g, (-1,)))
-    return xp.reshape(out, x.shape)
+    n = math.prod(shape)
+    positions = xp.reshape(xp.arange(n, device=v.device), shape)[key]
+    out = xp.zeros((n,), dtype=v.dtype, device=v.device)
+    out = out.index_add_(0, xp.reshape(positions, (-1,)), xp.reshape(v, (-1,)))
+    return xp.reshape(out, shape)
+
+
+def _index_vjp(xp: Any, g: Any, ans: Any, x: Any, key: Any) -> Any:
+    return _scatter_add(xp, g, key, tuple(x.shape))
 
 
 def _erf_grad(xp: Any, x: Any) -> Any:
@@ -561,6 +565,12 @@ defop(
     lambda xp, x, key: x[key],
     [_index_vjp],
     [lambda xp, t, ans, x, key: xp.broadcast_to(t, x.shape)[key]],
+)
+defop(
+    "index_add",  # the adjoint of index: zeros of `shape` with v added at [key]
+    lambda xp, v, key, shape: _scatter_add(xp, v, key, shape),
+    [lambda xp, g, ans, v, key, shape: g[key]],
+    [lambda xp, t, ans, v, key, shape: _scatter_add(xp, xp.broadcast_to(t, v.shape), key, shape)],
 )
 defop(
     "concat",

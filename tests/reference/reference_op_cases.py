@@ -70,6 +70,11 @@ OP_CASES = [
         lambda x: F.index(x, (np.array([0, 2, 2, 1]), slice(None), np.array([1, 0, 1, 1]))),
         [randn(3, 2, 2)],
     ),
+    (
+        "index_add_repeated",
+        lambda v: F.index_add(v, (np.array([0, 2, 2, 1]), np.array([1, 0, 0, 1])), (3, 2)),
+        [randn(4)],
+    ),
     ("erf", F.erf, [randn(3, 4)]),
     ("concat", lambda x, y: F.concat([x, y], axis=1), [randn(2, 3), randn(2, 2)]),
     ("stack", lambda x, y: F.stack([x, y], axis=-1), [randn(2, 3), randn(2, 3)]),

@@ -493,3 +493,34 @@ def test_variance_and_standard_deviation_with_each_correction_match_torch():
     loss.backward()
     assert float(out.value) == pytest.approx(float(loss), rel=F64_RTOL)
     np.testing.assert_allclose(params["w"].grad, model.w.grad.numpy(), rtol=F64_RTOL, atol=1e-14)
+
+
+def test_scatter_index_put_and_item_assignment_match_torch():
+    class Scatters(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+            self.v = nn.Parameter(torch.randn(3, 2, dtype=torch.float64))
+
+        def forward(self, x, idx):
+            h = self.w * x
+            a = torch.scatter_add(h, 1, idx, self.v)  # idx repeats a column: accumulates
+            b = torch.scatter(h, 1, idx[:, :1], self.v[:, :1])
+            c = h.scatter(1, idx[:, 1:], 0.5)
+            d = h.index_put((torch.tensor([0, 2]),), self.v[:2, :1] * 2.0, accumulate=True)
+            e = h.clone()
+            e[1] = self.v[0, 0]  # in place: select + copy, functionalized
+            return (a**2).sum() + (b**3).sum() + (c * b).sum() + (d**2).sum() + (e**2).sum()
+
+    torch.manual_seed(0)
+    model = Scatters()
+    x, idx = torch.randn(3, 4, dtype=torch.float64), torch.tensor([[0, 3], [1, 1], [2, 0]])
+    graph = import_torch_export(model, (x, idx))
+    params = {k: Tensor(v, requires_grad=True) for k, v in graph.parameters.items()}
+    out = graph(params, x, idx)
+    out.backward()
+    loss = model(x, idx)
+    loss.backward()
+    assert float(out.value) == pytest.approx(float(loss), rel=F64_RTOL)
+    for name, p in model.named_parameters():
+        np.testing.assert_allclose(params[name].grad, p.grad.numpy(), rtol=F64_RTOL, atol=1e-13)

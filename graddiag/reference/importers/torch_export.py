@@ -492,20 +492,68 @@ def _index(x: Any, indices: Any) -> Tensor:
             raise UnsupportedOpError("an index that depends on a parameter")
         arr = np.asarray(ix)
         key.append(arr if arr.dtype == bool else arr.astype(np.int64))
-    return F.index(x, key=tuple(key))
+    return F.index(x, tuple(key))
+
+
+def _dim_key(index: Any, dim: int, ndim: int) -> tuple[np.ndarray, ...]:
+    """The advanced-indexing key of gather/scatter along `dim`: `index` there, grids elsewhere."""
+    idx = np.asarray(_values(index)).astype(np.int64)
+    d = dim % ndim
+    grids = np.meshgrid(*[np.arange(n) for n in idx.shape], indexing="ij")
+    return tuple(idx if i == d else grids[i] for i in range(idx.ndim))
 
 
 def _gather(x: Any, dim: int, index: Any, sparse_grad: bool = False) -> Tensor:
-    idx = np.asarray(index).astype(np.int64)
-    d = dim % _ndim(x)
-    grids = np.meshgrid(*[np.arange(n) for n in idx.shape], indexing="ij")
-    key = tuple(idx if i == d else grids[i] for i in range(idx.ndim))
-    return F.index(x, key=key)
+    return F.index(x, _dim_key(index, dim, _ndim(x)))
+
+
+def _put(x: Any, key: tuple[Any, ...], values: Any, accumulate: bool) -> Tensor:
+    """`x` with `values` written (or, accumulating, added) at ``x[key]``."""
+    shape = _shape(x)
+    target = np.zeros(shape)[key].shape
+    if isinstance(values, Tensor):
+        values = F.broadcast_to(values, target)
+    else:
+        values = np.broadcast_to(np.asarray(values, dtype=np.float64), target)
+    added = F.index_add(values, key, shape)
+    if accumulate:
+        return _arith(operator.add)(x, added)
+    hit = np.zeros(shape, dtype=bool)
+    hit[key] = True  # written positions lose x's value (and its gradient)
+    kept = F.where(hit, np.zeros(shape), x) if isinstance(x, Tensor) else np.where(hit, 0.0, x)
+    return _arith(operator.add)(kept, added)
+
+
+def _src_part(src: Any, index: Any) -> Any:
+    part = tuple(slice(0, k) for k in np.shape(_values(index)))
+    return src[part] if isinstance(src, Tensor) else np.asarray(src)[part]
+
+
+def _scatter(x: Any, dim: int, index: Any, src: Any, reduce: Any = None) -> Tensor:
+    if reduce is not None:
+        raise UnsupportedOpError(f"scatter with reduce={reduce!r}")
+    src = src if isinstance(src, int | float) else _src_part(src, index)
+    return _put(x, _dim_key(index, dim, _ndim(x)), src, accumulate=False)
+
+
+def _scatter_add(x: Any, dim: int, index: Any, src: Any) -> Tensor:
+    return _put(x, _dim_key(index, dim, _ndim(x)), _src_part(src, index), accumulate=True)
+
+
+def _index_put(x: Any, indices: Any, values: Any, accumulate: bool = False) -> Tensor:
+    key = []
+    for ix in indices:
+        arr = None if ix is None else np.asarray(_values(ix))
+        if arr is None:
+            key.append(slice(None))
+        else:
+            key.append(arr if arr.dtype == bool else arr.astype(np.int64))
+    return _put(x, tuple(key), values, accumulate)
 
 
 def _index_select(x: Any, dim: int, index: Any) -> Tensor:
     d = dim % _ndim(x)
-    return F.index(x, key=(slice(None),) * d + (np.asarray(index).astype(np.int64),))
+    return F.index(x, (slice(None),) * d + (np.asarray(index).astype(np.int64),))
 
 
 def _embedding(weight: Any, indices: Any, padding_idx: int = -1, *args: Any) -> Tensor:
@@ -793,6 +841,13 @@ def _to_copy(x: Any, *args: Any, dtype: Any = None, **kwargs: Any) -> Any:
     return x
 
 
+def _copy(x: Any, src: Any, non_blocking: bool = False) -> Any:
+    """``x.copy_(src)`` made functional: `src`, broadcast to `x`'s shape."""
+    if isinstance(src, Tensor):
+        return F.broadcast_to(src, _shape(x))
+    return np.broadcast_to(np.asarray(src, dtype=np.float64), _shape(x)).copy()
+
+
 def _detach(x: Any) -> Any:
     return _values(x)
 
@@ -828,6 +883,7 @@ ATEN: dict[str, Callable[..., Any]] = {
     "lift_fresh_copy": _identity,
     "_to_copy": _to_copy,
     "detach": _detach,
+    "copy": _copy,
     "unsqueeze": _unsqueeze,
     "squeeze": _squeeze,
     "squeeze.dim": _squeeze,
@@ -841,6 +897,10 @@ ATEN: dict[str, Callable[..., Any]] = {
     "stack": _stack,
     "index.Tensor": _index,
     "gather": _gather,
+    "scatter.src": _scatter,
+    "scatter.value": _scatter,
+    "scatter_add": _scatter_add,
+    "index_put": _index_put,
     "index_select": _index_select,
     "embedding": _embedding,
     # linear algebra
