@@ -131,3 +131,13 @@ def test_an_internal_error_while_replaying_names_the_layer(monkeypatch):
     monkeypatch.setitem(importer.LAYERS, "LayerNormalization", broken)
     with pytest.raises(UnsupportedOpError, match=r"layer `norm` \(LayerNormalization\).*boom"):
         validate(sequence_model(layers.LSTM), X, SPARSE_CE, LABELS)
+
+
+def test_an_embedding_that_masks_is_named_not_silently_replayed_unmasked():
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((5,), dtype="int32")
+    h = layers.Embedding(7, 4, mask_zero=True, name="embed")(inp)
+    model = keras.Model(inp, layers.Dense(2)(layers.LSTM(3)(h)))
+    x = np.array([[1, 2, 0, 0, 0], [3, 4, 5, 6, 1]], dtype="int32")
+    with pytest.raises(UnsupportedOpError, match="`embed`: mask_zero=True"):
+        validate(model, x, "mse", np.ones((2, 2), "float32"))

@@ -504,7 +504,9 @@ _LAYERS: dict[str, Callable[..., Any]] = {
     "Dropout": _dropout,
     "LayerNormalization": _layer_norm,
     "BatchNormalization": _batch_norm,
-    "Embedding": lambda layer, w, training, x: F.take(w["embeddings"], x.value),
+    "Embedding": lambda layer, w, training, x: (
+        F.take(w["embeddings"], x.value) if not layer.mask_zero else _unsupported_mask(layer)
+    ),
     "Activation": lambda layer, w, training, x: _activation(layer.activation, layer)(x),
     "ReLU": lambda layer, w, training, x: (
         F.relu(x)
@@ -547,6 +549,12 @@ OPS: dict[str, Callable[..., Any]] = {
     "Relu": lambda op, x: F.relu(x),
     "Gelu": lambda op, x: F.gelu(x, approximate="tanh" if op.approximate else "none"),
 }
+
+
+def _unsupported_mask(layer: Any) -> Any:
+    raise UnsupportedOpError(
+        f"layer `{layer.name}`: mask_zero=True (the masks it sends downstream are not replayed)"
+    )
 
 
 def _unsupported(layer: Any) -> Any:
