@@ -215,15 +215,16 @@ def plot(
     """Gradient-flow heatmap (layers x steps, log10 norm, findings marked), global norm and
     clip coefficient over time."""
     from graddiag.analysis import analyze as _analyze
-    from graddiag.analysis import plot_run
+    from graddiag.analysis.plotting import plot_runs
 
     if not output.lower().endswith(".png"):
         raise _fail(f"{output}: --output must be a .png file")
     report = _guard(lambda: _analyze(logdir, run=run or None, steps=steps, tag_pattern=tag_pattern))
     root, ext = os.path.splitext(output)
-    for r in report.runs:
-        path = output if len(report.runs) == 1 else f"{root}-{_safe(r.run)}{ext}"
-        _guard(lambda r=r, path=path: plot_run(r, path, width=width, dpi=dpi))
+    one = len(report.runs) == 1
+    paths = [output if one else f"{root}-{_safe(r.run)}{ext}" for r in report.runs]
+    _guard(lambda: plot_runs(report.runs, paths, width=width, dpi=dpi))  # one colour scale
+    for path in paths:
         typer.echo(path)
 
 
@@ -318,7 +319,9 @@ def demo(
         output=None,
         top=5,
     )
-    typer.echo(f"\nTensorBoard: tensorboard --logdir {run_dir}")
+    from graddiag.demo import tensorboard_hint
+
+    typer.echo("\n" + tensorboard_hint(logdir))
 
 
 def _register_validate() -> None:

@@ -8,6 +8,7 @@ forward pass (detached). Run it with `graddiag demo` (or `python -m graddiag.dem
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 
 
@@ -53,12 +54,22 @@ def run_demo(logdir: str | os.PathLike = "runs/demo", steps: int = 80, seed: int
     return monitor
 
 
+def tensorboard_hint(logdir: str | os.PathLike) -> str:
+    """The closing lines of the demo: the exact command that shows its runs in TensorBoard's
+    Gradients tab (graddiag's TensorBoard plugin, installed with graddiag)."""
+    cmd = f"tensorboard --logdir {shlex.quote(os.fspath(logdir))}"
+    return (
+        f"See the gradients in TensorBoard (Gradients tab):\n  {cmd}\n"
+        f"then open http://localhost:6006/#graddiag"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logdir = argv[0] if argv else "runs/demo"
     monitor = run_demo(logdir)
     print(monitor.summary("warning"))
-    print(f"\nTensorBoard logs: {monitor.logdir}   (view: tensorboard --logdir {monitor.logdir})")
+    print("\n" + tensorboard_hint(os.path.dirname(os.path.normpath(logdir)) or logdir))
     return 0
 
 

@@ -146,7 +146,9 @@ def test_gradients_tab_in_headless_chromium(tensorboard):
             outside = []
             page.on(
                 "request",
-                lambda r: None if r.url.startswith((url, "data:", "blob:")) else outside.append(r.url),
+                lambda r: (
+                    None if r.url.startswith((url, "data:", "blob:")) else outside.append(r.url)
+                ),
             )
             page.goto(f"{url}/#graddiag")
             page.wait_for_selector("iframe")
@@ -175,9 +177,10 @@ def test_gradients_tab_in_headless_chromium(tensorboard):
             assert hl.is_visible()
             box = hl.bounding_box()
             row_box = labels.nth(layers.index(f.layer)).bounding_box()
-            assert abs(
-                (box["y"] + box["height"] / 2) - (row_box["y"] + row_box["height"] / 2)
-            ) <= PIXEL_TOL
+            assert (
+                abs((box["y"] + box["height"] / 2) - (row_box["y"] + row_box["height"] / 2))
+                <= PIXEL_TOL
+            )
             heat = frame.locator("canvas.gd-heatmap").bounding_box()
             steps = [int(s) for s in run.steps]
             col = max(k for k, s in enumerate(steps) if s <= f.step)

@@ -47,7 +47,9 @@ class HeatGrid:
         """The column showing `step` (the nearest column for a step that was not logged)."""
         if not len(self.first):
             return 0
-        return int(np.clip(np.searchsorted(self.first, step, side="right") - 1, 0, len(self.first) - 1))
+        return int(
+            np.clip(np.searchsorted(self.first, step, side="right") - 1, 0, len(self.first) - 1)
+        )
 
     def z_range(self) -> tuple[float, float] | None:
         """(min, max) of the finite log10 norms on display, None when there are none."""

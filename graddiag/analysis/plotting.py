@@ -22,7 +22,7 @@ from graddiag.analysis.render import escape
 if TYPE_CHECKING:
     from graddiag.analysis.report import RunReport
 
-__all__ = ["plot_run", "plot_runs", "run_title", "shared_range"]
+__all__ = ["plot_run", "plot_runs", "run_figure", "run_title", "shared_range"]
 
 _MAX_COLUMNS = 1500
 #: Inches per heatmap row: every row gets a readable label.
@@ -87,7 +87,8 @@ def plot_run(
     dpi: int = 100,
     vrange: tuple[float, float] | None = None,
 ) -> bytes:
-    """Gradient-flow figure of one run. Returns the PNG bytes (and writes them to `path`).
+    """Gradient-flow figure of one run (`run_figure`). Returns the PNG bytes (and writes them to
+    `path` when given).
 
     Args:
         r: the run's report.
@@ -98,6 +99,28 @@ def plot_run(
         vrange: (min, max) of the colour scale in log10 norm (`shared_range` of several runs);
             default: this run's range.
     """
+    import matplotlib.pyplot as plt
+
+    fig = run_figure(r, width=width, dpi=dpi, vrange=vrange)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    png = buf.getvalue()
+    if path is not None:
+        with open(path, "wb") as fh:
+            fh.write(png)
+    return png
+
+
+def run_figure(
+    r: RunReport,
+    *,
+    width: float = 12.0,
+    dpi: int = 100,
+    vrange: tuple[float, float] | None = None,
+):
+    """The matplotlib figure `plot_run` draws; axes: heatmap, global norm, clip coef, loss (and
+    the colour bar). The caller closes it."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -126,7 +149,9 @@ def plot_run(
         edges,
         rows,
         special,
-        cmap=ListedColormap([CELL_COLORS[MISSING], CELL_COLORS[ZERO], "#000000", CELL_COLORS[NONFINITE]]),
+        cmap=ListedColormap(
+            [CELL_COLORS[MISSING], CELL_COLORS[ZERO], "#000000", CELL_COLORS[NONFINITE]]
+        ),
         vmin=-0.5,
         vmax=3.5,
         shading="flat",
@@ -186,14 +211,7 @@ def plot_run(
         label = "clip coef" if name == "clip_coef" else name
         _line_panel(a, x, s.glob[name], s.glob_logged[name], grid.stride, label, color)
     ax_l.set_xlabel("step")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    plt.close(fig)
-    png = buf.getvalue()
-    if path is not None:
-        with open(path, "wb") as fh:
-            fh.write(png)
-    return png
+    return fig
 
 
 def plot_runs(
@@ -207,4 +225,7 @@ def plot_runs(
     if len(runs) != len(paths):
         raise ValueError(f"Expected one path per run, got {len(paths)} paths for {len(runs)} runs")
     vrange = shared_range(runs)
-    return [plot_run(r, p, width=width, dpi=dpi, vrange=vrange) for r, p in zip(runs, paths, strict=True)]
+    return [
+        plot_run(r, p, width=width, dpi=dpi, vrange=vrange)
+        for r, p in zip(runs, paths, strict=True)
+    ]

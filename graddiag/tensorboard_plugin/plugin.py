@@ -89,9 +89,7 @@ def run_payload(r: RunReport, cols: int = DEFAULT_COLS) -> dict[str, Any]:
     g_logged = s.glob_logged["grad_norm"] | s.has_grad.any(axis=1)
     series = {
         "global_norm": _series_payload(gnorm, g_logged, grid.stride),
-        "clip_coef": _series_payload(
-            s.glob["clip_coef"], s.glob_logged["clip_coef"], grid.stride
-        ),
+        "clip_coef": _series_payload(s.glob["clip_coef"], s.glob_logged["clip_coef"], grid.stride),
         "loss": _series_payload(s.glob["loss"], s.glob_logged["loss"], grid.stride),
     }
     index = {n: j for j, n in enumerate(s.layers)}
