@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import sys
 
 
@@ -54,10 +55,20 @@ def run_demo(logdir: str | os.PathLike = "runs/demo", steps: int = 80, seed: int
     return monitor
 
 
+def _tensorboard_exe() -> str:
+    """How to call the tensorboard installed beside this Python (a venv not activated: its path)."""
+    here = os.path.join(os.path.dirname(sys.executable), "tensorboard")
+    on_path = shutil.which("tensorboard")
+    if not os.path.exists(here) or (on_path and os.path.samefile(on_path, here)):
+        return "tensorboard"
+    rel = os.path.relpath(here)
+    return shlex.quote(rel if not rel.startswith("..") else here)
+
+
 def tensorboard_hint(logdir: str | os.PathLike) -> str:
     """The closing lines of the demo: the exact command that shows its runs in TensorBoard's
     Gradients tab (graddiag's TensorBoard plugin, installed with graddiag)."""
-    cmd = f"tensorboard --logdir {shlex.quote(os.fspath(logdir))}"
+    cmd = f"{_tensorboard_exe()} --logdir {shlex.quote(os.fspath(logdir))}"
     return (
         f"See the gradients in TensorBoard (Gradients tab):\n  {cmd}\n"
         f"then open http://localhost:6006/#graddiag"

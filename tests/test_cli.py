@@ -257,11 +257,14 @@ def test_demo_trains_and_reports(tmp_path):
     assert r.exit_code == 0, r.output
     assert "vanishing" in r.output and "detached" in r.output
     # it ends with the exact command that shows the Gradients tab for the runs it wrote
-    last = r.output.strip().splitlines()[-2:]
-    assert last == [
-        f"  tensorboard --logdir {tmp_path / 'demo'}",
-        "then open http://localhost:6006/#graddiag",
-    ]
+    cmd, url = r.output.strip().splitlines()[-2:]
+    exe, rest = cmd.strip().split(" ", 1)
+    assert (
+        rest == f"--logdir {tmp_path / 'demo'}"
+        and url == "then open http://localhost:6006/#graddiag"
+    )
+    here = os.path.join(os.path.dirname(sys.executable), "tensorboard")
+    assert os.path.samefile(shutil.which(exe) or exe, here)  # this install's tensorboard
     from tensorboard.plugins import base_plugin
 
     from graddiag.tensorboard_plugin.plugin import GradientsPlugin
