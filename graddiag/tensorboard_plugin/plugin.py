@@ -13,14 +13,20 @@ changed (size or modification time), so the browser can poll while training writ
 * ``run?run=NAME[&cols=N]``: one run's heatmap (at most N columns, default 1000, downsampled for
   display only), its global norm, clip coefficient and loss, and every finding (see
   `run_payload`). A missing or malformed argument is a 400, an unknown run a 404.
+
+A run that keeps changing is read again at most once per `RELOAD_COST_FACTOR` times the duration of
+its last reading (a 300-layer x 20,000-step run takes seconds to diagnose), so polling costs a
+bounded share of a core; payloads are kept per (run, columns) until the run changes.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -39,6 +45,9 @@ _log = logging.getLogger("graddiag")
 _STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 #: The only files the plugin serves, with their content types.
 _STATIC = {"index.js": "text/javascript", "style.css": "text/css"}
+#: A changed run is read again at most once per this many times the cost of its last reading, so
+#: polling a long run while it trains costs at most ~1/RELOAD_COST_FACTOR of a core.
+RELOAD_COST_FACTOR = 4.0
 DEFAULT_COLS = 1000
 MIN_COLS, MAX_COLS = 10, 5000
 #: Cell codes in the JSON heatmap (a number is a finite log10 norm).
@@ -127,8 +136,10 @@ class GradientsPlugin(base_plugin.TBPlugin):
     def __init__(self, context: base_plugin.TBContext) -> None:
         self._logdir = context.logdir or ""
         self._lock = threading.Lock()
-        #: run directory -> (files signature, its run reports)
-        self._cache: dict[str, tuple[tuple, list[RunReport]]] = {}
+        #: run directory -> (files signature, its run reports, when read, seconds it took)
+        self._cache: dict[str, tuple[tuple, list[RunReport], float, float]] = {}
+        #: (run, cols) -> (version, the JSON body)
+        self._payloads: dict[tuple[str, int], tuple[str, bytes]] = {}
 
     def get_plugin_apps(self):
         return {
@@ -167,12 +178,19 @@ class GradientsPlugin(base_plugin.TBPlugin):
                         pass
                 sig_t = tuple(sig)
                 cached = self._cache.get(name)
-                if cached is None or cached[0] != sig_t:
-                    cached = (sig_t, self._diagnose(name))
-                    self._cache[name] = cached
+                now = time.monotonic()
+                if cached is None or (
+                    cached[0] != sig_t and now - cached[2] >= RELOAD_COST_FACTOR * cached[3]
+                ):
+                    reports = self._diagnose(name)
+                    done = time.monotonic()
+                    cached = self._cache[name] = (sig_t, reports, done, done - now)
                 out.extend(cached[1])
             for gone in set(self._cache) - seen:
                 del self._cache[gone]
+            known = {r.run for r in out}
+            for key in [k for k in self._payloads if k[0] not in known]:
+                del self._payloads[key]
         return out
 
     def _diagnose(self, run_dir: str) -> list[RunReport]:
@@ -239,9 +257,17 @@ class GradientsPlugin(base_plugin.TBPlugin):
             )
         for r in self._reports():
             if r.run == run:
-                payload = run_payload(r, cols)
-                payload["version"] = self._version(r)
-                return http_util.Respond(request, payload, "application/json")
+                version = self._version(r)
+                with self._lock:
+                    cached = self._payloads.get((run, cols))
+                if cached is None or cached[0] != version:
+                    payload = dict(run_payload(r, cols), version=version)
+                    body = json.dumps(payload, allow_nan=False, separators=(",", ":")).encode()
+                    with self._lock:
+                        self._payloads[(run, cols)] = (version, body)
+                else:
+                    body = cached[1]
+                return http_util.Respond(request, body, "application/json")
         return _error(request, f"no run named {run!r} with gradient data", 404)
 
 

@@ -485,7 +485,9 @@ function findingsTable(p) {
     tr.addEventListener('click', () => selectFinding(p, i, true));
     table.append(tr);
   });
-  wrap.append(table);
+  const scroll = el('div', 'gd-findings-scroll');
+  scroll.append(table);
+  wrap.append(scroll);
   p.table = table;
   return wrap;
 }
@@ -518,6 +520,10 @@ function selectFinding(p, i, scroll) {
       const sc = p.scroll;
       if (top < sc.scrollTop || top + ROW_H > sc.scrollTop + sc.clientHeight) {
         sc.scrollTop = Math.max(0, top - sc.clientHeight / 2);
+      }
+      const box = sc.getBoundingClientRect();
+      if (box.top < 0 || box.top > window.innerHeight / 2) {
+        window.scrollBy(0, box.top - 8);  // the heatmap back in view
       }
     }
   }
