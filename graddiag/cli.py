@@ -244,11 +244,21 @@ def compare(
         ),
     ] = 1e-3,
     tag_pattern: PatternOpt = None,
+    plot: Annotated[
+        str | None,
+        typer.Option(
+            "--plot", help="Also draw both runs side by side, on one colour scale, to this PNG."
+        ),
+    ] = None,
 ) -> None:
     """Compare two runs: per-layer norm ratios, first step of divergence, findings in one only."""
-    from graddiag.analysis.compare import compare_runs
+    from graddiag.analysis.compare import compare_runs, plot_compared
 
+    if plot is not None and not plot.lower().endswith(".png"):
+        raise _fail(f"{plot}: --plot must be a .png file")
     result = _guard(lambda: compare_runs(run_a, run_b, rtol=rtol, tag_pattern=tag_pattern))
+    if plot is not None:
+        _guard(lambda: plot_compared(run_a, run_b, plot, tag_pattern=tag_pattern))
     if format is CompareFormat.json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
         return

@@ -2,6 +2,7 @@
 their own colours, log axes where values span decades, a loss panel, one colour scale for several
 runs. Checked on the figure itself (pixels read back from the rendered canvas)."""
 
+import json
 import math
 import os
 
@@ -161,3 +162,39 @@ def test_cli_plot_of_several_runs_uses_one_scale(tmp_path, monkeypatch):
     assert len(seen) == 2 and seen[0] == seen[1] == pytest.approx(
         (math.log10(1e-6), math.log10(2.0)), abs=1e-6
     )
+
+
+def test_comparison_draws_both_runs_side_by_side_on_one_scale(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from graddiag.analysis.plotting import comparison_figure
+
+    write(tmp_path / "healthy")
+    write(tmp_path / "broken", scale=1e-6)
+    runs = analyze(tmp_path).runs
+    fig = comparison_figure(runs, width=6, dpi=40)
+    heat = [sub.axes[0] for sub in fig.subfigs]
+    assert [ax.get_title().split()[2] for ax in heat] == ["broken", "healthy"]
+    lo, hi = math.log10(1e-6), math.log10(2.0)
+    for ax in heat:
+        assert ax.collections[1].get_clim() == pytest.approx((lo, hi), abs=1e-6)
+    assert tuple(fig.get_size_inches()) == pytest.approx((12.0, 2.5 + 5.5))
+    plt.close(fig)
+
+
+def test_cli_compare_writes_the_side_by_side_plot(tmp_path):
+    from test_analysis import png_size
+    from typer.testing import CliRunner
+
+    from graddiag.cli import app
+
+    write(tmp_path / "a")
+    write(tmp_path / "b", scale=1e-6)
+    out = tmp_path / "cmp.png"
+    args = ["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--format", "json"]
+    r = CliRunner().invoke(app, args + ["--plot", str(out)])
+    assert r.exit_code == 0, r.output
+    json.loads(r.stdout)  # the JSON on stdout is untouched
+    assert png_size(out.read_bytes()) == (2 * 12 * 100, (2.5 + 5.5) * 100)
+    bad = CliRunner().invoke(app, args + ["--plot", str(tmp_path / "cmp.jpg")])
+    assert bad.exit_code == 2 and "cmp.jpg" in bad.output

@@ -22,7 +22,15 @@ from graddiag.analysis.render import escape
 if TYPE_CHECKING:
     from graddiag.analysis.report import RunReport
 
-__all__ = ["plot_run", "plot_runs", "run_figure", "run_title", "shared_range"]
+__all__ = [
+    "comparison_figure",
+    "plot_comparison",
+    "plot_run",
+    "plot_runs",
+    "run_figure",
+    "run_title",
+    "shared_range",
+]
 
 _MAX_COLUMNS = 1500
 #: Inches per heatmap row: every row gets a readable label.
@@ -99,17 +107,44 @@ def plot_run(
         vrange: (min, max) of the colour scale in log10 norm (`shared_range` of several runs);
             default: this run's range.
     """
-    import matplotlib.pyplot as plt
+    return _save(run_figure(r, width=width, dpi=dpi, vrange=vrange), path, dpi)
 
-    fig = run_figure(r, width=width, dpi=dpi, vrange=vrange)
+
+def plot_comparison(
+    runs: Sequence[RunReport],
+    path: str | os.PathLike | None = None,
+    *,
+    width: float = 12.0,
+    dpi: int = 100,
+) -> bytes:
+    """`comparison_figure` as PNG bytes (written to `path` when given)."""
+    return _save(comparison_figure(runs, width=width, dpi=dpi), path, dpi)
+
+
+def _save(fig, path: str | os.PathLike | None, dpi: int) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    plt.close(fig)
+    try:
+        fig.savefig(buf, format="png", dpi=dpi)
+    finally:
+        _pyplot().close(fig)
     png = buf.getvalue()
     if path is not None:
         with open(path, "wb") as fh:
             fh.write(png)
     return png
+
+
+def _height(r: RunReport) -> float:
+    return max(2.5, ROW_INCHES * len(r.series.layers)) + PANELS_INCHES
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def run_figure(
@@ -121,10 +156,27 @@ def run_figure(
 ):
     """The matplotlib figure `plot_run` draws; axes: heatmap, global norm, clip coef, loss (and
     the colour bar). The caller closes it."""
-    import matplotlib
+    fig = _pyplot().figure(figsize=(width, _height(r)), dpi=dpi, layout="constrained")
+    _draw(fig, r, vrange)
+    return fig
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+
+def comparison_figure(runs: Sequence[RunReport], *, width: float = 12.0, dpi: int = 100):
+    """The runs side by side (each `width` inches wide), on one colour scale (`shared_range`)."""
+    if not runs:
+        raise ValueError("Expected at least one run to compare, got none")
+    vrange = shared_range(runs)
+    fig = _pyplot().figure(
+        figsize=(width * len(runs), max(_height(r) for r in runs)), dpi=dpi, layout="constrained"
+    )
+    subs = fig.subfigures(1, len(runs), squeeze=False)[0]
+    for sub, r in zip(subs, runs, strict=True):
+        _draw(sub, r, vrange)
+    return fig
+
+
+def _draw(fig, r: RunReport, vrange: tuple[float, float] | None) -> None:
+    """Draw run `r` into `fig` (a Figure or SubFigure)."""
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
@@ -132,15 +184,7 @@ def run_figure(
     L = len(s.layers)
     grid = heat_grid(s, _MAX_COLUMNS)
     heat_h = max(2.5, ROW_INCHES * L)
-    fig, axes = plt.subplots(
-        4,
-        1,
-        figsize=(width, heat_h + PANELS_INCHES),
-        dpi=dpi,
-        sharex=True,
-        gridspec_kw={"height_ratios": [heat_h, 1.6, 1.2, 1.2]},
-        layout="constrained",
-    )
+    axes = fig.subplots(4, 1, sharex=True, gridspec_kw={"height_ratios": [heat_h, 1.6, 1.2, 1.2]})
     ax, ax_g, ax_c, ax_l = axes
     edges = _edges(grid.first, grid.last)
     rows = np.arange(L + 1)
@@ -211,7 +255,6 @@ def run_figure(
         label = "clip coef" if name == "clip_coef" else name
         _line_panel(a, x, s.glob[name], s.glob_logged[name], grid.stride, label, color)
     ax_l.set_xlabel("step")
-    return fig
 
 
 def plot_runs(
@@ -224,7 +267,7 @@ def plot_runs(
     """`plot_run` for each run, all with one colour scale (`shared_range`)."""
     if len(runs) != len(paths):
         raise ValueError(f"Expected one path per run, got {len(paths)} paths for {len(runs)} runs")
-    vrange = shared_range(runs)
+    vrange = shared_range(runs) if len(runs) > 1 else None
     return [
         plot_run(r, p, width=width, dpi=dpi, vrange=vrange)
         for r, p in zip(runs, paths, strict=True)
