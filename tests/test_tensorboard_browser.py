@@ -3,6 +3,7 @@ headless Chromium. Needs Debian's ``chromium`` (scripts/setup.sh test installs i
 ``playwright`` package; skips with the reason where no browser can be installed."""
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -11,6 +12,7 @@ import sys
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -27,6 +29,9 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 HOSTILE = "<img src=x onerror=alert(1)>"
+HOSTILE_RUN = "<svg onload=alert(2)>"  # a run directory name is data from the logs too
+#: The payload rounds log10 norms to 3 decimals; logged values are float32.
+LOG10_ATOL = 1e-3 + 1e-6
 #: Pixels a highlighted cell may be off its row/column (borders, sub-pixel column widths).
 PIXEL_TOL = 2.0
 #: Seconds to wait for TensorBoard to start / the page to draw, on a loaded machine.
@@ -87,10 +92,32 @@ def free_port():
         return s.getsockname()[1]
 
 
+def write_second_run(logdir):
+    """A second run, written by graddiag's writer with norms far below the first run's."""
+    import numpy as np
+
+    from graddiag.monitor import MonitorCore
+    from graddiag.stats import ModelInfo, StepStats
+
+    core = MonitorCore(ModelInfo(layers=("a", "b")), str(logdir), close_at_exit=False)
+    for step in range(10):
+        core.process(
+            StepStats(
+                step=step,
+                grad_norm=np.array([1e-9, 1e-8]),
+                has_grad=np.ones(2, bool),
+                nonfinite=np.zeros(2),
+                global_norm=1e-8,
+            )
+        )
+    core.close()
+
+
 @pytest.fixture
 def tensorboard(tmp_path):
     logdir = tmp_path / "logs"
     mon = train(str(logdir / "hostile-run"))
+    write_second_run(logdir / HOSTILE_RUN)
     port = free_port()
     exe = shutil.which("tensorboard", path=os.path.dirname(sys.executable))
     cmd = [exe] if exe else [sys.executable, "-m", "tensorboard.main"]
@@ -156,6 +183,8 @@ def test_gradients_tab_in_headless_chromium(tensorboard):
                 f for f in _wait_frames(page) if "plugin_entry.html?name=graddiag" in f.url
             )
             labels = frame.locator(".gd-row-label")
+            frame.wait_for_selector(".gd-row-label")  # the first run (by name) is drawn
+            frame.locator("select.gd-run").select_option("hostile-run")
             frame.wait_for_function(
                 f"document.querySelectorAll('.gd-row-label').length === {len(layers)}"
             )
@@ -198,6 +227,21 @@ def test_gradients_tab_in_headless_chromium(tensorboard):
             )
             tip = frame.locator(".gd-tooltip").text_content()
             assert f.layer in tip and f"step {steps[col]}" in tip
+
+            # a second run side by side, on one colour scale over both
+            run1 = frame.locator("select.gd-run")
+            assert run1.input_value() == "hostile-run"
+            assert HOSTILE_RUN in frame.locator("select.gd-run2 option").all_text_contents()
+            frame.locator("select.gd-run2").select_option(HOSTILE_RUN)
+            frame.wait_for_function("document.querySelectorAll('section.gd-panel').length === 2")
+            titles = frame.locator("section.gd-panel h2").all_text_contents()
+            assert titles == ["hostile-run", HOSTILE_RUN]
+            legend = frame.locator(".gd-legend")
+            lo, hi = float(legend.get_attribute("data-lo")), float(legend.get_attribute("data-hi"))
+            own = analyze(mon.logdir).runs[0].series.grad_norm
+            assert lo == pytest.approx(-9.0, abs=LOG10_ATOL)  # the second run's smallest norm
+            assert hi == pytest.approx(math.log10(np.nanmax(own)), abs=LOG10_ATOL)
+            assert frame.locator("svg").count() == 0
 
             page.screenshot(path=str(tmp_path / "gradients_tab.png"), full_page=True)
             assert (tmp_path / "gradients_tab.png").stat().st_size > 10_000

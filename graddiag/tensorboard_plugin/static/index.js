@@ -169,6 +169,7 @@ function sharedRange(datas) {
 
 function drawAll(datas, width) {
   const range = sharedRange(datas);
+  state.tooltip.hidden = true;  // its canvas is about to be replaced
   drawLegend(range);
   state.panelsEl.textContent = '';
   state.panelsEl.style.gridTemplateColumns = `repeat(${datas.length}, minmax(0, 1fr))`;
@@ -182,6 +183,8 @@ function drawAll(datas, width) {
 function drawLegend([lo, hi]) {
   const lg = state.legend;
   lg.textContent = '';
+  lg.dataset.lo = String(lo);
+  lg.dataset.hi = String(hi);
   const bar = el('canvas', 'gd-colorbar');
   bar.width = 200;
   bar.height = 12;
