@@ -277,3 +277,18 @@ def test_inactive_without_gradient_logs(tmp_path):
     assert GradientsPlugin(base_plugin.TBContext(logdir="")).is_active() is False
     client, _ = client_for(tmp_path)
     assert get_json(client, f"{BASE}/runs") == {"runs": []}
+
+
+def test_is_active_is_cheap_for_graddiag_logs(logs, tmp_path):
+    plugin = GradientsPlugin(base_plugin.TBContext(logdir=str(logs)))
+    assert plugin.is_active() is True
+    assert plugin._cache == {}  # decided from the file names, nothing read
+    foreign = tmp_path / "foreign"
+    from graddiag.events import EventFileWriter
+
+    w = EventFileWriter(str(foreign))  # another tool's gradient scalars: read to decide
+    for step in range(12):
+        w.add_scalars(step, ["grad_norm/enc.weight", "grad_norm/head.weight"], [1.0, 2.0])
+    w.close()
+    other = GradientsPlugin(base_plugin.TBContext(logdir=str(tmp_path)))
+    assert other.is_active() is True and other._cache != {}

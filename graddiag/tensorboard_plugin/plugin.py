@@ -50,6 +50,8 @@ _STATIC = {"index.js": "text/javascript", "style.css": "text/css"}
 RELOAD_COST_FACTOR = 4.0
 DEFAULT_COLS = 1000
 MIN_COLS, MAX_COLS = 10, 5000
+#: How graddiag's own event files end (`graddiag.monitor.TensorBoardSink`).
+_GRADDIAG_SUFFIX = ".graddiag"
 #: Cell codes in the JSON heatmap (a number is a finite log10 norm).
 _CELL = {ZERO: "zero", MISSING: None, NONFINITE: "nonfinite"}
 
@@ -150,15 +152,33 @@ class GradientsPlugin(base_plugin.TBPlugin):
         }
 
     def is_active(self) -> bool:
-        """Whether the logdir holds a run with gradient data (else TensorBoard hides the tab)."""
+        """Whether the logdir holds a run with gradient data (else TensorBoard hides the tab).
+
+        Cheap for graddiag's logs (TensorBoard asks on every page load): an event file graddiag
+        wrote is enough; other logs are read to see whether they hold gradient tags.
+        """
+        if not self._local():
+            return False
+        with self._lock:
+            if any(c[1] for c in self._cache.values()):
+                return True
+        try:
+            found = discover_runs(self._logdir)
+        except LogReadError:
+            return False
+        if any(f.endswith(_GRADDIAG_SUFFIX) for _, _, files in found for f in files):
+            return True
         return bool(self._reports())
+
+    def _local(self) -> bool:
+        return bool(self._logdir) and "://" not in self._logdir  # no remote filesystems
 
     def frontend_metadata(self):
         return base_plugin.FrontendMetadata(es_module_path="/index.js", tab_name="Gradients")
 
     def _reports(self) -> list[RunReport]:
         """Every diagnosed run under the logdir, re-read only where an event file changed."""
-        if not self._logdir or "://" in self._logdir:  # remote filesystems are not read here
+        if not self._local():
             return []
         try:
             found = discover_runs(self._logdir)
