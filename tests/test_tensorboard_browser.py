@@ -5,6 +5,7 @@ headless Chromium. Needs Debian's ``chromium`` (scripts/setup.sh test installs i
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -245,10 +246,37 @@ def test_gradients_tab_in_headless_chromium(tensorboard):
 
             page.screenshot(path=str(tmp_path / "gradients_tab.png"), full_page=True)
             assert (tmp_path / "gradients_tab.png").stat().st_size > 10_000
+
+            # the custom-scalars page: every chart of the layouts, none empty ("Matches (0)")
+            charts = layout_charts(tmp_path / "logs")
+            page.goto(f"{url}/#custom_scalars")
+            matches = page.get_by_text(re.compile(r"^\s*Matches \(\d+\)\s*$"))
+            deadline = time.monotonic() + PAGE_TIMEOUT_MS / 1000
+            while matches.count() < len(charts):
+                assert time.monotonic() < deadline, matches.all_text_contents()
+                time.sleep(0.2)
+            counts = [t.strip() for t in matches.all_text_contents()]
+            assert len(counts) == len(charts) and "Matches (0)" not in counts, counts
             assert dialogs == []  # the hostile name never ran
             assert outside == []  # nothing fetched from outside TensorBoard
         finally:
             ctx.close()
+
+
+def layout_charts(logdir):
+    """(category, chart) titles of the custom-scalars layouts the runs under `logdir` wrote last
+    (TensorBoard shows each run's latest and merges the runs')."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    charts = set()
+    for run in sorted(p for p in logdir.iterdir() if p.is_dir()):
+        acc = EventAccumulator(str(run), size_guidance={"tensors": 0})
+        acc.Reload()
+        last = acc.Tensors("custom_scalars__config__")[-1].tensor_proto.string_val[0]
+        layout = layout_pb2.Layout.FromString(last)
+        charts |= {(cat.title, c.title) for cat in layout.category for c in cat.chart}
+    return charts
 
 
 def _wait_frames(page, timeout=PAGE_TIMEOUT_MS / 1000):
