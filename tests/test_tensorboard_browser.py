@@ -93,15 +93,14 @@ def free_port():
         return s.getsockname()[1]
 
 
-def write_second_run(logdir):
-    """A second run, written by graddiag's writer with norms far below the first run's."""
-    import numpy as np
-
+def write_second_run(logdir=None, core=None, start=0, steps=10):
+    """A second run, written by graddiag's writer with norms far below the first run's; it stays
+    open (training goes on) and is flushed after each call."""
     from graddiag.monitor import MonitorCore
     from graddiag.stats import ModelInfo, StepStats
 
-    core = MonitorCore(ModelInfo(layers=("a", "b")), str(logdir), close_at_exit=False)
-    for step in range(10):
+    core = core or MonitorCore(ModelInfo(layers=("a", "b")), str(logdir), close_at_exit=False)
+    for step in range(start, start + steps):
         core.process(
             StepStats(
                 step=step,
@@ -111,14 +110,15 @@ def write_second_run(logdir):
                 global_norm=1e-8,
             )
         )
-    core.close()
+    core.flush()
+    return core
 
 
 @pytest.fixture
 def tensorboard(tmp_path):
     logdir = tmp_path / "logs"
     mon = train(str(logdir / "hostile-run"))
-    write_second_run(logdir / HOSTILE_RUN)
+    second = write_second_run(logdir / HOSTILE_RUN)
     port = free_port()
     exe = shutil.which("tensorboard", path=os.path.dirname(sys.executable))
     cmd = [exe] if exe else [sys.executable, "-m", "tensorboard.main"]
@@ -141,8 +141,9 @@ def tensorboard(tmp_path):
                     pytest.fail(f"tensorboard did not start on {url}:\n{log}")
                 time.sleep(0.5)
         assert listing["graddiag"]["enabled"] is True
-        yield url, mon, tmp_path
+        yield url, mon, tmp_path, second
     finally:
+        second.close()
         proc.terminate()
         try:
             proc.wait(timeout=20)
@@ -152,7 +153,7 @@ def tensorboard(tmp_path):
 
 def test_gradients_tab_in_headless_chromium(tensorboard):
     sync_playwright = _browser_or_skip()
-    url, mon, tmp_path = tensorboard
+    url, mon, tmp_path, second = tensorboard
     from graddiag.analysis import analyze
 
     run = analyze(mon.logdir).runs[0]
@@ -243,6 +244,13 @@ def test_gradients_tab_in_headless_chromium(tensorboard):
             assert lo == pytest.approx(-9.0, abs=LOG10_ATOL)  # the second run's smallest norm
             assert hi == pytest.approx(math.log10(np.nanmax(own)), abs=LOG10_ATOL)
             assert frame.locator("svg").count() == 0
+
+            # training goes on: the tab polls and shows the new steps
+            write_second_run(core=second, start=10, steps=15)
+            frame.wait_for_function(
+                "[...document.querySelectorAll('section.gd-panel .gd-sub')]"
+                ".some((e) => e.textContent.includes('25 steps (0–24)'))"
+            )
 
             page.screenshot(path=str(tmp_path / "gradients_tab.png"), full_page=True)
             assert (tmp_path / "gradients_tab.png").stat().st_size > 10_000
