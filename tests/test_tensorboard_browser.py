@@ -116,6 +116,7 @@ def write_second_run(logdir=None, core=None, start=0, steps=10):
 
 @pytest.fixture
 def tensorboard(tmp_path):
+    _browser_or_skip()  # before training and starting TensorBoard for nothing
     logdir = tmp_path / "logs"
     mon = train(str(logdir / "hostile-run"))
     second = write_second_run(logdir / HOSTILE_RUN)

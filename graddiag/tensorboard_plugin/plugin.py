@@ -34,7 +34,7 @@ from tensorboard.backend import http_util
 from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
 
-from graddiag.analysis.heatmap import MISSING, NONFINITE, ZERO, bin_series, heat_grid
+from graddiag.analysis.heatmap import MISSING, NONFINITE, VALUE, ZERO, bin_series, heat_grid
 from graddiag.analysis.report import RunReport, analyze_logs
 from graddiag.findings import SEVERITIES, severity_rank
 from graddiag.reader import LogReadError, discover_runs, read_logs
@@ -94,7 +94,9 @@ def run_payload(r: RunReport, cols: int = DEFAULT_COLS) -> dict[str, Any]:
     heat = []
     for j in range(len(s.layers)):
         kinds, zs = grid.kind[:, j].tolist(), grid.z[:, j].tolist()
-        heat.append([round(z, 3) if k == 2 else _CELL[k] for k, z in zip(kinds, zs, strict=True)])
+        heat.append(
+            [round(z, 3) if k == VALUE else _CELL[k] for k, z in zip(kinds, zs, strict=True)]
+        )
     rng = grid.z_range()
     gnorm = s.global_norm()
     g_logged = s.glob_logged["grad_norm"] | s.has_grad.any(axis=1)
