@@ -215,15 +215,16 @@ def plot(
     """Gradient-flow heatmap (layers x steps, log10 norm, findings marked), global norm and
     clip coefficient over time."""
     from graddiag.analysis import analyze as _analyze
-    from graddiag.analysis import plot_run
+    from graddiag.analysis.plotting import plot_runs
 
     if not output.lower().endswith(".png"):
         raise _fail(f"{output}: --output must be a .png file")
     report = _guard(lambda: _analyze(logdir, run=run or None, steps=steps, tag_pattern=tag_pattern))
     root, ext = os.path.splitext(output)
-    for r in report.runs:
-        path = output if len(report.runs) == 1 else f"{root}-{_safe(r.run)}{ext}"
-        _guard(lambda r=r, path=path: plot_run(r, path, width=width, dpi=dpi))
+    one = len(report.runs) == 1
+    paths = [output if one else f"{root}-{_safe(r.run)}{ext}" for r in report.runs]
+    _guard(lambda: plot_runs(report.runs, paths, width=width, dpi=dpi))  # one colour scale
+    for path in paths:
         typer.echo(path)
 
 
@@ -243,11 +244,21 @@ def compare(
         ),
     ] = 1e-3,
     tag_pattern: PatternOpt = None,
+    plot: Annotated[
+        str | None,
+        typer.Option(
+            "--plot", help="Also draw both runs side by side, on one colour scale, to this PNG."
+        ),
+    ] = None,
 ) -> None:
     """Compare two runs: per-layer norm ratios, first step of divergence, findings in one only."""
-    from graddiag.analysis.compare import compare_runs
+    from graddiag.analysis.compare import compare_runs, plot_compared
 
+    if plot is not None and not plot.lower().endswith(".png"):
+        raise _fail(f"{plot}: --plot must be a .png file")
     result = _guard(lambda: compare_runs(run_a, run_b, rtol=rtol, tag_pattern=tag_pattern))
+    if plot is not None:
+        _guard(lambda: plot_compared(run_a, run_b, plot, tag_pattern=tag_pattern))
     if format is CompareFormat.json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
         return
@@ -318,7 +329,9 @@ def demo(
         output=None,
         top=5,
     )
-    typer.echo(f"\nTensorBoard: tensorboard --logdir {run_dir}")
+    from graddiag.demo import tensorboard_hint
+
+    typer.echo("\n" + tensorboard_hint(logdir))
 
 
 def _register_validate() -> None:

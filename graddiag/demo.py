@@ -8,6 +8,8 @@ forward pass (detached). Run it with `graddiag demo` (or `python -m graddiag.dem
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 import sys
 
 
@@ -53,12 +55,32 @@ def run_demo(logdir: str | os.PathLike = "runs/demo", steps: int = 80, seed: int
     return monitor
 
 
+def _tensorboard_exe() -> str:
+    """How to call the tensorboard installed beside this Python (a venv not activated: its path)."""
+    here = os.path.join(os.path.dirname(sys.executable), "tensorboard")
+    on_path = shutil.which("tensorboard")
+    if not os.path.exists(here) or (on_path and os.path.samefile(on_path, here)):
+        return "tensorboard"
+    rel = os.path.relpath(here)
+    return shlex.quote(rel if not rel.startswith("..") else here)
+
+
+def tensorboard_hint(logdir: str | os.PathLike) -> str:
+    """The closing lines of the demo: the exact command that shows its runs in TensorBoard's
+    Gradients tab (graddiag's TensorBoard plugin, installed with graddiag)."""
+    cmd = f"{_tensorboard_exe()} --logdir {shlex.quote(os.fspath(logdir))}"
+    return (
+        f"See the gradients in TensorBoard (Gradients tab):\n  {cmd}\n"
+        f"then open http://localhost:6006/#graddiag"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logdir = argv[0] if argv else "runs/demo"
     monitor = run_demo(logdir)
     print(monitor.summary("warning"))
-    print(f"\nTensorBoard logs: {monitor.logdir}   (view: tensorboard --logdir {monitor.logdir})")
+    print("\n" + tensorboard_hint(os.path.dirname(os.path.normpath(logdir)) or logdir))
     return 0
 
 

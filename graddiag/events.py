@@ -414,8 +414,9 @@ class EventFileWriter:
             header=header,
         )
 
-    def add_custom_scalars_layout(self, layout) -> None:
-        """Write a `custom_scalar.layout_pb2.Layout` so TensorBoard groups the charts."""
+    def add_custom_scalars_layout(self, layout, step: int = 0, *, header: bool = True) -> None:
+        """Write a `custom_scalar.layout_pb2.Layout` so TensorBoard groups the charts (it shows a
+        run's latest layout); `header` as in `add_summary`."""
         from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
         from tensorboard.compat.proto.tensor_pb2 import TensorProto
         from tensorboard.compat.proto.types_pb2 import DT_STRING
@@ -423,11 +424,11 @@ class EventFileWriter:
         meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="custom_scalars"))
         tensor = TensorProto(dtype=DT_STRING, string_val=[layout.SerializeToString()])
         self.add_summary(
-            0,
+            step,
             Summary(
                 value=[Summary.Value(tag="custom_scalars__config__", metadata=meta, tensor=tensor)]
             ),
-            header=True,
+            header=header,
         )
 
     def flush(self) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 
 from graddiag import tags
 from graddiag._checks import int_at_least as check_int
-from graddiag.dashboard import custom_scalars_layout
+from graddiag.dashboard import ALWAYS_WRITTEN, custom_scalars_layout
 from graddiag.detectors import Detector, Diagnoser
 from graddiag.events import EventFileWriter, flush_all
 from graddiag.findings import Finding, severity_rank
@@ -159,7 +159,9 @@ class TensorBoardSink:
             )
         }
         self._keys: dict[tuple, tuple[str, ...]] = {}
-        self.writer.add_custom_scalars_layout(custom_scalars_layout())
+        #: (stat, per_layer) written so far: the dashboard shows charts of these only
+        self._written = set(ALWAYS_WRITTEN)
+        self.writer.add_custom_scalars_layout(custom_scalars_layout(self._written))
         self.writer.add_text(
             0, tags.MODEL, json.dumps(dict(run_meta), sort_keys=True, default=str), header=True
         )
@@ -214,6 +216,9 @@ class TensorBoardSink:
             if len(self._keys) > 256:
                 self._keys.clear()
             tag_tuple = self._keys[key] = tuple(all_tags)
+            self.show_charts(
+                {(n, False) for n in gnames} | {(stat, True) for stat, _, _ in per_layer}, s.step
+            )
         values = [np.asarray(gvals)] + [
             arr if m is None else np.asarray(arr)[m] for _, arr, m in per_layer
         ]
@@ -221,6 +226,14 @@ class TensorBoardSink:
         if s.nonfinite_origin:  # "forward:<module>" for the forward pass, "<module>" backward
             prefix = "forward:" if s.nonfinite_pass == "forward" else ""
             self.writer.add_text(s.step, tags.NONFINITE_ORIGIN, prefix + s.nonfinite_origin)
+
+    def show_charts(self, stats: set[tuple[str, bool]], step: int) -> None:
+        """Note the ``(stat, per_layer)`` pairs written at `step`; when one is new, write the
+        dashboard layout again with its chart (TensorBoard shows a run's latest layout)."""
+        if not stats <= self._written:
+            self._written |= stats
+            layout = custom_scalars_layout(self._written)
+            self.writer.add_custom_scalars_layout(layout, step, header=False)
 
     def write_findings(self, step: int, findings: list[Finding]) -> None:
         rows = ["| severity | kind | layer | message | suggestion |", "|---|---|---|---|---|"]
@@ -352,6 +365,7 @@ class MonitorCore:
             self.sink.writer.add_scalars(
                 step, tuple(tags.tag("update_ratio", n) for n in self.info.layers), ratio
             )
+            self.sink.show_charts({("update_ratio", True)}, step)
         for s in reversed(self.history):
             if s.step == step:
                 s.update_ratio = ratio

@@ -11,6 +11,12 @@ pip install -q --upgrade pip
 pip install -q "torch==2.13.0"
 if [ "${1:-}" = "test" ]; then
   pip install -q "tensorflow-cpu>=2.15" -e ".[plot,test,bench]"
+  # the Gradients tab's browser test drives Debian's chromium through playwright (no browser
+  # download); without root/apt or a network it cannot be installed and that test skips
+  if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } \
+      >/dev/null 2>&1 || echo "setup.sh: chromium not installed; the browser test will skip" >&2
+  fi
 else
   pip install -q -e ".[plot]"
 fi

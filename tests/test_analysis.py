@@ -215,7 +215,7 @@ def png_size(data):
     return struct.unpack(">II", data[16:24])
 
 
-@pytest.mark.parametrize("layers,height_in", [(4, 2.5 + 4.0), (200, 14.0 + 4.0)])
+@pytest.mark.parametrize("layers,height_in", [(4, 2.5 + 5.5), (200, 200 * 0.14 + 5.5)])
 def test_plot_is_a_png_of_the_expected_size(tmp_path, layers, height_in):
     pytest.importorskip("matplotlib")
     d = str(tmp_path / "run")

@@ -151,7 +151,7 @@ def test_plot_writes_a_png_of_the_expected_size(logs, tmp_path):
     out = tmp_path / "flow.png"
     r = invoke("plot", logs / "nan", "-o", out, "--width", 8, "--dpi", 40)
     assert r.exit_code == 0, r.output
-    assert png_size(out.read_bytes()) == (8 * 40, int((2.5 + 4.0) * 40))
+    assert png_size(out.read_bytes()) == (8 * 40, int((2.5 + 5.5) * 40))
 
 
 def test_plot_writes_one_file_per_run(logs, tmp_path):
@@ -256,3 +256,18 @@ def test_demo_trains_and_reports(tmp_path):
     r = invoke("demo", "--logdir", tmp_path / "demo")
     assert r.exit_code == 0, r.output
     assert "vanishing" in r.output and "detached" in r.output
+    # it ends with the exact command that shows the Gradients tab for the runs it wrote
+    cmd, url = r.output.strip().splitlines()[-2:]
+    exe, rest = cmd.strip().split(" ", 1)
+    assert (
+        rest == f"--logdir {tmp_path / 'demo'}"
+        and url == "then open http://localhost:6006/#graddiag"
+    )
+    here = os.path.join(os.path.dirname(sys.executable), "tensorboard")
+    assert os.path.samefile(shutil.which(exe) or exe, here)  # this install's tensorboard
+    from tensorboard.plugins import base_plugin
+
+    from graddiag.tensorboard_plugin.plugin import GradientsPlugin
+
+    runs = GradientsPlugin(base_plugin.TBContext(logdir=str(tmp_path / "demo")))._reports()
+    assert len(runs) == 1 and {f.kind for f in runs[0].findings} >= {"vanishing", "detached"}

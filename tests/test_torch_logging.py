@@ -53,14 +53,13 @@ def test_findings_text_and_custom_scalars_layout(logdir):
     assert [e.value for e in nonfinite if e.step == NAN_STEP] == [2.0]
     assert tags.tag("nonfinite", "mid") in acc.Tags()["scalars"]
     layout = acc.Tensors("custom_scalars__config__")
-    assert len(layout) == 1
+    assert len(layout) >= 1
     from tensorboard.plugins.custom_scalar import layout_pb2
 
-    parsed = layout_pb2.Layout.FromString(layout[0].tensor_proto.string_val[0])
-    assert [c.title for c in parsed.category] == [
+    parsed = layout_pb2.Layout.FromString(layout[-1].tensor_proto.string_val[0])  # TB's choice
+    assert [c.title for c in parsed.category] == [  # no clipping in this run: no clipping charts
         "graddiag: global",
         "graddiag: per-layer gradient norms",
-        "graddiag: clipping",
         "graddiag: findings",
     ]
 

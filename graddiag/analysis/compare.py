@@ -12,7 +12,7 @@ from graddiag.analysis.diagnosis import Series
 from graddiag.analysis.report import RunReport, analyze
 from graddiag.reader import LogReadError
 
-__all__ = ["compare_runs"]
+__all__ = ["compare_runs", "plot_compared"]
 
 
 def _one_run(path: str | os.PathLike, tag_pattern: str | None) -> RunReport:
@@ -135,3 +135,24 @@ def compare_runs(
         "only_a": _as_list(ka - kb),
         "only_b": _as_list(kb - ka),
     }
+
+
+def plot_compared(
+    a: str | os.PathLike,
+    b: str | os.PathLike,
+    path: str | os.PathLike | None = None,
+    *,
+    tag_pattern: str | None = None,
+    width: float = 12.0,
+    dpi: int = 100,
+) -> bytes:
+    """Both runs' gradient-flow figures side by side, on one colour scale (PNG bytes, written to
+    `path` when given; see `graddiag.analysis.plotting.comparison_figure`).
+
+    Raises:
+        LogReadError: if either path holds no gradient logs or more than one run.
+    """
+    from graddiag.analysis.plotting import plot_comparison
+
+    runs = [_one_run(a, tag_pattern), _one_run(b, tag_pattern)]
+    return plot_comparison(runs, path, width=width, dpi=dpi)
