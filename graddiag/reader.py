@@ -508,12 +508,14 @@ class _Reader:
             )
         timed = sorted((p for p in pieces if p.wall_lo <= p.wall_hi), key=lambda p: p.wall_lo)
         streams: list[list[_Run]] = []
+        other_model = 0  # streams started because a later file logs another model's layers
         for p in timed:
             for s in streams:
-                if not any(_collide(p, q) for q in s):
+                if not any(_collide(p, q) for q in s) and not self._other_model(p, s):
                     s.append(p)
                     break
             else:
+                other_model += bool(streams) and not any(_collide(p, q) for s in streams for q in s)
                 streams.append([p])
         rest = [p for p in pieces if not p.wall_lo <= p.wall_hi]  # no scalars (e.g. headers only)
         if not streams:
@@ -529,11 +531,35 @@ class _Reader:
             f"{n}: " + ", ".join(os.path.basename(p.file) for p in s)
             for n, s in zip(names, streams, strict=True)
         )
+        if other_model:
+            why = (
+                "a later session logs other layers from an earlier step (another model, e.g. a "
+                "second fit() of a new model), so it does not supersede the first"
+            )
+            if other_model < len(streams) - 1:
+                why += "; others were written at the same time"
+        else:
+            why = "written at the same time (overlapping wall times, same tags and steps)"
         self.stats.notes.append(
-            f"run {name!r}: {len(streams)} monitors wrote to the directory at the same time "
-            f"(overlapping wall times, same tags and steps); kept apart as runs ({files})"
+            f"run {name!r}: {len(streams)} monitors wrote to the directory ({why}); "
+            f"kept apart as runs ({files})"
         )
         return list(zip(names, streams, strict=True))
+
+    def _other_model(self, p: _Run, stream: list[_Run]) -> bool:
+        """Whether file `p` would restart `stream`'s step count with a different model: it starts
+        at a step the stream already has and none of its layers is one the stream logged. A
+        resumed run logs the same layers and supersedes (TensorBoard's purge rule); a new model
+        in the same directory is a run of its own."""
+        if p.step_lo > max(q.step_hi for q in stream):
+            return False
+        mine = self._layer_ids(p)
+        theirs = set().union(*(self._layer_ids(q) for q in stream))
+        return bool(mine) and bool(theirs) and mine.isdisjoint(theirs)
+
+    def _layer_ids(self, p: _Run) -> set[int]:
+        blank = self.layers.get("")
+        return {self.t_layer[t] for t in p.tag_set if self.t_layer[t] not in (-1, blank)}
 
     def _purge(self, stream: list[_Run]) -> None:
         """Drop the rows a later, non-overlapping file supersedes (steps >= its first step)."""

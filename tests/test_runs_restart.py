@@ -113,3 +113,23 @@ def test_the_report_carries_the_reader_notes(tmp_path):
     _session(tmp_path, range(6, 14), 2.0)
     report = graddiag.analyze(tmp_path)
     assert any("restart at 6" in n for n in report.to_dict()["notes"])
+
+
+def test_a_second_model_from_step_zero_is_a_run_of_its_own(tmp_path):
+    # two fit() calls of two different models into one directory (Keras names a new model's
+    # layers dense_2, dense_3...): the second must not supersede the first
+    _session(tmp_path, range(6), 1.0, layers=("dense", "dense_1"))
+    _session(tmp_path, range(4), 2.0, layers=("dense_2", "dense_3"))
+    df = graddiag.read(tmp_path)
+    assert sorted(df.run.unique()) == [".#1", ".#2"]
+    assert _global(df[df.run == ".#1"]) == {s: 1.0 for s in range(6)}
+    assert _global(df[df.run == ".#2"]) == {s: 2.0 for s in range(4)}
+    (note,) = df.attrs["read_stats"]["notes"]
+    assert "other layers" in note and "at the same time" not in note
+
+
+def test_the_same_model_restarted_still_supersedes_and_disjoint_continuation_is_one_run(tmp_path):
+    _session(tmp_path, range(5), 1.0, layers=("a", "b"))
+    _session(tmp_path, range(5, 8), 3.0, layers=("c",))  # continues the count: no restart
+    df = graddiag.read(tmp_path)
+    assert df.run.nunique() == 1 and sorted(_global(df)) == list(range(8))
