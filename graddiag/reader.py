@@ -496,8 +496,9 @@ class _Reader:
         another one was being written (overlapping wall times) that logs the same tags at the
         same steps comes from a concurrent monitor (a GAN's generator and discriminator): it
         starts a run of its own (named ``RUN#2``, ...). Otherwise it continues a run; if it
-        starts at a step the run already has (a resumed run, a second `fit()`), its events
-        supersede the run's earlier ones from that step on (TensorBoard's purge rule). Both are
+        starts at a step the run already has (a resumed run, the same model again), its events
+        supersede the run's earlier ones from that step on (TensorBoard's purge rule), unless it logs
+        none of the run's layers (another model: a run of its own, `_other_model`). All are
         noted in `ReadStats.notes`.
         """
         for p in pieces:
