@@ -165,8 +165,11 @@ class Net(keras.Model):
         return self.head(self.frozen(x))
 
 
-def loop_run(strategy, steps: int = 24, nonfinite="warn", nan_step=None, clip=None) -> dict:
-    """A custom loop: `strategy.run` of a step that uses `monitor.tape()` and `monitor.apply`."""
+def loop_run(
+    strategy, steps: int = 24, nonfinite="warn", nan_step=None, clip=None, eager=False
+) -> dict:
+    """A custom loop: `strategy.run` of a step that uses `monitor.tape()` and `monitor.apply`
+    (in a `tf.function`, or eagerly)."""
     keras.utils.set_random_seed(0)
 
     def build():
@@ -192,12 +195,14 @@ def loop_run(strategy, steps: int = 24, nonfinite="warn", nan_step=None, clip=No
         monitor.apply(opt, grads, net.trainable_variables)
         return loss
 
-    @tf.function
     def train(xb, yb):
         if strategy is None:
             return step(xb, yb)
         per_replica = strategy.run(step, args=(xb, yb))
         return strategy.reduce("SUM", per_replica, axis=None)
+
+    if not eager:
+        train = tf.function(train)
 
     error = None
     for i in range(steps):
@@ -238,6 +243,7 @@ def case_loop(logdir: str) -> dict:
         "mirrored": loop_run(mirrored),
         "single_clip": loop_run(None, steps=6, clip=ValueClip(0.05)),
         "mirrored_clip": loop_run(mirrored, steps=6, clip=ValueClip(0.05)),
+        "mirrored_clip_eager": loop_run(mirrored, steps=6, clip=ValueClip(0.05), eager=True),
     }
 
 
@@ -276,6 +282,16 @@ def case_unsupported(logdir: str) -> dict:
     attempt("replica", lambda: central.run(lambda: mon.step([tf.ones([2])], [v])))
     multi = tf.distribute.MultiWorkerMirroredStrategy()
     attempt("multi_worker", lambda: under(multi, lambda: graddiag.tf.GradientMonitor([v])))
+    mirrored = tf.distribute.MirroredStrategy(DEVICES)
+    acc = under(mirrored, lambda: [tf.Variable([0.0, 0.0])])
+    counted = graddiag.tf.GradientMonitor([v], accumulators=acc)
+
+    def micro():
+        with counted.tape() as tape:
+            loss = tf.reduce_sum(v * v)
+        return tape.gradient(loss, [v])
+
+    attempt("accumulators", lambda: mirrored.run(tf.function(micro)))
     out["names"] = {"central": type(central).__name__, "multi_worker": type(multi).__name__}
     return out
 

@@ -83,15 +83,29 @@ def _first(strategy: Any, value: Any) -> Any:
     return None if value is None else strategy.experimental_local_results(value)[0]
 
 
+def check_replica(monitor: Any) -> None:
+    """In a replica context, raise graddiag's own error for what it cannot monitor there."""
+    if not in_replica_context():
+        return
+    who = "graddiag.tf.GradientMonitor"
+    check_supported(None, who)
+    if tf.__internal__.distribute.strategy_supports_no_merge_call():
+        raise NotImplementedError(
+            f"{who}: this step runs without `merge_call` (MirroredStrategy on GPUs under XLA, "
+            "`jit_compile=True`), which graddiag needs to measure the step once for all "
+            "replicas; compile the step without XLA (Keras' default under a strategy)."
+        )
+    if monitor._accumulators is not None:
+        raise NotImplementedError(
+            f"{who}: `accumulators` are not supported under tf.distribute; accumulate inside "
+            "the replica function and call monitor.step() once per optimizer step."
+        )
+
+
 def step(monitor: Any, grads: list[Any], variables: list[Any], loss: Any) -> list[Any]:
     """`monitor.step` in a replica context: measure and clip the all-reduced gradients once, and
     return this replica's share of the result."""
-    check_supported(None, "graddiag.tf.GradientMonitor.step")
-    if monitor._accumulators is not None:
-        raise NotImplementedError(
-            "graddiag.tf.GradientMonitor: `accumulators` are not supported under tf.distribute; "
-            "accumulate inside the replica function and call monitor.step() once per step."
-        )
+    check_replica(monitor)
     ctx = tf.distribute.get_replica_context()
     live = [i for i, g in enumerate(grads) if g is not None]
     values = [grads[i] for i in live] + ([] if loss is None else [tf.cast(loss, tf.float32)])
