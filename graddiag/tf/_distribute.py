@@ -5,10 +5,11 @@ local gradients. `step` all-reduces them (SUM: what the optimizer applies), then
 cross-replica context (`merge_call`) and runs the monitor's ordinary step there once, on the first
 replica's copy: one row written, one step counted, one clip-state update, one event file. Every
 replica gets the same clipped gradients back and returns its share (1/n) of them, so the
-optimizer's own SUM all-reduce applies exactly the monitored, clipped gradients. The optimizer
-step goes through `merge_call` too (`update_vars`), so a skipped non-finite step and the
-update/weight measurement are one `tf.cond` in the cross-replica context, deciding for every
-replica at once (TensorFlow refuses a `merge_call` inside a `tf.cond` of a replica context).
+optimizer's own SUM all-reduce applies the monitored, clipped gradients (bit for bit with 2
+replicas, within float32 rounding with more). The optimizer step goes through `merge_call` too
+(`update_vars`), so a skipped non-finite step and the update/weight measurement are one `tf.cond`
+in the cross-replica context, deciding for every replica at once (TensorFlow refuses a
+`merge_call` inside a `tf.cond` of a replica context).
 """
 
 from __future__ import annotations
