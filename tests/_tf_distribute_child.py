@@ -37,6 +37,21 @@ def data(n: int = 32, nan_row: int | None = None):
     return x, y
 
 
+def embedding_model():
+    """Embedding gradients are `tf.IndexedSlices`; Adam squares their rows."""
+    keras.utils.set_random_seed(0)
+    m = keras.Sequential(
+        [
+            keras.Input((3,), dtype="int32"),
+            keras.layers.Embedding(20, 4, name="emb"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(1, name="head"),
+        ]
+    )
+    m.compile(keras.optimizers.Adam(0.01), "mse")
+    return m
+
+
 def mlp(optimizer=None):
     keras.utils.set_random_seed(0)
     m = keras.Sequential(
@@ -97,9 +112,13 @@ def event_files(logdir: str) -> list[str]:
     )
 
 
-def fit_run(strategy, logdir=None, clip=None, nonfinite="warn", nan_row=None, optimizer=None):
-    model = under(strategy, lambda: mlp(optimizer))
+def fit_run(
+    strategy, logdir=None, clip=None, nonfinite="warn", nan_row=None, optimizer=None, ids=False
+):
+    model = under(strategy, embedding_model if ids else lambda: mlp(optimizer))
     x, y = data(nan_row=nan_row)
+    if ids:
+        x = np.random.default_rng(1).integers(0, 20, size=(len(x), 3)).astype("int32")
     cb = GradDiagCallback(
         logdir, every=1, clip=clip, nonfinite=nonfinite, print_summary=False, hist_every=2
     )
@@ -135,6 +154,8 @@ def case_fit(logdir: str) -> dict:
         "single": fit_run(None, os.path.join(logdir, "single")),
         "mirrored": fit_run(mirrored, os.path.join(logdir, "mirrored")),
         "one_device": fit_run(tf.distribute.OneDeviceStrategy("/cpu:1")),
+        "embedding_single": fit_run(None, ids=True),
+        "embedding_mirrored": fit_run(mirrored, ids=True),
         "replicas": mirrored.num_replicas_in_sync,
     }
 

@@ -76,6 +76,8 @@ def test_fit_under_mirrored_strategy_equals_the_single_device_run(tmp_path):
     assert [h["step"] for h in mirrored["history"]] == list(range(8))  # 2 epochs x 4 batches
     assert_same_run(mirrored, single)
     assert_same_run(out["one_device"], single)
+    # IndexedSlices (embedding) gradients under Adam: the optimizer gets the same rows
+    assert_same_run(out["embedding_mirrored"], out["embedding_single"])
     assert kinds(mirrored) == kinds(single)
     # one run, one event file, and what it holds is the single-device run's numbers
     assert len(mirrored["files"]) == 1 and len(single["files"]) == 1

@@ -3,13 +3,12 @@
 Inside a replica context (`strategy.run`, Keras `fit` under a strategy) each replica holds its
 local gradients. `step` all-reduces them (SUM: what the optimizer applies), then enters the
 cross-replica context (`merge_call`) and runs the monitor's ordinary step there once, on the first
-replica's copy: one row written, one step counted, one clip-state update, one event file. Every
-replica gets the same clipped gradients back and returns its share (1/n) of them, so the
-optimizer's own SUM all-reduce applies the monitored, clipped gradients (bit for bit with 2
-replicas, within float32 rounding with more). The optimizer step goes through `merge_call` too
-(`update_vars`), so a skipped non-finite step and the update/weight measurement are one `tf.cond`
-in the cross-replica context, deciding for every replica at once (TensorFlow refuses a
-`merge_call` inside a `tf.cond` of a replica context).
+replica's copy: one row written, one step counted, one clip-state update, one event file. The
+first replica returns the clipped gradients, the others zeros, so the optimizer's own SUM
+all-reduce applies exactly the monitored, clipped gradients. The optimizer step goes through
+`merge_call` too (`update_vars`), so a skipped non-finite step and the update/weight measurement
+are one `tf.cond` in the cross-replica context, deciding for every replica at once (TensorFlow
+refuses a `merge_call` inside a `tf.cond` of a replica context).
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ from typing import Any
 import tensorflow as tf
 from tensorflow.python.distribute.numpy_dataset import SingleDevice
 
-from graddiag.tf._measure import scale_grad
 from graddiag.tf._model import is_model
 
 #: Strategies whose replicas all live in this process and share a `merge_call`.
@@ -105,7 +103,7 @@ def check_replica(monitor: Any) -> None:
 
 def step(monitor: Any, grads: list[Any], variables: list[Any], loss: Any) -> list[Any]:
     """`monitor.step` in a replica context: measure and clip the all-reduced gradients once, and
-    return this replica's share of the result."""
+    return this replica's part of the result (all of it on the first replica, zeros elsewhere)."""
     check_replica(monitor)
     ctx = tf.distribute.get_replica_context()
     live = [i for i, g in enumerate(grads) if g is not None]
@@ -125,8 +123,22 @@ def step(monitor: Any, grads: list[Any], variables: list[Any], loss: Any) -> lis
 
     out, ok = ctx.merge_call(once, args=(total, total_loss))
     monitor._last_ok = ok
-    share = 1.0 / ctx.num_replicas_in_sync
-    return [None if g is None else scale_grad(g, share) for g in out]
+    # the optimizer's SUM all-reduce adds up what the replicas return: the first replica returns
+    # the clipped gradients and the others zeros, so the sum is exactly them for any number of
+    # replicas, also for IndexedSlices (whose rows the all-reduce concatenates); the replica id
+    # is a constant under the supported strategies
+    if tf.get_static_value(ctx.replica_id_in_sync_group) == 0:
+        return out
+    return [None if g is None else _zeros_like(g) for g in out]
+
+
+def _zeros_like(g: Any) -> Any:
+    """Zeros shaped like `g` that do not read it (nothing is copied from the first device); an
+    `IndexedSlices` without rows."""
+    if isinstance(g, tf.IndexedSlices):
+        values = _zeros_like(g.values[:0])
+        return tf.IndexedSlices(values, tf.zeros([0], g.indices.dtype), g.dense_shape)
+    return tf.zeros(g.shape if g.shape.is_fully_defined() else tf.shape(g), g.dtype)
 
 
 def update_vars(monitor: Any, optimizer: Any, variables: list[Any], update: Any, skip: bool):
