@@ -31,7 +31,7 @@ import keras
 from graddiag.findings import Finding
 from graddiag.settings import Settings
 from graddiag.tf import GradientMonitor
-from graddiag.tf._model import check_not_distributed
+from graddiag.tf._distribute import check_supported
 
 
 class GradDiagCallback(keras.callbacks.Callback):
@@ -66,8 +66,8 @@ class GradDiagCallback(keras.callbacks.Callback):
     Raises:
         ValueError: for a bad argument (at construction) or a non-TensorFlow backend / a model
             without optimizer (at `on_train_begin`).
-        NotImplementedError: at `on_train_begin` under a `tf.distribute` strategy (not supported
-            yet).
+        NotImplementedError: at `on_train_begin` under a `tf.distribute` strategy other than
+            `MirroredStrategy` and `OneDeviceStrategy` (see docs/distributed.md).
     """
 
     def __init__(
@@ -125,7 +125,7 @@ class GradDiagCallback(keras.callbacks.Callback):
         optimizer = getattr(model, "optimizer", None)
         if optimizer is None:
             raise ValueError("GradDiagCallback: the model has no optimizer; call model.compile().")
-        check_not_distributed(model, "GradDiagCallback")
+        check_supported(model, "GradDiagCallback")
         # Keras calls on_train_batch_end once per execution of `steps_per_execution` steps
         per_poll = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
         lso = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)

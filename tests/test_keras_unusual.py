@@ -1,12 +1,8 @@
-"""Keras `fit` in unusual setups: `steps_per_execution > 1` logs every step under its own number;
-`tf.distribute` gets graddiag's own clear error instead of TensorFlow's `merge_call` error."""
+"""Keras `fit` in unusual setups: `steps_per_execution > 1` logs every step under its own number
+(`tf.distribute`: tests/test_tf_distribute.py)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -85,74 +81,6 @@ def test_a_later_fit_with_more_steps_per_execution_keeps_every_step(tmp_path):
     assert cb.monitor._capacity == 4
     cb.close()
     assert sorted(grad_norms(tmp_path / "run")) == list(range(16))
-
-
-DISTRIBUTED = """
-import json, sys
-import numpy as np
-import tensorflow as tf
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-import keras
-import graddiag.tf
-from integrations.keras import GradDiagCallback
-
-strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-out = {}
-
-def attempt(name, fn):
-    try:
-        fn()
-        out[name] = None
-    except NotImplementedError as e:
-        out[name] = str(e)
-    except Exception as e:
-        out[name] = f"OTHER {type(e).__name__}: {e}"
-
-with strategy.scope():
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, name="head")])
-    model.compile(keras.optimizers.SGD(0.1), "mse")
-x = np.ones((32, 4), "float32")
-y = np.zeros((32, 1), "float32")
-cb = GradDiagCallback(every=1, print_summary=False)
-attempt("fit", lambda: model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[cb]))
-attempt("model", lambda: graddiag.tf.GradientMonitor(model))
-
-def in_scope():
-    with strategy.scope():
-        graddiag.tf.GradientMonitor([tf.Variable(1.0)])
-
-attempt("scope", in_scope)
-v = tf.Variable([1.0, 2.0])
-mon = graddiag.tf.GradientMonitor([v], every=1)
-attempt("replica", lambda: strategy.run(lambda: mon.step([tf.ones([2])], [v])))
-plain = graddiag.tf.GradientMonitor([v], every=1)
-plain.step([tf.ones([2])], [v])
-out["plain"] = [s.step for s in plain.history]
-print("RESULT " + json.dumps(out))
-"""
-
-
-def test_tf_distribute_gets_a_clear_error_naming_the_strategy():
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.run(
-        [sys.executable, "-c", DISTRIBUTED],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=ROOT,
-        env=env,
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert lines, proc.stderr[-3000:]
-    out = json.loads(lines[-1][len("RESULT ") :])
-    for case in ("fit", "model", "scope", "replica"):
-        message = out[case]
-        assert message is not None and not message.startswith("OTHER"), (case, message)
-        assert "MirroredStrategy" in message
-        assert "not supported" in message and "single-device" in message
-    assert out["fit"].startswith("GradDiagCallback")
-    assert out["plain"] == [0]  # outside any strategy the same code monitors as usual
 
 
 def test_nonfinite_skip_reports_a_nan_in_the_middle_of_an_execution_at_once():

@@ -45,28 +45,3 @@ def frozen_variables(model: Any, trainable: set[int]) -> list[Any]:
                 seen.add(key_of(v))
                 out.append(v)
     return out
-
-
-def distribution_strategy(model: Any = None) -> Any | None:
-    """The `tf.distribute` strategy in effect, if it is not the default one: the current scope's
-    or replica context's, or the one a Keras model was created under (Keras keeps it)."""
-    if tf.distribute.has_strategy():
-        return tf.distribute.get_strategy()
-    strategy = getattr(model, "_distribute_strategy", None)  # set only under a strategy scope
-    if strategy is not None and strategy is not tf.distribute.get_strategy():
-        return strategy
-    return None
-
-
-def check_not_distributed(model: Any, who: str) -> None:
-    """Raise a clear error under `tf.distribute`, which graddiag does not support yet (TensorFlow's
-    own error is a `merge_call` RuntimeError from deep inside the optimizer)."""
-    strategy = distribution_strategy(model if is_model(model) else None)
-    if strategy is None:
-        return
-    raise NotImplementedError(
-        f"{who}: training under tf.distribute ({type(strategy).__name__}) is not supported by "
-        "graddiag yet. Diagnose a single-device run instead: create, compile and train the model "
-        "outside any strategy scope (one GPU or the CPU, a few hundred steps are usually enough), "
-        "or train distributed without graddiag."
-    )

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import tensorflow as tf
 
+from graddiag.tf import _distribute
 from graddiag.tf._model import key_of
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ class MonitoredTape(tf.GradientTape):
         m = self._monitor
         m._resolve()
         if m._accumulators is not None:
+            _distribute.check_replica(m)  # counting micro-batches per replica would not add up
             m._on_backward()
             return grads
         single = len(tf.nest.flatten(sources)) == 1 and not isinstance(sources, (list, tuple, dict))

@@ -22,6 +22,7 @@ from graddiag.host import DETAIL_FIELDS, HIST_WIDTH, HostPath, MonitorAPI, RowLa
 from graddiag.monitor import close_at_exit_hook
 from graddiag.settings import Settings
 from graddiag.stats import ModelInfo
+from graddiag.tf import _distribute
 from graddiag.tf._measure import (
     dedup,
     detail_columns,
@@ -31,7 +32,6 @@ from graddiag.tf._measure import (
     zero_unless,
 )
 from graddiag.tf._model import (
-    check_not_distributed,
     frozen_variables,
     is_model,
     key_of,
@@ -109,8 +109,8 @@ class GradientMonitor(MonitorAPI):
     Raises:
         TypeError: if `model_or_variables` is neither a Keras model/layer nor variables.
         ValueError: for a bad setting, naming the argument and showing its value.
-        NotImplementedError: when created in a `tf.distribute` strategy scope, or for a model
-            created in one (distributed training is not supported yet).
+        NotImplementedError: under a `tf.distribute` strategy other than `MirroredStrategy` and
+            `OneDeviceStrategy` (see docs/distributed.md).
     """
 
     def __init__(
@@ -134,7 +134,7 @@ class GradientMonitor(MonitorAPI):
         start_step: int = 0,
         steps_per_poll: int = 1,
     ) -> None:
-        check_not_distributed(model_or_variables, "graddiag.tf.GradientMonitor")
+        _distribute.check_supported(model_or_variables, "graddiag.tf.GradientMonitor")
         if not is_model(model_or_variables):
             if isinstance(model_or_variables, (str, bytes)) or not isinstance(
                 model_or_variables, Iterable
@@ -247,7 +247,7 @@ class GradientMonitor(MonitorAPI):
         )
         self._layout = self._host.layout
         n, nl = len(variables), len(layers)
-        with tf.init_scope():
+        with _distribute.own_variables(), tf.init_scope():  # plain variables under a strategy
             self._rows = self._ring_variable()
             # detail rows: max|g|, non-zero count, NaN count, Inf count, parameter sum of squares
             self._detail = (
@@ -363,12 +363,16 @@ class GradientMonitor(MonitorAPI):
 
         Returns:
             The gradients after clipping (and zeroed under `nonfinite="skip"` on a non-finite
-            step), in the order given, ready for `optimizer.apply_gradients`.
+            step), in the order given, ready for `optimizer.apply_gradients`. In a replica
+            context of `tf.distribute`: the all-reduced gradients are measured and clipped, and
+            each replica gets its 1/n share, which the optimizer's all-reduce sums back.
 
         Raises:
-            NotImplementedError: inside a `tf.distribute` strategy scope or replica context.
+            NotImplementedError: in a replica context of an unsupported `tf.distribute` strategy.
         """
-        check_not_distributed(None, "graddiag.tf.GradientMonitor.step")
+        if _distribute.in_replica_context():  # tf.distribute: measured once, see _distribute
+            return _distribute.step(self, list(grads), variables, loss)
+        _distribute.check_supported(None, "graddiag.tf.GradientMonitor.step")
         self._resolve()
         grads = list(grads)
         variables = self.variables if variables is None else list(variables)
@@ -417,6 +421,8 @@ class GradientMonitor(MonitorAPI):
         """Run `update()` (the optimizer step of `variables`, after `step()`): record the variables
         it updates, skip it on a non-finite step if `skip`, and on detail steps measure the update
         in the graph (a `tf.cond`: other steps pay its predicate only)."""
+        if _distribute.in_replica_context():  # tf.distribute: decided once, see _distribute
+            return _distribute.update_vars(self, optimizer, variables, update, skip)
         self._resolve()
         self._applied = (self._applied or set()) | {key_of(v) for v in variables}
         if self._optimizer is None:
