@@ -479,10 +479,7 @@ class GradientMonitor(MonitorAPI):
             return []
         if steps_done is None:
             steps_done = int(self._count.numpy())
-        due = steps_done > self._fetched and any(
-            k and steps_done // k > self._fetched // k
-            for k in (self.every, self.detail_every, self.hist_every)
-        )
+        due = self._log_due(steps_done)
         if not due and self.nonfinite != "warn" and steps_done > self._fetched:
             due = bool(self._bad.numpy())
         if not due:
@@ -490,6 +487,14 @@ class GradientMonitor(MonitorAPI):
         if self.nonfinite != "warn":
             self._bad.assign(False)
         return self._fetch(steps_done)
+
+    def _log_due(self, steps_done: int) -> bool:
+        """Whether a log, detail or histogram step is among the steps before `steps_done` that the
+        host has not read back yet."""
+        return steps_done > self._fetched and any(
+            k and steps_done // k > self._fetched // k
+            for k in (self.every, self.detail_every, self.hist_every)
+        )
 
     def continue_at(self, step: int) -> list[Finding]:
         """Number the next step `step` (the optimizer stepped without the monitor, or was
