@@ -8,7 +8,48 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from graddiag.host import HIST_BINS, HIST_WIDTH
+from graddiag.host import HIST_BINS, HIST_WIDTH, TINY_SUMSQ
+
+
+def exact_sum_squares(g) -> tf.Tensor:
+    """Sum of squares of one gradient accumulated in float64: neither overflow nor underflow for
+    any finite float32/bf16/fp16 value (non-finite only where an element is)."""
+    if isinstance(g, tf.IndexedSlices):
+        g = g.values
+    g = tf.cast(g, tf.float64) if g.dtype != tf.float64 else g
+    return tf.reduce_sum(tf.square(g))
+
+
+def sums_of_squares(grads: list) -> tf.Tensor:
+    """float64 vector of the gradients' sums of squares, right for every finite float32/bf16/fp16
+    gradient, at the cost of float32 sums on healthy steps.
+
+    One `l2_loss` per gradient in float32; entries that may be wrong there — +inf (finite elements
+    above ~1e19 overflow) or below `TINY_SUMSQ` (elements below ~1e-19 underflow, exactly 0
+    included) — are measured again in float64, each in its own `tf.cond` inside one `tf.cond` on
+    "any entry suspicious", so a step without such entries pays one predicate. Non-finite is then
+    decided by the elements: a float64 sum of finite float32 squares is finite. A gradient that is
+    exactly zero is measured as exactly 0 only when every element is."""
+    values = [g.values if isinstance(g, tf.IndexedSlices) else g for g in grads]
+    half = tf.stack(
+        [tf.nn.l2_loss(v if v.dtype == tf.float32 else tf.cast(v, tf.float32)) for v in values]
+    )
+    fast = half * 2.0
+    suspicious = tf.math.is_inf(fast) | (fast < TINY_SUMSQ)  # NaN: neither, it stays NaN
+
+    def exact():
+        return tf.stack(
+            [
+                tf.cond(
+                    suspicious[i],
+                    lambda v=v: exact_sum_squares(v),
+                    lambda i=i: tf.cast(fast[i], tf.float64),
+                )
+                for i, v in enumerate(values)
+            ]
+        )
+
+    return tf.cond(tf.reduce_any(suspicious), exact, lambda: tf.cast(fast, tf.float64))
 
 
 def sum_squares(g) -> tf.Tensor:
