@@ -41,11 +41,16 @@ class GradScale(keras.layers.Layer):
         return scale(x)
 
 
-def scaled_model(factor: float, seed: int = 0):
-    """Eight parallel Dense(16) layers whose gradients are scaled by `factor`, then a head."""
+#: Dense widths whose kernels take each measuring path: 16x16 elements are summed in float64
+#: directly, 16x512 in float32 with a re-measure when suspicious (`EXACT_MAX_NUMEL`).
+WIDTHS = [16, 512]
+
+
+def scaled_model(factor: float, seed: int = 0, width: int = 16):
+    """Eight parallel Dense layers whose gradients are scaled by `factor`, then a head."""
     keras.utils.set_random_seed(seed)
     x = keras.Input((16,))
-    branches = [GradScale(factor)(keras.layers.Dense(16, name=f"first{i}")(x)) for i in range(8)]
+    branches = [GradScale(factor)(keras.layers.Dense(width, name=f"first{i}")(x)) for i in range(8)]
     h = keras.layers.Activation("tanh")(keras.layers.Add()(branches))
     return keras.Model(x, keras.layers.Dense(1, name="head")(h), name="scaled")
 
@@ -60,10 +65,10 @@ def exact_norm(grads) -> float:
     return math.sqrt(sum(float(np.sum(np.square(g.numpy().astype(np.float64)))) for g in grads))
 
 
-def run(factor: float, steps: int = 4, compiled: bool = True, **kw):
+def run(factor: float, steps: int = 4, compiled: bool = True, width: int = 16, **kw):
     """A custom loop (SGD, learning rate 0 so every step sees the same kind of gradients):
     returns the monitor and, per step, the float64 reference norm of layer `first0`."""
-    model = scaled_model(factor)
+    model = scaled_model(factor, width=width)
     mon = GradientMonitor(model, every=kw.pop("every", 1), **kw)
     opt = keras.optimizers.SGD(0.0)
     variables = model.trainable_variables
@@ -87,10 +92,11 @@ def run(factor: float, steps: int = 4, compiled: bool = True, **kw):
     return mon, norms
 
 
+@pytest.mark.parametrize("width", WIDTHS)
 @pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("factor", [1e-25, 1e-30])
-def test_underflowing_gradients_are_measured_not_zero(factor, compiled):
-    mon, norms = run(factor, compiled=compiled)
+def test_underflowing_gradients_are_measured_not_zero(factor, compiled, width):
+    mon, norms = run(factor, compiled=compiled, width=width)
     assert min(norms) > 0
     got = [s.grad_norm[mon.info.layers.index("first0")] for s in mon.history]
     assert got == pytest.approx(norms, rel=REL, abs=0)
@@ -98,9 +104,10 @@ def test_underflowing_gradients_are_measured_not_zero(factor, compiled):
     assert bad == []
 
 
+@pytest.mark.parametrize("width", WIDTHS)
 @pytest.mark.parametrize("compiled", [True, False])
-def test_overflowing_finite_gradients_are_not_nonfinite(compiled):
-    mon, norms = run(1e25, compiled=compiled)
+def test_overflowing_finite_gradients_are_not_nonfinite(compiled, width):
+    mon, norms = run(1e25, compiled=compiled, width=width)
     got = [s.grad_norm[mon.info.layers.index("first0")] for s in mon.history]
     assert all(math.isfinite(n) for n in norms)
     assert got == pytest.approx(norms, rel=REL, abs=0)
@@ -108,14 +115,15 @@ def test_overflowing_finite_gradients_are_not_nonfinite(compiled):
     assert not [f for f in mon.findings if f.kind == "nonfinite"]
 
 
-def test_mixed_huge_and_tiny_gradients_in_one_step():
+@pytest.mark.parametrize("width", WIDTHS)
+def test_mixed_huge_and_tiny_gradients_in_one_step(width):
     """One layer's gradients above the float32 square range, another's below it, a third
     ordinary, in the same step: each is right."""
     keras.utils.set_random_seed(0)
     x = keras.Input((16,))
-    big = GradScale(1e24)(keras.layers.Dense(16, name="big")(x))
-    small = GradScale(1e-24)(keras.layers.Dense(16, name="small")(x))
-    plain = keras.layers.Dense(16, name="plain")(x)
+    big = GradScale(1e24)(keras.layers.Dense(width, name="big")(x))
+    small = GradScale(1e-24)(keras.layers.Dense(width, name="small")(x))
+    plain = keras.layers.Dense(width, name="plain")(x)
     h = keras.layers.Activation("tanh")(keras.layers.Add()([big, small, plain]))
     model = keras.Model(x, keras.layers.Dense(1, name="head")(h))
     mon = GradientMonitor(model, every=1)
@@ -133,8 +141,9 @@ def test_mixed_huge_and_tiny_gradients_in_one_step():
     assert not s.nonfinite.any()
 
 
-def test_skip_policy_does_not_skip_a_finite_overflowing_step():
-    mon, _ = run(1e25, nonfinite="skip", every=10)
+@pytest.mark.parametrize("width", WIDTHS)
+def test_skip_policy_does_not_skip_a_finite_overflowing_step(width):
+    mon, _ = run(1e25, nonfinite="skip", every=10, width=width)
     assert not any(s.skipped for s in mon.history)
     assert not [f for f in mon.findings if f.kind == "nonfinite"]
 
@@ -144,17 +153,19 @@ def test_raise_policy_does_not_raise_for_a_finite_overflowing_step():
     assert len(mon.history) == 4 and all(math.isfinite(n) for n in norms)
 
 
-def test_a_real_nan_is_still_nonfinite_and_skipped():
+@pytest.mark.parametrize("width", WIDTHS)
+def test_a_real_nan_is_still_nonfinite_and_skipped(width):
     """An element that is NaN (not an overflow) keeps the step non-finite."""
-    mon, _ = run(math.nan, steps=2, nonfinite="skip", every=10)
+    mon, _ = run(math.nan, steps=2, nonfinite="skip", every=10, width=width)
     assert all(s.skipped for s in mon.history)
     assert [f for f in mon.findings if f.kind == "nonfinite"]
     with pytest.raises((NonFiniteGradientError, tf.errors.OpError)):
         run(math.inf, steps=1, nonfinite="raise")
 
 
-def test_a_truly_zero_layer_stays_exactly_zero():
-    mon, norms = run(0.0, steps=3)
+@pytest.mark.parametrize("width", WIDTHS)
+def test_a_truly_zero_layer_stays_exactly_zero(width):
+    mon, norms = run(0.0, steps=3, width=width)
     assert norms == [0.0] * 3
     assert [s.grad_norm[mon.info.layers.index("first0")] for s in mon.history] == [0.0] * 3
 
@@ -162,7 +173,7 @@ def test_a_truly_zero_layer_stays_exactly_zero():
 def test_keras_fit_reports_an_overflowing_step_as_finite_and_correct():
     """The Keras callback path: a finite gradient with elements above ~1e19 is measured exactly
     and, under nonfinite="skip", the optimizer step is taken."""
-    model = scaled_model(1e25)
+    model = scaled_model(1e25, width=512)
     model.compile(keras.optimizers.SGD(0.0), "mse")
     x, y = data()
     variables = model.trainable_variables
