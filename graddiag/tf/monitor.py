@@ -596,12 +596,12 @@ class GradientMonitor(MonitorAPI):
                 clip_coef = tf.where(ok, clip_coef, RowLayout.NONE)
         step = self._count.read_value()
         row = tf.cast(tf.math.floormod(step, self._capacity), tf.int32)
-        micro = self._micro.read_value()
+        acc = self._accumulators is not None  # else these two stay at their initial values
         scalars = {
             "clip_coef": clip_coef,
             "skipped": skipped,
-            "grad_reset": self._reset.read_value(),
-            "backward_calls": micro,
+            "grad_reset": self._reset.read_value() if acc else tf.constant(-1.0),
+            "backward_calls": self._micro.read_value() if acc else tf.constant(0.0),
             "has_loss": tf.constant(0.0 if loss is None else 1.0),
             "loss": tf.constant(0.0) if loss is None else tf.cast(tf.reshape(loss, []), tf.float32),
         }
@@ -609,10 +609,12 @@ class GradientMonitor(MonitorAPI):
         if self._layout.layer_coef is not None:
             tail.append(tf.ones([len(self.info.layers)]) if lcoef is None else lcoef)
         values = tf.concat([vec, tf.cast(tf.concat(tail, 0), tf.float64)], 0)
-        # `_bad` stays set until a poll() has read the step back (several steps per execution)
-        bad = (self._bad.read_value() | ~ok) if self.read_back == "poll" else ~ok
-        writes = [self._rows.scatter_nd_update([[row]], values[None]), self._bad.assign(bad)]
-        if self._accumulators is not None:
+        writes = [self._rows.scatter_nd_update([[row]], values[None])]
+        if self.nonfinite != "warn":  # only these modes read `_bad` (poll)
+            # `_bad` stays set until a poll() has read the step back (several steps per execution)
+            bad = (self._bad.read_value() | ~ok) if self.read_back == "poll" else ~ok
+            writes.append(self._bad.assign(bad))
+        if acc:
             writes += [self._micro.assign(0.0), self._reset.assign(-1.0)]
         if self._detail is not None:
             detail_due = tf.equal(tf.math.floormod(step + 1, self.detail_every), 0)
@@ -634,14 +636,14 @@ class GradientMonitor(MonitorAPI):
             )
         with tf.control_dependencies(writes):
             done = self._count.assign_add(1)
-        log_now = tf.equal(tf.math.floormod(done, self.every), 0)
-        if self._detail is not None:
-            log_now = log_now | detail_due
-        if self._hist is not None:
-            log_now = log_now | hist_due
-        if self.nonfinite != "warn":
-            log_now = log_now | ~ok
-        if self.read_back == "callback":
+        if self.read_back == "callback":  # "poll" decides on the host
+            log_now = tf.equal(tf.math.floormod(done, self.every), 0)
+            if self._detail is not None:
+                log_now = log_now | detail_due
+            if self._hist is not None:
+                log_now = log_now | hist_due
+            if self.nonfinite != "warn":
+                log_now = log_now | ~ok
             if tf.executing_eagerly():
                 # given an optimizer, the first read waits until it has updated (`apply`, a later
                 # read), so the core knows what it updates; unless this step must be reported first
