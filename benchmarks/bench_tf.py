@@ -18,8 +18,8 @@ round's ratio (less sensitive to other processes on a shared machine).
 process, after one warm-up fit of each (the trace and XLA compilation, reported apart): a small MLP
 (32-64-64-1, Adam, batch 32), a 512-wide MLP, the keras-io `addition_rnn` LSTM, and a custom loop
 of the small MLP with `monitor.tape()` against a plain `tf.GradientTape` (one `tf.function` step).
-Times are whole-fit wall times divided by the batches (so per-fit work is included). Not a test:
-run it by hand::
+Times are whole-fit wall times (and the process's CPU time, steadier on a shared machine) divided by
+the batches, so per-fit work is included. Not a test: run it by hand::
 
     TF_CPP_MIN_LOG_LEVEL=2 PYTHONPATH=. python benchmarks/bench_tf.py [--rounds 60 --steps 3]
     TF_CPP_MIN_LOG_LEVEL=2 PYTHONPATH=. python benchmarks/bench_tf.py --fit [--rounds 15]
@@ -202,8 +202,8 @@ def fit_main(args) -> None:
         "variant, interleaved; ms per batch = fit wall time / batches\n"
     )
     print(
-        "| model | variant | first fit (s) | median ms/batch | ratio (median) |\n"
-        "|---|---|---:|---:|---:|"
+        "| model | variant | first fit (s) | median ms/batch | ratio (median) "
+        "| CPU ms/batch | ratio (CPU) |\n|---|---|---:|---:|---:|---:|---:|"
     )
     for name, build, data in fit_models():
         x, y = data(n, rng)
@@ -214,15 +214,21 @@ def fit_main(args) -> None:
             model.fit(x, y, batch_size=32, epochs=1, verbose=0, shuffle=False, callbacks=cbs)
             runs.append((label, model, cbs, time.perf_counter() - t0))
         times: dict[str, list[float]] = {label: [] for label, *_ in runs}
+        cpu: dict[str, list[float]] = {label: [] for label, *_ in runs}
         for _ in range(args.rounds):
             for label, model, cbs, _first in runs:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 model.fit(x, y, batch_size=32, epochs=1, verbose=0, shuffle=False, callbacks=cbs)
                 times[label].append((time.perf_counter() - t0) / n)
+                cpu[label].append((time.process_time() - c0) / n)
         base = statistics.median(times["plain fit"])
+        cbase = statistics.median(cpu["plain fit"])
         for label, _model, cbs, first in runs:
-            med = statistics.median(times[label])
-            print(f"| {name} | {label} | {first:.2f} | {med * 1e3:.3f} | {med / base:.3f}x |")
+            med, cmed = statistics.median(times[label]), statistics.median(cpu[label])
+            print(
+                f"| {name} | {label} | {first:.2f} | {med * 1e3:.3f} | {med / base:.3f}x "
+                f"| {cmed * 1e3:.3f} | {cmed / cbase:.3f}x |"
+            )
             for cb in cbs:
                 cb.close()
     # custom loop: one tf.function step per batch, interleaved in rounds of `n` steps
@@ -230,17 +236,21 @@ def fit_main(args) -> None:
     y = tf.constant(rng.normal(size=(32, 1)), tf.float32)
     loops = {"plain tape": custom_loop(False), "monitor.tape()": custom_loop(True)}
     times = {label: [] for label in loops}
+    cpu = {label: [] for label in loops}
     for step, _ in loops.values():
         for _ in range(3):
             step(x, y)
     for _ in range(args.rounds):
         for label, (step, _) in loops.items():
+            c0 = time.process_time()
             times[label].append(time_steps(step, x, y, n))
-    base = statistics.median(times["plain tape"])
+            cpu[label].append((time.process_time() - c0) / (n + 1))
+    base, cbase = statistics.median(times["plain tape"]), statistics.median(cpu["plain tape"])
     for label, (_, mon) in loops.items():
-        med = statistics.median(times[label])
+        med, cmed = statistics.median(times[label]), statistics.median(cpu[label])
         print(
-            f"| custom loop, MLP 32-64-64-1 | {label} | - | {med * 1e3:.3f} | {med / base:.3f}x |"
+            f"| custom loop, MLP 32-64-64-1 | {label} | - | {med * 1e3:.3f} | {med / base:.3f}x "
+            f"| {cmed * 1e3:.3f} | {cmed / cbase:.3f}x |"
         )
         if mon is not None:
             mon.close()
