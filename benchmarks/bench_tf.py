@@ -23,6 +23,9 @@ the batches, so per-fit work is included. Not a test: run it by hand::
 
     TF_CPP_MIN_LOG_LEVEL=2 PYTHONPATH=. python benchmarks/bench_tf.py [--rounds 60 --steps 3]
     TF_CPP_MIN_LOG_LEVEL=2 PYTHONPATH=. python benchmarks/bench_tf.py --fit [--rounds 15]
+    TF_CPP_MIN_LOG_LEVEL=2 PYTHONPATH=. python benchmarks/bench_tf.py --measure [--rounds 15]
+
+`--measure` times one gradient's sum of squares by size (float32, float64, scaled float32).
 """
 
 from __future__ import annotations
@@ -256,6 +259,38 @@ def fit_main(args) -> None:
             mon.close()
 
 
+def measure_main(args) -> None:
+    """Cost of one gradient's sum of squares by size: float32 `l2_loss` (what healthy steps pay
+    for large gradients), a float64 cast + `l2_loss` (what small gradients always get) and the
+    scaled float32 sum (`scaled_half_sum_squares`, the re-measure of suspicious large ones)."""
+    from graddiag.tf._measure import scaled_half_sum_squares
+
+    out = tf.Variable(tf.zeros([], tf.float64))
+    kinds = {
+        "float32 l2_loss": lambda g: tf.cast(tf.nn.l2_loss(g), tf.float64),
+        "float64 cast + l2_loss": lambda g: tf.nn.l2_loss(tf.cast(g, tf.float64)),
+        "scaled float32 (max-abs)": scaled_half_sum_squares,
+        "empty step (call overhead)": lambda g: tf.constant(0.0, tf.float64),
+    }
+    fns = {k: tf.function(lambda g, fn=fn: out.assign(fn(g))) for k, fn in kinds.items()}
+    print(f"tf {tf.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    print("\n| elements | " + " | ".join(kinds) + " |\n|---:|" + "---:|" * len(kinds))
+    for n in (1024, 4096, 16384, 65536, 1 << 20):
+        g = tf.constant(np.random.default_rng(0).normal(size=n).astype("float32"))
+        reps = max(20, 2_000_000 // n)
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        for fn in fns.values():
+            fn(g)
+        for _ in range(args.rounds):
+            for k, fn in fns.items():
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    fn(g)
+                times[k].append((time.perf_counter() - t0) / reps)
+        cells = [f"{statistics.median(times[k]) * 1e6:.1f} us" for k in fns]
+        print(f"| {n} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=60)
@@ -264,7 +299,11 @@ def main() -> None:
     ap.add_argument("--optimizer", default="SGD", help="Keras optimizer class name")
     ap.add_argument("--fit", action="store_true", help="Keras fit and custom-loop rows instead")
     ap.add_argument("--batches", type=int, default=200, help="batches per fit (with --fit)")
+    ap.add_argument("--measure", action="store_true", help="sum-of-squares cost by size instead")
     args = ap.parse_args()
+    if args.measure:
+        measure_main(args)
+        return
     if args.fit:
         fit_main(args)
         return
