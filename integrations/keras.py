@@ -178,7 +178,8 @@ class GradDiagCallback(keras.callbacks.Callback):
 
         optimizer.apply = apply
         self._optimizer = optimizer
-        self._plain = model.train_function
+        if self._traced is None or model.train_function is not self._traced[1]:
+            self._plain = model.train_function  # (not ours: a fit that raised left ours there)
         key = self._trace_key()
         if self._traced is not None and self._traced[0] == key:
             model.train_function = self._traced[1]  # traced (and compiled) by an earlier fit
