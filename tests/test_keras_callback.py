@@ -200,6 +200,9 @@ def test_fit_update_ratio_is_lr_times_grad_norm_over_weight_norm_and_nothing_uno
     )
     np.testing.assert_allclose(cb.monitor.history[0].update_ratio, ratio, rtol=REL)
     assert all(s.update_ratio is not None for s in cb.monitor.history)
+    # the detail statistics (computed in the update's tf.cond) describe the step's gradients
+    gmax = [max(float(tf.reduce_max(tf.abs(g))) for g in grads[2 * i : 2 * i + 2]) for i in (0, 1)]
+    np.testing.assert_allclose(cb.monitor.history[0].grad_max, gmax, rtol=REL)
     assert cb.monitor.info.unoptimized == ()
     assert [f for f in cb.findings if f.kind == "frozen"] == []
 
