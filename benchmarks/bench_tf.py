@@ -11,9 +11,21 @@ A Keras MLP of 8 Dense(1024) layers, batch 64, one `tf.function` train step per 
 
 The variants run interleaved in short rounds (so drift and other load hit all of them alike); the
 table reports the median time per step over the rounds, its ratio to the plain step, and the best
-round's ratio (less sensitive to other processes on a shared machine). Not a test: run it by hand::
+round's ratio (less sensitive to other processes on a shared machine).
+
+`--fit` measures Keras `fit` instead, plain against `GradDiagCallback()` at its default settings
+(and `every=100, detail_every=0, hist_every=0`), interleaved fits of `--batches` batches in one
+process, after one warm-up fit of each (the trace and XLA compilation, reported apart): a small MLP
+(32-64-64-1, Adam, batch 32), a 512-wide MLP, the keras-io `addition_rnn` LSTM, and a custom loop
+of the small MLP with `monitor.tape()` against a plain `tf.GradientTape` (one `tf.function` step).
+Times are whole-fit wall times (and the process's CPU time, steadier on a shared machine) divided by
+the batches, so per-fit work is included. Not a test: run it by hand::
 
     TF_CPP_MIN_LOG_LEVEL=2 PYTHONPATH=. python benchmarks/bench_tf.py [--rounds 60 --steps 3]
+    TF_CPP_MIN_LOG_LEVEL=2 PYTHONPATH=. python benchmarks/bench_tf.py --fit [--rounds 15]
+    TF_CPP_MIN_LOG_LEVEL=2 PYTHONPATH=. python benchmarks/bench_tf.py --measure [--rounds 15]
+
+`--measure` times one gradient's sum of squares by size (float32, float64, scaled float32).
 """
 
 from __future__ import annotations
@@ -97,13 +109,204 @@ def time_steps(step, x, y, n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
+def fit_models():
+    """(name, build, data): Keras models for the `fit` rows, each with its data of `n` batches."""
+
+    def mlp(width, inputs):
+        def build():
+            keras.utils.set_random_seed(0)
+            model = keras.Sequential(
+                [keras.Input((inputs,))]
+                + [keras.layers.Dense(width, activation="relu") for _ in range(2)]
+                + [keras.layers.Dense(1)]
+            )
+            model.compile(optimizer="adam", loss="mse")
+            return model
+
+        def data(n, rng):
+            x = rng.normal(size=(32 * n, inputs)).astype("float32")
+            return x, rng.normal(size=(32 * n, 1)).astype("float32")
+
+        return build, data
+
+    def rnn():  # keras-io addition_rnn: "123+45" -> "168" as one-hot characters
+        def build():
+            keras.utils.set_random_seed(0)
+            model = keras.Sequential(
+                [
+                    keras.Input((7, 12)),
+                    keras.layers.LSTM(128),
+                    keras.layers.RepeatVector(4),
+                    keras.layers.LSTM(128, return_sequences=True),
+                    keras.layers.Dense(12, activation="softmax"),
+                ]
+            )
+            model.compile(optimizer="adam", loss="categorical_crossentropy")
+            return model
+
+        def data(n, rng):
+            x = np.eye(12, dtype="float32")[rng.integers(0, 12, size=(32 * n, 7))]
+            return x, np.eye(12, dtype="float32")[rng.integers(0, 12, size=(32 * n, 4))]
+
+        return build, data
+
+    return [
+        ("MLP 32-64-64-1", *mlp(64, 32)),
+        ("MLP 512-512-512-1", *mlp(512, 512)),
+        ("addition_rnn (LSTM 128)", *rnn()),
+    ]
+
+
+def custom_loop(monitored: bool):
+    """The small MLP trained by a `tf.function` step with a (monitored) tape, Adam, batch 32."""
+    from graddiag.tf import GradientMonitor
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((32,)),
+            keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dense(1),
+        ]
+    )
+    opt = keras.optimizers.Adam()
+    mon = GradientMonitor(model) if monitored else None
+
+    @tf.function
+    def step(x, y):
+        with mon.tape() if monitored else tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(model(x, training=True) - y))
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        return loss
+
+    return step, mon
+
+
+def fit_main(args) -> None:
+    from integrations.keras import GradDiagCallback
+
+    rng = np.random.default_rng(0)
+    n = args.batches
+    variants = [
+        ("plain fit", lambda: []),
+        ("GradDiagCallback()", lambda: [GradDiagCallback(print_summary=False)]),
+        (
+            "GradDiagCallback(every=100, detail_every=0, hist_every=0)",
+            lambda: [
+                GradDiagCallback(every=100, detail_every=0, hist_every=0, print_summary=False)
+            ],
+        ),
+    ]
+    print(
+        f"Keras fit, tf {tf.__version__}, keras {keras.__version__}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f}; {args.rounds} rounds of one {n}-batch fit per "
+        "variant, interleaved; ms per batch = fit wall time / batches\n"
+    )
+    print(
+        "| model | variant | first fit (s) | median ms/batch | ratio (median) "
+        "| CPU ms/batch | ratio (CPU) |\n|---|---|---:|---:|---:|---:|---:|"
+    )
+    for name, build, data in fit_models():
+        x, y = data(n, rng)
+        runs = []
+        for label, callbacks in variants:
+            model, cbs = build(), callbacks()
+            t0 = time.perf_counter()
+            model.fit(x, y, batch_size=32, epochs=1, verbose=0, shuffle=False, callbacks=cbs)
+            runs.append((label, model, cbs, time.perf_counter() - t0))
+        times: dict[str, list[float]] = {label: [] for label, *_ in runs}
+        cpu: dict[str, list[float]] = {label: [] for label, *_ in runs}
+        for _ in range(args.rounds):
+            for label, model, cbs, _first in runs:
+                t0, c0 = time.perf_counter(), time.process_time()
+                model.fit(x, y, batch_size=32, epochs=1, verbose=0, shuffle=False, callbacks=cbs)
+                times[label].append((time.perf_counter() - t0) / n)
+                cpu[label].append((time.process_time() - c0) / n)
+        base = statistics.median(times["plain fit"])
+        cbase = statistics.median(cpu["plain fit"])
+        for label, _model, cbs, first in runs:
+            med, cmed = statistics.median(times[label]), statistics.median(cpu[label])
+            print(
+                f"| {name} | {label} | {first:.2f} | {med * 1e3:.3f} | {med / base:.3f}x "
+                f"| {cmed * 1e3:.3f} | {cmed / cbase:.3f}x |"
+            )
+            for cb in cbs:
+                cb.close()
+    # custom loop: one tf.function step per batch, interleaved in rounds of `n` steps
+    x = tf.constant(rng.normal(size=(32, 32)), tf.float32)
+    y = tf.constant(rng.normal(size=(32, 1)), tf.float32)
+    loops = {"plain tape": custom_loop(False), "monitor.tape()": custom_loop(True)}
+    times = {label: [] for label in loops}
+    cpu = {label: [] for label in loops}
+    for step, _ in loops.values():
+        for _ in range(3):
+            step(x, y)
+    for _ in range(args.rounds):
+        for label, (step, _) in loops.items():
+            c0 = time.process_time()
+            times[label].append(time_steps(step, x, y, n))
+            cpu[label].append((time.process_time() - c0) / (n + 1))
+    base, cbase = statistics.median(times["plain tape"]), statistics.median(cpu["plain tape"])
+    for label, (_, mon) in loops.items():
+        med, cmed = statistics.median(times[label]), statistics.median(cpu[label])
+        print(
+            f"| custom loop, MLP 32-64-64-1 | {label} | - | {med * 1e3:.3f} | {med / base:.3f}x "
+            f"| {cmed * 1e3:.3f} | {cmed / cbase:.3f}x |"
+        )
+        if mon is not None:
+            mon.close()
+
+
+def measure_main(args) -> None:
+    """Cost of one gradient's sum of squares by size: float32 `l2_loss` (what healthy steps pay
+    for large gradients), a float64 cast + `l2_loss` (what small gradients always get) and the
+    scaled float32 sum (`scaled_half_sum_squares`, the re-measure of suspicious large ones)."""
+    from graddiag.tf._measure import scaled_half_sum_squares
+
+    out = tf.Variable(tf.zeros([], tf.float64))
+    kinds = {
+        "float32 l2_loss": lambda g: tf.cast(tf.nn.l2_loss(g), tf.float64),
+        "float64 cast + l2_loss": lambda g: tf.nn.l2_loss(tf.cast(g, tf.float64)),
+        "scaled float32 (max-abs)": scaled_half_sum_squares,
+        "empty step (call overhead)": lambda g: tf.constant(0.0, tf.float64),
+    }
+    fns = {k: tf.function(lambda g, fn=fn: out.assign(fn(g))) for k, fn in kinds.items()}
+    print(f"tf {tf.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    print("\n| elements | " + " | ".join(kinds) + " |\n|---:|" + "---:|" * len(kinds))
+    for n in (1024, 4096, 16384, 65536, 1 << 20):
+        g = tf.constant(np.random.default_rng(0).normal(size=n).astype("float32"))
+        reps = max(20, 2_000_000 // n)
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        for fn in fns.values():
+            fn(g)
+        for _ in range(args.rounds):
+            for k, fn in fns.items():
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    fn(g)
+                times[k].append((time.perf_counter() - t0) / reps)
+        cells = [f"{statistics.median(times[k]) * 1e6:.1f} us" for k in fns]
+        print(f"| {n} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--steps", type=int, default=3, help="steps per variant per round")
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--optimizer", default="SGD", help="Keras optimizer class name")
+    ap.add_argument("--fit", action="store_true", help="Keras fit and custom-loop rows instead")
+    ap.add_argument("--batches", type=int, default=200, help="batches per fit (with --fit)")
+    ap.add_argument("--measure", action="store_true", help="sum-of-squares cost by size instead")
     args = ap.parse_args()
+    if args.measure:
+        measure_main(args)
+        return
+    if args.fit:
+        fit_main(args)
+        return
 
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(size=(BATCH, WIDTH)), tf.float32)

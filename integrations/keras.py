@@ -2,13 +2,17 @@
 
 `GradDiagCallback` wraps the model's optimizer for the duration of `fit`: at `on_train_begin` it
 sets an `apply` attribute on the optimizer *instance* that passes the gradients through a
-`graddiag.tf.GradientMonitor` (measured, clipped) before the optimizer's own `apply`, and forces
-Keras to retrace its train function; `on_train_end` deletes the attribute (the class method is
-back) and drops the traced function again. The optimizer's class, config and variables never
-change, so `model.save`/`keras.models.load_model` see a plain model, during and after the run.
+`graddiag.tf.GradientMonitor` (measured, clipped) before the optimizer's own `apply`, and installs
+a train function traced with it (traced once per callback and model: a later `fit` with the same
+callback reuses it, so only the first `fit` pays the trace and XLA compilation); `on_train_end`
+deletes the attribute (the class method is back) and puts the model's plain train function back.
+The optimizer's class, config and variables never change, so `model.save`/`keras.models.load_model`
+see a plain model, during and after the run.
 
-Statistics are read back from the device in `on_train_batch_end` once every `every` steps (no host
-op inside the compiled step, so XLA `jit_compile` keeps working).
+Statistics are read back from the device once every `every` steps (no host op inside the compiled
+step, so XLA `jit_compile` keeps working). The callback counts steps on the host from the batch
+index Keras passes to `on_train_batch_begin` and reads the device only when a log step has passed
+(under `nonfinite="warn"`; no per-batch read of the step counter).
 
 Steps are numbered by the optimizer's `iterations`: one callback reused across several `fit` calls
 on the same model (or a model whose optimizer state was restored) continues one run — one event
@@ -44,8 +48,9 @@ class GradDiagCallback(keras.callbacks.Callback):
             optimizer receives.
         nonfinite: "warn", "skip" (the optimizer step is not taken on a non-finite step) or "raise"
             (`NonFiniteGradientError` from `on_train_batch_end`, at the end of the offending batch
-            under `steps_per_execution=1`, of its execution otherwise; this reads one flag from
-            the device per batch).
+            under `steps_per_execution=1`, of its execution otherwise). "skip" and "raise" read one
+            flag from the device per batch in `on_train_batch_end`; "warn" reads nothing between
+            log steps.
         detectors: detector settings, see `graddiag.detectors.build_detectors`.
         detail_every: max |g|, zero fraction, parameter norm and NaN/Inf counts every this many
             steps (0: never).
@@ -111,6 +116,11 @@ class GradDiagCallback(keras.callbacks.Callback):
         self.print_summary = bool(print_summary)
         self.monitor: GradientMonitor | None = None
         self._optimizer = None
+        self._base = 0  # the monitor's step count at the start of the current epoch
+        self._traced: tuple[tuple, Any] | None = None  # (key, train function with the monitor)
+        self._plain: Any = None  # the model's train function before this fit's
+        if nonfinite != "warn":  # an instance attribute: other modes only have a batch-end hook
+            self.on_train_batch_end = self._check_batch_end
 
     @property
     def findings(self) -> list[Finding]:
@@ -168,12 +178,48 @@ class GradDiagCallback(keras.callbacks.Callback):
 
         optimizer.apply = apply
         self._optimizer = optimizer
-        model.make_train_function(force=True)
+        if self._traced is None or model.train_function is not self._traced[1]:
+            self._plain = model.train_function  # (not ours: a fit that raised left ours there)
+        key = self._trace_key()
+        if self._traced is not None and self._traced[0] == key:
+            model.train_function = self._traced[1]  # traced (and compiled) by an earlier fit
+        else:
+            model.make_train_function(force=True)
+            self._traced = (key, model.train_function)
 
-    def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
-        if self.monitor is None or self._optimizer is None:
-            return
-        self.monitor.poll()  # reads the step counter (one scalar); the buffer on log steps only
+    def _trace_key(self) -> tuple:
+        """What a traced train function depends on: the monitor (its ring buffer is replaced when
+        `steps_per_execution` grows), the optimizer, the trainable variables and how Keras
+        compiles."""
+        model, mon = self.model, self.monitor
+        return (
+            id(mon),
+            id(mon._rows),
+            id(self._optimizer),
+            tuple(id(v) for v in model.trainable_variables),
+            getattr(model, "jit_compile", None),
+            getattr(model, "run_eagerly", None),
+            getattr(model, "steps_per_execution", None),
+        )
+
+    def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        if self.monitor is not None and self._optimizer is not None:
+            self._base = int(self.monitor._count.numpy())  # one scalar per epoch
+
+    def on_train_batch_begin(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
+        # `batch` steps of this epoch are done: read the device only if a log step has passed
+        mon = self.monitor
+        if mon is not None and self._optimizer is not None and mon._log_due(self._base + batch):
+            mon.poll()  # reads the step counter, then the buffer
+
+    def _check_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
+        """`on_train_batch_end` under "skip"/"raise": a non-finite step is reported at once."""
+        if self.monitor is not None and self._optimizer is not None:
+            self.monitor.poll()  # reads the step counter (one scalar); the buffer when due
+
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        if self.monitor is not None and self._optimizer is not None:
+            self.monitor.poll()  # the log steps of the epoch's last batches
 
     def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
         self._restore()
@@ -195,4 +241,5 @@ class GradDiagCallback(keras.callbacks.Callback):
         if self._optimizer is not None:
             self._optimizer.__dict__.pop("apply", None)
             self._optimizer = None
-            self.model.train_function = None  # retrace without the monitor next time
+            self.model.train_function = self._plain  # the model trains without the monitor
+            self._plain = None

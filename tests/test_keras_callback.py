@@ -200,5 +200,49 @@ def test_fit_update_ratio_is_lr_times_grad_norm_over_weight_norm_and_nothing_uno
     )
     np.testing.assert_allclose(cb.monitor.history[0].update_ratio, ratio, rtol=REL)
     assert all(s.update_ratio is not None for s in cb.monitor.history)
+    # the detail statistics (computed in the update's tf.cond) describe the step's gradients
+    gmax = [max(float(tf.reduce_max(tf.abs(g))) for g in grads[2 * i : 2 * i + 2]) for i in (0, 1)]
+    np.testing.assert_allclose(cb.monitor.history[0].grad_max, gmax, rtol=REL)
     assert cb.monitor.info.unoptimized == ()
     assert [f for f in cb.findings if f.kind == "frozen"] == []
+
+
+def test_later_fits_reuse_the_traced_step_and_plain_fits_stay_plain(monkeypatch):
+    """The train function with the monitor is traced (and XLA-compiled) once per callback and
+    model, not at every `fit`: Python runs `GradientMonitor.step` only while tracing."""
+    from graddiag.tf import GradientMonitor
+
+    traced = []
+    real = GradientMonitor.step
+    monkeypatch.setattr(
+        GradientMonitor, "step", lambda self, *a, **k: traced.append(1) or real(self, *a, **k)
+    )
+    model, x, y = model_and_data()
+    cb = GradDiagCallback(every=2, detectors=NO_SPIKE, print_summary=False)
+    fit = {"batch_size": BATCH, "epochs": 1, "shuffle": False, "verbose": 0}
+    model.fit(x, y, callbacks=[cb], **fit)
+    first = len(traced)
+    assert first >= 1
+    model.fit(x, y, **fit)  # plain: neither measured nor traced with the monitor
+    assert len(cb.monitor.history) == 4 and len(traced) == first
+    model.fit(x, y, callbacks=[cb], **fit)
+    model.fit(x, y, callbacks=[cb], **fit)
+    assert len(traced) == first
+    # one run: 4 steps, 4 steps the optimizer took without the callback, then 8 more
+    assert [s.step for s in cb.monitor.history] == [0, 1, 2, 3, *range(8, 16)]
+
+
+def test_warn_mode_reads_the_device_at_log_steps_only(monkeypatch):
+    """Under the default `nonfinite="warn"` the callback reads the device only around log steps
+    (it counts steps on the host), not every batch."""
+    from graddiag.tf import GradientMonitor
+
+    cb = GradDiagCallback(every=4, detail_every=0, hist_every=0, print_summary=False)
+    polls = []
+    real = GradientMonitor.poll
+    monkeypatch.setattr(GradientMonitor, "poll", lambda self, *a: polls.append(1) or real(self, *a))
+    model, x, y = model_and_data()
+    x, y = np.concatenate([x] * 4), np.concatenate([y] * 4)  # 16 batches
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[cb])
+    assert [s.step for s in cb.monitor.history] == list(range(16))
+    assert len(polls) <= 16 // 4 + 1  # at the batches after steps 3, 7, 11 and the epoch's end

@@ -8,7 +8,71 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from graddiag.host import HIST_BINS, HIST_WIDTH
+from graddiag.host import HIST_BINS, HIST_WIDTH, TINY_SUMSQ
+
+#: Gradients up to this many elements are always summed in float64 (a cast, then `l2_loss`: as
+#: many ops as a float32 sum and no branch; measured in benchmarks/bench_tf.py --measure); larger
+#: ones in float32, re-measured only when that sum may be wrong.
+EXACT_MAX_NUMEL = 4096
+
+
+def scaled_half_sum_squares(v) -> tf.Tensor:
+    """Half the sum of squares of `v` in float64, computed as max|v|^2 * l2_loss(v / max|v|) with a
+    float32 pass: neither overflow nor underflow for finite float32/bf16/fp16 values (NaN/Inf
+    stay non-finite). Cheaper on the CPU than a float64 cast for large tensors (docs/tensorflow.md)."""
+    v = tf.cast(v, tf.float32) if v.dtype != tf.float32 else v
+    m = tf.reduce_max(tf.abs(v)) if v.shape.num_elements() != 0 else tf.constant(0.0)
+    m = tf.where(m > 0.0, m, 1.0)  # an all-zero gradient stays exactly 0
+    m64 = tf.cast(m, tf.float64)
+    return tf.cast(tf.nn.l2_loss(v / m), tf.float64) * m64 * m64
+
+
+def sums_of_squares(grads: list) -> tf.Tensor:
+    """float64 vector of the gradients' sums of squares (tensors or deduplicated IndexedSlices),
+    right for every finite float32/bf16/fp16 gradient, at the cost of float32 sums.
+
+    Small gradients (up to `EXACT_MAX_NUMEL` elements) are summed in float64 directly. Larger ones
+    get one float32 `l2_loss` each; entries that may be wrong there — +inf (finite elements above
+    ~1e19 overflow) or below `TINY_SUMSQ` (elements below ~1e-19 underflow, exactly 0 included) —
+    are measured again with a scaled sum (`scaled_half_sum_squares`), each in its own `tf.cond`
+    inside one `tf.cond` on "any entry suspicious", so a healthy step pays one predicate. So
+    non-finite is decided by the elements (the sum of finite values is finite), and a gradient
+    reads exactly 0 only when every element is 0."""
+    values = [g.values if isinstance(g, tf.IndexedSlices) else g for g in grads]
+    small = [
+        v.shape.num_elements() is not None and v.shape.num_elements() <= EXACT_MAX_NUMEL
+        for v in values
+    ]
+    half: list = [
+        tf.nn.l2_loss(v if v.dtype == tf.float64 else tf.cast(v, tf.float64)) if s else None
+        for v, s in zip(values, small, strict=True)
+    ]
+    large = [i for i, s in enumerate(small) if not s]
+    if large:
+        big = [values[i] for i in large]
+        fast = tf.stack(
+            [tf.nn.l2_loss(v if v.dtype == tf.float32 else tf.cast(v, tf.float32)) for v in big]
+        )
+        suspicious = tf.math.is_inf(fast) | (fast < TINY_SUMSQ / 2)  # NaN: neither, stays NaN
+
+        def exact():
+            return tf.stack(
+                [
+                    tf.cond(
+                        suspicious[j],
+                        lambda v=v: scaled_half_sum_squares(v),
+                        lambda j=j: tf.cast(fast[j], tf.float64),
+                    )
+                    for j, v in enumerate(big)
+                ]
+            )
+
+        checked = tf.cond(tf.reduce_any(suspicious), exact, lambda: tf.cast(fast, tf.float64))
+        if len(large) == len(values):
+            return checked * 2.0
+        for i, h in zip(large, tf.unstack(checked, num=len(large)), strict=True):
+            half[i] = h
+    return tf.stack(half) * 2.0
 
 
 def sum_squares(g) -> tf.Tensor:

@@ -29,6 +29,7 @@ from graddiag.tf._measure import (
     histogram_rows,
     identity,
     sum_squares,
+    sums_of_squares,
     zero_unless,
 )
 from graddiag.tf._model import (
@@ -298,8 +299,8 @@ class GradientMonitor(MonitorAPI):
 
     def _ring_variable(self) -> tf.Variable:
         with tf.init_scope():
-            return tf.Variable(
-                np.tile(self._layout.blank(), (self._capacity, 1)),
+            return tf.Variable(  # float64: an exact sum of squares of float32 values fits
+                np.tile(self._layout.blank().astype(np.float64), (self._capacity, 1)),
                 trainable=False,
                 name="graddiag_rows",
             )
@@ -485,10 +486,7 @@ class GradientMonitor(MonitorAPI):
             return []
         if steps_done is None:
             steps_done = int(self._count.numpy())
-        due = steps_done > self._fetched and any(
-            k and steps_done // k > self._fetched // k
-            for k in (self.every, self.detail_every, self.hist_every)
-        )
+        due = self._log_due(steps_done)
         if not due and self.nonfinite != "warn" and steps_done > self._fetched:
             due = bool(self._bad.numpy())
         if not due:
@@ -496,6 +494,14 @@ class GradientMonitor(MonitorAPI):
         if self.nonfinite != "warn":
             self._bad.assign(False)
         return self._fetch(steps_done)
+
+    def _log_due(self, steps_done: int) -> bool:
+        """Whether a log, detail or histogram step is among the steps before `steps_done` that the
+        host has not read back yet."""
+        return steps_done > self._fetched and any(
+            k and steps_done // k > self._fetched // k
+            for k in (self.every, self.detail_every, self.hist_every)
+        )
 
     def continue_at(self, step: int) -> list[Finding]:
         """Number the next step `step` (the optimizer stepped without the monitor, or was
@@ -539,20 +545,22 @@ class GradientMonitor(MonitorAPI):
         return tf.cast(tf.convert_to_tensor(ls), tf.float32)
 
     def _measure(self, grads, slots, inv_scale2):
-        """Per-variable sums of squares (unscaled) as one vector over all monitored variables."""
+        """Per-variable sums of squares (unscaled, float64, exact for every finite gradient; see
+        `sums_of_squares`) as one vector over all monitored variables, `_NO_GRAD` where a variable
+        has no gradient; and whether they are all finite."""
         n = len(self.variables)
-        by_slot = dict(zip(slots, grads, strict=True))
-        parts = [
-            (sum_squares(by_slot[i]) if by_slot.get(i) is not None else None) for i in range(n)
-        ]
-        present = [p for p in parts if p is not None]
-        if not present:
-            return tf.zeros([n]), tf.zeros([n], tf.bool)
-        vec = tf.stack([p if p is not None else tf.constant(0.0) for p in parts])
+        live = [k for k, g in enumerate(grads) if g is not None]
+        if not live:
+            return tf.fill([n], tf.constant(_NO_GRAD, tf.float64)), tf.constant(True)
+        vec = sums_of_squares([grads[k] for k in live])
         if inv_scale2 is not None:
-            vec = vec * inv_scale2
-        has = tf.constant([p is not None for p in parts])
-        return vec, has
+            vec = vec * tf.cast(inv_scale2, tf.float64)
+        ok = tf.reduce_all(tf.math.is_finite(vec))
+        at = {slots[k]: j for j, k in enumerate(live)}
+        index = [at.get(i, len(live)) for i in range(n)]
+        if index != list(range(n)):  # missing or reordered variables
+            vec = tf.gather(tf.concat([vec, tf.constant([_NO_GRAD], tf.float64)], 0), index)
+        return vec, ok
 
     def _clip(self, grads, variables, slots, vec, scale):
         """Apply the clipping chain in the graph through `graddiag.clip.clip_gradients`; returns
@@ -579,14 +587,13 @@ class GradientMonitor(MonitorAPI):
     def _step_graph(self, grads, variables, slots, loss):
         scale = self._scale_value()
         inv2 = None if scale is None else 1.0 / (scale * scale)
-        vec, has = self._measure(grads, slots, inv2)
+        vec, ok = self._measure(grads, slots, inv2)
         grads_in = grads
-        total = tf.reduce_sum(vec)
-        ok = tf.math.is_finite(total)
         clip_coef = tf.constant(-1.0)
         lcoef = None
         if self.chain is not None:
-            grads, clip_coef, lcoef = self._clip(grads, variables, slots, vec, scale)
+            vec32 = tf.cast(vec, tf.float32)  # the clipping engine works in float32
+            grads, clip_coef, lcoef = self._clip(grads, variables, slots, vec32, scale)
         skipped = tf.constant(0.0)
         if self.nonfinite == "skip":
             grads = [None if g is None else zero_unless(ok, g) for g in grads]
@@ -595,23 +602,25 @@ class GradientMonitor(MonitorAPI):
                 clip_coef = tf.where(ok, clip_coef, RowLayout.NONE)
         step = self._count.read_value()
         row = tf.cast(tf.math.floormod(step, self._capacity), tf.int32)
-        micro = self._micro.read_value()
+        acc = self._accumulators is not None  # else these two stay at their initial values
         scalars = {
             "clip_coef": clip_coef,
             "skipped": skipped,
-            "grad_reset": self._reset.read_value(),
-            "backward_calls": micro,
+            "grad_reset": self._reset.read_value() if acc else tf.constant(-1.0),
+            "backward_calls": self._micro.read_value() if acc else tf.constant(0.0),
             "has_loss": tf.constant(0.0 if loss is None else 1.0),
             "loss": tf.constant(0.0) if loss is None else tf.cast(tf.reshape(loss, []), tf.float32),
         }
-        parts = [tf.where(has, vec, _NO_GRAD), tf.stack([scalars[k] for k in RowLayout.SCALARS])]
+        tail = [tf.stack([scalars[k] for k in RowLayout.SCALARS])]
         if self._layout.layer_coef is not None:
-            parts.append(tf.ones([len(self.info.layers)]) if lcoef is None else lcoef)
-        values = tf.concat(parts, 0)
-        # `_bad` stays set until a poll() has read the step back (several steps per execution)
-        bad = (self._bad.read_value() | ~ok) if self.read_back == "poll" else ~ok
-        writes = [self._rows.scatter_nd_update([[row]], values[None]), self._bad.assign(bad)]
-        if self._accumulators is not None:
+            tail.append(tf.ones([len(self.info.layers)]) if lcoef is None else lcoef)
+        values = tf.concat([vec, tf.cast(tf.concat(tail, 0), tf.float64)], 0)
+        writes = [self._rows.scatter_nd_update([[row]], values[None])]
+        if self.nonfinite != "warn":  # only these modes read `_bad` (poll)
+            # `_bad` stays set until a poll() has read the step back (several steps per execution)
+            bad = (self._bad.read_value() | ~ok) if self.read_back == "poll" else ~ok
+            writes.append(self._bad.assign(bad))
+        if acc:
             writes += [self._micro.assign(0.0), self._reset.assign(-1.0)]
         if self._detail is not None:
             detail_due = tf.equal(tf.math.floormod(step + 1, self.detail_every), 0)
@@ -633,14 +642,14 @@ class GradientMonitor(MonitorAPI):
             )
         with tf.control_dependencies(writes):
             done = self._count.assign_add(1)
-        log_now = tf.equal(tf.math.floormod(done, self.every), 0)
-        if self._detail is not None:
-            log_now = log_now | detail_due
-        if self._hist is not None:
-            log_now = log_now | hist_due
-        if self.nonfinite != "warn":
-            log_now = log_now | ~ok
-        if self.read_back == "callback":
+        if self.read_back == "callback":  # "poll" decides on the host
+            log_now = tf.equal(tf.math.floormod(done, self.every), 0)
+            if self._detail is not None:
+                log_now = log_now | detail_due
+            if self._hist is not None:
+                log_now = log_now | hist_due
+            if self.nonfinite != "warn":
+                log_now = log_now | ~ok
             if tf.executing_eagerly():
                 # given an optimizer, the first read waits until it has updated (`apply`, a later
                 # read), so the core knows what it updates; unless this step must be reported first
