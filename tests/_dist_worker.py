@@ -105,7 +105,9 @@ def train(model, opt, rank, world, steps=STEPS, nan_rank=None, clip=None, train_
     fwd = train_model or model
     norms = []
     for step in range(steps):
-        x, y = batch(step, rank, world, nan=(rank == nan_rank and step == NAN_STEP))
+        x, y = batch(
+            step, rank, world, nan=(nan_rank is not None and rank == nan_rank and step == NAN_STEP)
+        )
         opt.zero_grad()
         loss_of(fwd, x, y).backward()
         if clip is not None:
@@ -122,13 +124,22 @@ def scenario(name: str, arg: str, rank: int, world: int, out: str) -> dict:
 
     logdir = os.path.join(out, "logs")
     res: dict = {}
-    if name == "ddp":  # arg: which model the monitor is given ("wrapped" DDP or the "module")
+    if (
+        name == "ddp"
+    ):  # arg: the monitor is given the "wrapped" DDP, or the "module" (per rank logs)
         net = make_model()
         ddp = nn.parallel.DistributedDataParallel(net)
         opt = optimizer(net)
         target = ddp if arg == "wrapped" else net
         mon = GradientMonitor(
-            target, opt, logdir=logdir, every=4, detail_every=2, hist_every=3, flush_secs=0
+            target,
+            opt,
+            logdir=logdir,
+            every=4,
+            detail_every=2,
+            hist_every=3,
+            flush_secs=0,
+            per_rank_logs=arg == "module",  # every rank writes (rank k into logs/rank<k>)
         )
         train(net, opt, rank, world, train_model=ddp)
         mon.close()
