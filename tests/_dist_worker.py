@@ -69,6 +69,16 @@ def optimizer(model):
     return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
 
+def fsdp2(net: nn.Module) -> nn.Module:
+    """`fully_shard` on each Linear layer, then on the root (FSDP2's recipe)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for m in net:
+        if isinstance(m, nn.Linear):
+            fully_shard(m)
+    return fully_shard(net)
+
+
 def history(mon) -> list[dict]:
     def arr(a):
         return None if a is None else [float(v) for v in a]
@@ -145,13 +155,16 @@ def scenario(name: str, arg: str, rank: int, world: int, out: str) -> dict:
         mon.close()
         res.update(layers=mon.layers, history=history(mon), params=full_params(net))
         res["findings"] = [f.to_dict() for f in mon.findings]
-    elif name == "ddp_nan":  # arg: the non-finite policy
+    elif name in ("ddp_nan", "fsdp_nan"):  # arg: the non-finite policy
         net = make_model()
-        ddp = nn.parallel.DistributedDataParallel(net)
+        if name == "ddp_nan":
+            fwd = target = nn.parallel.DistributedDataParallel(net)
+        else:
+            fwd = target = fsdp2(net)
         opt = optimizer(net)
-        mon = GradientMonitor(ddp, opt, logdir=logdir, every=4, nonfinite=arg, flush_secs=0)
+        mon = GradientMonitor(target, opt, logdir=logdir, every=4, nonfinite=arg, flush_secs=0)
         try:
-            train(net, opt, rank, world, train_model=ddp, nan_rank=1)
+            train(net, opt, rank, world, train_model=fwd, nan_rank=1)
         except NonFiniteGradientError as e:
             res["raised"] = str(e)
             res["raised_step"] = e.finding.step
@@ -161,8 +174,8 @@ def scenario(name: str, arg: str, rank: int, world: int, out: str) -> dict:
         mon.close()
         res["findings"] = [f.to_dict() for f in mon.findings if f.kind == "nonfinite"]
         res["skipped"] = [s.step for s in mon.history if s.skipped]
-        res["params_finite"] = bool(all(torch.isfinite(p).all() for p in net.parameters()))
         res["params"] = full_params(net)
+        res["params_finite"] = bool(np.isfinite(np.concatenate(res["params"])).all())
     elif name == "ddp_unused":
         net = make_model("frozen_unused")
         ddp = nn.parallel.DistributedDataParallel(net)
@@ -189,15 +202,9 @@ def scenario(name: str, arg: str, rank: int, world: int, out: str) -> dict:
         res.update(history=history(mon), params=full_params(net), ref_params=full_params(ref))
         res["torch_norms"] = norms
     elif name == "fsdp":  # arg: "stats" or "clip"
-        from torch.distributed.fsdp import fully_shard
 
         def sharded():
-            net = make_model()
-            for m in net:
-                if isinstance(m, nn.Linear):
-                    fully_shard(m)
-            fully_shard(net)
-            return net
+            return fsdp2(make_model())
 
         net = sharded()
         opt = optimizer(net)

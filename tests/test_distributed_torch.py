@@ -133,15 +133,23 @@ def test_ddp_monitor_of_the_unwrapped_module_and_per_rank_logs(tmp_path):
     ]
 
 
-@pytest.mark.parametrize("policy", ["skip", "raise"])
-def test_ddp_nan_on_rank1_is_named_and_no_rank_hangs(tmp_path, policy):
-    ranks = launch("ddp_nan", policy, tmp_path)
+@pytest.mark.parametrize(
+    "scenario, policy",
+    [
+        ("ddp_nan", "skip"),
+        ("ddp_nan", "raise"),
+        pytest.param("fsdp_nan", "skip", marks=pytest.mark.slow),
+        pytest.param("fsdp_nan", "raise", marks=pytest.mark.slow),
+    ],
+)
+def test_nan_on_rank1_is_named_and_no_rank_hangs(tmp_path, scenario, policy):
+    ranks = launch(scenario, policy, tmp_path)
     messages = set()
     for res in ranks:
         assert res["after"] == 2.0  # both ranks reached the collective after the NaN step
         (finding,) = res["findings"]
         assert finding["step"] == W.NAN_STEP
-        assert "first appeared on rank 1 (local gradients" in finding["message"]
+        assert "first appeared on rank 1 (local gradients before" in finding["message"]
         messages.add(finding["message"])
         if policy == "skip":
             assert res["skipped"] == [W.NAN_STEP]

@@ -206,7 +206,7 @@ class GradientMonitor(MonitorAPI):
         sharded = self._dist is not None and self._dist.sharded
         self._hist_every = hist_every if sharded and logdir is not None else settings.hist_every
         if self._dist is not None:
-            self._dist.install()
+            self._dist.install(model)
 
     # ----------------------------------------------------------------------------- hooks
     def _wrap(self, obj: Any, attr: str, make) -> None:
@@ -676,15 +676,15 @@ class GradientMonitor(MonitorAPI):
 
     # ----------------------------------------------------------------------------- distributed
     def _nonfinite_ranks(self, pending: list, rows: np.ndarray) -> None:
-        """DDP: on steps whose averaged gradients hold NaN/Inf (the same steps on every rank),
-        name the ranks whose local gradients did (one all-reduce; none on ordinary steps)."""
+        """On steps whose reduced gradients hold NaN/Inf (the same steps on every rank), name the
+        ranks whose local gradients did (one all-reduce; none on ordinary steps)."""
         P = len(self.params)
         bad = [
             k
             for k, ((_, known), row) in enumerate(zip(pending, rows, strict=True))
             if not np.isfinite(row[:P][known["has"]]).all()
         ]
-        if not bad or self._dist.sharded or not self._dist.origin_known:
+        if not bad or not self._dist.origin_known:
             return
         ranks = self._dist.origin_ranks([pending[k][0] % self.every for k in bad])
         for k, r in zip(bad, ranks, strict=True):
