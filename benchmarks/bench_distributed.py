@@ -51,10 +51,14 @@ def models():
 def ddp_variants(logdir):
     """name -> make(build) -> (forward module, step(loss))"""
 
-    def make(monitor: bool, clip: bool, torch_clip: bool):
+    def make(monitor: bool, clip: bool, torch_clip: bool, python_hook: bool = False):
         def build(factory):
             net = factory()
             ddp = nn.parallel.DistributedDataParallel(net)
+            if python_hook:  # what replacing DDP's C++ all-reduce by a Python hook costs
+                from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+                ddp.register_comm_hook(None, default_hooks.allreduce_hook)
             opt = torch.optim.SGD(net.parameters(), lr=1e-3)
             if monitor:
                 GradientMonitor(
@@ -75,6 +79,7 @@ def ddp_variants(logdir):
     return {
         "DDP": make(False, False, False),
         "DDP + clip_grad_norm_": make(False, False, True),
+        "DDP + torch's Python allreduce_hook": make(False, False, False, python_hook=True),
         "DDP + graddiag": make(True, False, False),
         "DDP + graddiag clip=": make(True, True, False),
     }
