@@ -4,9 +4,10 @@
 
 Each variant trains its own copy of the same model in the same process group; variants run
 round-robin (one step each per round) so load and drift hit all of them alike. Reported: the
-median wall time of a whole step (forward, backward with its all-reduce / reduce-scatter,
-optimizer step) on rank 0 and its ratio to plain training and to training with torch's own
-`clip_grad_norm_` (graddiag with `clip=` replaces that call).
+median wall time and the median CPU time (all threads of the process) of a whole step (forward,
+backward with its all-reduce / reduce-scatter, optimizer step) on rank 0, and their ratios to
+plain training and to training with torch's own `clip_grad_norm_` (graddiag with `clip=`
+replaces that call).
 """
 
 from __future__ import annotations
@@ -121,29 +122,40 @@ def fsdp_variants(logdir):
 
 
 def measure(variants, factory, batch, reps):
+    """Per variant: median wall time and median CPU time (all threads of this process) of a
+    step, in ms. CPU time counts this rank's own work, so it is less disturbed by other jobs
+    on a loaded machine than wall time is."""
     built = {name: make(factory) for name, make in variants.items()}
-    times = {name: [] for name in built}
+    wall = {name: [] for name in built}
+    cpu = {name: [] for name in built}
     torch.manual_seed(dist.get_rank())
     for r in range(reps + 5):
         x = batch()
         for name, (fwd, step) in built.items():
             dist.barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step(fwd(x).square().mean())
             if r >= 5:  # warm-up rounds left out
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+    return {
+        name: (statistics.median(wall[name]) * 1e3, statistics.median(cpu[name]) * 1e3)
+        for name in built
+    }
 
 
 def table(title, med, plain, clip):
     lines = [
         f"### {title}",
         "",
-        f"| variant | median step (ms) | / {plain} | / {clip} |",
-        "|---|---:|---:|---:|",
+        f"| variant | wall (ms) | / {plain} | / {clip} | CPU (ms) | / {plain} | / {clip} |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, ms in med.items():
-        lines.append(f"| {name} | {ms:.2f} | {ms / med[plain]:.3f} | {ms / med[clip]:.3f} |")
+    for name, (ms, cpu) in med.items():
+        lines.append(
+            f"| {name} | {ms:.2f} | {ms / med[plain][0]:.3f} | {ms / med[clip][0]:.3f} "
+            f"| {cpu:.2f} | {cpu / med[plain][1]:.3f} | {cpu / med[clip][1]:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
