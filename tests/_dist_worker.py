@@ -1,7 +1,8 @@
 """One rank of a real process group for tests/test_distributed_torch.py (not a test module).
 
-``python _dist_worker.py SCENARIO ARG RANK WORLD PORT OUT``: joins a gloo process group on
-127.0.0.1:PORT, runs the scenario and writes ``OUT/rank<RANK>.json``. The problem (model, data,
+``python _dist_worker.py NAME:ARG[,NAME:ARG...] RANK WORLD PORT OUT``: joins a gloo process group
+on 127.0.0.1:PORT, runs the scenarios one after the other and writes each one's result to
+``OUT/<NAME>-<ARG>/rank<RANK>.json`` (its logs under ``OUT/<NAME>-<ARG>/logs``). The problem (model, data,
 optimizer) is defined here once, so the test process can train the same problem unsharded in one
 process as the reference.
 """
@@ -227,7 +228,7 @@ def scenario(name: str, arg: str, rank: int, world: int, out: str) -> dict:
 
 
 def main() -> None:
-    name, arg, rank, world, port, out = sys.argv[1:7]
+    scenarios, rank, world, port, out = sys.argv[1:6]
     rank, world = int(rank), int(world)
     import torch.distributed as dist
 
@@ -235,11 +236,15 @@ def main() -> None:
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
     try:
-        res = scenario(name, arg, rank, world, out)
+        for item in scenarios.split(","):  # one process group for several scenarios, in order
+            name, arg = item.split(":")
+            where = os.path.join(out, f"{name}-{arg}")
+            os.makedirs(where, exist_ok=True)
+            res = scenario(name, arg, rank, world, where)
+            with open(os.path.join(where, f"rank{rank}.json"), "w") as f:
+                json.dump(res, f)
     finally:
         dist.destroy_process_group()
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump(res, f, default=lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o))
 
 
 if __name__ == "__main__":

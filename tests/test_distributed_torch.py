@@ -33,8 +33,8 @@ from graddiag.torch import GradientMonitor  # noqa: E402
 
 #: Distributed vs one process: averaging over ranks and summing shards reorder float32 sums.
 REL = 1e-4
-#: Seconds two ranks may take for one scenario (start-up included) before it counts as a hang.
-TIMEOUT_S = 120
+#: Seconds two ranks may take for one launch (start-up included) before it counts as a hang.
+TIMEOUT_S = 240
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_dist_worker.py")
 
 
@@ -44,13 +44,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(scenario: str, arg: str, out) -> list[dict]:
-    """Run `scenario` on 2 ranks; return each rank's result. Fails (and kills both) on a hang."""
+def launch(scenarios: list[str], out) -> dict[str, list[dict]]:
+    """Run `scenarios` ("name:arg") one after the other in one 2-rank process group; return
+    each one's per-rank results. Fails (and kills both ranks) on a hang."""
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore::FutureWarning"}
+    cmd = [sys.executable, WORKER, ",".join(scenarios)]
     procs = [
         subprocess.Popen(
-            [sys.executable, WORKER, scenario, arg, str(r), "2", str(port), str(out)],
+            [*cmd, str(r), "2", str(port), str(out)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=env,
@@ -65,11 +67,33 @@ def launch(scenario: str, arg: str, out) -> list[dict]:
         for p in procs:
             p.kill()
         logs = [p.communicate()[0].decode(errors="replace")[-2000:] for p in procs]
-        pytest.fail(f"{scenario}[{arg}] hung for {TIMEOUT_S}s:\n" + "\n---\n".join(logs))
+        pytest.fail(f"{scenarios} hung for {TIMEOUT_S}s:\n" + "\n---\n".join(logs))
     for r, p in enumerate(procs):
         text = p.communicate()[0].decode(errors="replace")
-        assert p.returncode == 0, f"rank {r} of {scenario}[{arg}] failed:\n{text[-3000:]}"
-    return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(2)]
+        assert p.returncode == 0, f"rank {r} of {scenarios} failed:\n{text[-3000:]}"
+    results = {}
+    for item in scenarios:
+        where = os.path.join(out, item.replace(":", "-"))
+        results[item] = [json.load(open(os.path.join(where, f"rank{r}.json"))) for r in range(2)]
+    return results
+
+
+#: One process group each (starting two ranks costs more than the scenarios themselves); the
+#: DDP run with an unused layer goes last, since DDP fails on that model's next iteration.
+DDP = ["ddp:wrapped", "ddp_nan:skip", "ddp_nan:raise", "ddp_clip:-", "ddp_unused:-"]
+FSDP = ["fsdp:stats", "fsdp:clip", "fsdp_nan:skip", "fsdp_nan:raise"]
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    return out, launch(DDP, out)
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    return out, launch(FSDP, out)
 
 
 def reference(clip=None, logdir=None) -> tuple[list[dict], list]:
@@ -104,16 +128,18 @@ def event_files(root) -> list[str]:
     return sorted(glob.glob(os.path.join(root, "**", "events.out.tfevents.*"), recursive=True))
 
 
-def test_ddp_equals_one_process_and_rank0_writes_the_only_log(tmp_path):
-    ranks = launch("ddp", "wrapped", tmp_path)
+def test_ddp_equals_one_process_and_rank0_writes_the_only_log(ddp_runs, tmp_path):
+    out, runs = ddp_runs
+    ranks = runs["ddp:wrapped"]
     want, want_params = reference(logdir=str(tmp_path / "ref"))
     for res in ranks:
         assert res["layers"] == ["0", "2", "4"]  # no `module.` prefix
         assert_same_history(res["history"], want)
         assert_same_params(res["params"], want_params)
-    files = event_files(tmp_path / "logs")
-    assert len(files) == 1 and os.path.dirname(files[0]) == str(tmp_path / "logs")
-    acc = EventAccumulator(str(tmp_path / "logs"), size_guidance={"scalars": 0})
+    logs = out / "ddp-wrapped" / "logs"
+    files = event_files(logs)
+    assert len(files) == 1 and os.path.dirname(files[0]) == str(logs)
+    acc = EventAccumulator(str(logs), size_guidance={"scalars": 0})
     acc.Reload()
     logged = [e.value for e in acc.Scalars(tags.tag("grad_norm"))]
     np.testing.assert_allclose(logged, [h["global_norm"] for h in want], rtol=REL)
@@ -121,29 +147,24 @@ def test_ddp_equals_one_process_and_rank0_writes_the_only_log(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_monitor_of_the_unwrapped_module_and_per_rank_logs(tmp_path):
-    ranks = launch("ddp", "module", tmp_path)
+    ranks = launch(["ddp:module"], tmp_path)["ddp:module"]
     want, _ = reference()
     for res in ranks:
         assert res["layers"] == ["0", "2", "4"]
         assert_same_history(res["history"], want)
-    files = event_files(tmp_path / "logs")
-    assert [os.path.relpath(os.path.dirname(f), tmp_path / "logs") for f in files] == [
+    logs = tmp_path / "ddp-module" / "logs"
+    files = event_files(logs)
+    assert [os.path.relpath(os.path.dirname(f), logs) for f in files] == [
         ".",
         "rank1",
     ]
 
 
-@pytest.mark.parametrize(
-    "scenario, policy",
-    [
-        ("ddp_nan", "skip"),
-        ("ddp_nan", "raise"),
-        pytest.param("fsdp_nan", "skip", marks=pytest.mark.slow),
-        pytest.param("fsdp_nan", "raise", marks=pytest.mark.slow),
-    ],
-)
-def test_nan_on_rank1_is_named_and_no_rank_hangs(tmp_path, scenario, policy):
-    ranks = launch(scenario, policy, tmp_path)
+@pytest.mark.parametrize("runs", ["ddp_runs", "fsdp_runs"])
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_nan_on_rank1_is_named_and_no_rank_hangs(request, runs, policy):
+    _, results = request.getfixturevalue(runs)
+    ranks = results[f"{runs.split('_')[0]}_nan:{policy}"]
     messages = set()
     for res in ranks:
         assert res["after"] == 2.0  # both ranks reached the collective after the NaN step
@@ -160,8 +181,8 @@ def test_nan_on_rank1_is_named_and_no_rank_hangs(tmp_path, scenario, policy):
     assert_same_params(ranks[0]["params"], ranks[1]["params"])
 
 
-def test_ddp_frozen_and_unused_layers_are_named(tmp_path):
-    ranks = launch("ddp_unused", "-", tmp_path)
+def test_ddp_frozen_and_unused_layers_are_named(ddp_runs):
+    ranks = ddp_runs[1]["ddp_unused:-"]
     for res in ranks:
         unused = [f for f in res["findings"] if f["kind"] == "unused"]
         assert len(unused) == 1 and unused[0]["layer"] == "unused"
@@ -173,8 +194,8 @@ def test_ddp_frozen_and_unused_layers_are_named(tmp_path):
         assert "unused" in res["layers"] and "frozen" not in res["layers"]
 
 
-def test_ddp_clipping_equals_clip_grad_norm(tmp_path):
-    ranks = launch("ddp_clip", "-", tmp_path)
+def test_ddp_clipping_equals_clip_grad_norm(ddp_runs):
+    ranks = ddp_runs[1]["ddp_clip:-"]
     for res in ranks:
         assert_same_params(res["params"], res["ref_params"])
         norms = [h["global_norm"] for h in res["history"]]
@@ -195,16 +216,17 @@ def _histograms(logdir, layers):
     }
 
 
-def test_fsdp2_equals_unsharded(tmp_path):
-    ranks = launch("fsdp", "stats", tmp_path)
+def test_fsdp2_equals_unsharded(fsdp_runs, tmp_path):
+    out, runs = fsdp_runs
+    ranks = runs["fsdp:stats"]
     want, want_params = reference(logdir=str(tmp_path / "ref"))
     for res in ranks:
         assert res["layers"] == ["0", "2", "4"]
         assert_same_history(res["history"], want)
         assert_same_params(res["params"], want_params)
         assert not [f for f in res["findings"] if f["severity"] != "info"]
-    assert len(event_files(tmp_path / "logs")) == 1
-    got = _histograms(str(tmp_path / "logs"), ranks[0]["layers"])
+    assert len(event_files(out / "fsdp-stats" / "logs")) == 1
+    got = _histograms(str(out / "fsdp-stats" / "logs"), ranks[0]["layers"])
     ref = _histograms(str(tmp_path / "ref"), ranks[0]["layers"])
     for layer, hists in ref.items():
         assert [s for s, _ in got[layer]] == [s for s, _ in hists] == [0, 3]
@@ -217,8 +239,8 @@ def test_fsdp2_equals_unsharded(tmp_path):
             assert list(g.bucket) == list(w.bucket)  # same edges: the same counts
 
 
-def test_fsdp2_clipping_equals_fsdp_recipe_and_unsharded(tmp_path):
-    ranks = launch("fsdp", "clip", tmp_path)
+def test_fsdp2_clipping_equals_fsdp_recipe_and_unsharded(fsdp_runs):
+    ranks = fsdp_runs[1]["fsdp:clip"]
     want, want_params = reference(clip=GlobalNormClip(W.MAX_NORM))
     for res in ranks:
         assert_same_params(res["params"], res["ref_params"])  # clip_grad_norm_ on DTensors
