@@ -132,7 +132,10 @@ def _flag_reduce_scatter(model: nn.Module) -> _FlagHook | None:
     from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
 
     modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    groups = [m._get_fsdp_state()._fsdp_param_groups for m in modules]
+    try:  # FSDP2's internals (to see whether a module's reduce-scatter is still the default)
+        groups = [m._get_fsdp_state()._fsdp_param_groups for m in modules]
+    except AttributeError:  # a torch whose FSDP2 moved them: the rank is not named
+        return None
     if any(
         len(g) > 1 or any(type(pg._reduce_scatter_comm) is not DefaultReduceScatter for pg in g)
         for g in groups
@@ -193,11 +196,6 @@ class Distributed:
         return self.hook is not None
 
     # ------------------------------------------------------------------ logs
-    @property
-    def writes(self) -> bool:
-        """Whether this rank writes logs: rank 0, or every rank with `per_rank_logs`."""
-        return self.rank == 0 or self.per_rank_logs
-
     def logdir(self, logdir: str | os.PathLike | None) -> str | os.PathLike | None:
         """This rank's log directory: `logdir` on rank 0, `logdir/rank<k>` on rank k with
         `per_rank_logs`, else None."""
