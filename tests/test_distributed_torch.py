@@ -27,6 +27,7 @@ if not dist.is_available():  # pragma: no cover - torch built without distribute
 import _dist_worker as W  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
+import graddiag  # noqa: E402
 from graddiag import tags  # noqa: E402
 from graddiag.clip import GlobalNormClip  # noqa: E402
 from graddiag.torch import GradientMonitor  # noqa: E402
@@ -163,7 +164,7 @@ def test_ddp_monitor_of_the_unwrapped_module_and_per_rank_logs(tmp_path):
 @pytest.mark.parametrize("runs", ["ddp_runs", "fsdp_runs"])
 @pytest.mark.parametrize("policy", ["skip", "raise"])
 def test_nan_on_rank1_is_named_and_no_rank_hangs(request, runs, policy):
-    _, results = request.getfixturevalue(runs)
+    out, results = request.getfixturevalue(runs)
     ranks = results[f"{runs.split('_')[0]}_nan:{policy}"]
     messages = set()
     for res in ranks:
@@ -178,6 +179,9 @@ def test_nan_on_rank1_is_named_and_no_rank_hangs(request, runs, policy):
         else:
             assert res["raised_step"] == W.NAN_STEP and "rank 1" in res["raised"]
     assert len(messages) == 1  # every rank reports the same
+    logs = out / f"{runs.split('_')[0]}_nan-{policy}" / "logs"
+    (later,) = [f for f in graddiag.analyze(str(logs)).findings if f.kind == "nonfinite"]
+    assert later.message == finding["message"]  # the logs name the rank too
     assert_same_params(ranks[0]["params"], ranks[1]["params"])
 
 
