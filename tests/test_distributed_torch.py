@@ -137,6 +137,7 @@ def test_ddp_equals_one_process_and_rank0_writes_the_only_log(ddp_runs, tmp_path
         assert res["layers"] == ["0", "2", "4"]  # no `module.` prefix
         assert_same_history(res["history"], want)
         assert_same_params(res["params"], want_params)
+        assert not [f for f in res["findings"] if f["severity"] != "info"]  # a healthy run
     logs = out / "ddp-wrapped" / "logs"
     files = event_files(logs)
     assert len(files) == 1 and os.path.dirname(files[0]) == str(logs)
