@@ -9,6 +9,7 @@ process as the reference.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -110,17 +111,41 @@ def full_params(model) -> list[list[float]]:
     return out
 
 
-def train(model, opt, rank, world, steps=STEPS, nan_rank=None, clip=None, train_model=None):
+def micro_batches(step: int, rank: int | None, world: int, micro: int):
+    """Gradient accumulation: rank `rank`'s slice of the global batch in `micro` pieces; for the
+    one-process reference (`rank` None), piece k of every rank's slice, concatenated."""
+    x, y = batch(step)
+    xs = [c.chunk(micro) for c in x.chunk(world)]
+    ys = [c.chunk(micro) for c in y.chunk(world)]
+    if rank is not None:
+        return [(xs[rank][k], ys[rank][k]) for k in range(micro)]
+    return [
+        (torch.cat([xs[r][k] for r in range(world)]), torch.cat([ys[r][k] for r in range(world)]))
+        for k in range(micro)
+    ]
+
+
+def train(
+    model, opt, rank, world, steps=STEPS, nan_rank=None, clip=None, train_model=None, micro=1
+):
     """Train `steps` steps on rank `rank`'s slices (`train_model`: what to call, e.g. the DDP
-    wrapper; `clip`: torch's own clip_grad_norm_ to this norm, returning the norms)."""
+    wrapper; `clip`: torch's own clip_grad_norm_ to this norm, returning the norms; `micro` > 1:
+    accumulate that many backward passes per step, DDP synchronizing only the last)."""
     fwd = train_model or model
     norms = []
     for step in range(steps):
-        x, y = batch(
-            step, rank, world, nan=(nan_rank is not None and rank == nan_rank and step == NAN_STEP)
-        )
         opt.zero_grad()
-        loss_of(fwd, x, y).backward()
+        if micro > 1:
+            pieces = micro_batches(step, rank, world, micro)
+            for k, (x, y) in enumerate(pieces):
+                last = k == len(pieces) - 1
+                sync = last or not hasattr(fwd, "no_sync")
+                with contextlib.nullcontext() if sync else fwd.no_sync():
+                    loss_of(fwd, x, y).backward()
+        else:
+            nan = nan_rank is not None and rank == nan_rank and step == NAN_STEP
+            x, y = batch(step, rank, world, nan=nan)
+            loss_of(fwd, x, y).backward()
         if clip is not None:
             norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
         opt.step()
@@ -156,6 +181,7 @@ def scenario(name: str, arg: str, rank: int, world: int, out: str) -> dict:
         mon.close()
         res.update(layers=mon.layers, history=history(mon), params=full_params(net))
         res["findings"] = [f.to_dict() for f in mon.findings]
+        res["comm_hooks"] = len(ddp._comm_hooks)  # graddiag's flagging all-reduce
     elif name in ("ddp_nan", "fsdp_nan"):  # arg: the non-finite policy
         net = make_model()
         if name == "ddp_nan":
@@ -177,6 +203,15 @@ def scenario(name: str, arg: str, rank: int, world: int, out: str) -> dict:
         res["skipped"] = [s.step for s in mon.history if s.skipped]
         res["params"] = full_params(net)
         res["params_finite"] = bool(np.isfinite(np.concatenate(res["params"])).all())
+    elif name == "ddp_accum":  # two backward passes per step, the first under no_sync()
+        net = make_model()
+        ddp = nn.parallel.DistributedDataParallel(net)
+        opt = optimizer(net)
+        mon = GradientMonitor(ddp, opt, every=4, detail_every=2)
+        train(net, opt, rank, world, train_model=ddp, micro=2)
+        mon.close()
+        res.update(history=history(mon), params=full_params(net))
+        res["findings"] = [f.to_dict() for f in mon.findings]
     elif name == "ddp_unused":
         net = make_model("frozen_unused")
         ddp = nn.parallel.DistributedDataParallel(net)

@@ -81,7 +81,7 @@ def launch(scenarios: list[str], out) -> dict[str, list[dict]]:
 
 #: One process group each (starting two ranks costs more than the scenarios themselves); the
 #: DDP run with an unused layer goes last, since DDP fails on that model's next iteration.
-DDP = ["ddp:wrapped", "ddp_nan:skip", "ddp_nan:raise", "ddp_clip:-", "ddp_unused:-"]
+DDP = ["ddp:wrapped", "ddp_nan:skip", "ddp_nan:raise", "ddp_clip:-", "ddp_accum:-", "ddp_unused:-"]
 FSDP = ["fsdp:stats", "fsdp:clip", "fsdp_nan:skip", "fsdp_nan:raise"]
 
 
@@ -97,14 +97,15 @@ def fsdp_runs(tmp_path_factory):
     return out, launch(FSDP, out)
 
 
-def reference(clip=None, logdir=None) -> tuple[list[dict], list]:
-    """The same problem in one process, unsharded, on the whole global batch."""
+def reference(clip=None, logdir=None, micro=1) -> tuple[list[dict], list]:
+    """The same problem in one process, unsharded, on the whole global batch (`micro` > 1: in
+    that many accumulated pieces, each the ranks' pieces together)."""
     net = W.make_model()
     opt = W.optimizer(net)
     mon = GradientMonitor(
         net, opt, logdir=logdir, every=4, detail_every=2, hist_every=3, clip=clip, flush_secs=0
     )
-    W.train(net, opt, rank=None, world=1)
+    W.train(net, opt, rank=None, world=2, micro=micro)
     mon.close()
     return W.history(mon), W.full_params(net)
 
@@ -138,6 +139,7 @@ def test_ddp_equals_one_process_and_rank0_writes_the_only_log(ddp_runs, tmp_path
         assert_same_history(res["history"], want)
         assert_same_params(res["params"], want_params)
         assert not [f for f in res["findings"] if f["severity"] != "info"]  # a healthy run
+        assert res["comm_hooks"] == 1
     logs = out / "ddp-wrapped" / "logs"
     files = event_files(logs)
     assert len(files) == 1 and os.path.dirname(files[0]) == str(logs)
@@ -154,6 +156,7 @@ def test_ddp_monitor_of_the_unwrapped_module_and_per_rank_logs(tmp_path):
     for res in ranks:
         assert res["layers"] == ["0", "2", "4"]
         assert_same_history(res["history"], want)
+        assert res["comm_hooks"] == 1  # the DDP wrapping the module was found and hooked
     logs = tmp_path / "ddp-module" / "logs"
     files = event_files(logs)
     assert [os.path.relpath(os.path.dirname(f), logs) for f in files] == [
@@ -197,6 +200,14 @@ def test_ddp_frozen_and_unused_layers_are_named(ddp_runs):
         frozen = [f for f in res["findings"] if f["kind"] == "frozen"]
         assert frozen and "frozen" in frozen[0]["message"]
         assert "unused" in res["layers"] and "frozen" not in res["layers"]
+
+
+def test_ddp_gradient_accumulation_with_no_sync_equals_one_process(ddp_runs):
+    want, want_params = reference(micro=2)
+    for res in ddp_runs[1]["ddp_accum:-"]:
+        assert_same_history(res["history"], want)
+        assert_same_params(res["params"], want_params)
+        assert not [f for f in res["findings"] if f["severity"] != "info"]
 
 
 def test_ddp_clipping_equals_clip_grad_norm(ddp_runs):

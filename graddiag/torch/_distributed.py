@@ -58,15 +58,18 @@ def attach(model: nn.Module, per_rank_logs: bool) -> Distributed | None:
 
 
 def _find_ddp(module: nn.Module) -> nn.parallel.DistributedDataParallel | None:
-    """The DistributedDataParallel wrapping `module`, if any (a DDP holds its module in its
-    `_modules` dict; found once, at construction)."""
-    for holder in gc.get_referrers(module):
-        if isinstance(holder, dict):
-            for owner in gc.get_referrers(holder):
-                if (
-                    isinstance(owner, nn.parallel.DistributedDataParallel)
-                    and owner.module is module
-                ):
+    """The DistributedDataParallel wrapping `module`, if any, found once at construction: a DDP
+    holds its module in its `_modules` dict, which its attribute dict (`__dict__`) holds."""
+    ddp_type = nn.parallel.DistributedDataParallel
+    for modules in gc.get_referrers(module):
+        if not isinstance(modules, dict):
+            continue
+        for attrs in gc.get_referrers(modules):
+            owners = [attrs]
+            if isinstance(attrs, dict) and attrs.get("_modules") is modules:
+                owners = gc.get_referrers(attrs)
+            for owner in owners:
+                if isinstance(owner, ddp_type) and owner.module is module:
                     return owner
     return None
 
