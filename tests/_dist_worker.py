@@ -27,6 +27,20 @@ NAN_STEP = 2
 MAX_NORM = 0.05  # small enough that every step is clipped
 
 
+def clip_policy(name: str):
+    """The clipping of an FSDP2 scenario: "clip" (global norm), "chain" (value, then global norm:
+    the norm is measured again after the element-wise step), "agc" (per output unit), else none."""
+    from graddiag.clip import AGC, GlobalNormClip, ValueClip
+
+    if name == "clip":
+        return GlobalNormClip(MAX_NORM)
+    if name == "chain":
+        return [ValueClip(0.01), GlobalNormClip(MAX_NORM)]
+    if name == "agc":
+        return AGC(0.01)
+    return None
+
+
 def make_model(kind: str = "plain") -> nn.Module:
     """The problem's model (seeded); "frozen_unused" adds a frozen layer and an unused one."""
     torch.manual_seed(0)
@@ -244,7 +258,7 @@ def scenario(name: str, arg: str, rank: int, world: int, out: str) -> dict:
 
         net = sharded()
         opt = optimizer(net)
-        clip = GlobalNormClip(MAX_NORM) if arg == "clip" else None
+        clip = clip_policy(arg)
         mon = GradientMonitor(
             net, opt, logdir=logdir, every=4, detail_every=2, hist_every=3, clip=clip, flush_secs=0
         )

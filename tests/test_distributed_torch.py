@@ -34,6 +34,9 @@ from graddiag.torch import GradientMonitor  # noqa: E402
 
 #: Distributed vs one process: averaging over ranks and summing shards reorder float32 sums.
 REL = 1e-4
+#: The update/weight ratio is a difference of float32 weights about 1e-3 apart: weights that
+#: agree to ~1e-7 give updates that agree to ~1e-4 of themselves.
+REL_UPDATE = 1e-3
 #: Seconds two ranks may take for one launch (start-up included) before it counts as a hang.
 TIMEOUT_S = 240
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_dist_worker.py")
@@ -82,7 +85,7 @@ def launch(scenarios: list[str], out) -> dict[str, list[dict]]:
 #: One process group each (starting two ranks costs more than the scenarios themselves); the
 #: DDP run with an unused layer goes last, since DDP fails on that model's next iteration.
 DDP = ["ddp:wrapped", "ddp_nan:skip", "ddp_nan:raise", "ddp_clip:-", "ddp_accum:-", "ddp_unused:-"]
-FSDP = ["fsdp:stats", "fsdp:clip", "fsdp_nan:skip", "fsdp_nan:raise"]
+FSDP = ["fsdp:stats", "fsdp:clip", "fsdp:chain", "fsdp:agc", "fsdp_nan:skip", "fsdp_nan:raise"]
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +119,8 @@ def assert_same_history(got: list[dict], want: list[dict]) -> None:
         for key, value in w.items():
             if isinstance(value, list) or isinstance(value, float):
                 assert g[key] is not None, (key, g["step"])
-                np.testing.assert_allclose(g[key], value, rtol=REL, err_msg=f"{key} {g['step']}")
+                rtol = REL_UPDATE if key == "update_ratio" else REL
+                np.testing.assert_allclose(g[key], value, rtol=rtol, err_msg=f"{key} {g['step']}")
             else:
                 assert g[key] == value, (key, g["step"])
 
@@ -270,3 +274,13 @@ def test_fsdp2_clipping_equals_fsdp_recipe_and_unsharded(fsdp_runs):
 def test_per_rank_logs_must_be_a_bool():
     with pytest.raises(ValueError, match="`per_rank_logs`.*'yes'"):
         GradientMonitor(torch.nn.Linear(2, 2), per_rank_logs="yes")
+
+
+@pytest.mark.parametrize("policy", ["chain", "agc"])
+def test_fsdp2_elementwise_clipping_equals_unsharded(fsdp_runs, policy):
+    """ValueClip then GlobalNormClip (the norm measured again, over the shards) and AGC (units
+    are rows, whole in a Shard(0) shard)."""
+    want, want_params = reference(clip=W.clip_policy(policy))
+    for res in fsdp_runs[1][f"fsdp:{policy}"]:
+        assert_same_history(res["history"], want)
+        assert_same_params(res["params"], want_params)

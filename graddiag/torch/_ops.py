@@ -102,7 +102,24 @@ class TorchOps:
             p_norms.append(
                 torch.linalg.vector_norm(p.detach(), dim=dims, keepdim=True, dtype=torch.float32)
             )
+        if self.reduce is not None:  # FSDP2: a vector (one unit) is split over the shards
+            g_norms, p_norms = (
+                self._whole_vectors(grads, g_norms),
+                self._whole_vectors(grads, p_norms),
+            )
         return g_norms, p_norms
+
+    def _whole_vectors(self, grads, norms: list) -> list:
+        """`norms` with those of 1-D tensors (one unit each) summed over the shards (`reduce`);
+        rows of a weight lie whole in FSDP2's `Shard(0)` shards."""
+        vec = [i for i, g in enumerate(grads) if g.dim() <= 1]
+        if not vec:
+            return norms
+        sq = torch.zeros(len(grads), dtype=torch.float32, device=self.device)
+        sq[vec] = torch.stack([norms[i].reshape(()) for i in vec]).square()
+        whole = self.reduce(sq).sqrt()
+        one_unit = set(vec)
+        return [whole[i].reshape(n.shape) if i in one_unit else n for i, n in enumerate(norms)]
 
     @staticmethod
     def scale_units(grads, factors: list):
