@@ -348,6 +348,15 @@ class NonFiniteDetector(Detector):
                 f"is non-finite while its gradient output was finite); first parameter layer "
                 f"{first!r}"
             )
+        if s.nonfinite_ranks:  # DDP/FSDP2: local gradients before the all-reduce/reduce-scatter
+            ranks = ", ".join(map(str, s.nonfinite_ranks))
+            plural = "s" if len(s.nonfinite_ranks) > 1 else ""
+            where += (
+                f"; it first appeared on rank{plural} {ranks} (local gradients before they "
+                "were reduced across ranks)"
+            )
+        elif s.nonfinite_ranks == ():
+            where += "; no rank's local gradients held NaN/Inf (their sum across ranks overflowed)"
         value = float(s.nonfinite[hit[0]]) if hit else None
         if self.amp:
             msg = (

@@ -25,6 +25,7 @@ KINDS = (
     "large_update",
     "modified",
     "unmonitored",
+    "unused",
 )
 
 

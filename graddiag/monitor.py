@@ -226,6 +226,9 @@ class TensorBoardSink:
         if s.nonfinite_origin:  # "forward:<module>" for the forward pass, "<module>" backward
             prefix = "forward:" if s.nonfinite_pass == "forward" else ""
             self.writer.add_text(s.step, tags.NONFINITE_ORIGIN, prefix + s.nonfinite_origin)
+        if s.nonfinite_ranks is not None:
+            text = ",".join(map(str, s.nonfinite_ranks)) or "-"
+            self.writer.add_text(s.step, tags.NONFINITE_RANKS, text)
 
     def show_charts(self, stats: set[tuple[str, bool]], step: int) -> None:
         """Note the ``(stat, per_layer)`` pairs written at `step`; when one is new, write the

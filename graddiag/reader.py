@@ -195,6 +195,8 @@ class RunData:
             else None.
         graddiag: whether the run holds graddiag's own tags.
         nonfinite_origins: step -> module where a NaN/Inf was born (``graddiag/nonfinite_origin``).
+        nonfinite_ranks: step -> ranks whose local gradients held NaN/Inf, as written
+            (``graddiag/nonfinite_ranks``).
     """
 
     run: str
@@ -207,6 +209,7 @@ class RunData:
     meta: dict[str, Any] | None = None
     graddiag: bool = False
     nonfinite_origins: dict[int, str] = field(default_factory=dict)
+    nonfinite_ranks: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -363,6 +366,7 @@ class _Run:
         self.cols: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         self.meta: dict[str, Any] | None = None
         self.origins: dict[int, str] = {}
+        self.ranks: dict[int, str] = {}
         self.own = False
         # generic-path rows, flushed into `cols` per chunk
         self.g_step: list[int] = []
@@ -903,6 +907,11 @@ class _Reader:
             if text:
                 run.origins[step] = text
             return None
+        if tag == tags.NONFINITE_RANKS and tensor is not None:
+            text = _tensor_text(buf, *tensor)
+            if text:
+                run.ranks[step] = text
+            return None
         if tag == GAP_TAG and tensor is not None:
             self.stats.notes.append(f"run {run.name!r}: {_tensor_text(buf, *tensor)}")
             return None
@@ -953,6 +962,7 @@ class _Reader:
             p.cols = []
         meta = next((p.meta for p in pieces if p.meta is not None), None)
         origins = {k: v for p in pieces for k, v in p.origins.items()}
+        ranks = {k: v for p in pieces for k, v in p.ranks.items()}
         own = any(p.own for p in pieces)
         if cols:
             step, wall, tid, value = (np.concatenate([c[i] for c in cols]) for i in range(4))
@@ -984,7 +994,7 @@ class _Reader:
         if len(step) > 1 and (np.diff(step) < 0).any():
             order = np.argsort(step, kind="stable")
             step, wall, layer, stat, value = (a[order] for a in (step, wall, layer, stat, value))
-        return RunData(name, path, step, wall, layer, stat, value, meta, own, origins)
+        return RunData(name, path, step, wall, layer, stat, value, meta, own, origins, ranks)
 
 
 def _collide(a: _Run, b: _Run) -> bool:

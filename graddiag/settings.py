@@ -40,6 +40,8 @@ class Settings:
         trace_nonfinite: find the module where a NaN/Inf is born (a bool).
         start_step: the number of the first step measured (a resumed run continues its count).
         run_meta: extra JSON-able facts written with the model description.
+        per_rank_logs: under `torch.distributed`, every rank writes its own logs (rank k into
+            `logdir/rank<k>`; rank 0 into `logdir`), not rank 0 alone (a bool).
 
     Raises:
         ValueError: for a bad setting, naming the argument and showing the value.
@@ -58,6 +60,7 @@ class Settings:
     trace_nonfinite: bool = False
     start_step: int = 0
     run_meta: Mapping[str, Any] = field(default_factory=dict)
+    per_rank_logs: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise once, here
@@ -95,6 +98,10 @@ class Settings:
         if not isinstance(self.run_meta, Mapping):
             raise ValueError(f"Expected `run_meta` to be a dict or None, got {self.run_meta!r}")
         set_(self, "run_meta", dict(self.run_meta))
+        if not isinstance(self.per_rank_logs, bool):
+            raise ValueError(
+                f"Expected `per_rank_logs` to be True or False, got {self.per_rank_logs!r}"
+            )
 
     def with_detector_defaults(self, name: str, **defaults: Any) -> Settings:
         """These settings with `defaults` added to detector `name`'s settings unless the user set
@@ -122,4 +129,5 @@ class Settings:
             "hist_every": self.hist_every,
             "trace_nonfinite": self.trace_nonfinite,
             "start_step": self.start_step,
+            "per_rank_logs": self.per_rank_logs,
         }

@@ -87,6 +87,8 @@ class StepStats:
             the optimizer step (None: unknown).
         nonfinite_pass: where it was born: "forward" (the module's output turned non-finite from
             finite inputs) or "backward" (its gradient did), when traced.
+        nonfinite_ranks: under DDP, the ranks whose local gradients (before the all-reduce) held
+            NaN/Inf at this step; None: unknown or not distributed.
         trainable: per layer, whether any of its parameters still requires a gradient at this step
             (`requires_grad` / `trainable`), when the adapter reports it; None: unknown. It tells a
             layer frozen mid-run apart from one whose gradient died or stopped flowing.
@@ -113,6 +115,7 @@ class StepStats:
     trainable: np.ndarray | None = None
     nonfinite_pass: str | None = None
     grads_modified: bool | None = None
+    nonfinite_ranks: tuple[int, ...] | None = None
 
     @property
     def any_nonfinite(self) -> bool:

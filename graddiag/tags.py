@@ -41,6 +41,9 @@ FINDINGS = f"{PREFIX}/findings"
 MODEL = f"{PREFIX}/model"
 #: text: the module where a NaN/Inf was born in the backward pass (`trace_nonfinite=True`)
 NONFINITE_ORIGIN = f"{PREFIX}/nonfinite_origin"
+#: text: under torch.distributed, the ranks whose local gradients held NaN/Inf ("1", "0,1"; "-":
+#: none, the sum across ranks overflowed)
+NONFINITE_RANKS = f"{PREFIX}/nonfinite_ranks"
 
 
 def tag(stat: str, layer: str | None = None) -> str:

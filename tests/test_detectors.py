@@ -375,3 +375,24 @@ def test_settings_of_earlier_versions_are_ignored_with_a_warning():
     with pytest.warns(UserWarning, match="'exploding'.*threshold"):
         dets = build_detectors({"exploding": {"threshold": 1e3}})
     assert any(isinstance(d, ExplodingDetector) for d in dets)
+
+
+@pytest.mark.parametrize(
+    "ranks, expected",
+    [
+        ((1,), "first appeared on rank 1 (local gradients before they were reduced"),
+        ((0, 1), "first appeared on ranks 0, 1 (local"),
+        ((), "no rank's local gradients held NaN/Inf (their sum across ranks overflowed)"),
+        (None, None),
+    ],
+)
+def test_nonfinite_finding_names_the_ranks_of_a_distributed_run(ranks, expected):
+    info = ModelInfo(layers=("a", "b"), param_counts=(4, 4))
+    s = stats(3, [1.0, math.nan], nonfinite_ranks=ranks)
+    s.nonfinite = np.array([0.0, 1.0])
+    (finding,) = [f for f in diagnose(info, [s]) if f.kind == "nonfinite"]
+    assert finding.layer == "b"
+    if expected is None:
+        assert "rank" not in finding.message
+    else:
+        assert expected in finding.message

@@ -6,7 +6,8 @@ under ``graddiag/model`` (defaults for foreign logs), turns the recorded series 
 run used. A live run and a later analysis of its logs therefore report the same findings, up to
 float32 rounding of the logged values (a value within float32 rounding of a detector threshold may
 flip) and what the logs do not hold; `StepStats.nonfinite_origin` (backward tracing) is read from
-``graddiag/nonfinite_origin``.
+``graddiag/nonfinite_origin``, `StepStats.nonfinite_ranks` (torch.distributed) from
+``graddiag/nonfinite_ranks``.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class Series:
         glob_logged: where each `glob` series was logged (a logged value may itself be NaN).
         wall_time: wall-clock time of each step (the latest event of the step).
         detail: per-layer detail statistics by stat (`_DETAIL`), NaN where not logged.
+        ranks: step -> ``graddiag/nonfinite_ranks`` text (torch.distributed).
     """
 
     steps: np.ndarray
@@ -67,6 +69,7 @@ class Series:
     wall_time: np.ndarray
     origins: dict[int, str] = field(default_factory=dict)
     detail: dict[str, np.ndarray] = field(default_factory=dict)
+    ranks: dict[int, str] = field(default_factory=dict)
 
     def global_norm(self) -> np.ndarray:
         """Logged global norm, or the root-sum-square of the layer norms where it was not logged."""
@@ -105,6 +108,7 @@ class Series:
                 loss=_opt(g["loss"][i], float),
                 grads_modified=_opt(g["grads_modified"][i], bool),
                 nonfinite_origin=self.origins.get(int(step)),
+                nonfinite_ranks=_ranks(self.ranks.get(int(step))),
             )
             if stats.nonfinite_origin and stats.nonfinite_origin.startswith("forward:"):
                 stats.nonfinite_origin = stats.nonfinite_origin[len("forward:") :]
@@ -117,6 +121,13 @@ class Series:
                     setattr(stats, stat, row if stat == "update_ratio" else np.nan_to_num(row))
             out.append(stats)
         return out
+
+
+def _ranks(text: str | None) -> tuple[int, ...] | None:
+    """`graddiag/nonfinite_ranks` text ("1", "0,1", "-" for none) as `StepStats.nonfinite_ranks`."""
+    if text is None:
+        return None
+    return tuple(int(r) for r in text.split(",") if r.strip().isdigit())
 
 
 def _opt(v: float, cast):
@@ -196,6 +207,7 @@ def series_of(
         wall,
         dict(run.nonfinite_origins),
         {stat: dense(stat, np.nan)[0] for stat in _DETAIL if stat in scode},
+        dict(run.nonfinite_ranks),
     )
 
 

@@ -19,7 +19,7 @@ every step. `nonfinite="skip"`/`"raise"` and `trace_nonfinite=True` add one host
 from graddiag.monitor import NonFiniteGradientError
 from graddiag.torch._measure import STACK_MAX_NUMEL, STACK_MIN, Plan, sum_squares
 from graddiag.torch._ops import TorchOps
-from graddiag.torch.monitor import GradientMonitor, UnmonitoredWarning
+from graddiag.torch.monitor import GradientMonitor, UnmonitoredWarning, UnusedParameterWarning
 
 __all__ = [
     "STACK_MAX_NUMEL",
@@ -29,5 +29,6 @@ __all__ = [
     "Plan",
     "TorchOps",
     "UnmonitoredWarning",
+    "UnusedParameterWarning",
     "sum_squares",
 ]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -51,7 +52,7 @@ class Plan:
                 continue
             if p.is_sparse:
                 self.sparse.append(i)
-            elif p.dtype in LOW_PRECISION:
+            elif p.dtype in LOW_PRECISION or not p.numel():  # (an empty FSDP2 shard)
                 bucket.append(i)
             elif p.numel() > STACK_MAX_NUMEL:
                 self.dots.append(i)
@@ -181,12 +182,20 @@ def detail_rows(grads: list, present: list[int], params: list, numel: np.ndarray
 
 
 def histogram_rows(
-    grads: list, layer_of: np.ndarray, n_layers: int, device
+    grads: list,
+    layer_of: np.ndarray,
+    n_layers: int,
+    device,
+    agree: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
+    total: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Per-layer histogram rows (`graddiag.host.HIST_WIDTH` each) of finite gradient values, with
     NaN/Inf counts, and which layers have any; None when no gradient has elements.
 
     Two host reads for all layers: per-tensor ranges, then per-layer counts and moments.
+    Sharded gradients (`graddiag.torch._distributed`, each rank holds a shard) pass `agree`
+    (per-layer lo, hi -> the range over all ranks) and `total` (rows -> their sum over all ranks);
+    both are collectives, called on every rank.
     """
     bins = HIST_BINS
     layer_vals: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
@@ -196,26 +205,45 @@ def histogram_rows(
             if v.numel():
                 layer_vals[layer_of[i]].append(v if v.dtype not in LOW_PRECISION else v.float())
     values = [v for vs in layer_vals for v in vs]
-    if not values:
+    if not values and agree is None:
         return None
     ranges = (
         torch.stack([torch.stack(torch.aminmax(v)).float() for v in values])
         .double()
         .numpy(force=True)
+        if values
+        else np.zeros((0, 2))
     )
-    rows, bounds, k = [], [], 0
-    zero = torch.zeros((), device=device)
-    has = np.zeros(n_layers, dtype=bool)
+    lo, hi = np.full(n_layers, np.inf), np.full(n_layers, -np.inf)  # of the finite values
+    finite = np.ones(n_layers, dtype=bool)
+    k = 0
     for li, vs in enumerate(layer_vals):
         if not vs:
             continue
-        has[li] = True
         r = ranges[k : k + len(vs)]
         k += len(vs)
-        lo, hi = float(r[:, 0].min()), float(r[:, 1].max())
-        if np.isfinite(lo) and np.isfinite(hi):  # no NaN/Inf: histogram each tensor in place
-            hi = hi if hi > lo else lo + 1e-12
-            counts = sum(torch.histc(v, bins=bins, min=lo, max=hi) for v in vs)
+        lo[li], hi[li] = r[:, 0].min(), r[:, 1].max()
+        if not (np.isfinite(lo[li]) and np.isfinite(hi[li])):  # rare: range of the finite ones
+            finite[li] = False
+            v = torch.cat(vs)
+            vals = v[torch.isfinite(v)]
+            lo[li], hi[li] = (
+                (float(vals.min()), float(vals.max())) if vals.numel() else (np.inf, -np.inf)
+            )
+    if agree is not None:
+        lo, hi = agree(lo, hi)
+    empty = lo > hi  # no finite value anywhere
+    lo, hi = np.where(empty, 0.0, lo), np.where(empty, 0.0, hi)
+    hi = np.where(hi > lo, hi, lo + 1e-12)
+    rows, where = [], []
+    zero = torch.zeros((), device=device)
+    for li, vs in enumerate(layer_vals):
+        if not vs:
+            continue
+        if finite[li]:  # no NaN/Inf: histogram each tensor in place
+            counts = sum(
+                torch.histc(v, bins=bins, min=float(lo[li]), max=float(hi[li])) for v in vs
+            )
             moments = torch.stack([sum(v.sum() for v in vs), sum(torch.dot(v, v) for v in vs)])
             num = torch.tensor(float(sum(v.numel() for v in vs)), device=device)
             nan = inf = zero
@@ -226,23 +254,23 @@ def histogram_rows(
             nan = torch.isnan(v).sum()
             inf = (~fin).sum() - nan
             num = fin.sum()
-            lo, hi = (float(vals.min()), float(vals.max())) if vals.numel() else (0.0, 0.0)
-            hi = hi if hi > lo else lo + 1e-12
-            counts = torch.histc(vals, bins=bins, min=lo, max=hi)
+            counts = torch.histc(vals, bins=bins, min=float(lo[li]), max=float(hi[li]))
             moments = torch.stack([vals.sum(), (vals * vals).sum()])
         rows.append(
             torch.cat(
-                [
-                    counts.float(),
-                    moments.float().reshape(2),
-                    torch.stack([num, nan, inf]).float(),
-                ]
+                [counts.float(), moments.float().reshape(2), torch.stack([num, nan, inf]).float()]
             )
         )
-        bounds.append((li, lo, hi))
-    host = torch.stack(rows).double().numpy(force=True)
+        where.append(li)
+    local = np.zeros((n_layers, bins + 6))  # counts, sum, sum_squares, num, nan, inf, has
+    if rows:
+        local[where, : bins + 5] = torch.stack(rows).double().numpy(force=True)
+        local[where, bins + 5] = 1.0
+    if total is not None:
+        local = total(local)
     out = np.zeros((n_layers, bins + 7))
-    for (li, lo, hi), row in zip(bounds, host, strict=True):
-        out[li, :bins] = row[:bins]
-        out[li, bins:] = (lo, hi, *row[bins:])
-    return out, has
+    out[:, :bins] = local[:, :bins]
+    out[:, bins] = lo
+    out[:, bins + 1] = hi
+    out[:, bins + 2 :] = local[:, bins : bins + 5]
+    return out, local[:, bins + 5] > 0

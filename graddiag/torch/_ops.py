@@ -3,6 +3,8 @@ operations, on the device, in place, without host syncs."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from graddiag.clip import EMPTY
@@ -15,15 +17,21 @@ class TorchOps:
     Gradient lists are updated in place (the same list is returned). `plan` (the step's `Plan`,
     the gradient list being `plan.order`) makes `sumsq` as fast as the step's own measurement;
     `names` (aligned with the gradient list) name a sparse gradient that ValueClip or AGC cannot
-    handle.
+    handle. `reduce` (FSDP2: gradients are local shards) sums a plan-ordered vector of sums of
+    squares over the shards.
     """
 
     def __init__(
-        self, device: torch.device, plan: Plan | None = None, names: list[str] | None = None
+        self,
+        device: torch.device,
+        plan: Plan | None = None,
+        names: list[str] | None = None,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.device = device
         self.plan = plan
         self.names = names
+        self.reduce = reduce
 
     sqrt = staticmethod(torch.sqrt)
     sum = staticmethod(torch.sum)
@@ -71,7 +79,8 @@ class TorchOps:
 
     def sumsq(self, grads):
         by_param = dict(zip(self.plan.order.tolist(), grads, strict=True))
-        return sum_squares(by_param, self.plan, self.device)
+        out = sum_squares(by_param, self.plan, self.device)
+        return out if self.reduce is None else self.reduce(out)
 
     def scale(self, grads, factors):
         mul_(grads, factors if factors.dim() == 0 else list(factors.unbind()), self._sparse)
@@ -93,7 +102,24 @@ class TorchOps:
             p_norms.append(
                 torch.linalg.vector_norm(p.detach(), dim=dims, keepdim=True, dtype=torch.float32)
             )
+        if self.reduce is not None:  # FSDP2: a vector (one unit) is split over the shards
+            g_norms, p_norms = (
+                self._whole_vectors(grads, g_norms),
+                self._whole_vectors(grads, p_norms),
+            )
         return g_norms, p_norms
+
+    def _whole_vectors(self, grads, norms: list) -> list:
+        """`norms` with those of 1-D tensors (one unit each) summed over the shards (`reduce`);
+        rows of a weight lie whole in FSDP2's `Shard(0)` shards."""
+        vec = [i for i, g in enumerate(grads) if g.dim() <= 1]
+        if not vec:
+            return norms
+        sq = torch.zeros(len(grads), dtype=torch.float32, device=self.device)
+        sq[vec] = torch.stack([norms[i].reshape(()) for i in vec]).square()
+        whole = self.reduce(sq).sqrt()
+        one_unit = set(vec)
+        return [whole[i].reshape(n.shape) if i in one_unit else n for i, n in enumerate(norms)]
 
     @staticmethod
     def scale_units(grads, factors: list):

@@ -23,6 +23,7 @@ from graddiag.host import TINY_SUMSQ, HostPath, MonitorAPI, imprecise
 from graddiag.monitor import StepReport, close_at_exit_hook
 from graddiag.settings import Settings
 from graddiag.stats import ModelInfo
+from graddiag.torch._distributed import attach
 from graddiag.torch._measure import (
     Plan,
     detail_rows,
@@ -67,6 +68,9 @@ class GradientMonitor(MonitorAPI):
         flush_secs: event-file flush interval; `close()` always flushes.
         start_step: the number of the first step (resuming a run: the optimizer steps already
             taken), so the logs continue the run's step count.
+        per_rank_logs: under `torch.distributed` (DDP, FSDP2) rank 0 alone writes to `logdir`;
+            True makes rank k write its own logs into `logdir/rank<k>` too
+            (see docs/distributed.md).
 
     Raises:
         TypeError: if `model` is not an `nn.Module` or `optimizer` not a `torch.optim.Optimizer`.
@@ -102,6 +106,7 @@ class GradientMonitor(MonitorAPI):
         history: int = 1000,
         flush_secs: float = 2.0,
         start_step: int = 0,
+        per_rank_logs: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -112,8 +117,10 @@ class GradientMonitor(MonitorAPI):
             raise ValueError(
                 "`scaler` needs `optimizer` (to know whether gradients are unscaled yet)"
             )
+        # distributed (graddiag/torch/_distributed.py): which rank writes; FSDP2 measures shards
+        self._dist = attach(model, per_rank_logs)
         settings = Settings(
-            logdir=logdir,
+            logdir=logdir if self._dist is None else self._dist.logdir(logdir),
             every=every,
             clip=clip,
             nonfinite=nonfinite,
@@ -124,6 +131,8 @@ class GradientMonitor(MonitorAPI):
             flush_secs=flush_secs,
             trace_nonfinite=trace_nonfinite,
             start_step=start_step,
+            per_rank_logs=per_rank_logs,
+            run_meta={} if self._dist is None else self._dist.meta(),
         )
 
         base = unwrap(model)
@@ -193,6 +202,11 @@ class GradientMonitor(MonitorAPI):
         if scaler is not None:
             self._wrap(scaler, "step", self._hooked_scaler_step)
         self._in_scaler_step = False
+        # distributed: histograms of shards are collectives, taken on every rank alike
+        sharded = self._dist is not None and self._dist.sharded
+        self._hist_every = hist_every if sharded and logdir is not None else settings.hist_every
+        if self._dist is not None:
+            self._dist.install(model)
 
     # ----------------------------------------------------------------------------- hooks
     def _wrap(self, obj: Any, attr: str, make) -> None:
@@ -339,6 +353,8 @@ class GradientMonitor(MonitorAPI):
         for probe in self._probes.values():
             probe.remove()
         self._registry.remove()
+        if self._dist is not None:
+            self._dist.close()
         for obj, attr, (had, orig, wrapper) in reversed(self._restore):
             if getattr(obj, attr, None) is wrapper:
                 if had:
@@ -383,6 +399,8 @@ class GradientMonitor(MonitorAPI):
             shared=tuple(self._shared),
         )
         self._host.start(info, amp=self.scaler is not None)
+        if self._dist is not None:
+            self._dist.start(self.params, self.every, self.device)
 
     def _held(self) -> set[int] | None:
         """ids of the parameters some optimizer holds (None without optimizers)."""
@@ -426,6 +444,9 @@ class GradientMonitor(MonitorAPI):
         self.step_count += 1
         params = self.params
         grads = [p.grad for p in params]
+        sharded = self._dist is not None and self._dist.sharded
+        if sharded:  # FSDP2: measure (and clip) the local shards
+            grads = self._dist.local(grads)
         for i in self._complex:  # measured as real (re, im) pairs
             grads[i] = measured(grads[i])
         has = tuple(g is not None for g in grads)
@@ -440,6 +461,8 @@ class GradientMonitor(MonitorAPI):
             reset = probe.reset()
         if modified == "observe":
             modified = probe.modified()
+        if self._dist is not None and not sharded:  # DDP writes the averaged gradients in place
+            modified = None
         calls = probe.take_calls()
         report = StepReport(step=step)
         row = step % self.every
@@ -447,17 +470,21 @@ class GradientMonitor(MonitorAPI):
         origin = origin_pass = None
         detail = bool(self.detail_every and (step + 1) % self.detail_every == 0)
         # detail statistics and histograms describe the gradients before clipping, like grad_norm
-        extra = (
-            detail_rows(grads, present, self.params, self._numel) if detail and present else None
-        )
-        if self.hist_every and step % self.hist_every == 0 and present:  # 0 without a logdir
-            hist = histogram_rows(grads, self.layer_of, self._n_layers, self.device)
+        rows_of = self._dist.detail if sharded else detail_rows
+        extra = rows_of(grads, present, self.params, self._numel) if detail and present else None
+        if self._hist_every and step % self._hist_every == 0 and present:  # 0 without a logdir
+            if sharded:
+                hist = self._dist.histograms(grads, self.layer_of, self._n_layers, self.device)
+            else:
+                hist = histogram_rows(grads, self.layer_of, self._n_layers, self.device)
             if hist is not None:
                 self.core.write_histograms(step, *hist)
         if not present:
             sumsq = coef = layer_coef = None
         else:
             sumsq = sum_squares(grads, plan, self.device)
+            if sharded:
+                sumsq = self._dist.sum_over_shards(sumsq, plan.order)
             if self.nonfinite != "warn" or self.trace_nonfinite:
                 bad = not bool(torch.isfinite(sumsq.sum()))  # the one sync these modes pay for
                 if bad:  # decided by the elements: a float32 overflow of finite values is not
@@ -501,6 +528,10 @@ class GradientMonitor(MonitorAPI):
             known["detail"] = extra
         known["exact"] = plan.exact if plan is not None else ()
         self._pending.append((step, known))
+        if self._dist is not None:
+            self._dist.record_step(row, self.device)
+            if step == self.settings.start_step and not sharded:
+                self._unused(step, plan)
         self._current = (step, grads, plan)  # the step whose gradients are still there
         probe.record()
         if detail and self.optimizers and not report.skipped:
@@ -521,10 +552,22 @@ class GradientMonitor(MonitorAPI):
         step, old = self._snapshot
         self._snapshot = None
         new = [p.detach() for p in self.params]
-        both = torch.stack(
-            torch._foreach_norm(torch._foreach_sub(new, old)) + torch._foreach_norm(old)
+        sharded = self._dist is not None and self._dist.sharded
+        if sharded:  # FSDP2: local shards
+            new, old = self._dist.local(new), self._dist.local(old)
+        both = (
+            torch.stack(
+                torch._foreach_norm(torch._foreach_sub(new, old)) + torch._foreach_norm(old)
+            )
+            .double()
+            .square()
         )
-        update = both.double().numpy(force=True).reshape(2, -1) ** 2
+        if sharded:
+            idx = np.arange(len(new))
+            both = torch.cat(
+                [self._dist.sum_over_shards(half, idx) for half in both.view(2, -1).unbind()]
+            )
+        update = both.numpy(force=True).reshape(2, -1)
         if self._pending and self._pending[-1][0] == step:
             self._pending[-1][1]["update"] = update
             self._drain()
@@ -554,14 +597,17 @@ class GradientMonitor(MonitorAPI):
         """
         order = plan.order.tolist()
         names = [self.param_names[i] for i in order] if plan.has_sparse else None
+        params = self.params
+        if self._dist is not None and self._dist.sharded:  # FSDP2: local shards
+            params = self._dist.local(params)
         view = Gradients(
             [grads[i] for i in order],
-            [self.params[i] for i in order],
+            [params[i] for i in order],
             plan.layer_t,
             self._n_layers,
             sumsq,
         )
-        ops = TorchOps(self.device, plan, names)
+        ops = TorchOps(self.device, plan, names, self._dist and self._dist.reducer(plan))
         out = clip_gradients(self.chain, view, self._clip_states, ops)
         self._clip_states = out.state
         return out.clip_coef, out.layer_coef
@@ -575,6 +621,8 @@ class GradientMonitor(MonitorAPI):
         first_row = pending[0][0] % self.every
         rows = self._buf[first_row : first_row + len(pending)].numpy(force=True).copy()
         self._exactness(pending, rows)
+        if self._dist is not None:
+            self._nonfinite_ranks(pending, rows)
         trainable = self._host.trainable([p.requires_grad for p in self.params])
         new: list[Finding] = []
         for (step, known), row in zip(pending, rows, strict=True):
@@ -590,6 +638,8 @@ class GradientMonitor(MonitorAPI):
             return sumsq
         out = sumsq.double().clone()
         exact = exact_sum_squares([grads[plan.order[j]] for j in bad])
+        if self._dist is not None:
+            exact = self._dist.sum_over_shards(exact, plan.order[bad])
         out[torch.as_tensor(bad, device=out.device)] = exact.to(out.device)
         return out
 
@@ -611,7 +661,10 @@ class GradientMonitor(MonitorAPI):
             cur = self._current
             if sus.any() and cur is not None and cur[0] == step:  # still there: measure again
                 idx = np.flatnonzero(sus)
-                row[idx] = exact_sum_squares([cur[1][i] for i in idx]).numpy(force=True)
+                again = exact_sum_squares([cur[1][i] for i in idx])
+                if self._dist is not None:
+                    again = self._dist.sum_over_shards(again, idx)
+                row[idx] = again.numpy(force=True)
                 was_exact[idx] = True
                 sus[idx] = np.isposinf(v[idx]) | (row[idx] > 0) & (row[idx] < TINY_SUMSQ)
             truly_zero = np.flatnonzero(has & was_exact & (row[:P] == 0))
@@ -620,6 +673,32 @@ class GradientMonitor(MonitorAPI):
             exact -= {int(i) for i in truly_zero}
             exact |= {int(i) for i in np.flatnonzero(sus)}
         self._exact = frozenset(exact)
+
+    # ----------------------------------------------------------------------------- distributed
+    def _nonfinite_ranks(self, pending: list, rows: np.ndarray) -> None:
+        """On steps whose reduced gradients hold NaN/Inf (the same steps on every rank), name the
+        ranks whose local gradients did (one all-reduce; none on ordinary steps)."""
+        P = len(self.params)
+        bad = [
+            k
+            for k, ((_, known), row) in enumerate(zip(pending, rows, strict=True))
+            if not np.isfinite(row[:P][known["has"]]).all()
+        ]
+        if not bad or not self._dist.origin_known:
+            return
+        ranks = self._dist.origin_ranks([pending[k][0] % self.every for k in bad])
+        for k, r in zip(bad, ranks, strict=True):
+            pending[k][1]["nonfinite_ranks"] = r
+
+    def _unused(self, step: int, plan: Plan | None) -> None:
+        """DDP, first step: name the parameters some rank got no gradient for (DDP without
+        find_unused_parameters fails at the next iteration; say which before it does)."""
+        has = plan.mask if plan is not None else self._no_grad
+        layers = [self.layers[i] for i in self.layer_of]
+        finding = self._dist.unused(step, self.param_names, has, layers)
+        if finding is not None:
+            warnings.warn(f"graddiag: {finding.message}", UnusedParameterWarning, stacklevel=3)
+            self.core.add_finding(finding)
 
     def _check_unmonitored(self, step: int) -> list[Finding]:
         """Once per monitor, at a log step: parameters that train now but did not (or did not
@@ -660,6 +739,10 @@ class GradientMonitor(MonitorAPI):
 
 class UnmonitoredWarning(UserWarning):
     """Parameters began to train after the monitor was created; they are not monitored."""
+
+
+class UnusedParameterWarning(UserWarning):
+    """Under DDP, parameters got no gradient at the first step on some rank."""
 
 
 def _optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
