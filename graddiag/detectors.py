@@ -348,15 +348,19 @@ class NonFiniteDetector(Detector):
                 f"is non-finite while its gradient output was finite); first parameter layer "
                 f"{first!r}"
             )
-        if s.nonfinite_ranks:  # DDP/FSDP2: local gradients before the all-reduce/reduce-scatter
+        # DDP/FSDP2 ranks, tf.distribute replicas: local gradients before the all-reduce
+        unit = "replica" if self.info.framework == "tensorflow" else "rank"
+        if s.nonfinite_ranks:
             ranks = ", ".join(map(str, s.nonfinite_ranks))
             plural = "s" if len(s.nonfinite_ranks) > 1 else ""
             where += (
-                f"; it first appeared on rank{plural} {ranks} (local gradients before they "
-                "were reduced across ranks)"
+                f"; it first appeared on {unit}{plural} {ranks} (local gradients before they "
+                f"were reduced across {unit}s)"
             )
         elif s.nonfinite_ranks == ():
-            where += "; no rank's local gradients held NaN/Inf (their sum across ranks overflowed)"
+            where += (
+                f"; no {unit}'s local gradients held NaN/Inf (their sum across {unit}s overflowed)"
+            )
         value = float(s.nonfinite[hit[0]]) if hit else None
         if self.amp:
             msg = (

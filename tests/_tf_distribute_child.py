@@ -87,7 +87,10 @@ def history(monitor) -> list[dict]:
 
 
 def findings(monitor) -> list[dict]:
-    return [{"step": f.step, "layer": f.layer, "kind": f.kind} for f in monitor.findings]
+    return [
+        {"step": f.step, "layer": f.layer, "kind": f.kind, "message": f.message}
+        for f in monitor.findings
+    ]
 
 
 def weights(model) -> list[list[float]]:

@@ -126,11 +126,17 @@ def test_nan_in_one_replicas_shard_is_found_and_every_replica_decides_alike(tmp_
         # on, and it equals the single-device run with the same skip
         assert skip_mirrored["history"][nan_step]["skipped"]
         assert ("nonfinite", "head") in kinds(skip_mirrored)
+        # the replica whose own gradients were NaN (before the sum) is named; one device: none
+        msgs = [f["message"] for f in skip_mirrored["findings"] if f["kind"] == "nonfinite"]
+        assert msgs and all("first appeared on replica 1 (local gradients" in m for m in msgs)
+        msgs = [f["message"] for f in skip_single["findings"] if f["kind"] == "nonfinite"]
+        assert msgs and not any("replica" in m for m in msgs)
         assert_same_run(skip_mirrored, skip_single)
         assert all(np.isfinite(w).all() for w in skip_mirrored["weights"])
         raise_single, raise_mirrored = out[f"{path}_raise_single"], out[f"{path}_raise_mirrored"]
         assert raise_mirrored["error"] and "NaN/Inf gradient" in raise_mirrored["error"]
         assert f"step {nan_step}" in raise_mirrored["error"]
+        assert "replica 1" in raise_mirrored["error"]
         assert [h["step"] for h in raise_mirrored["history"]] == list(range(nan_step + 1))
         assert kinds(raise_mirrored) == kinds(raise_single)
         assert raise_mirrored["agree"]

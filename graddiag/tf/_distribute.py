@@ -108,20 +108,25 @@ def step(monitor: Any, grads: list[Any], variables: list[Any], loss: Any) -> lis
     ctx = tf.distribute.get_replica_context()
     live = [i for i, g in enumerate(grads) if g is not None]
     values = [grads[i] for i in live] + ([] if loss is None else [tf.cast(loss, tf.float32)])
-    summed = ctx.all_reduce(tf.distribute.ReduceOp.SUM, values) if values else []
+    # which replicas' own gradients were non-finite before the sum: bit k of a float64 mask set
+    # by replica k, added up in the same all-reduce as the gradients (no extra collective)
+    values.append(_nonfinite_bit(ctx, [grads[i] for i in live]))
+    summed = ctx.all_reduce(tf.distribute.ReduceOp.SUM, values)
     total = list(grads)
     for i, g in zip(live, summed, strict=False):
         total[i] = g
-    total_loss = None if loss is None else summed[-1]
+    total_loss = None if loss is None else summed[-2]
+    mask = summed[-1]
 
-    def once(strategy, total, total_loss):
+    def once(strategy, total, total_loss, mask):
+        monitor._replica_mask = _first(strategy, mask)  # consumed by the step's row (ranks)
         with tf.device(strategy.extended.worker_devices[0]):
             out = monitor.step(
                 [_first(strategy, g) for g in total], variables, _first(strategy, total_loss)
             )
         return out, monitor._last_ok
 
-    out, ok = ctx.merge_call(once, args=(total, total_loss))
+    out, ok = ctx.merge_call(once, args=(total, total_loss, mask))
     monitor._last_ok = ok
     # the optimizer's SUM all-reduce adds up what the replicas return: the first replica returns
     # the clipped gradients and the others zeros, so the sum is exactly them for any number of
@@ -130,6 +135,28 @@ def step(monitor: Any, grads: list[Any], variables: list[Any], loss: Any) -> lis
     if tf.get_static_value(ctx.replica_id_in_sync_group) == 0:
         return out
     return [None if g is None else _zeros_like(g) for g in out]
+
+
+def _nonfinite_bit(ctx: Any, grads: list[Any]) -> Any:
+    """2**k on replica k if any of its local gradients holds a NaN/Inf, else 0 (replicas beyond
+    the 24th are not named: a float32 sum stays exact to 2**24)."""
+    flags = [
+        tf.reduce_all(tf.math.is_finite(g.values if isinstance(g, tf.IndexedSlices) else g))
+        for g in grads
+    ]
+    ok = tf.reduce_all(tf.stack(flags)) if flags else tf.constant(True)
+    # float32 like the gradients it is all-reduced with (one batch): exact for replicas 0..23
+    k = tf.cast(ctx.replica_id_in_sync_group, tf.float32)
+    named = tf.logical_and(tf.logical_not(ok), k < 24.0)
+    return tf.where(named, tf.pow(2.0, k), 0.0)
+
+
+def replicas_of(mask: float) -> tuple[int, ...] | None:
+    """The replica ids a `_nonfinite_bit` sum names (None: not measured, a negative mask)."""
+    if mask < 0:
+        return None
+    m = int(mask)
+    return tuple(k for k in range(m.bit_length()) if m >> k & 1)
 
 
 def _zeros_like(g: Any) -> Any:

@@ -250,6 +250,7 @@ class GradientMonitor(MonitorAPI):
         n, nl = len(variables), len(layers)
         with _distribute.own_variables(), tf.init_scope():  # plain variables under a strategy
             self._rows = self._ring_variable()
+            self._ranks = self._ranks_variable()  # tf.distribute: replicas of a NaN/Inf
             # detail rows: max|g|, non-zero count, NaN count, Inf count, parameter sum of squares
             self._detail = (
                 tf.Variable(
@@ -305,6 +306,17 @@ class GradientMonitor(MonitorAPI):
                 name="graddiag_rows",
             )
 
+    def _ranks_variable(self) -> tf.Variable | None:
+        """Under tf.distribute, one float64 per ring row: the bit mask of the replicas whose own
+        gradients held a NaN/Inf before the all-reduce (-1: not measured); None otherwise."""
+        target = self._target if is_model(self._target) else None
+        if _distribute.strategy_of(target) is None:
+            return None
+        with tf.init_scope():
+            return tf.Variable(
+                np.full(self._capacity, -1.0), trainable=False, name="graddiag_nonfinite_replicas"
+            )
+
     def _set_steps_per_poll(self, steps: int) -> None:
         """Grow the ring buffer for `steps` steps between polls (a later Keras `fit` with a larger
         `steps_per_execution`). Call between steps, before the step function is traced again."""
@@ -313,6 +325,9 @@ class GradientMonitor(MonitorAPI):
         self.flush()  # every row read back: the new buffer may start blank
         self._steps_per_poll = steps
         self._rows = self._ring_variable()
+        if self._ranks is not None:
+            with _distribute.own_variables():
+                self._ranks = self._ranks_variable()
 
     def _start(self, has: np.ndarray | None) -> None:
         """Start the core at the first read back (as graddiag.torch at its first step), when the
@@ -616,6 +631,10 @@ class GradientMonitor(MonitorAPI):
             tail.append(tf.ones([len(self.info.layers)]) if lcoef is None else lcoef)
         values = tf.concat([vec, tf.cast(tf.concat(tail, 0), tf.float64)], 0)
         writes = [self._rows.scatter_nd_update([[row]], values[None])]
+        mask, self._replica_mask = getattr(self, "_replica_mask", None), None
+        if self._ranks is not None:  # set by _distribute.step for this step
+            mask = tf.constant(-1.0, tf.float64) if mask is None else tf.cast(mask, tf.float64)
+            writes.append(self._ranks.scatter_nd_update([[row]], tf.reshape(mask, [1])))
         if self.nonfinite != "warn":  # only these modes read `_bad` (poll)
             # `_bad` stays set until a poll() has read the step back (several steps per execution)
             bad = (self._bad.read_value() | ~ok) if self.read_back == "poll" else ~ok
@@ -685,6 +704,8 @@ class GradientMonitor(MonitorAPI):
     def _state(self) -> list[tf.Variable]:
         """The variables the host reads back on a log step."""
         out = [self._rows]
+        if self._ranks is not None:
+            out.append(self._ranks)
         if self._detail is not None:
             out += [self._detail, self._detail_step]
         if self._hist is not None:
@@ -753,6 +774,11 @@ class GradientMonitor(MonitorAPI):
         for step in range(first, steps_done):
             self._fetched = step + 1  # before ingest: under nonfinite="raise" it raises
             extra = {"trainable": trainable}
+            if self._ranks is not None:
+                replicas = _distribute.replicas_of(state[self._ranks.ref()][step % self._capacity])
+                sumsq = rows[step % self._capacity][self._layout.sumsq]
+                if replicas is not None and (replicas or not np.isfinite(sumsq).all()):
+                    extra["nonfinite_ranks"] = replicas  # only on non-finite steps (a text tag)
             if step == detail_step:
                 extra["detail"] = detail
             if step == hist_step:
