@@ -77,17 +77,17 @@ def variants(max_norm, tmp):
 
         return {"writer": SummaryWriter(tempfile.mkdtemp(dir=tmp)), "step": 0}
 
-    def setup_gd(every):
+    def setup_gd(every, background=True):
         def s(model, opt):  # manual mode, so the added call can be timed on its own
-            return {
-                "mon": GradientMonitor(
-                    model,
-                    None,
-                    logdir=tempfile.mkdtemp(dir=tmp),
-                    every=every,
-                    clip=GlobalNormClip(max_norm),
-                )
-            }
+            mon = GradientMonitor(
+                model,
+                None,
+                logdir=tempfile.mkdtemp(dir=tmp),
+                every=every,
+                clip=GlobalNormClip(max_norm),
+            )
+            mon._host.background = background  # False: the host work in the training thread
+            return {"mon": mon}
 
         return s
 
@@ -105,6 +105,8 @@ def variants(max_norm, tmp):
         "SummaryWriter.add_scalar per layer": (setup_tb, tb_add_scalar),
         "graddiag every step (stats+NaN+clip+log)": (setup_gd(1), gd_step),
         "graddiag every=10 (default)": (setup_gd(10), gd_step),
+        "graddiag every step, host work inline": (setup_gd(1, False), gd_step),
+        "graddiag every=10, host work inline": (setup_gd(10, False), gd_step),
     }
 
 
@@ -232,23 +234,28 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=60)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--only", default="", help="run the models whose name contains this")
+    ap.add_argument("--no-extras", action="store_true", help="skip the bandwidth/logging parts")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     torch.set_flush_denormal(True)  # the deep ReLU net's tiny gradients would time denormal math
     logging.getLogger("graddiag").setLevel(logging.ERROR)  # the models' findings are not the point
     parts = [
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; {args.reps} steps per variant, medians.\n"
-        f"Command: `python benchmarks/bench_torch.py --reps {args.reps}`"
+        f"Command: `python benchmarks/bench_torch.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
     ]
     with tempfile.TemporaryDirectory() as tmp:
         for name, model, make_x, max_norm in models():
+            if args.only not in name:
+                continue
             table, _ = bench_model(name, model, make_x, max_norm, args.reps, tmp)
             print(table, flush=True)
             parts.append(table)
-        parts.append(norms_vs_bandwidth())
-        parts.append(logging_cost(tmp))
+        if not args.no_extras:
+            parts.append(norms_vs_bandwidth())
+            parts.append(logging_cost(tmp))
+            print(parts[-2], parts[-1])
     text = "\n".join(parts)
-    print(parts[-2], parts[-1])
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")
