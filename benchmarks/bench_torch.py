@@ -46,6 +46,11 @@ def models():
     ]
 
 
+#: `--before DIR`: an earlier graddiag, renamed to `graddiag_before` in DIR, timed in the same
+#: process (see docs/benchmarks.md for how it is made)
+BEFORE = None
+
+
 def variants(max_norm, tmp):
     """name -> (setup(model, opt) -> state, after_backward(model, opt, state))."""
 
@@ -94,7 +99,27 @@ def variants(max_norm, tmp):
     def gd_step(model, opt, st):
         st["mon"].step()
 
+    def setup_before(every):
+        def s(model, opt):
+            return {
+                "mon": BEFORE.torch.GradientMonitor(
+                    model,
+                    None,
+                    logdir=tempfile.mkdtemp(dir=tmp),
+                    every=every,
+                    clip=BEFORE.clip.GlobalNormClip(max_norm),
+                )
+            }
+
+        return s
+
     none = lambda model, opt, st: None  # noqa: E731
+    before = {}
+    if BEFORE is not None:
+        before = {
+            "before: graddiag every step": (setup_before(1), gd_step),
+            "before: graddiag every=10": (setup_before(10), gd_step),
+        }
     return {
         "plain step": (plain, none),
         "clip_grad_norm_": (lambda m, o: {}, clip),
@@ -107,6 +132,7 @@ def variants(max_norm, tmp):
         "graddiag every=10 (default)": (setup_gd(10), gd_step),
         "graddiag every step, host work inline": (setup_gd(1, False), gd_step),
         "graddiag every=10, host work inline": (setup_gd(10, False), gd_step),
+        **before,
     }
 
 
@@ -146,7 +172,8 @@ def bench_model(name, model0, make_x, max_norm, reps, tmp):
             st["writer"].close()
     med = {v: statistics.median(t) * 1e3 for v, t in times.items()}
     # mean, not median, of the added call: log steps (every=10) are 1 in 10 and must count
-    call = {v: statistics.fmean(t) * 1e3 for v, t in added.items()}
+    # (the slowest 0.5 % dropped: on a shared machine a step is sometimes descheduled for 10+ ms)
+    call = {v: _trimmed_mean(t) * 1e3 for v, t in added.items()}
     base = med["plain step"]
     clip_extra = med["clip_grad_norm_"] - base
     clip_call = call["clip_grad_norm_"]
@@ -164,6 +191,11 @@ def bench_model(name, model0, make_x, max_norm, reps, tmp):
         cr = "" if v in ("plain step", "detect_anomaly") else f"{call[v] / clip_call:.2f}x"
         lines.append(f"| {v} | {m:.2f} | {extra:+.2f} | {ratio} | {c} | {cr} |")
     return "\n".join(lines), med
+
+
+def _trimmed_mean(ts, drop=0.005):
+    ts = sorted(ts)
+    return statistics.fmean(ts[: max(1, len(ts) - int(len(ts) * drop))])
 
 
 def norms_vs_bandwidth(reps=200):
@@ -216,6 +248,60 @@ def norms_vs_bandwidth(reps=200):
     return "\n".join(out)
 
 
+def many_tensors(tmp, reps=60):
+    """Per-step cost against the number of tensors and the gradient bytes: graddiag's call
+    (every=10, defaults, global-norm clipping) and `clip_grad_norm_`'s, on gradients set by hand
+    (no forward/backward: a 5,000-layer net's would dominate), fitted as a + b*bytes + c*tensors.
+    """
+    rows, fit = [], {"graddiag": [], "clip_grad_norm_": []}
+    for n in (200, 5000, 10000):
+        for width in (8, 32):
+            model = nn.Sequential(*[nn.Linear(width, width) for _ in range(n // 2)])
+            for p in model.parameters():
+                p.grad = torch.randn_like(p) * 1e-3
+            nbytes = sum(p.numel() * 4 for p in model.parameters())
+            mon = GradientMonitor(
+                model, None, logdir=tempfile.mkdtemp(dir=tmp), clip=GlobalNormClip(1e9)
+            )
+            params = list(model.parameters())
+            t_gd, t_clip = [], []
+            for r in range(reps + 5):  # interleaved
+                t0 = time.perf_counter()
+                mon.step()
+                t1 = time.perf_counter()
+                torch.nn.utils.clip_grad_norm_(params, 1e9)
+                t2 = time.perf_counter()
+                if r >= 5:
+                    t_gd.append(t1 - t0)
+                    t_clip.append(t2 - t1)
+            mon.close()
+            gd, cl = _trimmed_mean(t_gd) * 1e3, _trimmed_mean(t_clip) * 1e3
+            fit["graddiag"].append((nbytes, n, gd))
+            fit["clip_grad_norm_"].append((nbytes, n, cl))
+            rows.append(
+                f"| {n} | {width}x{width} | {nbytes / 1e6:.2f} MB | {gd:.2f} | {cl:.2f} "
+                f"| {gd / cl:.2f}x |"
+            )
+    out = [
+        "\n### Many tensors\n",
+        "| tensors | layer | gradient bytes | graddiag call, mean (ms) | clip_grad_norm_ (ms) "
+        "| ratio |",
+        "|---:|---|---:|---:|---:|---:|",
+        *rows,
+        "",
+        "Least-squares fit, time per step = a + b x gradient bytes + c x tensors:",
+        "",
+    ]
+    for name, pts in fit.items():
+        a = np.asarray([(1.0, b / 1e6, k) for b, k, _ in pts])
+        y = np.asarray([t for _, _, t in pts])
+        (c0, per_mb, per_t), *_ = np.linalg.lstsq(a, y, rcond=None)
+        out.append(
+            f"- {name}: {c0:.3f} ms + {per_mb:.3f} ms per MB + {per_t * 1e3:.2f} µs per tensor"
+        )
+    return "\n".join(out)
+
+
 def logging_cost(tmp, n=2000):
     w = EventFileWriter(tempfile.mkdtemp(dir=tmp))
     tags = tuple(f"graddiag/grad_norm/blocks.{i}.fc" for i in range(200))
@@ -236,7 +322,18 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", default="", help="run the models whose name contains this")
     ap.add_argument("--no-extras", action="store_true", help="skip the bandwidth/logging parts")
+    ap.add_argument("--many", action="store_true", help="the many-tensor cost fit")
+    ap.add_argument("--before", default=None, help="folder holding a renamed graddiag_before")
     args = ap.parse_args(argv)
+    if args.before:
+        global BEFORE
+        sys.path.insert(0, args.before)
+        import graddiag_before
+        import graddiag_before.clip
+        import graddiag_before.torch
+
+        BEFORE = graddiag_before
+        logging.getLogger("graddiag_before").setLevel(logging.ERROR)
     torch.set_num_threads(2)
     torch.set_flush_denormal(True)  # the deep ReLU net's tiny gradients would time denormal math
     logging.getLogger("graddiag").setLevel(logging.ERROR)  # the models' findings are not the point
@@ -251,6 +348,9 @@ def main(argv=None):
             table, _ = bench_model(name, model, make_x, max_norm, args.reps, tmp)
             print(table, flush=True)
             parts.append(table)
+        if args.many:
+            parts.append(many_tensors(tmp))
+            print(parts[-1], flush=True)
         if not args.no_extras:
             parts.append(norms_vs_bandwidth())
             parts.append(logging_cost(tmp))

@@ -11,7 +11,6 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import graddiag.torch.monitor as torch_monitor  # noqa: E402
-from graddiag.clip import GlobalNormClip  # noqa: E402
 from graddiag.detectors import Detector  # noqa: E402
 from graddiag.events import Worker, WorkerWarning  # noqa: E402
 from graddiag.torch import GradientMonitor  # noqa: E402
