@@ -27,6 +27,7 @@ from graddiag.torch._measure import (
     Plan,
     detail_rows,
     exact_sum_squares,
+    f32,
     histogram_rows,
     measured,
     sum_squares,
@@ -511,7 +512,7 @@ class GradientMonitor(MonitorAPI):
             self._ftrace.clear()
             coef = layer_coef = None
             if self.chain is not None and not report.skipped:
-                coef, layer_coef = self._clip(grads, plan, sumsq.float())
+                coef, layer_coef = self._clip(grads, plan, f32(sumsq))
         # the device row (graddiag.host.RowLayout) gets what only the device knows; the rest of
         # the step's facts stay on the host until the row is read back
         buf_row, col = self._buf[row], self._layout.col
