@@ -136,8 +136,12 @@ def variants(max_norm, tmp):
     }
 
 
+SKIP = None
+
+
 def bench_model(name, model0, make_x, max_norm, reps, tmp):
     vs = variants(max_norm, tmp)
+    vs = {k: v for k, v in vs.items() if not SKIP or SKIP not in k}
     runs = {}
     for vname, (setup, after) in vs.items():
         model = copy.deepcopy(model0)
@@ -146,6 +150,7 @@ def bench_model(name, model0, make_x, max_norm, reps, tmp):
         runs[vname] = (model, opt, st, after, setup == "anomaly")
     times = {v: [] for v in vs}
     added = {v: [] for v in vs}
+    cpu = {v: [] for v in vs}  # the added call's CPU time in this thread: immune to preemption
     x = make_x()
     target = torch.randn_like(model0(x))
     for r in range(reps + 5):
@@ -157,16 +162,19 @@ def bench_model(name, model0, make_x, max_norm, reps, tmp):
                     (model(x) - target).square().mean().backward()
             else:
                 (model(x) - target).square().mean().backward()
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.thread_time()
             after(model, opt, st)
-            t2 = time.perf_counter()
+            t2, c2 = time.perf_counter(), time.thread_time()
             opt.step()
             dt = time.perf_counter() - t0
             if r >= 5:
                 times[vname].append(dt)
                 added[vname].append(t2 - t1)
-    for _, (_, _, st, _, _) in runs.items():
+                cpu[vname].append(c2 - c1)
+    background = {}
+    for vname, (_, _, st, _, _) in runs.items():
         if isinstance(st, dict) and "mon" in st:
+            background[vname] = _thread_cpu(st["mon"]) / (reps + 5)
             st["mon"].close()
         if isinstance(st, dict) and "writer" in st:
             st["writer"].close()
@@ -177,20 +185,44 @@ def bench_model(name, model0, make_x, max_norm, reps, tmp):
     base = med["plain step"]
     clip_extra = med["clip_grad_norm_"] - base
     clip_call = call["clip_grad_norm_"]
+    ccpu = {v: statistics.fmean(t) * 1e3 for v, t in cpu.items()}
+    clip_cpu = ccpu["clip_grad_norm_"]
     lines = [
         f"\n### {name}\n",
-        "| variant | median step (ms) | extra vs plain (ms) | extra / clip's | added call, mean (ms) | added call / clip's |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| variant | median step (ms) | extra vs plain (ms) | extra / clip's | added call, mean (ms) "
+        "| added call / clip's | added call, thread CPU (ms) | thread CPU / clip's "
+        "| + background thread CPU per step (ms) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for v, m in med.items():
         extra = m - base
         ratio = (
             "" if v == "plain step" else f"{extra / clip_extra:.2f}x" if clip_extra > 0 else "n/a"
         )
-        c = "" if v in ("plain step", "detect_anomaly") else f"{call[v]:.3f}"
-        cr = "" if v in ("plain step", "detect_anomaly") else f"{call[v] / clip_call:.2f}x"
-        lines.append(f"| {v} | {m:.2f} | {extra:+.2f} | {ratio} | {c} | {cr} |")
+        none = v in ("plain step", "detect_anomaly")
+        c = "" if none else f"{call[v]:.3f}"
+        cr = "" if none else f"{call[v] / clip_call:.2f}x"
+        tc = "" if none else f"{ccpu[v]:.3f}"
+        tcr = "" if none else f"{ccpu[v] / clip_cpu:.2f}x"
+        bg = f"{background[v] * 1e3:.3f}" if v in background else ""
+        lines.append(
+            f"| {v} | {m:.2f} | {extra:+.2f} | {ratio} | {c} | {cr} | {tc} | {tcr} | {bg} |"
+        )
     return "\n".join(lines), med
+
+
+def _thread_cpu(mon) -> float:
+    """CPU seconds used so far by a monitor's background thread (the event writer's flush
+    thread, which also runs the host work since #14), 0 if it has none."""
+    host = getattr(mon, "_host", None)
+    worker = getattr(host, "worker", None) if host is not None else None
+    thread = getattr(worker, "_thread", None)
+    if thread is None:  # before #14: the writer's own flush thread
+        sink = mon.core.sink if mon.core is not None else None
+        thread = getattr(sink.writer, "_thread", None) if sink is not None else None
+    if thread is None or thread.ident is None or not thread.is_alive():
+        return 0.0
+    return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
 
 
 def _trimmed_mean(ts, drop=0.005):
@@ -322,6 +354,8 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", default="", help="run the models whose name contains this")
     ap.add_argument("--no-extras", action="store_true", help="skip the bandwidth/logging parts")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 on a loaded machine)")
+    ap.add_argument("--skip", default=None, help="leave out the variants whose name has this")
     ap.add_argument("--many", action="store_true", help="the many-tensor cost fit")
     ap.add_argument("--before", default=None, help="folder holding a renamed graddiag_before")
     args = ap.parse_args(argv)
@@ -334,11 +368,13 @@ def main(argv=None):
 
         BEFORE = graddiag_before
         logging.getLogger("graddiag_before").setLevel(logging.ERROR)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    global SKIP
+    SKIP = args.skip
     torch.set_flush_denormal(True)  # the deep ReLU net's tiny gradients would time denormal math
     logging.getLogger("graddiag").setLevel(logging.ERROR)  # the models' findings are not the point
     parts = [
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; {args.reps} steps per variant, medians.\n"
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU; {args.reps} steps per variant, medians.\n"
         f"Command: `python benchmarks/bench_torch.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
     ]
     with tempfile.TemporaryDirectory() as tmp:

@@ -678,9 +678,14 @@ class GradientMonitor(MonitorAPI):
         in float64 now; and from now on such parameters are measured in float64 (`Plan.exact`)
         until an exact measurement shows them truly zero."""
         P = len(self.params)
-        exact = set(self._exact)
         zero_ok = np.zeros(P, bool)
         zero_ok[list(self._true_zero)] = True
+        if not self._exact and not any(known["exact"] for _, known in pending):
+            # the common case, all rows at once: nothing measured exactly, nothing suspicious
+            has = np.stack([known["has"] for _, known in pending])
+            if not imprecise(rows[:, :P], has, np.zeros_like(has), zero_ok).any():
+                return
+        exact = set(self._exact)
         for (step, known), row in zip(pending, rows, strict=True):
             has = known["has"]
             v = row[:P].copy()  # as measured on the device
