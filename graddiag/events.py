@@ -563,6 +563,7 @@ class Worker:
         self._jobs: deque = deque()
         self._submitted = self._done = 0
         self._woken = False
+        self._busy = False  # a job is running
         self._closing = False
         self._warned = False
         self._thread: threading.Thread | None = None
@@ -585,9 +586,9 @@ class Worker:
                 inline = False
                 if self._thread is None:
                     self._start()
+                self._jobs.append((job, args, kwargs))
                 self._submitted += 1
                 ticket = self._submitted
-                self._jobs.append((job, args, kwargs))
                 self._cond.notify_all()
         if inline:
             self._run(job, args, kwargs)
@@ -600,13 +601,19 @@ class Worker:
             return
         with self._cond:
             target = self._submitted if ticket is None else ticket
-            while self._done < target and self._thread is not None and self._thread.is_alive():
+            # (queued or running work left: never waits on a count an interrupt left uneven)
+            while (
+                self._done < target
+                and (self._jobs or self._busy)
+                and self._thread is not None
+                and self._thread.is_alive()
+            ):
                 self._cond.wait(0.5)
 
     @property
     def pending(self) -> int:
         """Jobs submitted and not run yet."""
-        return self._submitted - self._done
+        return max(0, self._submitted - self._done)
 
     def wake(self) -> None:
         """Run the tick now (soon), not at the end of the interval."""
@@ -660,13 +667,17 @@ class Worker:
                         break
                     self._cond.wait(timeout)
                 job = self._jobs.popleft() if self._jobs else None
+                self._busy = job is not None
                 woken, self._woken = self._woken, False
                 closing = self._closing and job is None
             if job is not None:
-                self._run(*job)
-                with self._cond:
-                    self._done += 1
-                    self._cond.notify_all()
+                try:
+                    self._run(*job)
+                finally:
+                    with self._cond:
+                        self._done += 1
+                        self._busy = False
+                        self._cond.notify_all()
                 if not woken and (next_tick is None or time.monotonic() < next_tick):
                     continue
             if closing:
