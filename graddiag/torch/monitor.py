@@ -52,8 +52,10 @@ class GradientMonitor(MonitorAPI):
         clip: a clipping policy from `graddiag.clip`, a list of them (applied in order), a number
             (global-norm clipping to that value), or None.
         nonfinite: "warn" (report at the log step; no extra sync), "skip" (check every step — one
-            host sync per step — and skip the optimizer step when a gradient is NaN/Inf), or "raise"
-            (same check; raise `NonFiniteGradientError` naming the step and the layer).
+            host sync per step — and skip the optimizer step when a gradient is NaN/Inf; on CUDA a
+            fused optimizer is handed the flag as `found_inf` and skips it itself, without a
+            sync), or "raise" (same check; raise `NonFiniteGradientError` naming the step and the
+            layer). Latency per policy: docs/guarantees.md.
         detectors: detector settings (see `graddiag.detectors.build_detectors`).
         detail_every: compute max |g|, zero fraction and parameter norm every this many steps (a
             host read at that step), and the update/weight ratio when the optimizer is hooked
