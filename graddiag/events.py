@@ -559,7 +559,11 @@ class Worker:
         self.name = name
         self._tick = tick
         self._interval = float(interval) if tick is not None and interval > 0 else None
-        self._cond = threading.Condition()
+        # `with self._lock` (a C lock: an interrupt cannot land between acquiring and entering
+        # the block, as it can inside the Python-level `Condition.__enter__`, which would leave
+        # the lock held by a KeyboardInterrupt); `self._cond` only waits and notifies on it
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._jobs: deque = deque()
         self._submitted = self._done = 0
         self._woken = False
@@ -579,7 +583,7 @@ class Worker:
     def submit(self, job, *args, **kwargs) -> int:
         """Queue `job(*args, **kwargs)`; returns its ticket for `wait(ticket)`. After `close()`
         (or from the worker thread itself) the job runs at once, in the caller's thread."""
-        with self._cond:
+        with self._lock:
             if self._closing or threading.current_thread() is self._thread:
                 inline = True
             else:
@@ -599,7 +603,7 @@ class Worker:
         """Block until job `ticket` (default: every job submitted so far) has run."""
         if threading.current_thread() is self._thread:
             return
-        with self._cond:
+        with self._lock:
             target = self._submitted if ticket is None else ticket
             # (queued or running work left: never waits on a count an interrupt left uneven)
             while (
@@ -617,13 +621,13 @@ class Worker:
 
     def wake(self) -> None:
         """Run the tick now (soon), not at the end of the interval."""
-        with self._cond:
+        with self._lock:
             self._woken = True
             self._cond.notify_all()
 
     def close(self, timeout: float = 5.0) -> None:
         """Run the queued jobs and a last tick, then end the thread (idempotent)."""
-        with self._cond:
+        with self._lock:
             if self._closing:
                 return
             self._closing = True
@@ -631,12 +635,12 @@ class Worker:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
         while True:  # jobs the thread did not get to (it died or timed out): run them here
-            with self._cond:
+            with self._lock:
                 if not self._jobs:
                     break
                 job, args, kwargs = self._jobs.popleft()
             self._run(job, args, kwargs)
-            with self._cond:
+            with self._lock:
                 self._done += 1
 
     def _run(self, job, args, kwargs) -> None:
@@ -660,7 +664,7 @@ class Worker:
     def _loop(self) -> None:
         next_tick = None if self._interval is None else time.monotonic() + self._interval
         while True:
-            with self._cond:
+            with self._lock:
                 while not self._jobs and not self._woken and not self._closing:
                     timeout = None if next_tick is None else next_tick - time.monotonic()
                     if timeout is not None and timeout <= 0:
@@ -674,7 +678,7 @@ class Worker:
                 try:
                     self._run(*job)
                 finally:
-                    with self._cond:
+                    with self._lock:
                         self._done += 1
                         self._busy = False
                         self._cond.notify_all()
@@ -685,7 +689,7 @@ class Worker:
                     self._safe_tick()
                 return
             if self._tick is not None and not self._safe_tick():
-                with self._cond:  # the writer is gone: end here, later jobs run inline
+                with self._lock:  # the writer is gone: end here, later jobs run inline
                     if not self._jobs:
                         self._closing = True
                         self._cond.notify_all()
