@@ -46,6 +46,11 @@ def models():
     ]
 
 
+#: `--before DIR`: an earlier graddiag, renamed to `graddiag_before` in DIR, timed in the same
+#: process (see docs/benchmarks.md for how it is made)
+BEFORE = None
+
+
 def variants(max_norm, tmp):
     """name -> (setup(model, opt) -> state, after_backward(model, opt, state))."""
 
@@ -77,24 +82,44 @@ def variants(max_norm, tmp):
 
         return {"writer": SummaryWriter(tempfile.mkdtemp(dir=tmp)), "step": 0}
 
-    def setup_gd(every):
+    def setup_gd(every, background=True):
         def s(model, opt):  # manual mode, so the added call can be timed on its own
-            return {
-                "mon": GradientMonitor(
-                    model,
-                    None,
-                    logdir=tempfile.mkdtemp(dir=tmp),
-                    every=every,
-                    clip=GlobalNormClip(max_norm),
-                )
-            }
+            mon = GradientMonitor(
+                model,
+                None,
+                logdir=tempfile.mkdtemp(dir=tmp),
+                every=every,
+                clip=GlobalNormClip(max_norm),
+            )
+            mon._host.background = background  # False: the host work in the training thread
+            return {"mon": mon}
 
         return s
 
     def gd_step(model, opt, st):
         st["mon"].step()
 
+    def setup_before(every):
+        def s(model, opt):
+            return {
+                "mon": BEFORE.torch.GradientMonitor(
+                    model,
+                    None,
+                    logdir=tempfile.mkdtemp(dir=tmp),
+                    every=every,
+                    clip=BEFORE.clip.GlobalNormClip(max_norm),
+                )
+            }
+
+        return s
+
     none = lambda model, opt, st: None  # noqa: E731
+    before = {}
+    if BEFORE is not None:
+        before = {
+            "before: graddiag every step": (setup_before(1), gd_step),
+            "before: graddiag every=10": (setup_before(10), gd_step),
+        }
     return {
         "plain step": (plain, none),
         "clip_grad_norm_": (lambda m, o: {}, clip),
@@ -105,11 +130,18 @@ def variants(max_norm, tmp):
         "SummaryWriter.add_scalar per layer": (setup_tb, tb_add_scalar),
         "graddiag every step (stats+NaN+clip+log)": (setup_gd(1), gd_step),
         "graddiag every=10 (default)": (setup_gd(10), gd_step),
+        "graddiag every step, host work inline": (setup_gd(1, False), gd_step),
+        "graddiag every=10, host work inline": (setup_gd(10, False), gd_step),
+        **before,
     }
+
+
+SKIP = None
 
 
 def bench_model(name, model0, make_x, max_norm, reps, tmp):
     vs = variants(max_norm, tmp)
+    vs = {k: v for k, v in vs.items() if not SKIP or SKIP not in k}
     runs = {}
     for vname, (setup, after) in vs.items():
         model = copy.deepcopy(model0)
@@ -118,6 +150,7 @@ def bench_model(name, model0, make_x, max_norm, reps, tmp):
         runs[vname] = (model, opt, st, after, setup == "anomaly")
     times = {v: [] for v in vs}
     added = {v: [] for v in vs}
+    cpu = {v: [] for v in vs}  # the added call's CPU time in this thread: immune to preemption
     x = make_x()
     target = torch.randn_like(model0(x))
     for r in range(reps + 5):
@@ -129,39 +162,72 @@ def bench_model(name, model0, make_x, max_norm, reps, tmp):
                     (model(x) - target).square().mean().backward()
             else:
                 (model(x) - target).square().mean().backward()
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.thread_time()
             after(model, opt, st)
-            t2 = time.perf_counter()
+            t2, c2 = time.perf_counter(), time.thread_time()
             opt.step()
             dt = time.perf_counter() - t0
             if r >= 5:
                 times[vname].append(dt)
                 added[vname].append(t2 - t1)
-    for _, (_, _, st, _, _) in runs.items():
+                cpu[vname].append(c2 - c1)
+    background = {}
+    for vname, (_, _, st, _, _) in runs.items():
         if isinstance(st, dict) and "mon" in st:
+            background[vname] = _thread_cpu(st["mon"]) / (reps + 5)
             st["mon"].close()
         if isinstance(st, dict) and "writer" in st:
             st["writer"].close()
     med = {v: statistics.median(t) * 1e3 for v, t in times.items()}
     # mean, not median, of the added call: log steps (every=10) are 1 in 10 and must count
-    call = {v: statistics.fmean(t) * 1e3 for v, t in added.items()}
+    # (the slowest 0.5 % dropped: on a shared machine a step is sometimes descheduled for 10+ ms)
+    call = {v: _trimmed_mean(t) * 1e3 for v, t in added.items()}
     base = med["plain step"]
     clip_extra = med["clip_grad_norm_"] - base
     clip_call = call["clip_grad_norm_"]
+    ccpu = {v: statistics.fmean(t) * 1e3 for v, t in cpu.items()}
+    clip_cpu = ccpu["clip_grad_norm_"]
     lines = [
         f"\n### {name}\n",
-        "| variant | median step (ms) | extra vs plain (ms) | extra / clip's | added call, mean (ms) | added call / clip's |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| variant | median step (ms) | extra vs plain (ms) | extra / clip's | added call, mean (ms) "
+        "| added call / clip's | added call, thread CPU (ms) | thread CPU / clip's "
+        "| + background thread CPU per step (ms) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for v, m in med.items():
         extra = m - base
         ratio = (
             "" if v == "plain step" else f"{extra / clip_extra:.2f}x" if clip_extra > 0 else "n/a"
         )
-        c = "" if v in ("plain step", "detect_anomaly") else f"{call[v]:.3f}"
-        cr = "" if v in ("plain step", "detect_anomaly") else f"{call[v] / clip_call:.2f}x"
-        lines.append(f"| {v} | {m:.2f} | {extra:+.2f} | {ratio} | {c} | {cr} |")
+        none = v in ("plain step", "detect_anomaly")
+        c = "" if none else f"{call[v]:.3f}"
+        cr = "" if none else f"{call[v] / clip_call:.2f}x"
+        tc = "" if none else f"{ccpu[v]:.3f}"
+        tcr = "" if none else f"{ccpu[v] / clip_cpu:.2f}x"
+        bg = f"{background[v] * 1e3:.3f}" if v in background else ""
+        lines.append(
+            f"| {v} | {m:.2f} | {extra:+.2f} | {ratio} | {c} | {cr} | {tc} | {tcr} | {bg} |"
+        )
     return "\n".join(lines), med
+
+
+def _thread_cpu(mon) -> float:
+    """CPU seconds used so far by a monitor's background thread (the event writer's flush
+    thread, which also runs the host work since #14), 0 if it has none."""
+    host = getattr(mon, "_host", None)
+    worker = getattr(host, "worker", None) if host is not None else None
+    thread = getattr(worker, "_thread", None)
+    if thread is None:  # before #14: the writer's own flush thread
+        sink = mon.core.sink if mon.core is not None else None
+        thread = getattr(sink.writer, "_thread", None) if sink is not None else None
+    if thread is None or thread.ident is None or not thread.is_alive():
+        return 0.0
+    return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+
+
+def _trimmed_mean(ts, drop=0.005):
+    ts = sorted(ts)
+    return statistics.fmean(ts[: max(1, len(ts) - int(len(ts) * drop))])
 
 
 def norms_vs_bandwidth(reps=200):
@@ -214,6 +280,62 @@ def norms_vs_bandwidth(reps=200):
     return "\n".join(out)
 
 
+def many_tensors(tmp, reps=60):
+    """Per-step cost against the number of tensors and the gradient bytes: graddiag's call
+    (every=10, defaults, global-norm clipping) and `clip_grad_norm_`'s, on gradients set by hand
+    (no forward/backward: a 5,000-layer net's would dominate), fitted as a + b*bytes + c*tensors.
+    """
+    rows, fit = [], {"graddiag": [], "clip_grad_norm_": []}
+    for n in (200, 5000, 10000):
+        for width in (8, 32):
+            model = nn.Sequential(*[nn.Linear(width, width) for _ in range(n // 2)])
+            for p in model.parameters():
+                p.grad = torch.randn_like(p) * 1e-3
+            nbytes = sum(p.numel() * 4 for p in model.parameters())
+            mon = GradientMonitor(
+                model, None, logdir=tempfile.mkdtemp(dir=tmp), clip=GlobalNormClip(1e9)
+            )
+            params = list(model.parameters())
+            t_gd, t_clip = [], []
+            for r in range(reps + 5):  # interleaved
+                t0 = time.thread_time()  # CPU of this thread: immune to preemption
+                mon.step()
+                t1 = time.thread_time()
+                torch.nn.utils.clip_grad_norm_(params, 1e9)
+                t2 = time.thread_time()
+                if r >= 5:
+                    t_gd.append(t1 - t0)
+                    t_clip.append(t2 - t1)
+            bg = _thread_cpu(mon) / (reps + 5) * 1e3
+            mon.close()
+            gd, cl = _trimmed_mean(t_gd) * 1e3, _trimmed_mean(t_clip) * 1e3
+            fit["graddiag"].append((nbytes, n, gd))
+            fit["clip_grad_norm_"].append((nbytes, n, cl))
+            rows.append(
+                f"| {n} | {width}x{width} | {nbytes / 1e6:.2f} MB | {gd:.2f} | {bg:.2f} | {cl:.2f} "
+                f"| {gd / cl:.2f}x |"
+            )
+    out = [
+        "\n### Many tensors\n",
+        "| tensors | layer | gradient bytes | graddiag call, thread CPU (ms) "
+        "| + background thread CPU (ms) | clip_grad_norm_, thread CPU (ms) | ratio |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+        "Least-squares fit of the training thread's CPU per step = a + b x gradient bytes + "
+        "c x tensors:",
+        "",
+    ]
+    for name, pts in fit.items():
+        a = np.asarray([(1.0, b / 1e6, k) for b, k, _ in pts])
+        y = np.asarray([t for _, _, t in pts])
+        (c0, per_mb, per_t), *_ = np.linalg.lstsq(a, y, rcond=None)
+        out.append(
+            f"- {name}: {c0:.3f} ms + {per_mb:.3f} ms per MB + {per_t * 1e3:.2f} µs per tensor"
+        )
+    return "\n".join(out)
+
+
 def logging_cost(tmp, n=2000):
     w = EventFileWriter(tempfile.mkdtemp(dir=tmp))
     tags = tuple(f"graddiag/grad_norm/blocks.{i}.fc" for i in range(200))
@@ -232,23 +354,46 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=60)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--only", default="", help="run the models whose name contains this")
+    ap.add_argument("--no-extras", action="store_true", help="skip the bandwidth/logging parts")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 on a loaded machine)")
+    ap.add_argument("--skip", default=None, help="leave out the variants whose name has this")
+    ap.add_argument("--many", action="store_true", help="the many-tensor cost fit")
+    ap.add_argument("--before", default=None, help="folder holding a renamed graddiag_before")
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    if args.before:
+        global BEFORE
+        sys.path.insert(0, args.before)
+        import graddiag_before
+        import graddiag_before.clip
+        import graddiag_before.torch
+
+        BEFORE = graddiag_before
+        logging.getLogger("graddiag_before").setLevel(logging.ERROR)
+    torch.set_num_threads(args.threads)
+    global SKIP
+    SKIP = args.skip
     torch.set_flush_denormal(True)  # the deep ReLU net's tiny gradients would time denormal math
     logging.getLogger("graddiag").setLevel(logging.ERROR)  # the models' findings are not the point
     parts = [
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; {args.reps} steps per variant, medians.\n"
-        f"Command: `python benchmarks/bench_torch.py --reps {args.reps}`"
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU; {args.reps} steps per variant, medians.\n"
+        f"Command: `python benchmarks/bench_torch.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
     ]
     with tempfile.TemporaryDirectory() as tmp:
         for name, model, make_x, max_norm in models():
+            if args.only not in name:
+                continue
             table, _ = bench_model(name, model, make_x, max_norm, args.reps, tmp)
             print(table, flush=True)
             parts.append(table)
-        parts.append(norms_vs_bandwidth())
-        parts.append(logging_cost(tmp))
+        if args.many:
+            parts.append(many_tensors(tmp))
+            print(parts[-1], flush=True)
+        if not args.no_extras:
+            parts.append(norms_vs_bandwidth())
+            parts.append(logging_cost(tmp))
+            print(parts[-2], parts[-1])
     text = "\n".join(parts)
-    print(parts[-2], parts[-1])
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")

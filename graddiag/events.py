@@ -281,17 +281,14 @@ class EventFileWriter:
         self.dropped_bytes = 0
         self._gap_noted = (0, 0)
         self._write(encode_event(0, time.time(), file_version=b"brain.Event:2"), header=True)
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-        if self.flush_secs > 0:
-            self._thread = threading.Thread(
-                target=_flush_loop,
-                args=(weakref.ref(self), self._wake, self.flush_secs),
-                name=f"graddiag-flush-{name}",
-                daemon=True,
-            )
-            self._thread.start()
-        else:
+        #: the background thread that writes the queue out every `flush_secs` and runs the jobs
+        #: others hand it (`Worker.submit`: a monitor's log-step host work); one per writer
+        self.worker = Worker(
+            f"graddiag-{name}",
+            tick=_weak_flush(weakref.ref(self)) if self.flush_secs > 0 else None,
+            interval=self.flush_secs,
+        )
+        if self.flush_secs <= 0:
             self.flush()
         _live.add(self)
 
@@ -314,8 +311,8 @@ class EventFileWriter:
             due = self._queued >= _FLUSH_BYTES and self._records.error is None
         if self.flush_secs == 0:
             self.flush()
-        elif due and self._thread is not None:
-            self._wake.set()
+        elif due:
+            self.worker.wake()
 
     def _drop_oldest(self) -> None:
         """Drop the oldest queued events beyond the bound (a record already partly in the file
@@ -488,9 +485,7 @@ class EventFileWriter:
             if self._closed:
                 return
             self._closed = True
-        if self._thread is not None:
-            self._wake.set()
-            self._thread.join(timeout=max(5.0, self.flush_secs))
+        self.worker.close(timeout=max(5.0, self.flush_secs))
         with self._io_lock:
             self._flush_locked()
             if self._queued:
@@ -529,22 +524,192 @@ def _warn(message: str) -> None:
         log.warning(message)
 
 
-def _flush_loop(ref, wake: threading.Event, interval: float) -> None:
-    """The flush thread: write a writer's queue every `interval` seconds (sooner when woken)
-    until the writer is closed or garbage-collected."""
-    while True:
-        wake.wait(interval)
-        wake.clear()
+def _weak_flush(ref):
+    """A tick that flushes the writer `ref` points to; False (stop ticking) once it is closed or
+    garbage-collected."""
+
+    def tick() -> bool:
         w = ref()
         if w is None:
-            return
+            return False
         try:
             w.flush()
         except Exception:  # noqa: BLE001 - the thread must outlive any surprise
             log.exception("graddiag: flushing %r failed", w.path)
-        if w._closed:
+        return not w._closed
+
+    return tick
+
+
+class Worker:
+    """One daemon thread that runs jobs in the order they were submitted and, between them, a
+    periodic `tick` (an event writer's flush) every `interval` seconds or sooner when woken.
+
+    A job that raises is reported once as a `WorkerWarning` (later failures are logged) and the
+    thread goes on: whatever the job was for (diagnosis, logging) must never stop training.
+    `wait()` returns when every job submitted so far has run; `close()` runs the remaining jobs,
+    then a last tick, and ends the thread. The thread starts with the first job or tick.
+
+    Args:
+        name: the thread's name.
+        tick: called every `interval` seconds; returning False stops the ticks (None: no ticks).
+        interval: seconds between ticks.
+    """
+
+    def __init__(self, name: str, tick=None, interval: float = 0.0) -> None:
+        self.name = name
+        self._tick = tick
+        self._interval = float(interval) if tick is not None and interval > 0 else None
+        # `with self._lock` (a C lock: an interrupt cannot land between acquiring and entering
+        # the block, as it can inside the Python-level `Condition.__enter__`, which would leave
+        # the lock held by a KeyboardInterrupt); `self._cond` only waits and notifies on it
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._jobs: deque = deque()
+        self._submitted = self._done = 0
+        self._woken = False
+        self._busy = False  # a job is running
+        self._closing = False
+        self._warned = False
+        self._thread: threading.Thread | None = None
+        #: how many jobs raised
+        self.failures = 0
+        if self._interval is not None:
+            self._start()
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+        self._thread.start()
+
+    def submit(self, job, *args, **kwargs) -> int:
+        """Queue `job(*args, **kwargs)`; returns its ticket for `wait(ticket)`. After `close()`
+        (or from the worker thread itself) the job runs at once, in the caller's thread."""
+        with self._lock:
+            if self._closing or threading.current_thread() is self._thread:
+                inline = True
+            else:
+                inline = False
+                if self._thread is None:
+                    self._start()
+                self._jobs.append((job, args, kwargs))
+                self._submitted += 1
+                ticket = self._submitted
+                self._cond.notify_all()
+        if inline:
+            self._run(job, args, kwargs)
+            return self._submitted
+        return ticket
+
+    def wait(self, ticket: int | None = None) -> None:
+        """Block until job `ticket` (default: every job submitted so far) has run."""
+        if threading.current_thread() is self._thread:
             return
-        del w
+        with self._lock:
+            target = self._submitted if ticket is None else ticket
+            # (queued or running work left: never waits on a count an interrupt left uneven)
+            while (
+                self._done < target
+                and (self._jobs or self._busy)
+                and self._thread is not None
+                and self._thread.is_alive()
+            ):
+                self._cond.wait(0.5)
+
+    @property
+    def pending(self) -> int:
+        """Jobs submitted and not run yet."""
+        return max(0, self._submitted - self._done)
+
+    def wake(self) -> None:
+        """Run the tick now (soon), not at the end of the interval."""
+        with self._lock:
+            self._woken = True
+            self._cond.notify_all()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Run the queued jobs and a last tick, then end the thread (idempotent)."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        while True:  # jobs the thread did not get to (it died or timed out): run them here
+            with self._lock:
+                if not self._jobs:
+                    break
+                job, args, kwargs = self._jobs.popleft()
+            self._run(job, args, kwargs)
+            with self._lock:
+                self._done += 1
+
+    def _run(self, job, args, kwargs) -> None:
+        try:
+            job(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - background work must never stop training
+            self.failures += 1
+            if not self._warned:
+                self._warned = True
+                try:
+                    warnings.warn(
+                        f"graddiag: background work failed ({type(e).__name__}: {e}); training "
+                        "goes on, later failures are logged",
+                        WorkerWarning,
+                        stacklevel=2,
+                    )
+                except Exception:  # noqa: BLE001 - even a warnings filter set to "error"
+                    pass
+            log.warning("graddiag: background work failed", exc_info=True)
+
+    def _loop(self) -> None:
+        next_tick = None if self._interval is None else time.monotonic() + self._interval
+        while True:
+            with self._lock:
+                while not self._jobs and not self._woken and not self._closing:
+                    timeout = None if next_tick is None else next_tick - time.monotonic()
+                    if timeout is not None and timeout <= 0:
+                        break
+                    self._cond.wait(timeout)
+                job = self._jobs.popleft() if self._jobs else None
+                self._busy = job is not None
+                woken, self._woken = self._woken, False
+                closing = self._closing and job is None
+            if job is not None:
+                try:
+                    self._run(*job)
+                finally:
+                    with self._lock:
+                        self._done += 1
+                        self._busy = False
+                        self._cond.notify_all()
+                if not woken and (next_tick is None or time.monotonic() < next_tick):
+                    continue
+            if closing:
+                if self._tick is not None:
+                    self._safe_tick()
+                return
+            if self._tick is not None and not self._safe_tick():
+                with self._lock:  # the writer is gone: end here, later jobs run inline
+                    if not self._jobs:
+                        self._closing = True
+                        self._cond.notify_all()
+                        return
+                self._tick = None
+            next_tick = None if self._interval is None else time.monotonic() + self._interval
+            if self._tick is None:
+                next_tick = None
+
+    def _safe_tick(self) -> bool:
+        try:
+            return self._tick() is not False
+        except Exception:  # noqa: BLE001 - the thread must outlive any surprise
+            log.exception("graddiag: %s: periodic work failed", self.name)
+            return True
+
+
+class WorkerWarning(RuntimeWarning):
+    """Background work (diagnosis or logging of a step) failed; training went on."""
 
 
 _live: weakref.WeakSet[EventFileWriter] = weakref.WeakSet()

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from graddiag import __version__
+from graddiag.events import Worker
 from graddiag.findings import Finding
 from graddiag.monitor import MonitorCore, NonFiniteGradientError
 from graddiag.settings import Settings
@@ -124,6 +125,10 @@ class HostPath:
         framework_version: the framework's version string.
     """
 
+    #: run the log-step host work on the background worker; False runs it in the training
+    #: thread, as before the worker existed (benchmarks/bench_torch.py compares both)
+    background = True
+
     def __init__(
         self,
         settings: Settings,
@@ -147,6 +152,10 @@ class HostPath:
         self.core: MonitorCore | None = None
         self.error: NonFiniteGradientError | None = None
         self.last_param_norms: dict[str, float] = {}
+        #: the background thread for log-step host work: the event writer's (one thread per
+        #: monitor), or an own one without a logdir; set by `start()`
+        self.worker: Worker | None = None
+        self._own_worker = False
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, info: ModelInfo, amp: bool = False) -> MonitorCore:
@@ -178,7 +187,62 @@ class HostPath:
             run_meta=meta,
             close_at_exit=False,
         )
+        if not self.background or s.flush_secs == 0:  # flush_secs=0: everything in this thread
+            self.worker = None
+        elif self.core.sink is not None:
+            self.worker = self.core.sink.writer.worker
+        else:
+            self.worker, self._own_worker = Worker("graddiag-host"), True
         return self.core
+
+    def defer(self, job, *args, **kwargs) -> int:
+        """Run `job(*args, **kwargs)` on the worker, after the host work queued before it (in
+        the caller's thread when there is no worker). Returns a ticket for `wait`."""
+        if self.worker is None:
+            job(*args, **kwargs)
+            return 0
+        return self.worker.submit(job, *args, **kwargs)
+
+    def wait(self, ticket: int | None = None) -> None:
+        """Wait until the deferred host work (up to `ticket`) has run."""
+        if self.worker is not None and self.worker.pending:
+            self.worker.wait(ticket)
+
+    def ingest_later(
+        self,
+        steps: Sequence[tuple[int, np.ndarray, dict[str, Any]]],
+        also: Sequence[Finding] = (),
+    ) -> Deferred:
+        """`ingest` each `(step, row, keywords)` on the worker; the training thread goes on.
+        `also`: findings the adapter made for these steps itself, recorded after theirs.
+
+        Returns a `Deferred` whose `result()` waits for them and gives their findings. A
+        `NonFiniteGradientError` (policy "raise") is kept in `self.error`, not raised: a step the
+        adapter decided non-finite on the device is ingested with `ingest` in its own thread.
+        """
+        out = Deferred(self)
+
+        def job() -> None:
+            for step, row, kw in steps:
+                try:
+                    out.findings += self.ingest(step, row, **kw)
+                except NonFiniteGradientError as e:
+                    out.findings.append(e.finding)
+            for f in also:
+                self.core.add_finding(f)
+            out.findings += also
+            out.stats = self.core.history[-1] if self.core.history else None
+
+        out.ticket = self.defer(job)
+        return out
+
+    def close(self) -> list[Finding]:
+        """Run the deferred host work, then the end-of-run findings; close the log."""
+        self.wait()
+        new = self.core.close() if self.core is not None else []
+        if self._own_worker and self.worker is not None:
+            self.worker.close()
+        return new
 
     @property
     def started(self) -> bool:
@@ -281,6 +345,20 @@ class HostPath:
             self.core.record_update_ratio(step, self.update_ratio(update))
 
 
+class Deferred:
+    """The findings (and last `StepStats`) of host work queued on the worker; `result()` waits."""
+
+    def __init__(self, host: HostPath) -> None:
+        self._host = host
+        self.ticket: int | None = None
+        self.findings: list[Finding] = []
+        self.stats: StepStats | None = None
+
+    def result(self) -> list[Finding]:
+        self._host.wait(self.ticket)
+        return self.findings
+
+
 class MonitorAPI:
     """The public surface every adapter shares. Subclasses set `self._settings` in their
     constructor and `self._host` (a `HostPath`) once they know the model's parameters, and
@@ -293,9 +371,20 @@ class MonitorAPI:
     def settings(self) -> Settings:
         return self._settings
 
+    def _settled(self) -> HostPath | None:
+        """The host path once its deferred work has run (results read after it are complete)."""
+        self._before_results()
+        if self._host is not None:
+            self._host.wait()
+        return self._host
+
+    def _before_results(self) -> None:
+        """Adapters that delay reads land them here (results are read right after)."""
+
     @property
     def core(self) -> MonitorCore | None:
-        return None if self._host is None else self._host.core
+        host = self._settled()
+        return None if host is None else host.core
 
     @property
     def findings(self) -> list[Finding]:
@@ -335,12 +424,14 @@ class MonitorAPI:
     @property
     def error(self) -> NonFiniteGradientError | None:
         """The last `NonFiniteGradientError` raised under `nonfinite="raise"`, if any."""
-        return None if self._host is None else self._host.error
+        host = self._settled()
+        return None if host is None else host.error
 
     @property
     def last_variable_norms(self) -> dict[str, float]:
         """Gradient norm of each parameter at the last step read back."""
-        return {} if self._host is None else self._host.last_param_norms
+        host = self._settled()
+        return {} if host is None else host.last_param_norms
 
     def summary(self, min_severity: str = "info") -> str:
         """A plain-text summary of the findings so far, grouped by kind (worst first)."""

@@ -61,10 +61,36 @@ class StepReport:
     skipped: bool = False
     stats: StepStats | None = None
 
+    #: host work still running in the background (`graddiag.host.Deferred`): `findings` and
+    #: `stats` wait for it when read
+    deferred: Any = field(default=None, repr=False, compare=False)
+
     @property
     def ok(self) -> bool:
         """False when the optimizer step should not be applied."""
         return not self.skipped
+
+
+def _resolved(name: str) -> property:
+    """A `StepReport` attribute that first collects what the background host work made."""
+
+    def get(self: StepReport):
+        d = self.__dict__.get("deferred")
+        if d is not None:
+            self.__dict__["deferred"] = None
+            d.result()
+            self.__dict__["findings"] = self.__dict__.get("findings", []) + d.findings
+            self.__dict__["stats"] = d.stats
+        return self.__dict__.get(name)
+
+    def set_(self: StepReport, value) -> None:
+        self.__dict__[name] = value
+
+    return property(get, set_)
+
+
+StepReport.findings = _resolved("findings")  # after @dataclass: its __init__ sets through these
+StepReport.stats = _resolved("stats")
 
 
 def close_at_exit_hook(obj: Any):

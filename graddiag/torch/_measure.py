@@ -102,15 +102,15 @@ def sum_squares(tensors: list[torch.Tensor], plan: Plan, device) -> torch.Tensor
     parts = []
     for members in plan.stacks:
         m = torch.stack([tensors[i] for i in members]).view(len(members), -1)
-        parts.append(torch.linalg.vector_norm(m, dim=1).float().square())
+        parts.append(f32(torch.linalg.vector_norm(m, dim=1)).square())
     for members in plan.buckets:
         ts = [tensors[i] for i in members]
         low = ts[0].dtype in LOW_PRECISION
         norms = torch._foreach_norm(ts, 2, dtype=torch.float32) if low else torch._foreach_norm(ts)
-        parts.append(torch.stack(norms).float().square())
+        parts.append(f32(torch.stack(norms)).square())
     for i in plan.dots:
         f = tensors[i].reshape(-1)
-        parts.append(torch.dot(f, f).float().view(1))
+        parts.append(f32(torch.dot(f, f)).view(1))
     for i in plan.sparse:
         v = tensors[i].coalesce().values().reshape(-1).float()
         parts.append(torch.dot(v, v).view(1))
@@ -118,6 +118,11 @@ def sum_squares(tensors: list[torch.Tensor], plan: Plan, device) -> torch.Tensor
         parts = [p.double() for p in parts] + [exact_sum_squares([tensors[i] for i in plan.exact])]
     parts = [p if p.device == device else p.to(device, non_blocking=True) for p in parts]
     return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def f32(t: torch.Tensor) -> torch.Tensor:
+    """`t` as float32 (no dispatch when it is already: a per-step op saved on small models)."""
+    return t if t.dtype == torch.float32 else t.float()
 
 
 def measured(g: torch.Tensor | None) -> torch.Tensor | None:

@@ -28,6 +28,7 @@ from graddiag.torch._measure import (
     Plan,
     detail_rows,
     exact_sum_squares,
+    f32,
     histogram_rows,
     measured,
     sum_squares,
@@ -52,8 +53,10 @@ class GradientMonitor(MonitorAPI):
         clip: a clipping policy from `graddiag.clip`, a list of them (applied in order), a number
             (global-norm clipping to that value), or None.
         nonfinite: "warn" (report at the log step; no extra sync), "skip" (check every step — one
-            host sync per step — and skip the optimizer step when a gradient is NaN/Inf), or "raise"
-            (same check; raise `NonFiniteGradientError` naming the step and the layer).
+            host sync per step — and skip the optimizer step when a gradient is NaN/Inf; on CUDA a
+            fused optimizer is handed the flag as `found_inf` and skips it itself, without a
+            sync), or "raise" (same check; raise `NonFiniteGradientError` naming the step and the
+            layer). Latency per policy: docs/guarantees.md.
         detectors: detector settings (see `graddiag.detectors.build_detectors`).
         detail_every: compute max |g|, zero fraction and parameter norm every this many steps (a
             host read at that step), and the update/weight ratio when the optimizer is hooked
@@ -207,6 +210,9 @@ class GradientMonitor(MonitorAPI):
         self._hist_every = hist_every if sharded and logdir is not None else settings.hist_every
         if self._dist is not None:
             self._dist.install(model)
+        self._delay_reads = False  # fixed at the first step: `_reads_delayed(device)`
+        self._inflight: tuple | None = None  # a log step's rows on their way to the host
+        self._found_inf: torch.Tensor | None = None  # the step's device skip flag (see _on_step)
 
     # ----------------------------------------------------------------------------- hooks
     def _wrap(self, obj: Any, attr: str, make) -> None:
@@ -235,7 +241,14 @@ class GradientMonitor(MonitorAPI):
             report = self._on_step(loss, opt=k)
             if report.skipped:
                 return loss
-            out = orig() if closure is None else orig(lambda: loss)
+            found, self._found_inf = self._found_inf, None
+            if found is not None:  # a fused optimizer skips the update itself when found_inf
+                self.optimizers[k].found_inf = found
+            try:
+                out = orig() if closure is None else orig(lambda: loss)
+            finally:
+                if found is not None:
+                    del self.optimizers[k].found_inf
             self._after_update()
             return out
 
@@ -246,7 +259,7 @@ class GradientMonitor(MonitorAPI):
             k = next((i for i, o in enumerate(self.optimizers) if o is optimizer), None)
             if self.closed or k is None:
                 return orig(optimizer, *args, **kwargs)
-            if self.core is None:
+            if self._host.core is None:
                 self._start()
             probe = self._probe(k)
             reset = probe.reset()  # before unscale_ bumps the gradients' versions
@@ -334,6 +347,11 @@ class GradientMonitor(MonitorAPI):
         """Read pending statistics now (one host sync), diagnose and log them."""
         return self._drain()
 
+    def _before_results(self) -> None:
+        """Land a log step's rows still on their way to the host (delayed reads)."""
+        if self._inflight is not None:
+            self._land()
+
     def continue_at(self, step: int) -> list[Finding]:
         """Number the next step `step` (steps were taken without the monitor, or a trainer's own
         count says so); pending steps are logged first. Returns their findings."""
@@ -361,19 +379,23 @@ class GradientMonitor(MonitorAPI):
                     setattr(obj, attr, orig)
                 else:
                     delattr(obj, attr)
-        if self.core is not None:
-            new += self.core.close()
+        new += self._host.close()
         return new
 
     # ----------------------------------------------------------------------------- per step
     def _start(self) -> None:
         """First step: fix the device, the backward order, the accumulation probe and the core."""
         self.device = self.params[0].device
+        self._delay_reads = _reads_delayed(self.device)
         self._ops = TorchOps(self.device)
         self._clip_states = self.chain.init(self._n_layers, self._ops) if self.chain else None
         # float64 rows: an exactly measured sum of squares of any finite float32 gradient fits
         blank = torch.as_tensor(self._layout.blank(), dtype=torch.float64, device=self.device)
         self._buf = blank.repeat(self.every, 1)
+        # where delayed reads land: page-locked on CUDA, so the copy runs without blocking
+        self._pinned = torch.empty(
+            self._buf.shape, dtype=self._buf.dtype, pin_memory=self.device.type == "cuda"
+        )
         for h in self._order_handles:
             h.remove()
         self._order_handles = []
@@ -401,6 +423,21 @@ class GradientMonitor(MonitorAPI):
         self._host.start(info, amp=self.scaler is not None)
         if self._dist is not None:
             self._dist.start(self.params, self.every, self.device)
+
+    def _skips_on_device(self, k: int) -> bool:
+        """Whether optimizer `k` skips a non-finite step itself (no host sync): policy "skip",
+        reads delayed (CUDA), no loss scaler (it passes its own flag), a fused optimizer (it
+        takes `found_inf`, like under `GradScaler`), and no clipping state a NaN would enter."""
+        if self.nonfinite != "skip" or self.trace_nonfinite or not self._delay_reads:
+            return False
+        if self.scaler is not None or k >= len(self.optimizers):
+            return False
+        opt = self.optimizers[k]
+        if not getattr(opt, "_step_supports_amp_scaling", False):
+            return False
+        if not all(g.get("fused") for g in opt.param_groups):
+            return False
+        return self._clip_states is None or not any(self._clip_states)
 
     def _held(self) -> set[int] | None:
         """ids of the parameters some optimizer holds (None without optimizers)."""
@@ -438,8 +475,10 @@ class GradientMonitor(MonitorAPI):
         opt: int = 0,
         modified: bool | None | str = "observe",
     ) -> StepReport:
-        if self.core is None:
+        if self._host.core is None:
             self._start()
+        if self._inflight is not None:  # the last log step's rows have arrived by now
+            self._land()
         step = self.step_count
         self.step_count += 1
         params = self.params
@@ -478,14 +517,18 @@ class GradientMonitor(MonitorAPI):
             else:
                 hist = histogram_rows(grads, self.layer_of, self._n_layers, self.device)
             if hist is not None:
-                self.core.write_histograms(step, *hist)
+                self._host.defer(self._host.core.write_histograms, step, *hist)
+        found = None
         if not present:
             sumsq = coef = layer_coef = None
         else:
             sumsq = sum_squares(grads, plan, self.device)
             if sharded:
                 sumsq = self._dist.sum_over_shards(sumsq, plan.order)
-            if self.nonfinite != "warn" or self.trace_nonfinite:
+            if self._skips_on_device(opt):  # no host sync: the fused optimizer reads the flag
+                found = (~torch.isfinite(sumsq.sum())).float()
+                self._found_inf = found
+            elif self.nonfinite != "warn" or self.trace_nonfinite:
                 bad = not bool(torch.isfinite(sumsq.sum()))  # the one sync these modes pay for
                 if bad:  # decided by the elements: a float32 overflow of finite values is not
                     sumsq = self._exact_where_nonfinite(grads, plan, sumsq)
@@ -498,7 +541,7 @@ class GradientMonitor(MonitorAPI):
             self._ftrace.clear()
             coef = layer_coef = None
             if self.chain is not None and not report.skipped:
-                coef, layer_coef = self._clip(grads, plan, sumsq.float())
+                coef, layer_coef = self._clip(grads, plan, f32(sumsq))
         # the device row (graddiag.host.RowLayout) gets what only the device knows; the rest of
         # the step's facts stay on the host until the row is read back
         buf_row, col = self._buf[row], self._layout.col
@@ -511,6 +554,9 @@ class GradientMonitor(MonitorAPI):
             "nonfinite_pass": origin_pass,
             "grads_modified": modified,
         }
+        if present and found is not None:  # skipped or not: known when the row is read
+            del known["skipped"]
+            buf_row[col["skipped"]].copy_(found)
         if sumsq is not None:
             buf_row.index_copy_(0, plan.order_t, sumsq.double())
         if coef is not None:
@@ -538,10 +584,13 @@ class GradientMonitor(MonitorAPI):
             # the update/weight ratio needs the weights after the update: read back then
             self._snapshot = (step, [p.detach().clone() for p in params])
         else:
-            if log_step or detail or report.skipped:  # detail/skip steps sync anyway: report now
+            if report.skipped:  # decided on the device: diagnosed (and raised) right here
                 report.findings = self._drain()
                 report.logged = True
-                report.stats = self.core.history[-1] if self.core.history else None
+                report.stats = self._host.core.history[-1] if self._host.core.history else None
+            elif log_step or detail:  # diagnosed in the background: the report waits when read
+                report.deferred = self._drain(later=True)
+                report.logged = True
             self._current = None  # never keep a step's gradients alive past it
         return report
 
@@ -570,9 +619,9 @@ class GradientMonitor(MonitorAPI):
         update = both.numpy(force=True).reshape(2, -1)
         if self._pending and self._pending[-1][0] == step:
             self._pending[-1][1]["update"] = update
-            self._drain()
+            self._drain(later=True)
         else:
-            self._host.record_update(step, update)
+            self._host.defer(self._host.record_update, step, update)
         self._current = None  # never keep a step's gradients alive past it
 
     def _find_origin(self) -> tuple[str | None, str | None]:
@@ -612,23 +661,55 @@ class GradientMonitor(MonitorAPI):
         self._clip_states = out.state
         return out.clip_coef, out.layer_coef
 
-    def _drain(self) -> list[Finding]:
+    def _drain(self, later: bool = False):
         """Fetch the pending rows of the ring buffer (one host sync) and hand them to the host
-        path, which diagnoses and logs them (and raises under `nonfinite="raise"`)."""
-        if not self._pending or self.core is None:
-            return []
+        path, which diagnoses and logs them (and raises under `nonfinite="raise"`).
+
+        Returns their findings; with `later`, a `graddiag.host.Deferred` instead: the host work
+        runs on the background worker (results read through the monitor wait for it)."""
+        if self._inflight is not None:
+            self._land()
+        if not self._pending or self._host.core is None:
+            return None if later else []
         pending, self._pending = self._pending, []
         first_row = pending[0][0] % self.every
-        rows = self._buf[first_row : first_row + len(pending)].numpy(force=True).copy()
+        rows_dev = self._buf[first_row : first_row + len(pending)]
+        if later and self._delay_reads:  # copy now, read at the next step: no stall
+            landing = _Landing(self)
+            self._inflight = (pending, _start_copy(rows_dev, self._pinned), landing)
+            return landing
+        return self._ingest(pending, rows_dev.numpy(force=True).copy(), later)
+
+    def _land(self):
+        """Read the rows a delayed log step copied (they have arrived, or this waits for them)
+        and hand them to the host path in the background."""
+        pending, (host_rows, event), landing = self._inflight
+        self._inflight = None
+        if event is not None:
+            event.synchronize()
+        landing.inner = self._ingest(pending, host_rows.numpy().copy(), later=True)
+
+    def _ingest(self, pending: list, rows: np.ndarray, later: bool):
+        """Diagnose and log the read rows of `pending` (see `_drain`)."""
+        host = self._host
         self._exactness(pending, rows)
-        if self._dist is not None:
+        if self._dist is not None:  # a collective on non-finite steps: every rank, same point
             self._nonfinite_ranks(pending, rows)
-        trainable = self._host.trainable([p.requires_grad for p in self.params])
-        new: list[Finding] = []
+        trainable = host.trainable([p.requires_grad for p in self.params])
+        steps = []
         for (step, known), row in zip(pending, rows, strict=True):
             known.pop("exact", None)
-            new += self._host.ingest(step, row, trainable=trainable, **known)
-        return new + self._check_unmonitored(pending[-1][0])
+            steps.append((step, row, {"trainable": trainable, **known}))
+        extra = self._check_unmonitored(pending[-1][0])
+        if later:
+            return host.ingest_later(steps, also=extra)
+        host.wait()  # the steps before these first
+        new: list[Finding] = []
+        for step, row, kw in steps:
+            new += host.ingest(step, row, **kw)
+        for f in extra:
+            host.core.add_finding(f)
+        return new + extra
 
     def _exact_where_nonfinite(self, grads, plan: Plan, sumsq: torch.Tensor) -> torch.Tensor:
         """`sumsq` (plan order) with the non-finite entries measured again in float64: finite
@@ -649,9 +730,14 @@ class GradientMonitor(MonitorAPI):
         in float64 now; and from now on such parameters are measured in float64 (`Plan.exact`)
         until an exact measurement shows them truly zero."""
         P = len(self.params)
-        exact = set(self._exact)
         zero_ok = np.zeros(P, bool)
         zero_ok[list(self._true_zero)] = True
+        if not self._exact and not any(known["exact"] for _, known in pending):
+            # the common case, all rows at once: nothing measured exactly, nothing suspicious
+            has = np.stack([known["has"] for _, known in pending])
+            if not imprecise(rows[:, :P], has, np.zeros_like(has), zero_ok).any():
+                return
+        exact = set(self._exact)
         for (step, known), row in zip(pending, rows, strict=True):
             has = known["has"]
             v = row[:P].copy()  # as measured on the device
@@ -733,8 +819,49 @@ class GradientMonitor(MonitorAPI):
         warnings.warn(
             f"graddiag: {finding.message}; {finding.suggestion}", UnmonitoredWarning, stacklevel=2
         )
-        self.core.add_finding(finding)
-        return [finding]
+        return [finding]  # the caller records it, after the steps' own findings
+
+
+def _reads_delayed(device: torch.device) -> bool:
+    """Whether log-step reads are delayed by one step on `device` (copied to page-locked memory
+    without blocking, read at the next step): on CUDA, where a read waits for the queued work;
+    on the CPU a read costs nothing more, so it happens at once."""
+    return device.type == "cuda"
+
+
+def _start_copy(rows: torch.Tensor, pinned: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """Start copying `rows` into the first rows of `pinned` without blocking; returns the host
+    rows and an event to wait on before reading them (None where the copy is already done)."""
+    host = pinned[: rows.shape[0]]
+    host.copy_(rows, non_blocking=True)
+    if rows.device.type != "cuda":
+        return host, None
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+class _Landing:
+    """The host work of a delayed log step: known once its rows have landed (`result()` lands
+    them now if the next step has not yet)."""
+
+    def __init__(self, monitor: GradientMonitor) -> None:
+        self._monitor = monitor
+        self.inner = None  # the `graddiag.host.Deferred` once landed
+
+    def result(self) -> list[Finding]:
+        if self.inner is None:
+            self._monitor._before_results()
+        return [] if self.inner is None else self.inner.result()
+
+    @property
+    def findings(self) -> list[Finding]:
+        return self.result()
+
+    @property
+    def stats(self):
+        self.result()
+        return None if self.inner is None else self.inner.stats
 
 
 class UnmonitoredWarning(UserWarning):
