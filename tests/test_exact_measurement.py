@@ -122,3 +122,48 @@ def test_a_steps_gradients_are_not_kept_alive_after_it():
     model.zero_grad(set_to_none=True)
     gc.collect()
     assert ref() is None
+
+
+def test_an_overflow_between_log_steps_reads_as_exploding_not_nonfinite():
+    """every=10: steps 0-8 are read at step 9 as float32 sums of squares (+inf for these finite
+    gradients); the log step's exact measurement shows the parameter finite and huge, so the
+    earlier +inf are overflows — recorded as a lower bound, never a NaN/Inf error."""
+    mon, norms = _run(1e21, steps=10, every=10)
+    assert all(math.isfinite(n) for n in norms)
+    assert not [f for f in mon.findings if f.kind == "nonfinite"]
+    got = [s.grad_norm[0] for s in mon.history]
+    assert all(math.isfinite(g) for g in got)
+    assert got[-1] == pytest.approx(norms[-1], rel=REL, abs=0)  # the log step: exact
+    assert all(g >= 1.8e19 for g in got[:-1])  # the bound: at least what float32 could not hold
+    assert not any(s.nonfinite.any() for s in mon.history)
+    assert ("exploding", "first.0", 0) in [(f.kind, f.layer, f.step) for f in mon.findings]
+
+
+class _InfOnce(torch.autograd.Function):
+    """Identity whose backward returns +inf at the step `at` (a real Inf, not an overflow)."""
+
+    step = 0
+    at = 3
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * (math.inf if _InfOnce.step == _InfOnce.at else 1.0)
+
+
+def test_a_real_inf_between_log_steps_is_still_nonfinite():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 1))
+    mon = GradientMonitor(model, every=10)
+    for step in range(10):
+        _InfOnce.step = step
+        model.zero_grad()
+        h = _InfOnce.apply(model[0](torch.randn(8, 16)).abs() + 1)
+        model[1](h).sum().backward()
+        mon.step()
+    mon.close()
+    bad = [f for f in mon.findings if f.kind == "nonfinite"]
+    assert bad and bad[0].step == 3

@@ -36,6 +36,11 @@ from graddiag.torch._measure import (
 from graddiag.torch._model import layers_of, lazy_parameters, new_trainable, unwrap
 from graddiag.torch._ops import TorchOps
 
+#: an exact sum of squares this large at a log step marks earlier +inf rows as overflows
+OVERFLOW_HINT = 1e30
+#: what an overflowed float32 sum of squares is recorded as: a lower bound (norm >= 1.8e19)
+F32_MAX_SUMSQ = float(np.finfo(np.float32).max)
+
 
 class GradientMonitor(MonitorAPI):
     """Watches a PyTorch model's gradients: per-layer statistics, clipping, findings, TensorBoard.
@@ -759,6 +764,26 @@ class GradientMonitor(MonitorAPI):
             exact -= {int(i) for i in truly_zero}
             exact |= {int(i) for i in np.flatnonzero(sus)}
         self._exact = frozenset(exact)
+        self._overflowed_before(pending, rows)
+
+    def _overflowed_before(self, pending: list, rows: np.ndarray) -> None:
+        """Earlier rows of a read whose float32 sum of squares is +inf, for a parameter whose
+        gradient at this log step is finite and huge (an exact sum of squares above
+        `OVERFLOW_HINT`): an overflow of finite values, not a NaN/Inf — an exploding run's first
+        overflow falls between log steps, before the parameter is measured in float64. Recorded
+        as the float32 maximum (a lower bound: norm at least 1.8e19), so they read as exploding,
+        not as an error. A NaN (or +inf while the log step is ordinary) stays non-finite."""
+        cur = self._current
+        if cur is None or len(pending) < 2 or pending[-1][0] != cur[0]:
+            return
+        P = len(self.params)
+        now = rows[-1][:P]
+        huge = np.isfinite(now) & (now >= OVERFLOW_HINT) & pending[-1][1]["has"]
+        if not huge.any():
+            return
+        for (_, known), row in zip(pending[:-1], rows[:-1], strict=True):
+            over = huge & known["has"] & np.isposinf(row[:P])
+            row[:P][over] = F32_MAX_SUMSQ
 
     # ----------------------------------------------------------------------------- distributed
     def _nonfinite_ranks(self, pending: list, rows: np.ndarray) -> None:
