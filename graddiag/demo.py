@@ -50,7 +50,9 @@ def run_demo(logdir: str | os.PathLike = "runs/demo", steps: int = 80, seed: int
         for _ in range(steps):
             idx = torch.randint(0, len(x), (64,))
             opt.zero_grad()
-            nn.functional.mse_loss(model(x[idx]), y[idx]).backward()
+            loss = nn.functional.mse_loss(model(x[idx]), y[idx])
+            loss.backward()
+            monitor.log_loss(loss)  # the hooked step() takes no loss: give it for the loss panel
             opt.step()
     return monitor
 

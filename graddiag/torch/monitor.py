@@ -215,6 +215,7 @@ class GradientMonitor(MonitorAPI):
         self._hist_every = hist_every if sharded and logdir is not None else settings.hist_every
         if self._dist is not None:
             self._dist.install(model)
+        self._loss_next: torch.Tensor | float | None = None  # log_loss() for the next step
         self._delay_reads = False  # fixed at the first step: `_reads_delayed(device)`
         self._inflight: tuple | None = None  # a log step's rows on their way to the host
         self._found_inf: torch.Tensor | None = None  # the step's device skip flag (see _on_step)
@@ -321,6 +322,27 @@ class GradientMonitor(MonitorAPI):
         return hook
 
     # ----------------------------------------------------------------------------- public API
+    def log_loss(self, loss: torch.Tensor | float) -> None:
+        """Give the loss of the step about to be taken when the optimizer's `step()` is hooked
+        (it takes no loss): call after `backward()`, before `optimizer.step()`. It is logged as
+        `graddiag/global/loss` with that step and drives the divergence detector; no host sync
+        (a tensor is copied on the device). Ignored if no step follows before the next call.
+
+        Args:
+            loss: a scalar tensor or a number.
+        """
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1:
+                raise ValueError(
+                    f"Expected `loss` to be a scalar, got a tensor of shape {tuple(loss.shape)}"
+                )
+        elif not isinstance(loss, int | float) or isinstance(loss, bool):
+            raise TypeError(
+                f"Expected `loss` to be a scalar tensor or a number, got {type(loss).__name__}: "
+                f"{loss!r:.80}"
+            )
+        self._loss_next = loss.detach() if isinstance(loss, torch.Tensor) else float(loss)
+
     def step(self, loss: torch.Tensor | float | None = None) -> StepReport:
         """Measure (and clip) the current gradients: call after `backward()`, before `optimizer.step()`.
 
@@ -480,6 +502,8 @@ class GradientMonitor(MonitorAPI):
         opt: int = 0,
         modified: bool | None | str = "observe",
     ) -> StepReport:
+        given, self._loss_next = self._loss_next, None  # from log_loss(), if any
+        loss = given if loss is None else loss
         if self._host.core is None:
             self._start()
         if self._inflight is not None:  # the last log step's rows have arrived by now
