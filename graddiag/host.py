@@ -170,6 +170,8 @@ class HostPath:
         if amp:
             s = s.with_detector_defaults("nonfinite", amp=True)
         info = dataclasses.replace(info, framework=self.framework)
+        if s.logdir is not None and s.start_step == 0:
+            _warn_if_reused(s.logdir)
         meta = {
             "framework": self.framework,
             "framework_version": self.framework_version,
@@ -467,3 +469,27 @@ def imprecise(
     gradient are not. Every adapter asks this of its float32 measurements."""
     tiny = ((sumsq > 0) & (sumsq < TINY_SUMSQ)) | ((sumsq == 0) & ~true_zero)
     return has & ~exact & (np.isposinf(sumsq) | tiny)
+
+
+class ReusedLogdirWarning(UserWarning):
+    """A new run from step 0 writes into a directory that already holds a graddiag run."""
+
+
+def _warn_if_reused(logdir: str) -> None:
+    """Warn when `logdir` already holds graddiag event files: TensorBoard would draw this run over
+    the earlier one, and `graddiag analyze` reads it as a restart of the same model (its steps
+    supersede the earlier ones) or, with other layers, as a run of its own."""
+    try:
+        names = [n for n in os.listdir(logdir) if "tfevents" in n and ".graddiag" in n]
+    except OSError:
+        return
+    if names:
+        warnings.warn(
+            f"graddiag: logdir {logdir!r} already holds a graddiag run ({len(names)} event "
+            "file(s)) and this one starts at step 0: TensorBoard draws both on the same charts, "
+            "and `graddiag analyze` reads this one as a restart (its steps supersede the earlier "
+            "ones) unless it logs other layers. Use a new logdir per run, or pass `start_step=` "
+            "to continue a run.",
+            ReusedLogdirWarning,
+            stacklevel=4,
+        )

@@ -133,3 +133,24 @@ def test_the_same_model_restarted_still_supersedes_and_disjoint_continuation_is_
     _session(tmp_path, range(5, 8), 3.0, layers=("c",))  # continues the count: no restart
     df = graddiag.read(tmp_path)
     assert df.run.nunique() == 1 and sorted(_global(df)) == list(range(8))
+
+
+def test_a_new_run_from_step_zero_in_a_used_logdir_warns_but_a_resume_does_not(tmp_path):
+    torch = pytest.importorskip("torch")
+    from graddiag.host import ReusedLogdirWarning
+    from graddiag.torch import GradientMonitor
+
+    def session(**kw):
+        model = torch.nn.Linear(3, 1)
+        with GradientMonitor(model, logdir=tmp_path, every=1, **kw) as mon:
+            model(torch.randn(4, 3)).sum().backward()
+            mon.step()
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ReusedLogdirWarning)
+        session()  # a fresh directory: no warning
+        session(start_step=1)  # a resumed run continues: no warning
+    with pytest.warns(ReusedLogdirWarning, match="already holds a graddiag run"):
+        session()
