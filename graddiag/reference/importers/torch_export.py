@@ -31,7 +31,12 @@ import numpy as np
 from graddiag.reference import functional as F
 from graddiag.reference.engine import Tensor, apply
 from graddiag.reference.gradcheck import external
-from graddiag.reference.importers.torch_fx import CustomCall, CustomFunction, UnsupportedOpError
+from graddiag.reference.importers.torch_fx import (
+    CustomCall,
+    CustomFunction,
+    UnsupportedOpError,
+    _map,
+)
 
 # ----------------------------------------------------------------- opaque autograd.Functions
 
@@ -299,14 +304,6 @@ def _from_torch(x: Any) -> Any:
             return t.double().numpy()
         return t.numpy()
     return x
-
-
-def _map(value: Any, env: dict[Any, Any]) -> Any:
-    if isinstance(value, tuple | list):
-        return type(value)(_map(v, env) for v in value)
-    if isinstance(value, dict):
-        return {k: _map(v, env) for k, v in value.items()}
-    return env[value] if hasattr(value, "op") and value in env else value
 
 
 # ------------------------------------------------------------------------------- import
