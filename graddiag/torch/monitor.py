@@ -180,6 +180,7 @@ class GradientMonitor(MonitorAPI):
         self.step_count = settings.start_step
         self.closed = False
         self._plans: dict[tuple, Plan] = {}
+        self._clip_views: dict[Plan, tuple] = {}  # per plan: order, parameters, TorchOps
         self._exact: frozenset[int] = frozenset()  # measured in float64 (see _exactness)
         self._true_zero: set[int] = set()  # an exact measurement found them exactly zero
         self._current: tuple | None = None
@@ -649,19 +650,19 @@ class GradientMonitor(MonitorAPI):
         Returns `(coef, layer_coef)`: the global norm after clipping / before (a device scalar),
         and per layer the norm after / before (a device vector) when the chain is per-layer.
         """
-        order = plan.order.tolist()
-        names = [self.param_names[i] for i in order] if plan.has_sparse else None
-        params = self.params
-        if self._dist is not None and self._dist.sharded:  # FSDP2: local shards
-            params = self._dist.local(params)
-        view = Gradients(
-            [grads[i] for i in order],
-            [params[i] for i in order],
-            plan.layer_t,
-            self._n_layers,
-            sumsq,
-        )
-        ops = TorchOps(self.device, plan, names, self._dist and self._dist.reducer(plan))
+        fixed = self._clip_views.get(plan)
+        if fixed is None:  # what stays the same for every step with this plan
+            order = plan.order.tolist()
+            names = [self.param_names[i] for i in order] if plan.has_sparse else None
+            params = self.params
+            if self._dist is not None and self._dist.sharded:  # FSDP2: local shards
+                params = self._dist.local(params)
+            ops = TorchOps(self.device, plan, names, self._dist and self._dist.reducer(plan))
+            fixed = (order, [params[i] for i in order], ops)
+            if self._dist is None or not self._dist.sharded:
+                self._clip_views[plan] = fixed
+        order, params, ops = fixed
+        view = Gradients([grads[i] for i in order], params, plan.layer_t, self._n_layers, sumsq)
         out = clip_gradients(self.chain, view, self._clip_states, ops)
         self._clip_states = out.state
         return out.clip_coef, out.layer_coef
