@@ -398,6 +398,11 @@ class GradientMonitor(MonitorAPI):
         # float64 rows: an exactly measured sum of squares of any finite float32 gradient fits
         blank = torch.as_tensor(self._layout.blank(), dtype=torch.float64, device=self.device)
         self._buf = blank.repeat(self.every, 1)
+        # per row, views of the cells a step writes (made once: an index is a dispatch per step)
+        cells = ("skipped", "clip_coef", "loss", "has_loss")
+        col = self._layout.col
+        self._rows = list(self._buf)
+        self._cells = [{c: r[col[c]] for c in cells} for r in self._rows]
         # where delayed reads land: page-locked on CUDA, so the copy runs without blocking
         self._pinned = torch.empty(
             self._buf.shape, dtype=self._buf.dtype, pin_memory=self.device.type == "cuda"
@@ -550,7 +555,7 @@ class GradientMonitor(MonitorAPI):
                 coef, layer_coef = self._clip(grads, plan, f32(sumsq))
         # the device row (graddiag.host.RowLayout) gets what only the device knows; the rest of
         # the step's facts stay on the host until the row is read back
-        buf_row, col = self._buf[row], self._layout.col
+        buf_row, cells = self._rows[row], self._cells[row]
         known: dict[str, Any] = {
             "has": plan.mask if plan is not None else self._no_grad,
             "grad_reset": reset,
@@ -562,18 +567,18 @@ class GradientMonitor(MonitorAPI):
         }
         if present and found is not None:  # skipped or not: known when the row is read
             del known["skipped"]
-            buf_row[col["skipped"]].copy_(found)
+            cells["skipped"].copy_(found)
         if sumsq is not None:
             buf_row.index_copy_(0, plan.order_t, sumsq.double())
         if coef is not None:
-            buf_row[col["clip_coef"]].copy_(coef)
+            cells["clip_coef"].copy_(coef)
         else:
             known["clip_coef"] = known["layer_clip_coef"] = None
         if layer_coef is not None:
             buf_row[self._layout.layer_coef].copy_(layer_coef)
         if isinstance(loss, torch.Tensor):
-            buf_row[col["loss"]].copy_(loss.detach().reshape(()))
-            buf_row[col["has_loss"]].fill_(1.0)
+            cells["loss"].copy_(loss.detach().reshape(()))
+            cells["has_loss"].fill_(1.0)
         else:
             known["loss"] = None if loss is None else float(loss)
         if extra is not None:
