@@ -527,10 +527,11 @@ def clip_gradients(policy: Policy, grads: Gradients, state: Any, ops: ClipOps) -
         0.2
     """
     before = grads.measured(ops)
-    before = replace(before, total=before.global_sumsq(ops))  # reduced once, used twice
+    total = before.global_sumsq(ops)  # reduced once, used by the policies and for clip_coef
     scalings = _global_scalings(policy)
     if scalings is not None:
-        return _clip_globally(policy, scalings, before, state, ops)
+        return _clip_globally(policy, scalings, before.tensors, total, state, ops)
+    before = replace(before, total=total)
     after, state = policy.update(before, state, ops)
     after = after.applied(ops).measured(ops)
     coef = _norm_ratio(after.global_sumsq(ops), before.total, ops)
@@ -549,21 +550,20 @@ def _global_scalings(policy: Policy) -> tuple[NormPolicy, ...] | None:
     return None
 
 
-def _clip_globally(policy, scalings, grads: Gradients, state, ops: ClipOps) -> ClipResult:
+def _clip_globally(policy, scalings, tensors, total, state, ops: ClipOps) -> ClipResult:
     """`clip_gradients` for global scalings only: their factors multiply into one, the norm
     follows analytically, the gradients are multiplied once, and the norm after / before is that
     factor (nothing is measured again)."""
     states = state if isinstance(policy, Chain) else (state,)
-    norm, net, new = ops.sqrt(grads.total), None, []
+    norm, net, new = ops.sqrt(total), None, []
     for k, (p, st) in enumerate(zip(scalings, states, strict=True)):
         scale, st = p.factors(None, norm, st, ops)
         new.append(st)
         net = scale.global_coef if net is None else net * scale.global_coef
         if k + 1 < len(scalings):
             norm = norm * scale.global_coef
-    tensors = ops.scale(grads.tensors, net)
+    tensors = ops.scale(tensors, net)
     # as `_norm_ratio`: 1 for a zero norm before, NaN for a non-finite one (its product is NaN)
-    total = grads.total
     coef = ops.where(total == 0, 1.0, ops.where(total < float("inf"), net, float("nan")))
     return ClipResult(tensors, tuple(new) if isinstance(policy, Chain) else new[0], coef, None)
 

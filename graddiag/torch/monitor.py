@@ -499,7 +499,7 @@ class GradientMonitor(MonitorAPI):
             grads = self._dist.local(grads)
         for i in self._complex:  # measured as real (re, im) pairs
             grads[i] = measured(grads[i])
-        has = tuple(g is not None for g in grads)
+        has = tuple([g is not None for g in grads])
         key = (has, self._exact)
         plan = self._plans.get(key)
         if plan is None and any(has):
