@@ -563,8 +563,9 @@ def _clip_globally(policy, scalings, tensors, total, state, ops: ClipOps) -> Cli
         if k + 1 < len(scalings):
             norm = norm * scale.global_coef
     tensors = ops.scale(tensors, net)
-    # as `_norm_ratio`: 1 for a zero norm before, NaN for a non-finite one (its product is NaN)
-    coef = ops.where(total == 0, 1.0, ops.where(total < float("inf"), net, float("nan")))
+    # as `_norm_ratio`: 1 for a zero norm before, NaN for a non-finite one (`total * 0` is 0 or
+    # NaN: no NaN constant, so `tf.debugging.enable_check_numerics` stays quiet on finite steps)
+    coef = ops.where(total == 0, 1.0, net + total * 0.0)
     return ClipResult(tensors, tuple(new) if isinstance(policy, Chain) else new[0], coef, None)
 
 
