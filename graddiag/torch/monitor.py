@@ -741,10 +741,12 @@ class GradientMonitor(MonitorAPI):
         in float64 now; and from now on such parameters are measured in float64 (`Plan.exact`)
         until an exact measurement shows them truly zero."""
         P = len(self.params)
+        plain = not self._exact and not any(known["exact"] for _, known in pending)
+        if plain and rows[:, :P].min() >= TINY_SUMSQ and rows[:, :P].max() < np.inf:
+            return  # the common case: nothing measured exactly, every sum far from the limits
         zero_ok = np.zeros(P, bool)
         zero_ok[list(self._true_zero)] = True
-        if not self._exact and not any(known["exact"] for _, known in pending):
-            # the common case, all rows at once: nothing measured exactly, nothing suspicious
+        if plain:  # all rows at once: nothing suspicious?
             has = np.stack([known["has"] for _, known in pending])
             if not imprecise(rows[:, :P], has, np.zeros_like(has), zero_ok).any():
                 return
