@@ -181,6 +181,7 @@ class GradientMonitor(MonitorAPI):
         self.closed = False
         self._plans: dict[tuple, Plan] = {}
         self._clip_views: dict[Plan, tuple] = {}  # per plan: order, parameters, TorchOps
+        self._trainable: tuple = ((), None)  # requires_grad flags -> trainable layers
         self._exact: frozenset[int] = frozenset()  # measured in float64 (see _exactness)
         self._true_zero: set[int] = set()  # an exact measurement found them exactly zero
         self._current: tuple | None = None
@@ -706,7 +707,10 @@ class GradientMonitor(MonitorAPI):
         self._exactness(pending, rows)
         if self._dist is not None:  # a collective on non-finite steps: every rank, same point
             self._nonfinite_ranks(pending, rows)
-        trainable = host.trainable([p.requires_grad for p in self.params])
+        flags = tuple([p.requires_grad for p in self.params])
+        if self._trainable[0] != flags:  # (per layer; changes only when a layer is (un)frozen)
+            self._trainable = (flags, host.trainable(flags))
+        trainable = self._trainable[1]
         steps = []
         for (step, known), row in zip(pending, rows, strict=True):
             known.pop("exact", None)
