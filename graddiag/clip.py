@@ -558,6 +558,8 @@ def _clip_globally(policy, scalings, tensors, total, state, ops: ClipOps) -> Cli
     norm, net, new = ops.sqrt(total), None, []
     for k, (p, st) in enumerate(zip(scalings, states, strict=True)):
         scale, st = p.factors(None, norm, st, ops)
+        if scale.layer_coef is not None:
+            raise ValueError(f"{p!r} returned per-layer factors but its `per_layer` is False")
         new.append(st)
         net = scale.global_coef if net is None else net * scale.global_coef
         if k + 1 < len(scalings):

@@ -244,6 +244,17 @@ def test_global_scalings_give_one_for_zero_and_nan_for_infinite_gradients():
         assert math.isnan(_clip(chain(GlobalNormClip(1.0), ZClip(warmup=1)), inf).clip_coef)
 
 
+def test_global_policy_returning_layer_factors_is_an_error():
+    class Confused(GlobalNormClip):  # per_layer is False, yet per-layer factors come back
+        def factors(self, layer_norms, global_norm, state, ops):
+            scale, state = super().factors(layer_norms, global_norm, state, ops)
+            scale.layer_coef = ops.full(3, 0.5)
+            return scale, state
+
+    with pytest.raises(ValueError, match="per_layer"):
+        _clip(Confused(1.0))
+
+
 def test_as_chain_normalizes_the_clip_argument():
     assert as_chain(0.5).policies[0].max_norm == 0.5
     assert as_chain(None) is None
