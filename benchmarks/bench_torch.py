@@ -141,7 +141,7 @@ SKIP = None
 
 def bench_model(name, model0, make_x, max_norm, reps, tmp):
     vs = variants(max_norm, tmp)
-    vs = {k: v for k, v in vs.items() if not SKIP or SKIP not in k}
+    vs = {k: v for k, v in vs.items() if not SKIP or not any(s in k for s in SKIP.split(","))}
     runs = {}
     for vname, (setup, after) in vs.items():
         model = copy.deepcopy(model0)
@@ -357,7 +357,11 @@ def main(argv=None):
     ap.add_argument("--only", default="", help="run the models whose name contains this")
     ap.add_argument("--no-extras", action="store_true", help="skip the bandwidth/logging parts")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 on a loaded machine)")
-    ap.add_argument("--skip", default=None, help="leave out the variants whose name has this")
+    ap.add_argument(
+        "--skip",
+        default=None,
+        help="leave out the variants whose name has one of these (comma-separated)",
+    )
     ap.add_argument("--many", action="store_true", help="the many-tensor cost fit")
     ap.add_argument("--before", default=None, help="folder holding a renamed graddiag_before")
     args = ap.parse_args(argv)

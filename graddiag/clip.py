@@ -201,6 +201,7 @@ class Gradients:
         sumsq: per-tensor sums of squares, or None when unknown (after an element-wise policy).
         pending: a factor (scalar or per-tensor vector) already counted in `sumsq` but not yet
             multiplied into `tensors`; None when there is none.
+        total: the sum of `sumsq` (the global sum of squares) when already reduced, else None.
     """
 
     tensors: Any
@@ -209,6 +210,7 @@ class Gradients:
     n_layers: int
     sumsq: Any = None
     pending: Any = None
+    total: Any = None
 
     def measured(self, ops: ClipOps) -> Gradients:
         """These gradients with their sums of squares known."""
@@ -226,14 +228,18 @@ class Gradients:
         """Scaled by `factors` (scalar or per tensor), lazily: sums of squares follow at once."""
         g = self.measured(ops)
         pending = factors if g.pending is None else g.pending * factors
-        return replace(g, sumsq=g.sumsq * (factors * factors), pending=pending)
+        return replace(g, sumsq=g.sumsq * (factors * factors), pending=pending, total=None)
 
     def with_tensors(self, tensors) -> Gradients:
         """New gradient values (of an element-wise policy): sums of squares unknown."""
-        return replace(self, tensors=tensors, sumsq=None, pending=None)
+        return replace(self, tensors=tensors, sumsq=None, pending=None, total=None)
+
+    def global_sumsq(self, ops: ClipOps):
+        """The global sum of squares (`total` when already reduced)."""
+        return self.total if self.total is not None else ops.sum(self.measured(ops).sumsq)
 
     def global_norm(self, ops: ClipOps):
-        return ops.sqrt(ops.sum(self.measured(ops).sumsq))
+        return ops.sqrt(self.global_sumsq(ops))
 
     def layer_sumsq(self, ops: ClipOps):
         return ops.segment_sum(self.measured(ops).sumsq, self.layer_index, self.n_layers)
@@ -270,7 +276,8 @@ class Policy:
 
 
 class NormPolicy(Policy):
-    """A policy that scales gradients from their norms: subclasses define `factors`."""
+    """A policy that scales gradients from their norms: subclasses define `factors` (which
+    returns a `layer_coef` only when `per_layer`)."""
 
     def factors(
         self, layer_norms, global_norm, state: dict[str, Any], ops: ClipOps
@@ -520,13 +527,48 @@ def clip_gradients(policy: Policy, grads: Gradients, state: Any, ops: ClipOps) -
         0.2
     """
     before = grads.measured(ops)
+    total = before.global_sumsq(ops)  # reduced once, used by the policies and for clip_coef
+    scalings = _global_scalings(policy)
+    if scalings is not None:
+        return _clip_globally(policy, scalings, before.tensors, total, state, ops)
+    before = replace(before, total=total)
     after, state = policy.update(before, state, ops)
     after = after.applied(ops).measured(ops)
-    coef = _norm_ratio(ops.sum(after.sumsq), ops.sum(before.sumsq), ops)
+    coef = _norm_ratio(after.global_sumsq(ops), before.total, ops)
     layer_coef = None
     if policy.per_layer:
         layer_coef = _norm_ratio(after.layer_sumsq(ops), before.layer_sumsq(ops), ops)
     return ClipResult(after.tensors, state, coef, layer_coef)
+
+
+def _global_scalings(policy: Policy) -> tuple[NormPolicy, ...] | None:
+    """The policies of `policy` when each only scales all gradients by one factor computed from the
+    global norm (`GlobalNormClip`, `AutoClip`, `ZClip`, a flat chain of them); else None."""
+    policies = policy.policies if isinstance(policy, Chain) else (policy,)
+    if all(isinstance(p, NormPolicy) and not p.per_layer for p in policies):
+        return policies
+    return None
+
+
+def _clip_globally(policy, scalings, tensors, total, state, ops: ClipOps) -> ClipResult:
+    """`clip_gradients` for global scalings only: their factors multiply into one, the norm
+    follows analytically, the gradients are multiplied once, and the norm after / before is that
+    factor (nothing is measured again)."""
+    states = state if isinstance(policy, Chain) else (state,)
+    norm, net, new = ops.sqrt(total), None, []
+    for k, (p, st) in enumerate(zip(scalings, states, strict=True)):
+        scale, st = p.factors(None, norm, st, ops)
+        if scale.layer_coef is not None:
+            raise ValueError(f"{p!r} returned per-layer factors but its `per_layer` is False")
+        new.append(st)
+        net = scale.global_coef if net is None else net * scale.global_coef
+        if k + 1 < len(scalings):
+            norm = norm * scale.global_coef
+    tensors = ops.scale(tensors, net)
+    # as `_norm_ratio`: 1 for a zero norm before, NaN for a non-finite one (`total * 0` is 0 or
+    # NaN: no NaN constant, so `tf.debugging.enable_check_numerics` stays quiet on finite steps)
+    coef = ops.where(total == 0, 1.0, net + total * 0.0)
+    return ClipResult(tensors, tuple(new) if isinstance(policy, Chain) else new[0], coef, None)
 
 
 def _norm_ratio(after_sq, before_sq, ops: ClipOps):

@@ -207,6 +207,54 @@ def test_zero_and_nonfinite_gradients_give_one_and_nan():
     assert math.isnan(_clip(GlobalNormClip(1.0), bad).clip_coef)
 
 
+def test_chain_of_global_scalings_by_hand_over_steps():
+    """GlobalNormClip, AutoClip and ZClip chained: each sees the norm its predecessors left, the
+    gradients are scaled by the product, and clip_coef is that product (norm after / before)."""
+    policies = (GlobalNormClip(3.0), AutoClip(percentile=50, history=4), ZClip(warmup=1))
+    policy = chain(*policies)
+    state = policy.init(3)
+    hand = [p.init(3) for p in policies]
+    for k in range(5):
+        grads = [g * (1 + 2 * k) for g in _grads()]
+        out = _clip(policy, [g.copy() for g in grads], state)
+        state = out.state
+        norm, net = _norm(grads), 1.0
+        for j, p in enumerate(policies):
+            scale, hand[j] = p.factors(None, np.float64(norm), hand[j], NP)
+            net *= float(scale.global_coef)
+            norm *= float(scale.global_coef)
+        for a, g in zip(out.grads, grads, strict=True):
+            np.testing.assert_allclose(a, g * net, rtol=EXACT)
+        assert out.clip_coef == pytest.approx(_norm(out.grads) / _norm(grads), rel=EXACT)
+        assert out.clip_coef == pytest.approx(net, rel=EXACT)
+
+
+def test_global_scalings_give_one_for_zero_and_nan_for_infinite_gradients():
+    # AutoClip's history of zero norms gives a threshold (and factor) of 0: still 1.0 for zeros
+    policy = AutoClip(percentile=50, history=4)
+    state = policy.init(3)
+    for _ in range(3):
+        out = _clip(policy, [np.zeros_like(g) for g in _grads()], state)
+        state = out.state
+        assert out.clip_coef == 1.0
+    inf = _grads()
+    inf[3][1] = np.inf
+    with np.errstate(invalid="ignore"):  # inf * 0, as in the clipped gradient itself
+        assert math.isnan(_clip(GlobalNormClip(1.0), inf).clip_coef)
+        assert math.isnan(_clip(chain(GlobalNormClip(1.0), ZClip(warmup=1)), inf).clip_coef)
+
+
+def test_global_policy_returning_layer_factors_is_an_error():
+    class Confused(GlobalNormClip):  # per_layer is False, yet per-layer factors come back
+        def factors(self, layer_norms, global_norm, state, ops):
+            scale, state = super().factors(layer_norms, global_norm, state, ops)
+            scale.layer_coef = ops.full(3, 0.5)
+            return scale, state
+
+    with pytest.raises(ValueError, match="per_layer"):
+        _clip(Confused(1.0))
+
+
 def test_as_chain_normalizes_the_clip_argument():
     assert as_chain(0.5).policies[0].max_norm == 0.5
     assert as_chain(None) is None

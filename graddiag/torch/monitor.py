@@ -180,6 +180,8 @@ class GradientMonitor(MonitorAPI):
         self.step_count = settings.start_step
         self.closed = False
         self._plans: dict[tuple, Plan] = {}
+        self._clip_views: dict[Plan, tuple] = {}  # per plan: order, parameters, TorchOps
+        self._trainable: tuple = ((), None)  # requires_grad flags -> trainable layers
         self._exact: frozenset[int] = frozenset()  # measured in float64 (see _exactness)
         self._true_zero: set[int] = set()  # an exact measurement found them exactly zero
         self._current: tuple | None = None
@@ -419,6 +421,11 @@ class GradientMonitor(MonitorAPI):
         # float64 rows: an exactly measured sum of squares of any finite float32 gradient fits
         blank = torch.as_tensor(self._layout.blank(), dtype=torch.float64, device=self.device)
         self._buf = blank.repeat(self.every, 1)
+        # per row, views of the cells a step writes (made once: an index is a dispatch per step)
+        cells = ("skipped", "clip_coef", "loss", "has_loss")
+        col = self._layout.col
+        self._rows = list(self._buf)
+        self._cells = [{c: r[col[c]] for c in cells} for r in self._rows]
         # where delayed reads land: page-locked on CUDA, so the copy runs without blocking
         self._pinned = torch.empty(
             self._buf.shape, dtype=self._buf.dtype, pin_memory=self.device.type == "cuda"
@@ -517,7 +524,7 @@ class GradientMonitor(MonitorAPI):
             grads = self._dist.local(grads)
         for i in self._complex:  # measured as real (re, im) pairs
             grads[i] = measured(grads[i])
-        has = tuple(g is not None for g in grads)
+        has = tuple([g is not None for g in grads])
         key = (has, self._exact)
         plan = self._plans.get(key)
         if plan is None and any(has):
@@ -573,7 +580,7 @@ class GradientMonitor(MonitorAPI):
                 coef, layer_coef = self._clip(grads, plan, f32(sumsq))
         # the device row (graddiag.host.RowLayout) gets what only the device knows; the rest of
         # the step's facts stay on the host until the row is read back
-        buf_row, col = self._buf[row], self._layout.col
+        buf_row, cells = self._rows[row], self._cells[row]
         known: dict[str, Any] = {
             "has": plan.mask if plan is not None else self._no_grad,
             "grad_reset": reset,
@@ -585,18 +592,18 @@ class GradientMonitor(MonitorAPI):
         }
         if present and found is not None:  # skipped or not: known when the row is read
             del known["skipped"]
-            buf_row[col["skipped"]].copy_(found)
+            cells["skipped"].copy_(found)
         if sumsq is not None:
             buf_row.index_copy_(0, plan.order_t, sumsq.double())
         if coef is not None:
-            buf_row[col["clip_coef"]].copy_(coef)
+            cells["clip_coef"].copy_(coef)
         else:
             known["clip_coef"] = known["layer_clip_coef"] = None
         if layer_coef is not None:
             buf_row[self._layout.layer_coef].copy_(layer_coef)
         if isinstance(loss, torch.Tensor):
-            buf_row[col["loss"]].copy_(loss.detach().reshape(()))
-            buf_row[col["has_loss"]].fill_(1.0)
+            cells["loss"].copy_(loss.detach().reshape(()))
+            cells["has_loss"].fill_(1.0)
         else:
             known["loss"] = None if loss is None else float(loss)
         if extra is not None:
@@ -673,19 +680,19 @@ class GradientMonitor(MonitorAPI):
         Returns `(coef, layer_coef)`: the global norm after clipping / before (a device scalar),
         and per layer the norm after / before (a device vector) when the chain is per-layer.
         """
-        order = plan.order.tolist()
-        names = [self.param_names[i] for i in order] if plan.has_sparse else None
-        params = self.params
-        if self._dist is not None and self._dist.sharded:  # FSDP2: local shards
-            params = self._dist.local(params)
-        view = Gradients(
-            [grads[i] for i in order],
-            [params[i] for i in order],
-            plan.layer_t,
-            self._n_layers,
-            sumsq,
-        )
-        ops = TorchOps(self.device, plan, names, self._dist and self._dist.reducer(plan))
+        fixed = self._clip_views.get(plan)
+        if fixed is None:  # what stays the same for every step with this plan
+            order = plan.order.tolist()
+            names = [self.param_names[i] for i in order] if plan.has_sparse else None
+            params = self.params
+            if self._dist is not None and self._dist.sharded:  # FSDP2: local shards
+                params = self._dist.local(params)
+            ops = TorchOps(self.device, plan, names, self._dist and self._dist.reducer(plan))
+            fixed = (order, [params[i] for i in order], ops)
+            if self._dist is None or not self._dist.sharded:
+                self._clip_views[plan] = fixed
+        order, params, ops = fixed
+        view = Gradients([grads[i] for i in order], params, plan.layer_t, self._n_layers, sumsq)
         out = clip_gradients(self.chain, view, self._clip_states, ops)
         self._clip_states = out.state
         return out.clip_coef, out.layer_coef
@@ -724,7 +731,10 @@ class GradientMonitor(MonitorAPI):
         self._exactness(pending, rows)
         if self._dist is not None:  # a collective on non-finite steps: every rank, same point
             self._nonfinite_ranks(pending, rows)
-        trainable = host.trainable([p.requires_grad for p in self.params])
+        flags = tuple([p.requires_grad for p in self.params])
+        if self._trainable[0] != flags:  # (per layer; changes only when a layer is (un)frozen)
+            self._trainable = (flags, host.trainable(flags))
+        trainable = self._trainable[1]
         steps = []
         for (step, known), row in zip(pending, rows, strict=True):
             known.pop("exact", None)
@@ -759,10 +769,12 @@ class GradientMonitor(MonitorAPI):
         in float64 now; and from now on such parameters are measured in float64 (`Plan.exact`)
         until an exact measurement shows them truly zero."""
         P = len(self.params)
+        plain = not self._exact and not any(known["exact"] for _, known in pending)
+        if plain and rows[:, :P].min() >= TINY_SUMSQ and rows[:, :P].max() < np.inf:
+            return  # the common case: nothing measured exactly, every sum far from the limits
         zero_ok = np.zeros(P, bool)
         zero_ok[list(self._true_zero)] = True
-        if not self._exact and not any(known["exact"] for _, known in pending):
-            # the common case, all rows at once: nothing measured exactly, nothing suspicious
+        if plain:  # all rows at once: nothing suspicious?
             has = np.stack([known["has"] for _, known in pending])
             if not imprecise(rows[:, :P], has, np.zeros_like(has), zero_ok).any():
                 return
