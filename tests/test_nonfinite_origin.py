@@ -94,3 +94,15 @@ def test_nan_born_in_the_backward_pass_is_named_as_such(tmp_path):
         opt.step()
     nf = [f for f in mon.findings if f.kind == "nonfinite"]
     assert nf and nf[0].layer == "block" and "backward pass" in nf[0].message
+
+
+def test_tracing_hooks_do_not_make_torch_warn_about_the_users_model():
+    import warnings
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    mon = GradientMonitor(model, trace_nonfinite=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model(torch.randn(16, 4)).square().mean().backward()  # inputs need no gradient
+        mon.step()
+    mon.close()

@@ -202,6 +202,14 @@ class GradientMonitor(MonitorAPI):
         self._trace: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         self._ftrace: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         if settings.trace_nonfinite:
+            # torch warns when a hooked module's inputs need no gradient (the first layer): that
+            # is expected of hooks on every module, and says nothing about the user's model
+            warnings.filterwarnings(
+                "ignore",
+                "Full backward hook is firing when gradients are computed with respect "
+                "to module outputs",
+                UserWarning,
+            )
             for name, m in base.named_modules():
                 label = name or type(base).__name__
                 self._handles.append(m.register_full_backward_hook(self._make_trace_hook(label)))
