@@ -210,7 +210,7 @@ class GradDiagCallback(keras.callbacks.Callback):
         # `batch` steps of this epoch are done: read the device only if a log step has passed
         mon = self.monitor
         if mon is not None and self._optimizer is not None and mon._log_due(self._base + batch):
-            mon.poll()  # reads the step counter, then the buffer
+            mon._poll(later=True)  # reads the step counter, then the buffer; diagnosed off-thread
 
     def _check_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
         """`on_train_batch_end` under "skip"/"raise": a non-finite step is reported at once."""
@@ -219,7 +219,7 @@ class GradDiagCallback(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         if self.monitor is not None and self._optimizer is not None:
-            self.monitor.poll()  # the log steps of the epoch's last batches
+            self.monitor._poll(later=True)  # the log steps of the epoch's last batches
 
     def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
         self._restore()

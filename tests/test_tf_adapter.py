@@ -151,7 +151,7 @@ def test_host_reads_only_on_log_steps():
     mon = GradientMonitor(model, every=5, detectors=NO_SPIKE)
     calls = []
     real = mon._process
-    mon._process = lambda *a: calls.append(a[0]) or real(*a)
+    mon._process = lambda *a, **k: calls.append(a[0]) or real(*a, **k)
 
     @tf.function
     def train_step(x, y):
@@ -165,6 +165,40 @@ def test_host_reads_only_on_log_steps():
     assert [s.step for s in mon.history] == list(range(10))
     mon.close()
     assert [s.step for s in mon.history] == list(range(12))
+
+
+@pytest.mark.parametrize("nonfinite", ["warn", "skip"])
+def test_log_steps_are_diagnosed_on_the_worker_under_warn_only(monkeypatch, nonfinite):
+    """A log step read back inside a compiled step hands its rows to the host path's background
+    worker under "warn" (the step goes on); "skip"/"raise" diagnose them at once, off the worker."""
+    import threading
+
+    from graddiag.host import HostPath
+
+    threads = []
+    real = HostPath.ingest
+
+    def ingest(self, step, row, **kw):
+        threads.append(threading.current_thread().name)
+        return real(self, step, row, **kw)
+
+    monkeypatch.setattr(HostPath, "ingest", ingest)
+    model = mlp()
+    x, y = batch()
+    mon = GradientMonitor(model, every=5, detectors=NO_SPIKE, nonfinite=nonfinite)
+
+    @tf.function
+    def train_step(x, y):
+        with mon.tape() as tape:
+            loss = tf.reduce_mean((model(x) - y) ** 2)
+        return tape.gradient(loss, model.trainable_variables)
+
+    for _ in range(10):
+        train_step(x, y)
+    assert [s.step for s in mon.history] == list(range(10))
+    on_worker = [name == "graddiag-host" for name in threads]
+    assert on_worker == [nonfinite == "warn"] * 10
+    mon.close()
 
 
 def test_poll_mode_reads_after_the_compiled_step():

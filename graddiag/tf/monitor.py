@@ -194,6 +194,7 @@ class GradientMonitor(MonitorAPI):
         self._fetched = (
             self._settings.start_step
         )  # next step whose row has not been processed on the host
+        self._ticket: int | None = None  # the host work last deferred to the worker
         if accumulators is not None or not is_model(model_or_variables):
             self._resolve()
 
@@ -465,9 +466,11 @@ class GradientMonitor(MonitorAPI):
         if (
             tf.executing_eagerly()
             and self.read_back == "callback"
-            and (self.core is None or (due is not None and bool(due)))
+            and (self._host.core is None or (due is not None and bool(due)))
         ):
-            self._fetch(int(self._count.numpy()))  # rows deferred by step(), this update
+            self._fetch(
+                int(self._count.numpy()), later=True
+            )  # rows deferred by step(), this update
         return done
 
     def _measure_update(self, run):
@@ -497,6 +500,11 @@ class GradientMonitor(MonitorAPI):
         Returns:
             The new findings.
         """
+        return self._poll(steps_done)
+
+    def _poll(self, steps_done: int | None = None, later: bool = False) -> list[Finding]:
+        """`poll`; with `later`, the host work of a log step goes to the background worker
+        (under `nonfinite="warn"`) and no findings are returned."""
         if not hasattr(self, "_count"):
             return []
         if steps_done is None:
@@ -508,7 +516,7 @@ class GradientMonitor(MonitorAPI):
             return []
         if self.nonfinite != "warn":
             self._bad.assign(False)
-        return self._fetch(steps_done)
+        return self._fetch(steps_done, later)
 
     def _log_due(self, steps_done: int) -> bool:
         """Whether a log, detail or histogram step is among the steps before `steps_done` that the
@@ -536,20 +544,21 @@ class GradientMonitor(MonitorAPI):
         new = (
             self._fetch(steps_done)
             if steps_done > self._fetched
-            or self.core is None
+            or self._host.core is None
             or (int(self._update_step.numpy()) > self._ratio_done)
             else []
         )
-        self.core.flush()
+        self._host.wait()
+        self._host.core.flush()
         return new
 
     def close(self) -> list[Finding]:
         """Process the remaining steps, run end-of-run summaries and close the event file."""
-        if not hasattr(self, "_count") or (self.core is not None and self.core.closed):
+        if not hasattr(self, "_count") or (self._host.core is not None and self._host.core.closed):
             return []
         atexit.unregister(self._atexit)
         new = self.flush()
-        return new + self.core.close()
+        return new + self._host.close()
 
     # ------------------------------------------------------------------ graph side
     def _scale_value(self):
@@ -673,11 +682,11 @@ class GradientMonitor(MonitorAPI):
                 # given an optimizer, the first read waits until it has updated (`apply`, a later
                 # read), so the core knows what it updates; unless this step must be reported first
                 if bool(log_now) and (
-                    self.core is not None
+                    self._host.core is not None
                     or self._optimizer is None
                     or not (self.nonfinite == "warn" or bool(ok))
                 ):
-                    self._fetch(int(done))
+                    self._fetch(int(done), later=True)
                 fetched = tf.constant(True)
             else:
                 fetched = tf.cond(
@@ -720,7 +729,7 @@ class GradientMonitor(MonitorAPI):
         )
 
     def _host_callback(self, done, *arrays):
-        self._process(int(done), [a.numpy() for a in arrays])
+        self._process(int(done), [a.numpy() for a in arrays], later=True)
         return True
 
     def _on_backward(self) -> None:
@@ -739,13 +748,21 @@ class GradientMonitor(MonitorAPI):
             self._micro.assign_add(1.0)
 
     # ------------------------------------------------------------------ host side
-    def _fetch(self, steps_done: int) -> list[Finding]:
+    def _fetch(self, steps_done: int, later: bool = False) -> list[Finding]:
         """Read the buffer (one device read) and process the steps not yet seen."""
-        return self._process(steps_done, [v.numpy() for v in self._state()])
+        return self._process(steps_done, [v.numpy() for v in self._state()], later)
 
-    def _process(self, steps_done: int, arrays: list[np.ndarray]) -> list[Finding]:
+    def _process(
+        self, steps_done: int, arrays: list[np.ndarray], later: bool = False
+    ) -> list[Finding]:
         """Hand the rows of the steps not yet seen (and the detail, histogram and update rows of
-        their steps) to the host path."""
+        their steps) to the host path.
+
+        With `later` (under `nonfinite="warn"`), the host path diagnoses and logs them on its
+        background worker and this returns no findings: results read through the monitor wait
+        for the worker (`MonitorAPI._settled`). Otherwise (and always under "skip"/"raise", whose
+        non-finite steps are reported at once) it runs here, after the deferred work."""
+        host = self._host
         rows = arrays[0]
         state = {v.ref(): a for v, a in zip(self._state()[1:], arrays[1:], strict=True)}
 
@@ -766,13 +783,12 @@ class GradientMonitor(MonitorAPI):
                 first - 1,
                 self._capacity,
             )
-        if self.core is None:
+        if host.core is None:
             row = rows[first % self._capacity] if first < steps_done else None
             self._start(None if row is None else row[self._layout.sumsq] != _NO_GRAD)
-        trainable = self._host.trainable([getattr(v, "trainable", True) for v in self.variables])
-        new: list[Finding] = []
+        trainable = host.trainable([getattr(v, "trainable", True) for v in self.variables])
+        steps = []
         for step in range(first, steps_done):
-            self._fetched = step + 1  # before ingest: under nonfinite="raise" it raises
             extra = {"trainable": trainable}
             if self._ranks is not None:
                 replicas = _distribute.replicas_of(state[self._ranks.ref()][step % self._capacity])
@@ -786,9 +802,25 @@ class GradientMonitor(MonitorAPI):
             if step == update_step and update is not None:
                 extra["update"], update = update, None
                 self._ratio_done = step
-            new += self._host.ingest(step, rows[step % self._capacity], **extra)
-        self._fetched = steps_done
-        if update is not None and update_step < steps_done:  # the update came after its step's read
+            steps.append((step, np.array(rows[step % self._capacity]), extra))
+        late = None  # the update of a step read back before it (known only after its update)
+        if update is not None and update_step < steps_done:
             self._ratio_done = update_step
-            self._host.record_update(update_step, update)
+            late = update_step
+        new: list[Finding] = []
+        if later and self.nonfinite == "warn":
+            self._fetched = steps_done
+            if steps:
+                host.wait(self._ticket)  # at most one log step's work waits on the worker
+                self._ticket = host.ingest_later(steps).ticket
+            if late is not None:
+                self._ticket = host.defer(host.record_update, late, update)
+            return new
+        host.wait()  # the deferred steps first
+        for step, row, extra in steps:
+            self._fetched = step + 1  # before ingest: under nonfinite="raise" it raises
+            new += host.ingest(step, row, **extra)
+        self._fetched = steps_done
+        if late is not None:
+            host.record_update(late, update)
         return new
