@@ -28,6 +28,7 @@ from graddiag.tf._measure import (
     detail_columns,
     histogram_rows,
     identity,
+    rare_cond,
     sum_squares,
     sums_of_squares,
     zero_unless,
@@ -195,6 +196,9 @@ class GradientMonitor(MonitorAPI):
             self._settings.start_step
         )  # next step whose row has not been processed on the host
         self._ticket: int | None = None  # the host work last deferred to the worker
+        #: set while a caller that counts steps on the host traces or runs a step: False — no
+        #: detail, histogram or update-ratio work in it (none is due); None — decided in the graph
+        self._rare_work: bool | None = None
         if accumulators is not None or not is_model(model_or_variables):
             self._resolve()
 
@@ -459,7 +463,7 @@ class GradientMonitor(MonitorAPI):
             return tf.constant(True)
 
         step, due = run, None
-        if self._update is not None:
+        if self._update is not None and self._rare_work is not False:
             due = tf.equal(tf.math.floormod(self._count.read_value(), self.detail_every), 0)
             step = lambda: tf.cond(due, lambda: self._measure_update(run), run)  # noqa: E731
         done = tf.cond(ok, step, lambda: tf.constant(False)) if skip else step()
@@ -517,6 +521,14 @@ class GradientMonitor(MonitorAPI):
         if self.nonfinite != "warn":
             self._bad.assign(False)
         return self._fetch(steps_done, later)
+
+    def _rare_due(self, first: int, steps: int) -> bool:
+        """Whether a detail (and update-ratio) or histogram step is among steps `first` to
+        `first + steps - 1`."""
+        d, h = self.detail_every, self.hist_every
+        return any(
+            (d and (s + 1) % d == 0) or (h and s % h == 0) for s in range(first, first + steps)
+        )
 
     def _log_due(self, steps_done: int) -> bool:
         """Whether a log, detail or histogram step is among the steps before `steps_done` that the
@@ -650,19 +662,21 @@ class GradientMonitor(MonitorAPI):
             writes.append(self._bad.assign(bad))
         if acc:
             writes += [self._micro.assign(0.0), self._reset.assign(-1.0)]
-        if self._detail is not None:
+        do_detail = self._detail is not None and self._rare_work is not False
+        do_hist = self._hist is not None and self._rare_work is not False
+        if do_detail:
             detail_due = tf.equal(tf.math.floormod(step + 1, self.detail_every), 0)
             writes.append(
-                tf.cond(
+                rare_cond(
                     detail_due,
                     lambda: self._write_detail(grads_in, slots, step, inv2),
                     lambda: tf.constant(False),
                 )
             )
-        if self._hist is not None:
+        if do_hist:
             hist_due = tf.equal(tf.math.floormod(step, self.hist_every), 0)  # as graddiag.torch
             writes.append(
-                tf.cond(
+                rare_cond(
                     hist_due,
                     lambda: self._write_hist(grads_in, slots, step, inv2),
                     lambda: tf.constant(False),
@@ -672,9 +686,9 @@ class GradientMonitor(MonitorAPI):
             done = self._count.assign_add(1)
         if self.read_back == "callback":  # "poll" decides on the host
             log_now = tf.equal(tf.math.floormod(done, self.every), 0)
-            if self._detail is not None:
+            if do_detail:
                 log_now = log_now | detail_due
-            if self._hist is not None:
+            if do_hist:
                 log_now = log_now | hist_due
             if self.nonfinite != "warn":
                 log_now = log_now | ~ok
@@ -689,7 +703,7 @@ class GradientMonitor(MonitorAPI):
                     self._fetch(int(done), later=True)
                 fetched = tf.constant(True)
             else:
-                fetched = tf.cond(
+                fetched = rare_cond(
                     log_now, lambda: self._host_read(done), lambda: tf.constant(False)
                 )
             if self.nonfinite == "raise":  # no update may run before the check
@@ -729,7 +743,9 @@ class GradientMonitor(MonitorAPI):
         )
 
     def _host_callback(self, done, *arrays):
-        self._process(int(done), [a.numpy() for a in arrays], later=True)
+        # diagnosed here, in the step: handing it to the worker measured slower (the worker's
+        # Python contends for the GIL with the training loop's; docs/tensorflow.md)
+        self._process(int(done), [a.numpy() for a in arrays])
         return True
 
     def _on_backward(self) -> None:
