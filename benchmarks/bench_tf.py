@@ -51,7 +51,6 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from graddiag.clip import GlobalNormClip  # noqa: E402
 from graddiag.tf import GradientMonitor  # noqa: E402
 
 WIDTH, DEPTH, BATCH = 1024, 8, 64
@@ -132,10 +131,13 @@ def variants(logdir: str, every: int, baseline=None, rev: str = ""):
     monitors = {}
 
     def monitored(key, cls, folder):
+        # the policy class of the monitor's own package (a baseline has its own)
+        clip_class = importlib.import_module(cls.__module__.split(".")[0] + ".clip").GlobalNormClip
+
         def transform(g, v):
             mon = monitors.get(key)
             if mon is None:
-                mon = monitors[key] = cls(v, folder, every=every, clip=GlobalNormClip(1.0))
+                mon = monitors[key] = cls(v, folder, every=every, clip=clip_class(1.0))
             return mon.step(g, v)
 
         return transform
