@@ -26,13 +26,22 @@ the batches, so per-fit work is included. Not a test: run it by hand::
     TF_CPP_MIN_LOG_LEVEL=2 PYTHONPATH=. python benchmarks/bench_tf.py --measure [--rounds 15]
 
 `--measure` times one gradient's sum of squares by size (float32, float64, scaled float32).
+
+`--baseline REV` adds the graddiag rows of git revision REV (e.g. `main`), run side by side in the
+same process: its `graddiag` and `integrations` packages are copied (`git archive`) into a
+temporary folder as `graddiag_base` and `integrations_base`, so before/after are interleaved.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
+import re
 import statistics
+import subprocess
+import sys
+import tarfile
 import tempfile
 import time
 
@@ -42,10 +51,45 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from graddiag.clip import GlobalNormClip  # noqa: E402
 from graddiag.tf import GradientMonitor  # noqa: E402
 
 WIDTH, DEPTH, BATCH = 1024, 8, 64
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_baseline(rev: str):
+    """`(GradientMonitor, GradDiagCallback)` of git revision `rev`, imported from a copy of its
+    packages renamed `graddiag_base` and `integrations_base` (so both versions run in one
+    process)."""
+    folder = tempfile.mkdtemp(prefix="graddiag_base_")
+    archive = subprocess.run(
+        ["git", "-C", ROOT, "archive", rev, "graddiag", "integrations"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    tar_path = os.path.join(folder, "src.tar")
+    with open(tar_path, "wb") as f:
+        f.write(archive)
+    with tarfile.open(tar_path) as tar:
+        tar.extractall(folder, filter="data")
+    renames = {"graddiag": "graddiag_base", "integrations": "integrations_base"}
+    imports = re.compile(r"\b(from|import) (graddiag|integrations)\b")
+    for old, new in renames.items():
+        os.rename(os.path.join(folder, old), os.path.join(folder, new))
+        for base, _dirs, files in os.walk(os.path.join(folder, new)):
+            for name in files:
+                if name.endswith(".py"):
+                    path = os.path.join(base, name)
+                    with open(path) as f:
+                        text = f.read()
+                    text = imports.sub(lambda m: f"{m[1]} {renames[m[2]]}", text)
+                    text = text.replace('("graddiag.', '("graddiag_base.')
+                    with open(path, "w") as f:
+                        f.write(text)
+    sys.path.insert(0, folder)
+    tf_mod = importlib.import_module("graddiag_base.tf")
+    keras_mod = importlib.import_module("integrations_base.keras")
+    return tf_mod.GradientMonitor, keras_mod.GradDiagCallback
 
 
 def make_model():
@@ -74,7 +118,7 @@ def make_step(transform, optimizer_name: str):
     return step
 
 
-def variants(logdir: str, every: int):
+def variants(logdir: str, every: int, baseline=None, rev: str = ""):
     def plain(g, v):
         return g
 
@@ -86,26 +130,42 @@ def variants(logdir: str, every: int):
 
     monitors = {}
 
-    def graddiag(g, v):
-        mon = monitors.get("m")
-        if mon is None:
-            mon = monitors["m"] = GradientMonitor(v, logdir, every=every, clip=GlobalNormClip(1.0))
-        return mon.step(g, v)
+    def monitored(key, cls, folder):
+        # the policy class of the monitor's own package (a baseline has its own)
+        clip_class = importlib.import_module(cls.__module__.split(".")[0] + ".clip").GlobalNormClip
 
-    return [
+        def transform(g, v):
+            mon = monitors.get(key)
+            if mon is None:
+                mon = monitors[key] = cls(v, folder, every=every, clip=clip_class(1.0))
+            return mon.step(g, v)
+
+        return transform
+
+    out = [
         ("plain compiled step", plain),
         ("tf.clip_by_global_norm", clip_global),
         ("check_numerics on every gradient", check_each),
-        (f"graddiag (stats + non-finite + clip + logging, every={every})", graddiag),
-    ], monitors
+        (
+            f"graddiag (stats + non-finite + clip + logging, every={every})",
+            monitored("m", GradientMonitor, logdir),
+        ),
+    ]
+    if baseline is not None:
+        out.append((f"graddiag @ {rev}", monitored("base", baseline, os.path.join(logdir, "base"))))
+    return out, monitors
 
 
-def time_steps(step, x, y, n: int) -> float:
+def time_steps(step, x, y, n: int, monitor=None) -> float:
+    """Seconds per step of `n` steps; with a `monitor`, its background host work is waited for
+    inside the timed window."""
     step(x, y).numpy()
     t0 = time.perf_counter()
     for _ in range(n):
         loss = step(x, y)
     loss.numpy()
+    if monitor is not None:
+        monitor.history  # noqa: B018 - waits for the host work of these steps
     return (time.perf_counter() - t0) / n
 
 
@@ -157,10 +217,9 @@ def fit_models():
     ]
 
 
-def custom_loop(monitored: bool):
-    """The small MLP trained by a `tf.function` step with a (monitored) tape, Adam, batch 32."""
-    from graddiag.tf import GradientMonitor
-
+def custom_loop(monitor_class=None):
+    """The small MLP trained by a `tf.function` step with a tape, Adam, batch 32: a plain
+    `tf.GradientTape`, or `monitor.tape()` of a `monitor_class` (a graddiag `GradientMonitor`)."""
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
         [
@@ -171,11 +230,11 @@ def custom_loop(monitored: bool):
         ]
     )
     opt = keras.optimizers.Adam()
-    mon = GradientMonitor(model) if monitored else None
+    mon = monitor_class(model) if monitor_class is not None else None
 
     @tf.function
     def step(x, y):
-        with mon.tape() if monitored else tf.GradientTape() as tape:
+        with mon.tape() if mon is not None else tf.GradientTape() as tape:
             loss = tf.reduce_mean(tf.square(model(x, training=True) - y))
         grads = tape.gradient(loss, model.trainable_variables)
         opt.apply_gradients(zip(grads, model.trainable_variables, strict=True))
@@ -184,7 +243,7 @@ def custom_loop(monitored: bool):
     return step, mon
 
 
-def fit_main(args) -> None:
+def fit_main(args, baseline=None) -> None:
     from integrations.keras import GradDiagCallback
 
     rng = np.random.default_rng(0)
@@ -199,6 +258,11 @@ def fit_main(args) -> None:
             ],
         ),
     ]
+    if baseline is not None:
+        base_cb = baseline[1]
+        variants.insert(
+            1, (f"GradDiagCallback() @ {args.baseline}", lambda: [base_cb(print_summary=False)])
+        )
     print(
         f"Keras fit, tf {tf.__version__}, keras {keras.__version__}, {os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.1f}; {args.rounds} rounds of one {n}-batch fit per "
@@ -208,7 +272,10 @@ def fit_main(args) -> None:
         "| model | variant | first fit (s) | median ms/batch | ratio (median) "
         "| CPU ms/batch | ratio (CPU) |\n|---|---|---:|---:|---:|---:|---:|"
     )
-    for name, build, data in fit_models():
+    models = fit_models()
+    if args.models:
+        models = [m for m in models if any(k.lower() in m[0].lower() for k in args.models)]
+    for name, build, data in models:
         x, y = data(n, rng)
         runs = []
         for label, callbacks in variants:
@@ -234,19 +301,24 @@ def fit_main(args) -> None:
             )
             for cb in cbs:
                 cb.close()
-    # custom loop: one tf.function step per batch, interleaved in rounds of `n` steps
+    # custom loop: one tf.function step per batch, interleaved in rounds of `n` steps; a
+    # monitor's background host work is waited for inside its round (`history`)
+    from graddiag.tf import GradientMonitor
+
     x = tf.constant(rng.normal(size=(32, 32)), tf.float32)
     y = tf.constant(rng.normal(size=(32, 1)), tf.float32)
-    loops = {"plain tape": custom_loop(False), "monitor.tape()": custom_loop(True)}
+    loops = {"plain tape": custom_loop(), "monitor.tape()": custom_loop(GradientMonitor)}
+    if baseline is not None:
+        loops[f"monitor.tape() @ {args.baseline}"] = custom_loop(baseline[0])
     times = {label: [] for label in loops}
     cpu = {label: [] for label in loops}
     for step, _ in loops.values():
         for _ in range(3):
             step(x, y)
     for _ in range(args.rounds):
-        for label, (step, _) in loops.items():
+        for label, (step, mon) in loops.items():
             c0 = time.process_time()
-            times[label].append(time_steps(step, x, y, n))
+            times[label].append(time_steps(step, x, y, n, mon))
             cpu[label].append((time.process_time() - c0) / (n + 1))
     base, cbase = statistics.median(times["plain tape"]), statistics.median(cpu["plain tape"])
     for label, (_, mon) in loops.items():
@@ -300,28 +372,36 @@ def main() -> None:
     ap.add_argument("--fit", action="store_true", help="Keras fit and custom-loop rows instead")
     ap.add_argument("--batches", type=int, default=200, help="batches per fit (with --fit)")
     ap.add_argument("--measure", action="store_true", help="sum-of-squares cost by size instead")
+    ap.add_argument("--baseline", help="also run graddiag of this git revision, side by side")
+    ap.add_argument("--models", nargs="*", help="with --fit: only the models whose name has these")
     args = ap.parse_args()
     if args.measure:
         measure_main(args)
         return
+    baseline = load_baseline(args.baseline) if args.baseline else None
     if args.fit:
-        fit_main(args)
+        fit_main(args, baseline)
         return
 
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(size=(BATCH, WIDTH)), tf.float32)
     y = tf.constant(rng.normal(size=(BATCH, WIDTH)), tf.float32)
     with tempfile.TemporaryDirectory() as logdir:
-        named, monitors = variants(logdir, args.every)
+        named, monitors = variants(
+            logdir, args.every, baseline and baseline[0], args.baseline or ""
+        )
         steps = [(name, make_step(fn, args.optimizer)) for name, fn in named]
         times: dict[str, list[float]] = {name: [] for name, _ in steps}
         for _name, step in steps:  # trace and warm up
             for _ in range(3):
                 step(x, y)
+        owner = {named[3][0]: "m", **({named[4][0]: "base"} if len(named) > 4 else {})}
         for _ in range(args.rounds):
             for name, step in steps:
-                times[name].append(time_steps(step, x, y, args.steps))
-        monitors["m"].close()
+                mon = monitors.get(owner.get(name))
+                times[name].append(time_steps(step, x, y, args.steps, mon))
+        for mon in monitors.values():
+            mon.close()
         tf.debugging.enable_check_numerics()
         name, step = (
             "tf.debugging.enable_check_numerics()",

@@ -119,6 +119,8 @@ class GradDiagCallback(keras.callbacks.Callback):
         self._base = 0  # the monitor's step count at the start of the current epoch
         self._traced: tuple[tuple, Any] | None = None  # (key, train function with the monitor)
         self._plain: Any = None  # the model's train function before this fit's
+        self._per_poll = 1  # optimizer steps per call of the train function
+        self._rare_next = True  # whether the next batch has detail/histogram/update-ratio work
         if nonfinite != "warn":  # an instance attribute: other modes only have a batch-end hook
             self.on_train_batch_end = self._check_batch_end
 
@@ -181,11 +183,34 @@ class GradDiagCallback(keras.callbacks.Callback):
         if self._traced is None or model.train_function is not self._traced[1]:
             self._plain = model.train_function  # (not ours: a fit that raised left ours there)
         key = self._trace_key()
+        self._per_poll, self._rare_next = per_poll, True
         if self._traced is not None and self._traced[0] == key:
             model.train_function = self._traced[1]  # traced (and compiled) by an earlier fit
         else:
-            model.make_train_function(force=True)
-            self._traced = (key, model.train_function)
+            self._traced = (key, self._make_train_function())
+            model.train_function = self._traced[1]
+
+    def _make_train_function(self):
+        """The train function with the monitor: two Keras train functions, one traced without
+        the detail, histogram and update-ratio work (no `tf.cond` for them in the step), one with
+        it, picked per batch on the host, which counts the steps (`on_train_batch_begin`)."""
+        model, mon = self.model, self.monitor
+        model.make_train_function(force=True)
+        rare = model.train_function
+        if mon._detail is None and mon._hist is None:
+            return rare
+        model.make_train_function(force=True)
+        plain = model.train_function
+
+        def train_function(iterator):
+            due = self._rare_next
+            mon._rare_work = None if due else False  # read when Keras traces the function
+            try:
+                return (rare if due else plain)(iterator)
+            finally:
+                mon._rare_work = None
+
+        return train_function
 
     def _trace_key(self) -> tuple:
         """What a traced train function depends on: the monitor (its ring buffer is replaced when
@@ -209,8 +234,11 @@ class GradDiagCallback(keras.callbacks.Callback):
     def on_train_batch_begin(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
         # `batch` steps of this epoch are done: read the device only if a log step has passed
         mon = self.monitor
-        if mon is not None and self._optimizer is not None and mon._log_due(self._base + batch):
-            mon.poll()  # reads the step counter, then the buffer
+        if mon is None or self._optimizer is None:
+            return
+        self._rare_next = mon._rare_due(self._base + batch, self._per_poll)
+        if mon._log_due(self._base + batch):
+            mon._poll(later=True)  # reads the step counter, then the buffer; diagnosed off-thread
 
     def _check_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
         """`on_train_batch_end` under "skip"/"raise": a non-finite step is reported at once."""
@@ -219,7 +247,7 @@ class GradDiagCallback(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         if self.monitor is not None and self._optimizer is not None:
-            self.monitor.poll()  # the log steps of the epoch's last batches
+            self.monitor._poll(later=True)  # the log steps of the epoch's last batches
 
     def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
         self._restore()

@@ -151,7 +151,7 @@ def test_host_reads_only_on_log_steps():
     mon = GradientMonitor(model, every=5, detectors=NO_SPIKE)
     calls = []
     real = mon._process
-    mon._process = lambda *a: calls.append(a[0]) or real(*a)
+    mon._process = lambda *a, **k: calls.append(a[0]) or real(*a, **k)
 
     @tf.function
     def train_step(x, y):
@@ -165,6 +165,62 @@ def test_host_reads_only_on_log_steps():
     assert [s.step for s in mon.history] == list(range(10))
     mon.close()
     assert [s.step for s in mon.history] == list(range(12))
+
+
+@pytest.mark.parametrize("nonfinite", ["warn", "skip"])
+def test_eager_log_steps_are_diagnosed_on_the_worker_under_warn_only(monkeypatch, nonfinite):
+    """A log step read back by an eager step hands its rows to the host path's background worker
+    under "warn" (the step goes on); "skip"/"raise" diagnose them at once, off the worker. (Inside
+    a compiled step the read-back's `tf.py_function` diagnoses them itself: measured faster.)"""
+    import threading
+
+    from graddiag.host import HostPath
+
+    threads = []
+    real = HostPath.ingest
+
+    def ingest(self, step, row, **kw):
+        threads.append(threading.current_thread().name)
+        return real(self, step, row, **kw)
+
+    monkeypatch.setattr(HostPath, "ingest", ingest)
+    model = mlp()
+    x, y = batch()
+    mon = GradientMonitor(model, every=5, detectors=NO_SPIKE, nonfinite=nonfinite)
+    for _ in range(10):
+        with mon.tape() as tape:
+            loss = tf.reduce_mean((model(x) - y) ** 2)
+        tape.gradient(loss, model.trainable_variables)
+    assert [s.step for s in mon.history] == list(range(10))
+    on_worker = [name == "graddiag-host" for name in threads]
+    assert on_worker == [nonfinite == "warn"] * 10
+    mon.close()
+
+
+def test_rare_branches_are_function_calls_not_lowered_into_the_step(tmp_path):
+    """The detail, histogram and log-step read-back branches stay `If` function calls in the
+    traced step (an ordinary step does not schedule their ops), and still run on their steps."""
+    model = mlp()
+    x, y = batch()
+    mon = GradientMonitor(model, tmp_path, every=4, detail_every=3, hist_every=5)
+
+    @tf.function
+    def train_step(x, y):
+        with mon.tape() as tape:
+            loss = tf.reduce_mean((model(x) - y) ** 2)
+        return tape.gradient(loss, model.trainable_variables)
+
+    for _ in range(6):
+        train_step(x, y)
+    graph = train_step.get_concrete_function(x, y).graph
+    conds = [op for op in graph.get_operations() if op.type in ("If", "StatelessIf")]
+    assert len(conds) == 3  # detail, histogram, read-back
+    assert not any(op.get_attr("_lower_using_switch_merge") for op in conds)
+    mon.close()
+    hist = mon.history
+    assert [s.step for s in hist] == list(range(6))
+    detail = [s.step for s in hist if s.grad_max is not None]
+    assert detail == [2, 5]  # (step + 1) % detail_every == 0
 
 
 def test_poll_mode_reads_after_the_compiled_step():

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.framework import attr_value_pb2
 
 from graddiag.host import HIST_BINS, HIST_WIDTH, TINY_SUMSQ
 
@@ -73,6 +74,26 @@ def sums_of_squares(grads: list) -> tf.Tensor:
         for i, h in zip(large, tf.unstack(checked, num=len(large)), strict=True):
             half[i] = h
     return tf.stack(half) * 2.0
+
+
+def rare_cond(pred, true_fn, false_fn):
+    """`tf.cond` for a branch taken on few steps (detail statistics, histograms, the log-step
+    read-back). In a graph, TensorFlow lowers a cond into the step graph (Switch/Merge), so every
+    step schedules each op of both branches (untaken ones as dead); here the `If` op is kept as
+    a function call instead, so an ordinary step pays one call of the cheap `false_fn` only
+    (benchmarks/bench_tf.py --fit, docs/tensorflow.md). Under XLA and eagerly: a plain `tf.cond`."""
+    out = tf.cond(pred, true_fn, false_fn)
+    op = getattr(out, "op", None)
+    if op is not None and op.type == "Identity" and op.inputs:
+        op = op.inputs[0].op
+    if op is not None and op.type in ("If", "StatelessIf"):
+        try:
+            lowered = op.get_attr("_lower_using_switch_merge")
+        except ValueError:  # not set (XLA): left to the compiler
+            return out
+        if lowered:
+            op._set_attr("_lower_using_switch_merge", attr_value_pb2.AttrValue(b=False))
+    return out
 
 
 def sum_squares(g) -> tf.Tensor:

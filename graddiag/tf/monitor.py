@@ -28,6 +28,7 @@ from graddiag.tf._measure import (
     detail_columns,
     histogram_rows,
     identity,
+    rare_cond,
     sum_squares,
     sums_of_squares,
     zero_unless,
@@ -194,6 +195,10 @@ class GradientMonitor(MonitorAPI):
         self._fetched = (
             self._settings.start_step
         )  # next step whose row has not been processed on the host
+        self._ticket: int | None = None  # the host work last deferred to the worker
+        #: set while a caller that counts steps on the host traces or runs a step: False — no
+        #: detail, histogram or update-ratio work in it (none is due); None — decided in the graph
+        self._rare_work: bool | None = None
         if accumulators is not None or not is_model(model_or_variables):
             self._resolve()
 
@@ -458,16 +463,18 @@ class GradientMonitor(MonitorAPI):
             return tf.constant(True)
 
         step, due = run, None
-        if self._update is not None:
+        if self._update is not None and self._rare_work is not False:
             due = tf.equal(tf.math.floormod(self._count.read_value(), self.detail_every), 0)
             step = lambda: tf.cond(due, lambda: self._measure_update(run), run)  # noqa: E731
         done = tf.cond(ok, step, lambda: tf.constant(False)) if skip else step()
         if (
             tf.executing_eagerly()
             and self.read_back == "callback"
-            and (self.core is None or (due is not None and bool(due)))
+            and (self._host.core is None or (due is not None and bool(due)))
         ):
-            self._fetch(int(self._count.numpy()))  # rows deferred by step(), this update
+            self._fetch(
+                int(self._count.numpy()), later=True
+            )  # rows deferred by step(), this update
         return done
 
     def _measure_update(self, run):
@@ -497,6 +504,11 @@ class GradientMonitor(MonitorAPI):
         Returns:
             The new findings.
         """
+        return self._poll(steps_done)
+
+    def _poll(self, steps_done: int | None = None, later: bool = False) -> list[Finding]:
+        """`poll`; with `later`, the host work of a log step goes to the background worker
+        (under `nonfinite="warn"`) and no findings are returned."""
         if not hasattr(self, "_count"):
             return []
         if steps_done is None:
@@ -508,7 +520,15 @@ class GradientMonitor(MonitorAPI):
             return []
         if self.nonfinite != "warn":
             self._bad.assign(False)
-        return self._fetch(steps_done)
+        return self._fetch(steps_done, later)
+
+    def _rare_due(self, first: int, steps: int) -> bool:
+        """Whether a detail (and update-ratio) or histogram step is among steps `first` to
+        `first + steps - 1`."""
+        d, h = self.detail_every, self.hist_every
+        return any(
+            (d and (s + 1) % d == 0) or (h and s % h == 0) for s in range(first, first + steps)
+        )
 
     def _log_due(self, steps_done: int) -> bool:
         """Whether a log, detail or histogram step is among the steps before `steps_done` that the
@@ -536,20 +556,21 @@ class GradientMonitor(MonitorAPI):
         new = (
             self._fetch(steps_done)
             if steps_done > self._fetched
-            or self.core is None
+            or self._host.core is None
             or (int(self._update_step.numpy()) > self._ratio_done)
             else []
         )
-        self.core.flush()
+        self._host.wait()
+        self._host.core.flush()
         return new
 
     def close(self) -> list[Finding]:
         """Process the remaining steps, run end-of-run summaries and close the event file."""
-        if not hasattr(self, "_count") or (self.core is not None and self.core.closed):
+        if not hasattr(self, "_count") or (self._host.core is not None and self._host.core.closed):
             return []
         atexit.unregister(self._atexit)
         new = self.flush()
-        return new + self.core.close()
+        return new + self._host.close()
 
     # ------------------------------------------------------------------ graph side
     def _scale_value(self):
@@ -641,19 +662,21 @@ class GradientMonitor(MonitorAPI):
             writes.append(self._bad.assign(bad))
         if acc:
             writes += [self._micro.assign(0.0), self._reset.assign(-1.0)]
-        if self._detail is not None:
+        do_detail = self._detail is not None and self._rare_work is not False
+        do_hist = self._hist is not None and self._rare_work is not False
+        if do_detail:
             detail_due = tf.equal(tf.math.floormod(step + 1, self.detail_every), 0)
             writes.append(
-                tf.cond(
+                rare_cond(
                     detail_due,
                     lambda: self._write_detail(grads_in, slots, step, inv2),
                     lambda: tf.constant(False),
                 )
             )
-        if self._hist is not None:
+        if do_hist:
             hist_due = tf.equal(tf.math.floormod(step, self.hist_every), 0)  # as graddiag.torch
             writes.append(
-                tf.cond(
+                rare_cond(
                     hist_due,
                     lambda: self._write_hist(grads_in, slots, step, inv2),
                     lambda: tf.constant(False),
@@ -663,9 +686,9 @@ class GradientMonitor(MonitorAPI):
             done = self._count.assign_add(1)
         if self.read_back == "callback":  # "poll" decides on the host
             log_now = tf.equal(tf.math.floormod(done, self.every), 0)
-            if self._detail is not None:
+            if do_detail:
                 log_now = log_now | detail_due
-            if self._hist is not None:
+            if do_hist:
                 log_now = log_now | hist_due
             if self.nonfinite != "warn":
                 log_now = log_now | ~ok
@@ -673,14 +696,14 @@ class GradientMonitor(MonitorAPI):
                 # given an optimizer, the first read waits until it has updated (`apply`, a later
                 # read), so the core knows what it updates; unless this step must be reported first
                 if bool(log_now) and (
-                    self.core is not None
+                    self._host.core is not None
                     or self._optimizer is None
                     or not (self.nonfinite == "warn" or bool(ok))
                 ):
-                    self._fetch(int(done))
+                    self._fetch(int(done), later=True)
                 fetched = tf.constant(True)
             else:
-                fetched = tf.cond(
+                fetched = rare_cond(
                     log_now, lambda: self._host_read(done), lambda: tf.constant(False)
                 )
             if self.nonfinite == "raise":  # no update may run before the check
@@ -720,6 +743,8 @@ class GradientMonitor(MonitorAPI):
         )
 
     def _host_callback(self, done, *arrays):
+        # diagnosed here, in the step: handing it to the worker measured slower (the worker's
+        # Python contends for the GIL with the training loop's; docs/tensorflow.md)
         self._process(int(done), [a.numpy() for a in arrays])
         return True
 
@@ -739,13 +764,21 @@ class GradientMonitor(MonitorAPI):
             self._micro.assign_add(1.0)
 
     # ------------------------------------------------------------------ host side
-    def _fetch(self, steps_done: int) -> list[Finding]:
+    def _fetch(self, steps_done: int, later: bool = False) -> list[Finding]:
         """Read the buffer (one device read) and process the steps not yet seen."""
-        return self._process(steps_done, [v.numpy() for v in self._state()])
+        return self._process(steps_done, [v.numpy() for v in self._state()], later)
 
-    def _process(self, steps_done: int, arrays: list[np.ndarray]) -> list[Finding]:
+    def _process(
+        self, steps_done: int, arrays: list[np.ndarray], later: bool = False
+    ) -> list[Finding]:
         """Hand the rows of the steps not yet seen (and the detail, histogram and update rows of
-        their steps) to the host path."""
+        their steps) to the host path.
+
+        With `later` (under `nonfinite="warn"`), the host path diagnoses and logs them on its
+        background worker and this returns no findings: results read through the monitor wait
+        for the worker (`MonitorAPI._settled`). Otherwise (and always under "skip"/"raise", whose
+        non-finite steps are reported at once) it runs here, after the deferred work."""
+        host = self._host
         rows = arrays[0]
         state = {v.ref(): a for v, a in zip(self._state()[1:], arrays[1:], strict=True)}
 
@@ -766,13 +799,12 @@ class GradientMonitor(MonitorAPI):
                 first - 1,
                 self._capacity,
             )
-        if self.core is None:
+        if host.core is None:
             row = rows[first % self._capacity] if first < steps_done else None
             self._start(None if row is None else row[self._layout.sumsq] != _NO_GRAD)
-        trainable = self._host.trainable([getattr(v, "trainable", True) for v in self.variables])
-        new: list[Finding] = []
+        trainable = host.trainable([getattr(v, "trainable", True) for v in self.variables])
+        steps = []
         for step in range(first, steps_done):
-            self._fetched = step + 1  # before ingest: under nonfinite="raise" it raises
             extra = {"trainable": trainable}
             if self._ranks is not None:
                 replicas = _distribute.replicas_of(state[self._ranks.ref()][step % self._capacity])
@@ -786,9 +818,25 @@ class GradientMonitor(MonitorAPI):
             if step == update_step and update is not None:
                 extra["update"], update = update, None
                 self._ratio_done = step
-            new += self._host.ingest(step, rows[step % self._capacity], **extra)
-        self._fetched = steps_done
-        if update is not None and update_step < steps_done:  # the update came after its step's read
+            steps.append((step, np.array(rows[step % self._capacity]), extra))
+        late = None  # the update of a step read back before it (known only after its update)
+        if update is not None and update_step < steps_done:
             self._ratio_done = update_step
-            self._host.record_update(update_step, update)
+            late = update_step
+        new: list[Finding] = []
+        if later and self.nonfinite == "warn":
+            self._fetched = steps_done
+            if steps:
+                host.wait(self._ticket)  # at most one log step's work waits on the worker
+                self._ticket = host.ingest_later(steps).ticket
+            if late is not None:
+                self._ticket = host.defer(host.record_update, late, update)
+            return new
+        host.wait()  # the deferred steps first
+        for step, row, extra in steps:
+            self._fetched = step + 1  # before ingest: under nonfinite="raise" it raises
+            new += host.ingest(step, row, **extra)
+        self._fetched = steps_done
+        if late is not None:
+            host.record_update(late, update)
         return new
