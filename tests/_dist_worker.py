@@ -298,3 +298,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Results are on disk and the group is destroyed: leave without interpreter teardown, where
+    # a C++ thread left by gloo was once seen to abort the process ("terminate called without an
+    # active exception", 1 run in ~6, after every result was written) — not what these tests check.
+    sys.stdout.flush()
+    os._exit(0)
