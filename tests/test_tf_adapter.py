@@ -765,3 +765,21 @@ def test_skipped_step_is_not_clipped_and_records_no_clip_coef():
     first, skipped = mon.history
     assert first.clip_coef is not None and first.clip_coef < 1.0
     assert skipped.skipped and skipped.clip_coef is None
+
+
+def test_a_monitored_tape_logs_its_scalar_target_as_the_loss():
+    """The tape's target is the step's loss: logged with its step (as PyTorch's log_loss)."""
+    model = tf.keras.Sequential([tf.keras.Input((4,)), tf.keras.layers.Dense(1)])
+    opt = tf.keras.optimizers.SGD(0.1)
+    mon = GradientMonitor(model, every=1)
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(3):
+        x = tf.constant(rng.normal(size=(8, 4)), tf.float32)
+        with mon.tape() as tape:
+            loss = tf.reduce_mean(tf.square(model(x)))
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+        losses.append(float(loss))
+    mon.close()
+    assert [s.loss for s in mon.history] == pytest.approx(losses, rel=1e-6)

@@ -57,7 +57,12 @@ class MonitoredTape(tf.GradientTape):
         pick = [i for i, s in enumerate(flat_src) if key_of(s) in m._index]
         if not pick:
             return grads
-        clipped = m.step([flat_g[i] for i in pick], [flat_src[i] for i in pick])
+        # a scalar target is the step's loss (logged, and read by the divergence detector), as
+        # `GradientMonitor.log_loss` gives it in PyTorch; a loss-scaled target is not the loss
+        loss = None
+        if m.loss_scale is None and tf.is_tensor(target) and target.shape.rank == 0:
+            loss = tf.stop_gradient(target)
+        clipped = m.step([flat_g[i] for i in pick], [flat_src[i] for i in pick], loss)
         for i, g in zip(pick, clipped, strict=True):
             flat_g[i] = g
         if single:
