@@ -705,7 +705,7 @@ for _ in range(23):
     with mon.tape() as tape:
         loss = tf.reduce_mean(model(x) ** 2)
     grads = tape.gradient(loss, model.trainable_variables)
-    opt.apply_gradients(zip(grads, model.trainable_variables))
+    opt.apply_gradients(zip(grads, model.trainable_variables, strict=True))
 """  # no close(): the exit hook must read back and log the unread steps
 
 
@@ -779,7 +779,7 @@ def test_a_monitored_tape_logs_its_scalar_target_as_the_loss():
         with mon.tape() as tape:
             loss = tf.reduce_mean(tf.square(model(x)))
         grads = tape.gradient(loss, model.trainable_variables)
-        opt.apply_gradients(zip(grads, model.trainable_variables))
+        opt.apply_gradients(zip(grads, model.trainable_variables, strict=True))
         losses.append(float(loss))
     mon.close()
     assert [s.loss for s in mon.history] == pytest.approx(losses, rel=1e-6)
