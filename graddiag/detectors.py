@@ -20,7 +20,7 @@ import copy
 import math
 import statistics
 import warnings
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -209,6 +209,12 @@ class Detector:
 
     def update(self, stats: StepStats) -> list[Finding]:
         raise NotImplementedError
+
+    def update_block(self, block: Sequence[StepStats]) -> list[list[Finding]]:
+        """`update` over consecutive steps: each step's new findings. Detectors whose per-step
+        work is vectorisable over steps override this; the result, the amendments and the state
+        afterwards are those of calling `update` on each step in turn."""
+        return [self.update(s) for s in block]
 
     def finalize(self, step: int) -> list[Finding]:
         """End of run: complete the findings of episodes still open."""
@@ -1388,6 +1394,19 @@ class Diagnoser:
         self._amend()
         self.last_step = max(self.last_step, stats.step)
         return new
+
+    def update_block(self, block: Sequence[StepStats]) -> list[list[Finding]]:
+        """`update` over consecutive steps at once (what a log step reads back): each step's new
+        findings, in the order and with the state `update` step by step would give."""
+        if not block:
+            return []
+        per_detector = [d.update_block(block) for d in self.detectors]
+        out = [[f for found in per_detector for f in found[k]] for k in range(len(block))]
+        for new in out:
+            self.findings.extend(new)
+        self._amend()
+        self.last_step = max(self.last_step, max(s.step for s in block))
+        return out
 
     def finalize(self) -> list[Finding]:
         """End of run: summaries, and the durations of episodes still open."""
