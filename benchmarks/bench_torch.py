@@ -82,14 +82,14 @@ def variants(max_norm, tmp):
 
         return {"writer": SummaryWriter(tempfile.mkdtemp(dir=tmp)), "step": 0}
 
-    def setup_gd(every, background=True):
+    def setup_gd(every, background=True, clip=True):
         def s(model, opt):  # manual mode, so the added call can be timed on its own
             mon = GradientMonitor(
                 model,
                 None,
                 logdir=tempfile.mkdtemp(dir=tmp),
                 every=every,
-                clip=GlobalNormClip(max_norm),
+                clip=GlobalNormClip(max_norm) if clip else None,
             )
             mon._host.background = background  # False: the host work in the training thread
             return {"mon": mon}
@@ -131,6 +131,11 @@ def variants(max_norm, tmp):
         "graddiag every step (stats+NaN+clip+log)": (setup_gd(1), gd_step),
         "graddiag every=10 (default)": (setup_gd(10), gd_step),
         "graddiag every step, host work inline": (setup_gd(1, False), gd_step),
+        "graddiag diagnosis only (defaults: no clipping), every=10": (
+            setup_gd(10, clip=False),
+            gd_step,
+        ),
+        "graddiag diagnosis only (no clipping), every step": (setup_gd(1, clip=False), gd_step),
         "graddiag every=10, host work inline": (setup_gd(10, False), gd_step),
         **before,
     }

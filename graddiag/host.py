@@ -77,6 +77,60 @@ class RowLayout:
             row[self.layer_coef] = 1.0
         return row
 
+    def decode_block(
+        self,
+        steps: Sequence[int],
+        rows: np.ndarray,
+        layer_of: np.ndarray,
+        known: Sequence[dict[str, Any]],
+    ) -> tuple[list[StepStats], np.ndarray, np.ndarray]:
+        """`decode` of consecutive rows at once (a log step's read-back), vectorised over rows:
+        each row's `StepStats`, and per row which parameters had a gradient and their sums of
+        squares (zero where none). `known[k]` is row k's `known` (it is consumed)."""
+        r = np.asarray(rows, dtype=np.float64).reshape(len(steps), self.width)
+        n, P, L = len(steps), self.n_params, self.n_layers
+        sumsq = r[:, self.sumsq]
+        has = np.empty((n, P), dtype=bool)
+        for k, kw in enumerate(known):
+            h = kw.pop("has", None)
+            has[k] = sumsq[k] != self.NO_GRAD if h is None else h
+        sq = np.where(has, sumsq, 0.0)
+        # per (row, layer) sums by bincount: a NaN stays in its own layer (a matmul would spread it)
+        cell = (np.arange(n)[:, None] * L + layer_of[None, :]).ravel()
+        size = n * L
+        norms = np.sqrt(np.bincount(cell, weights=sq.ravel(), minlength=size)).reshape(n, L)
+        bad = np.bincount(
+            cell, weights=(has & ~np.isfinite(sumsq)).ravel().astype(np.float64), minlength=size
+        ).reshape(n, L)
+        layer_has = (
+            np.bincount(cell, weights=has.ravel().astype(np.float64), minlength=size).reshape(n, L)
+            > 0
+        )
+        gnorm = np.sqrt(sq.sum(axis=1)).tolist()
+        c = {name: r[:, i].tolist() for name, i in self.col.items()}
+        coefs = None if self.layer_coef is None else r[:, self.layer_coef].copy()
+        out = []
+        for k, step in enumerate(steps):
+            clip = c["clip_coef"][k]
+            reset, calls = c["grad_reset"][k], c["backward_calls"][k]
+            stats = StepStats(
+                step=step,
+                grad_norm=norms[k],
+                has_grad=layer_has[k],
+                nonfinite=bad[k],
+                global_norm=gnorm[k],
+                clip_coef=None if clip < 0 else clip,
+                layer_clip_coef=None if coefs is None or clip < 0 else coefs[k],
+                grad_reset=None if reset < 0 else bool(reset),
+                backward_calls=None if calls <= 0 else int(calls),
+                skipped=c["skipped"][k] > 0,
+                loss=c["loss"][k] if c["has_loss"][k] > 0 else None,
+            )
+            for name, value in known[k].items():
+                setattr(stats, name, value)
+            out.append(stats)
+        return out, has, sq
+
     def decode(
         self, step: int, row: np.ndarray, layer_of: np.ndarray, **known: Any
     ) -> tuple[StepStats, np.ndarray, np.ndarray]:
@@ -85,32 +139,12 @@ class RowLayout:
         `known` holds what the adapter knows on the host already (`has`: which parameters got a
         gradient; any `StepStats` field, e.g. `grad_reset`) and overrides the row's column of the
         same name."""
-        r = np.asarray(row, dtype=np.float64)
-        sumsq = r[self.sumsq]
-        has = known.pop("has", None)
-        has = sumsq != self.NO_GRAD if has is None else np.asarray(has, dtype=bool)
-        norms, layer_has, bad, gnorm = aggregate_layers(
-            np.where(has, sumsq, 0.0), has, layer_of, self.n_layers
-        )
-        c = {name: r[i] for name, i in self.col.items()}
-        stats = StepStats(
-            step=step,
-            grad_norm=norms,
-            has_grad=layer_has,
-            nonfinite=bad,
-            global_norm=gnorm,
-            clip_coef=None if c["clip_coef"] < 0 else float(c["clip_coef"]),
-            layer_clip_coef=None if self.layer_coef is None else r[self.layer_coef].copy(),
-            grad_reset=None if c["grad_reset"] < 0 else bool(c["grad_reset"]),
-            backward_calls=None if c["backward_calls"] <= 0 else int(c["backward_calls"]),
-            skipped=bool(c["skipped"] > 0),
-            loss=float(c["loss"]) if c["has_loss"] > 0 else None,
-        )
-        if stats.clip_coef is None:
-            stats.layer_clip_coef = None
-        for name, value in known.items():
-            setattr(stats, name, value)
-        return stats, has, np.where(has, sumsq, 0.0)
+        (stats,), has, sumsq = self.decode_block([step], np.asarray(row)[None], layer_of, [known])
+        return stats, has[0], sumsq[0]
+
+
+#: `ingest` keywords that are not `StepStats` fields (a step's own extra rows)
+_ROW_EXTRAS = frozenset({"detail", "hist", "update"})
 
 
 class HostPath:
@@ -225,11 +259,13 @@ class HostPath:
         out = Deferred(self)
 
         def job() -> None:
-            for step, row, kw in steps:
-                try:
-                    out.findings += self.ingest(step, row, **kw)
-                except NonFiniteGradientError as e:
-                    out.findings.append(e.finding)
+            rest = list(steps)
+            while rest:  # under "raise", each non-finite step ends a block
+                new, done, error = self._ingest_block(rest)
+                out.findings += new
+                if error is not None and error.finding not in new:
+                    out.findings.append(error.finding)
+                rest = rest[done:]
             for f in also:
                 self.core.add_finding(f)
             out.findings += also
@@ -277,21 +313,58 @@ class HostPath:
             The step's new findings. Under `nonfinite="raise"` a non-finite step raises
             `NonFiniteGradientError` (after it was logged).
         """
-        core = self.core
-        stats, has, sumsq = self.layout.decode(step, row, self.layer_of, **known)
-        self.last_param_norms = dict(zip(self.param_names, np.sqrt(sumsq).tolist(), strict=True))
-        if detail is not None:
-            self._attach_detail(stats, np.asarray(detail, dtype=np.float64), has)
-        if update is not None:
-            stats.update_ratio = self.update_ratio(update)
-        new = core.process(stats)
-        if hist is not None:
-            core.write_histograms(step, np.asarray(hist, dtype=np.float64), stats.has_grad)
-        if self.settings.nonfinite == "raise" and stats.any_nonfinite:
-            bad = [f for f in new if f.kind == "nonfinite"] or [self._nonfinite_finding(stats)]
-            self.error = NonFiniteGradientError(bad[0])
-            raise self.error
+        return self.ingest_block(
+            [(step, row, {"detail": detail, "hist": hist, "update": update, **known})]
+        )
+
+    def ingest_block(
+        self, steps: Sequence[tuple[int, np.ndarray, dict[str, Any]]]
+    ) -> list[Finding]:
+        """`ingest` each `(step, row, keywords)` of consecutive steps, vectorised over them
+        (decoding, detectors): what a log step reads back. The same results as `ingest` step by
+        step: under `nonfinite="raise"` the first non-finite step raises after it was logged,
+        and the steps after it are not ingested."""
+        new, _, error = self._ingest_block(steps)
+        if error is not None:
+            raise error
         return new
+
+    def _ingest_block(
+        self, steps: Sequence[tuple[int, np.ndarray, dict[str, Any]]]
+    ) -> tuple[list[Finding], int, NonFiniteGradientError | None]:
+        """`ingest_block` without raising: the findings, how many steps were ingested, and the
+        error a non-finite step makes under `nonfinite="raise"` (also kept in `self.error`)."""
+        if not steps:
+            return [], 0, None
+        core = self.core
+        known = [{k: v for k, v in kw.items() if k not in _ROW_EXTRAS} for _, _, kw in steps]
+        rows = np.stack([np.asarray(row) for _, row, _ in steps])
+        block, has, sumsq = self.layout.decode_block(
+            [step for step, _, _ in steps], rows, self.layer_of, known
+        )
+        for stats, (_, _, kw), h in zip(block, steps, has, strict=True):
+            if kw.get("detail") is not None:
+                self._attach_detail(stats, np.asarray(kw["detail"], dtype=np.float64), h)
+            if kw.get("update") is not None:
+                stats.update_ratio = self.update_ratio(kw["update"])
+        raising = self.settings.nonfinite == "raise"
+        if raising:  # the steps after the first non-finite one are not ingested
+            first = next((k for k, st in enumerate(block) if st.any_nonfinite), len(block) - 1)
+            block = block[: first + 1]
+        self.last_param_norms = dict(
+            zip(self.param_names, np.sqrt(sumsq[len(block) - 1]).tolist(), strict=True)
+        )
+        per_step = core.process_block(block)
+        for stats, (_, _, kw) in zip(block, steps, strict=False):
+            if kw.get("hist") is not None:
+                hist = np.asarray(kw["hist"], dtype=np.float64)
+                core.write_histograms(stats.step, hist, stats.has_grad)
+        new = [f for found in per_step for f in found]
+        if not (raising and block[-1].any_nonfinite):
+            return new, len(block), None
+        bad = [f for f in per_step[-1] if f.kind == "nonfinite"]
+        self.error = NonFiniteGradientError(bad[0] if bad else self._nonfinite_finding(block[-1]))
+        return new, len(block), self.error
 
     def _nonfinite_finding(self, stats: StepStats) -> Finding:
         """A finding for a non-finite step the (edge-triggered) detectors did not report anew."""

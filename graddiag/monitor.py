@@ -360,6 +360,18 @@ class MonitorCore:
             self._emit(stats.step, new)
         return new
 
+    def process_block(self, block: list[StepStats]) -> list[list[Finding]]:
+        """`process` over consecutive steps at once: each step's new findings."""
+        per_step = self.diagnoser.update_block(block)
+        self.history.extend(block)
+        if self.sink is not None:
+            for stats, new in zip(block, per_step, strict=True):
+                self.sink.write_step(stats, len(new))
+        for stats, new in zip(block, per_step, strict=True):
+            if new:
+                self._emit(stats.step, new)
+        return per_step
+
     def add_finding(self, finding: Finding) -> None:
         """Record and log a finding an adapter made itself (not a detector's)."""
         self.diagnoser.findings.append(finding)

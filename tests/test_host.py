@@ -209,3 +209,118 @@ def test_imprecise_marks_overflow_and_underflow_of_float32_sums_only():
         False,  # measured exactly already
         False,  # no gradient
     ]
+
+
+# ------------------------------------------------------------------ blocks of steps
+def _random_steps(layout: RowLayout, rng, n: int, bad_at: frozenset = frozenset()):
+    """`(step, row, keywords)` of `n` steps: float32 sums over 1e-12..1e6, a parameter without a
+    gradient now and then, a NaN on the steps in `bad_at`, loss on some steps, detail on one."""
+    steps = []
+    for t in range(n):
+        sumsq = (10.0 ** rng.uniform(-12, 6, layout.n_params)).astype(np.float32)
+        if rng.uniform() < 0.2:
+            sumsq[rng.integers(layout.n_params)] = RowLayout.NO_GRAD
+        if t in bad_at:
+            sumsq[rng.integers(layout.n_params)] = np.nan
+        scalars = {"clip_coef": rng.choice([-1.0, 1.0, rng.uniform()])}
+        if rng.uniform() < 0.5:
+            scalars.update(has_loss=1.0, loss=rng.uniform(0, 3))
+        kw = {"grad_reset": bool(rng.uniform() < 0.9), "trainable": np.ones(2, bool)}
+        if t == 3:
+            kw["detail"] = np.stack(
+                [rng.uniform(0, 1, 3), np.array([6.0, 2.0, 4.0]), *np.zeros((2, 3))]
+                + [rng.uniform(1, 2, 3)]
+            )
+            kw["update"] = rng.uniform(0.1, 1.0, (2, 3))
+        steps.append((t, row(layout, sumsq, **scalars), kw))
+    return steps
+
+
+def _assert_same_stats(a, b) -> None:
+    """Two `StepStats` hold the same values (NaN where the other has NaN)."""
+    assert vars(a).keys() == vars(b).keys()
+    for name, x in vars(a).items():
+        y = getattr(b, name)
+        if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
+            np.testing.assert_array_equal(x, y, err_msg=name)
+        elif isinstance(x, float) and math.isnan(x):
+            assert isinstance(y, float) and math.isnan(y), name
+        else:
+            assert x == y and type(x) is type(y), (name, x, y)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_decode_block_by_hand_row_by_row(seed):
+    """Vectorised decoding of a log step's rows: each row's layer norms, NaN marks and global norm
+    are `aggregate_layers` of that row alone (a NaN stays in its own layer and row), its scalars
+    are its own columns, and known values override the row."""
+    from graddiag.stats import aggregate_layers
+
+    rng = np.random.default_rng(seed)
+    lay = RowLayout(3, 2, layer_coef=bool(seed % 2))
+    steps = _random_steps(lay, rng, 12, bad_at=frozenset({2, 7}))
+    rows = np.stack([r for _, r, _ in steps])
+    has_in = [r[:3] != RowLayout.NO_GRAD for _, r, _ in steps]
+    known = [{"has": h, "grad_reset": kw["grad_reset"]} for h, (_, _, kw) in zip(has_in, steps)]
+    block, has, sumsq = lay.decode_block(list(range(12)), rows, LAYER_OF, known)
+    assert sum(s.any_nonfinite for s in block) == 2 and block[2].any_nonfinite
+    for k, (step, r, kw) in enumerate(steps):
+        sq = np.where(has_in[k], r[:3].astype(np.float64), 0.0)
+        norms, layer_has, bad, gnorm = aggregate_layers(sq, has_in[k], LAYER_OF, 2)
+        s = block[k]
+        assert s.step == step and has[k].tolist() == has_in[k].tolist()
+        np.testing.assert_array_equal(sumsq[k], sq)
+        np.testing.assert_array_equal(s.grad_norm, norms)
+        np.testing.assert_array_equal(s.nonfinite, bad)
+        assert s.has_grad.tolist() == layer_has.tolist()
+        assert s.global_norm == gnorm or (math.isnan(gnorm) and math.isnan(s.global_norm))
+        coef = float(r[lay.col["clip_coef"]])
+        assert s.clip_coef == (None if coef < 0 else coef)
+        assert (s.layer_clip_coef is None) == (coef < 0 or lay.layer_coef is None)
+        loss = float(r[lay.col["loss"]]) if r[lay.col["has_loss"]] > 0 else None
+        assert s.loss == loss and s.grad_reset is kw["grad_reset"]
+        _assert_same_stats(
+            s, lay.decode(step, r, LAYER_OF, has=has_in[k], grad_reset=kw["grad_reset"])[0]
+        )
+
+
+@pytest.mark.parametrize("nonfinite", ["warn", "raise"])
+def test_ingest_block_equals_ingest_step_by_step(tmp_path, nonfinite):
+    """A block of steps ingested at once (what a log step reads back) gives the findings, history
+    and logged events of ingesting them one by one; under "raise" both stop after the first
+    non-finite step, raising the same error."""
+    from graddiag.reader import read
+
+    rng = np.random.default_rng(7)
+    lay = RowLayout(3, 2)
+    steps = _random_steps(lay, rng, 30, bad_at=frozenset({17, 18}))
+    results = []
+    for mode in ("steps", "block"):
+        h = host(logdir=str(tmp_path / mode), nonfinite=nonfinite, flush_secs=0)
+        h.background = False
+        error = None
+        try:
+            if mode == "steps":
+                for step, r, kw in steps:
+                    h.ingest(step, r, **kw)
+            else:
+                h.ingest_block(steps)
+        except NonFiniteGradientError as e:
+            error = e.finding
+        h.close()
+        hist = list(h.core.history)
+        df = read(str(tmp_path / mode)).drop(columns=["run", "wall_time"], errors="ignore")
+        results.append((h.core.findings, hist, error, df))
+    (f1, h1, e1, s1), (f2, h2, e2, s2) = results
+    assert f1 == f2 and e1 == e2
+    assert len(h1) == len(h2) == (30 if nonfinite == "warn" else 18)
+    for a, b in zip(h1, h2, strict=True):
+        _assert_same_stats(a, b)
+    assert any(f.kind == "nonfinite" and f.step == 17 for f in f1)  # the test is not vacuous
+    import pandas as pd
+
+    keys = [c for c in s1.columns if c != "value"]
+    pd.testing.assert_frame_equal(
+        s1.sort_values(keys).reset_index(drop=True), s2.sort_values(keys).reset_index(drop=True)
+    )
+    assert len(s1) >= 5 * len(h1)  # every step logged its scalars

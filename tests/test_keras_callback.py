@@ -258,13 +258,13 @@ def test_warn_mode_diagnoses_log_steps_on_the_worker_thread(monkeypatch):
     from graddiag.host import HostPath
 
     threads = []
-    real = HostPath.ingest
+    real = HostPath._ingest_block
 
-    def ingest(self, step, row, **kw):
-        threads.append(threading.current_thread().name)
-        return real(self, step, row, **kw)
+    def ingest(self, steps):  # one thread name per step ingested
+        threads.extend([threading.current_thread().name] * len(steps))
+        return real(self, steps)
 
-    monkeypatch.setattr(HostPath, "ingest", ingest)
+    monkeypatch.setattr(HostPath, "_ingest_block", ingest)
     model, x, y = model_and_data()
     cb = GradDiagCallback(every=2, detectors=NO_SPIKE, print_summary=False)
     model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[cb])

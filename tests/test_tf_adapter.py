@@ -177,13 +177,13 @@ def test_eager_log_steps_are_diagnosed_on_the_worker_under_warn_only(monkeypatch
     from graddiag.host import HostPath
 
     threads = []
-    real = HostPath.ingest
+    real = HostPath._ingest_block
 
-    def ingest(self, step, row, **kw):
-        threads.append(threading.current_thread().name)
-        return real(self, step, row, **kw)
+    def ingest(self, steps):  # one thread name per step ingested
+        threads.extend([threading.current_thread().name] * len(steps))
+        return real(self, steps)
 
-    monkeypatch.setattr(HostPath, "ingest", ingest)
+    monkeypatch.setattr(HostPath, "_ingest_block", ingest)
     model = mlp()
     x, y = batch()
     mon = GradientMonitor(model, every=5, detectors=NO_SPIKE, nonfinite=nonfinite)

@@ -833,9 +833,11 @@ class GradientMonitor(MonitorAPI):
                 self._ticket = host.defer(host.record_update, late, update)
             return new
         host.wait()  # the deferred steps first
-        for step, row, extra in steps:
-            self._fetched = step + 1  # before ingest: under nonfinite="raise" it raises
-            new += host.ingest(step, row, **extra)
+        found, done, error = host._ingest_block(steps)
+        new += found
+        if error is not None:  # nonfinite="raise": the steps after it were not ingested
+            self._fetched = steps[done - 1][0] + 1
+            raise error
         self._fetched = steps_done
         if late is not None:
             host.record_update(late, update)

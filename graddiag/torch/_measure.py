@@ -212,13 +212,12 @@ def histogram_rows(
     values = [v for vs in layer_vals for v in vs]
     if not values and agree is None:
         return None
-    ranges = (
-        torch.stack([torch.stack(torch.aminmax(v)).float() for v in values])
-        .double()
-        .numpy(force=True)
-        if values
-        else np.zeros((0, 2))
-    )
+    if values:  # one aminmax per tensor, one stack, one read
+        mm = [torch.aminmax(v) for v in values]
+        ranges = torch.stack([t for pair in mm for t in pair]).double().numpy(force=True)
+        ranges = ranges.reshape(-1, 2)
+    else:
+        ranges = np.zeros((0, 2))
     lo, hi = np.full(n_layers, np.inf), np.full(n_layers, -np.inf)  # of the finite values
     finite = np.ones(n_layers, dtype=bool)
     k = 0
@@ -240,36 +239,38 @@ def histogram_rows(
     empty = lo > hi  # no finite value anywhere
     lo, hi = np.where(empty, 0.0, lo), np.where(empty, 0.0, hi)
     hi = np.where(hi > lo, hi, lo + 1e-12)
-    rows, where = [], []
-    zero = torch.zeros((), device=device)
+    # finite layers (the common case): a layer's tensors as one (a copy when it has several),
+    # then one histc, one sum and one dot; rows stacked and read once. A layer with NaN/Inf masks
+    # them out (rare).
+    cells: list[torch.Tensor] = []  # per layer with values: counts, sum, sum of squares
+    counted: list[torch.Tensor] = []  # per layer with NaN/Inf: num, nan, inf
+    where, where_bad = [], []
     for li, vs in enumerate(layer_vals):
         if not vs:
             continue
-        if finite[li]:  # no NaN/Inf: histogram each tensor in place
-            counts = sum(
-                torch.histc(v, bins=bins, min=float(lo[li]), max=float(hi[li])) for v in vs
-            )
-            moments = torch.stack([sum(v.sum() for v in vs), sum(torch.dot(v, v) for v in vs)])
-            num = torch.tensor(float(sum(v.numel() for v in vs)), device=device)
-            nan = inf = zero
-        else:  # rare: mask the non-finite values out
-            v = torch.cat(vs)
+        v = vs[0] if len(vs) == 1 else torch.cat(vs)
+        if not finite[li]:
             fin = torch.isfinite(v)
-            vals = v[fin]
             nan = torch.isnan(v).sum()
-            inf = (~fin).sum() - nan
-            num = fin.sum()
-            counts = torch.histc(vals, bins=bins, min=float(lo[li]), max=float(hi[li]))
-            moments = torch.stack([vals.sum(), (vals * vals).sum()])
-        rows.append(
-            torch.cat(
-                [counts.float(), moments.float().reshape(2), torch.stack([num, nan, inf]).float()]
-            )
-        )
+            counted.append(torch.stack([fin.sum(), nan, (~fin).sum() - nan]))
+            where_bad.append(li)
+            v = v[fin]
+        cells += [torch.histc(v, bins=bins, min=float(lo[li]), max=float(hi[li])), v.sum()]
+        cells.append(torch.dot(v, v))
         where.append(li)
     local = np.zeros((n_layers, bins + 6))  # counts, sum, sum_squares, num, nan, inf, has
-    if rows:
-        local[where, : bins + 5] = torch.stack(rows).double().numpy(force=True)
+    if where:
+        flat_cells = [c.float().reshape(-1) for c in cells] + [
+            c.float() for c in counted
+        ]  # one read for all layers
+        host = torch.cat(flat_cells).double().numpy(force=True)
+        k = len(where)
+        local[where, : bins + 2] = host[: k * (bins + 2)].reshape(k, bins + 2)
+        local[where, bins + 2] = [
+            sum(v.numel() for v in layer_vals[li]) for li in where
+        ]  # finite layers: every value counted
+        if where_bad:
+            local[where_bad, bins + 2 : bins + 5] = host[k * (bins + 2) :].reshape(-1, 3)
         local[where, bins + 5] = 1.0
     if total is not None:
         local = total(local)

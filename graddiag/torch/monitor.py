@@ -751,9 +751,7 @@ class GradientMonitor(MonitorAPI):
         if later:
             return host.ingest_later(steps, also=extra)
         host.wait()  # the steps before these first
-        new: list[Finding] = []
-        for step, row, kw in steps:
-            new += host.ingest(step, row, **kw)
+        new = host.ingest_block(steps)
         for f in extra:
             host.core.add_finding(f)
         return new + extra
