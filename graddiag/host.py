@@ -27,7 +27,6 @@ from graddiag.stats import (
     ModelInfo,
     StepStats,
     aggregate_detail,
-    aggregate_layers,
     aggregate_update_ratio,
 )
 

@@ -14,7 +14,7 @@ import signal
 import threading
 import weakref
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,6 +154,31 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+#: the optional step scalars of a plain step, in `write_step`'s order after grad_norm,
+#: nonfinite and findings (skipped is written only when True: never on a plain step)
+_PLAIN_SCALARS = ("clip_coef", "grad_reset", "backward_calls", "grads_modified", "loss")
+
+
+def _plain_signature(s: StepStats) -> tuple[bool, ...] | None:
+    """Which of `_PLAIN_SCALARS` and per-layer clip coefficients a plain step carries (None: not
+    a plain step; see `TensorBoardSink.write_block`)."""
+    if (
+        s.skipped
+        or s.nonfinite_origin
+        or s.nonfinite_ranks is not None
+        or s.grad_max is not None
+        or s.zero_frac is not None
+        or s.param_norm is not None
+        or s.update_ratio is not None
+        or s.nan_count is not None
+        or s.inf_count is not None
+        or not s.has_grad.all()
+        or s.nonfinite.any()
+    ):
+        return None
+    return tuple(getattr(s, stat) is not None for stat in (*_PLAIN_SCALARS, "layer_clip_coef"))
+
+
 class TensorBoardSink:
     """Writes `StepStats` and findings as TensorBoard events, one event per step for all scalars."""
 
@@ -192,8 +217,40 @@ class TensorBoardSink:
             0, tags.MODEL, json.dumps(dict(run_meta), sort_keys=True, default=str), header=True
         )
 
-    def write_step(self, s: StepStats, n_findings: int) -> None:
-        """All scalars of one step, as one event."""
+    def write_block(self, block: Sequence[StepStats], n_findings: Sequence[int]) -> None:
+        """`write_step` for consecutive steps. Runs of plain steps (every layer has a gradient,
+        all finite, no detail statistics, no text) that carry the same scalars share one layout:
+        their values are gathered for the whole run at once."""
+        k, n = 0, len(block)
+        while k < n:
+            s = block[k]
+            sig = _plain_signature(s)
+            if sig is None:
+                self.write_step(s, n_findings[k])
+                k += 1
+                continue
+            end = k + 1
+            while end < n and _plain_signature(block[end]) == sig:
+                end += 1
+            run = block[k:end]
+            tag_tuple = self.write_step(s, n_findings[k])  # the run's layout, and its first event
+            if end - k > 1:
+                cols = [[st.global_norm for st in run[1:]], [0.0] * (end - k - 1)]
+                cols.append([float(c) for c in n_findings[k + 1 : end]])
+                for stat, present in zip(_PLAIN_SCALARS, sig, strict=False):
+                    if present:
+                        cols.append([float(getattr(st, stat)) for st in run[1:]])
+                values = [np.asarray(cols, dtype=np.float64).T]
+                values.append(np.stack([st.grad_norm for st in run[1:]]))
+                if sig[-1]:
+                    values.append(np.stack([st.layer_clip_coef for st in run[1:]]))
+                rows = np.concatenate(values, axis=1)
+                for st, row in zip(run[1:], rows, strict=True):
+                    self.writer.add_scalars(st.step, tag_tuple, row)
+            k = end
+
+    def write_step(self, s: StepStats, n_findings: int) -> tuple[str, ...]:
+        """All scalars of one step, as one event; returns their tags."""
         gnames: list[str] = []
         gvals: list[float] = []
         for stat, value in (
@@ -255,6 +312,7 @@ class TensorBoardSink:
         if s.nonfinite_ranks is not None:
             text = ",".join(map(str, s.nonfinite_ranks)) or "-"
             self.writer.add_text(s.step, tags.NONFINITE_RANKS, text)
+        return tag_tuple
 
     def show_charts(self, stats: set[tuple[str, bool]], step: int) -> None:
         """Note the ``(stat, per_layer)`` pairs written at `step`; when one is new, write the
@@ -365,8 +423,7 @@ class MonitorCore:
         per_step = self.diagnoser.update_block(block)
         self.history.extend(block)
         if self.sink is not None:
-            for stats, new in zip(block, per_step, strict=True):
-                self.sink.write_step(stats, len(new))
+            self.sink.write_block(block, [len(new) for new in per_step])
         for stats, new in zip(block, per_step, strict=True):
             if new:
                 self._emit(stats.step, new)

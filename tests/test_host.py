@@ -212,18 +212,21 @@ def test_imprecise_marks_overflow_and_underflow_of_float32_sums_only():
 
 
 # ------------------------------------------------------------------ blocks of steps
-def _random_steps(layout: RowLayout, rng, n: int, bad_at: frozenset = frozenset()):
+def _random_steps(
+    layout: RowLayout, rng, n: int, bad_at: frozenset = frozenset(), plain: bool = False
+):
     """`(step, row, keywords)` of `n` steps: float32 sums over 1e-12..1e6, a parameter without a
-    gradient now and then, a NaN on the steps in `bad_at`, loss on some steps, detail on one."""
+    gradient now and then, a NaN on the steps in `bad_at`, loss on some steps, detail on one;
+    `plain`: every parameter has a gradient and every step a loss and a clip coefficient."""
     steps = []
     for t in range(n):
         sumsq = (10.0 ** rng.uniform(-12, 6, layout.n_params)).astype(np.float32)
-        if rng.uniform() < 0.2:
+        if rng.uniform() < 0.2 and not plain:
             sumsq[rng.integers(layout.n_params)] = RowLayout.NO_GRAD
         if t in bad_at:
             sumsq[rng.integers(layout.n_params)] = np.nan
-        scalars = {"clip_coef": rng.choice([-1.0, 1.0, rng.uniform()])}
-        if rng.uniform() < 0.5:
+        scalars = {"clip_coef": rng.uniform() if plain else rng.choice([-1.0, 1.0, rng.uniform()])}
+        if plain or rng.uniform() < 0.5:
             scalars.update(has_loss=1.0, loss=rng.uniform(0, 3))
         kw = {"grad_reset": bool(rng.uniform() < 0.9), "trainable": np.ones(2, bool)}
         if t == 3:
@@ -261,7 +264,10 @@ def test_decode_block_by_hand_row_by_row(seed):
     steps = _random_steps(lay, rng, 12, bad_at=frozenset({2, 7}))
     rows = np.stack([r for _, r, _ in steps])
     has_in = [r[:3] != RowLayout.NO_GRAD for _, r, _ in steps]
-    known = [{"has": h, "grad_reset": kw["grad_reset"]} for h, (_, _, kw) in zip(has_in, steps)]
+    known = [
+        {"has": h, "grad_reset": kw["grad_reset"]}
+        for h, (_, _, kw) in zip(has_in, steps, strict=True)
+    ]
     block, has, sumsq = lay.decode_block(list(range(12)), rows, LAYER_OF, known)
     assert sum(s.any_nonfinite for s in block) == 2 and block[2].any_nonfinite
     for k, (step, r, kw) in enumerate(steps):
@@ -284,8 +290,8 @@ def test_decode_block_by_hand_row_by_row(seed):
         )
 
 
-@pytest.mark.parametrize("nonfinite", ["warn", "raise"])
-def test_ingest_block_equals_ingest_step_by_step(tmp_path, nonfinite):
+@pytest.mark.parametrize("nonfinite, plain", [("warn", False), ("raise", False), ("warn", True)])
+def test_ingest_block_equals_ingest_step_by_step(tmp_path, nonfinite, plain):
     """A block of steps ingested at once (what a log step reads back) gives the findings, history
     and logged events of ingesting them one by one; under "raise" both stop after the first
     non-finite step, raising the same error."""
@@ -293,7 +299,7 @@ def test_ingest_block_equals_ingest_step_by_step(tmp_path, nonfinite):
 
     rng = np.random.default_rng(7)
     lay = RowLayout(3, 2)
-    steps = _random_steps(lay, rng, 30, bad_at=frozenset({17, 18}))
+    steps = _random_steps(lay, rng, 30, bad_at=frozenset({17, 18}), plain=plain)
     results = []
     for mode in ("steps", "block"):
         h = host(logdir=str(tmp_path / mode), nonfinite=nonfinite, flush_secs=0)
