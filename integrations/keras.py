@@ -6,6 +6,9 @@ sets an `apply` attribute on the optimizer *instance* that passes the gradients 
 a train function traced with it (traced once per callback and model: a later `fit` with the same
 callback reuses it, so only the first `fit` pays the trace and XLA compilation); `on_train_end`
 deletes the attribute (the class method is back) and puts the model's plain train function back.
+The step's loss is the one Keras' train step hands the optimizer's `scale_loss` (wrapped the same
+way, for the duration of `fit`): logged as `graddiag/global/loss` and watched by the divergence
+detector, as in a custom loop.
 The optimizer's class, config and variables never change, so `model.save`/`keras.models.load_model`
 see a plain model, during and after the run.
 
@@ -31,6 +34,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import keras
+import tensorflow as tf
 
 from graddiag.findings import Finding
 from graddiag.settings import Settings
@@ -167,18 +171,27 @@ class GradDiagCallback(keras.callbacks.Callback):
         original = type(optimizer).apply.__get__(optimizer)
         skip = self._kwargs["nonfinite"] == "skip" and not lso  # a LossScaleOptimizer skips itself
 
+        original_scale = type(optimizer).scale_loss.__get__(optimizer)
+        losses: list = []  # the loss Keras' train step hands `scale_loss` before `apply`
+
+        def scale_loss(loss):
+            losses[:] = [loss]
+            return original_scale(loss)
+
         def apply(grads, trainable_variables=None):
             variables = list(
                 trainable_variables
                 if trainable_variables is not None
                 else model.trainable_variables
             )
-            grads = monitor.step(list(grads), variables)
+            loss = losses.pop() if losses else None
+            grads = monitor.step(list(grads), variables, loss=loss if _same_trace(loss) else None)
             return monitor._update_vars(
                 optimizer, variables, lambda: original(grads, variables), skip=skip
             )
 
         optimizer.apply = apply
+        optimizer.scale_loss = scale_loss
         self._optimizer = optimizer
         if self._traced is None or model.train_function is not self._traced[1]:
             self._plain = model.train_function  # (not ours: a fit that raised left ours there)
@@ -268,6 +281,17 @@ class GradDiagCallback(keras.callbacks.Callback):
     def _restore(self) -> None:
         if self._optimizer is not None:
             self._optimizer.__dict__.pop("apply", None)
+            self._optimizer.__dict__.pop("scale_loss", None)
             self._optimizer = None
             self.model.train_function = self._plain  # the model trains without the monitor
             self._plain = None
+
+
+def _same_trace(loss: Any) -> bool:
+    """Whether `loss` belongs to the graph being traced now (or both are eager): a loss left from
+    another trace (a custom `train_step` that skipped `apply`) is not used."""
+    if loss is None or not tf.is_tensor(loss) or loss.shape.num_elements() != 1:
+        return False
+    if tf.executing_eagerly():
+        return isinstance(loss, tf.__internal__.EagerTensor)
+    return getattr(loss, "graph", None) is tf.compat.v1.get_default_graph()

@@ -301,3 +301,57 @@ def test_detail_work_runs_only_in_the_batches_that_need_it(monkeypatch, run_eage
     assert [s.step for s in hist] == list(range(8))
     assert [s.step for s in hist if s.grad_max is not None] == [2, 5]
     assert [s.step for s in hist if s.update_ratio is not None] == [2, 5]
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_fit_logs_each_batch_loss(tmp_path, jit_compile):
+    """The loss of every batch is logged (history and `graddiag/global/loss`): each equals the
+    batch's loss recovered from Keras' own running epoch mean (k*m_k - (k-1)*m_(k-1)), over two
+    epochs (the mean restarts at each)."""
+    from graddiag.reader import read
+
+    model, x, y = model_and_data()
+    model.compile(keras.optimizers.SGD(0.05), "mse", jit_compile=jit_compile)
+    means: list[float] = []
+
+    class Means(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            means.append((batch, float(logs["loss"])))
+
+    cb = GradDiagCallback(logdir=str(tmp_path), every=3, detectors=NO_SPIKE, print_summary=False)
+    model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0, callbacks=[cb, Means()])
+    per_batch = []
+    for (k, m), prev in zip(means, [None, *means[:-1]], strict=True):
+        per_batch.append(m if k == 0 else (k + 1) * m - k * prev[1])
+    logged = [s.loss for s in cb.monitor.history]
+    assert len(logged) == len(per_batch) == 8 and None not in logged
+    np.testing.assert_allclose(logged, per_batch, rtol=1e-4)  # float32 running means
+    cb.close()
+    df = read(str(tmp_path))
+    loss = df[df["stat"] == "loss"].sort_values("step")["value"].to_numpy()
+    np.testing.assert_allclose(loss, logged, rtol=REL)
+
+
+def test_fit_without_the_loss_through_scale_loss_still_monitors():
+    """A custom `train_step` that never calls `optimizer.scale_loss`: no loss logged, the
+    statistics as usual, and the optimizer's `scale_loss` is its own again after `fit`."""
+    model, x, y = model_and_data()
+
+    class Custom(keras.Model):
+        def train_step(self, data):
+            xb, yb = data
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean((self(xb, training=True) - yb) ** 2)
+            grads = tape.gradient(loss, self.trainable_variables)
+            self.optimizer.apply(grads, self.trainable_variables)
+            return {"loss": loss}
+
+    inner = model
+    custom = Custom(inner.inputs, inner.outputs)
+    custom.compile(keras.optimizers.SGD(0.1))
+    cb = GradDiagCallback(every=2, detectors=NO_SPIKE, print_summary=False)
+    custom.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[cb])
+    assert [s.loss for s in cb.monitor.history] == [None] * 4
+    assert all(s.global_norm > 0 for s in cb.monitor.history)
+    assert "scale_loss" not in vars(custom.optimizer)
+    cb.close()

@@ -56,6 +56,9 @@ def assert_same_run(dist: dict, single: dict, *, clip: bool = False) -> None:
         np.testing.assert_allclose(d["grad_norm"], s["grad_norm"], rtol=REL, atol=ABS)
         np.testing.assert_allclose(d["global_norm"], s["global_norm"], rtol=REL)
         assert d["skipped"] == s["skipped"]
+        assert (d["loss"] is None) == (s["loss"] is None)
+        if s["loss"] is not None:  # the global batch's loss, summed over the replicas' shares
+            np.testing.assert_allclose(d["loss"], s["loss"], rtol=REL)
         if clip:
             assert d["clip_coef"] is not None
             np.testing.assert_allclose(d["clip_coef"], s["clip_coef"], rtol=REL)
@@ -74,6 +77,7 @@ def test_fit_under_mirrored_strategy_equals_the_single_device_run(tmp_path):
     assert out["replicas"] == 2
     single, mirrored = out["single"], out["mirrored"]
     assert [h["step"] for h in mirrored["history"]] == list(range(8))  # 2 epochs x 4 batches
+    assert all(h["loss"] is not None for h in single["history"])  # Keras' loss is logged
     assert_same_run(mirrored, single)
     assert_same_run(out["one_device"], single)
     # IndexedSlices (embedding) gradients under Adam: the optimizer gets the same rows
