@@ -137,7 +137,8 @@ def variants(logdir: str, every: int, baseline=None, rev: str = ""):
         def transform(g, v):
             mon = monitors.get(key)
             if mon is None:
-                mon = monitors[key] = cls(v, folder, every=every, clip=clip_class(1.0))
+                policy = None if key.endswith("noclip") else clip_class(1.0)
+                mon = monitors[key] = cls(v, folder, every=every, clip=policy)
             return mon.step(g, v)
 
         return transform
@@ -149,6 +150,10 @@ def variants(logdir: str, every: int, baseline=None, rev: str = ""):
         (
             f"graddiag (stats + non-finite + clip + logging, every={every})",
             monitored("m", GradientMonitor, logdir),
+        ),
+        (
+            f"graddiag diagnosis only (no clipping, every={every})",
+            monitored("m-noclip", GradientMonitor, os.path.join(logdir, "noclip")),
         ),
     ]
     if baseline is not None:
@@ -395,7 +400,9 @@ def main() -> None:
         for _name, step in steps:  # trace and warm up
             for _ in range(3):
                 step(x, y)
-        owner = {named[3][0]: "m", **({named[4][0]: "base"} if len(named) > 4 else {})}
+        owner = {named[3][0]: "m", named[4][0]: "m-noclip"}
+        if len(named) > 5:
+            owner[named[5][0]] = "base"
         for _ in range(args.rounds):
             for name, step in steps:
                 mon = monitors.get(owner.get(name))

@@ -235,7 +235,11 @@ def _trimmed_mean(ts, drop=0.005):
     return statistics.fmean(ts[: max(1, len(ts) - int(len(ts) * drop))])
 
 
-def norms_vs_bandwidth(reps=200):
+def _dots(grads):
+    return torch.stack([torch.dot(g.reshape(-1), g.reshape(-1)) for g in grads])
+
+
+def norms_vs_bandwidth(reps=200, compile_=False):
     """graddiag's norm pass vs one read of all gradient bytes at the measured read bandwidth."""
     from graddiag.torch import Plan, sum_squares
 
@@ -250,8 +254,9 @@ def norms_vs_bandwidth(reps=200):
         "\n### Norm pass vs memory bandwidth\n",
         f"Measured read bandwidth (dot over 64 MB): {bw / 1e9:.1f} GB/s\n",
         "| model | gradient bytes | `_foreach_norm` (ms) | per-tensor `dot` (ms) "
-        "| graddiag norm pass (ms) | one read at bandwidth (ms) | graddiag / one read |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| graddiag norm pass (ms) | one read at bandwidth (ms) | graddiag / one read |"
+        + (" `torch.compile`'d dots (ms) |" if compile_ else ""),
+        "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if compile_ else ""),
     ]
 
     def med(f):
@@ -275,12 +280,20 @@ def norms_vs_bandwidth(reps=200):
             params[0].device,
         )
         fe = med(lambda: torch.stack(torch._foreach_norm(grads)).square())  # noqa: B023
-        dots = med(lambda: torch.stack([torch.dot(g.reshape(-1), g.reshape(-1)) for g in grads]))  # noqa: B023
+        dots = med(lambda: _dots(grads))  # noqa: B023
         m = med(lambda: sum_squares(grads, plan, params[0].device).sum())  # noqa: B023
         nbytes = sum(g.numel() * g.element_size() for g in grads)
+        compiled = ""
+        if compile_:  # the per-tensor sums of squares as one torch.compile'd function
+            t0 = time.perf_counter()
+            fn = torch.compile(_dots, dynamic=False)
+            fn(grads)
+            took = time.perf_counter() - t0
+            c = med(lambda: fn(grads))  # noqa: B023
+            compiled = f" {c * 1e3:.3f} (compiling: {took:.0f} s) |"
         out.append(
             f"| {name} | {nbytes / 1e6:.1f} MB | {fe * 1e3:.3f} | {dots * 1e3:.3f} | {m * 1e3:.3f} "
-            f"| {nbytes / bw * 1e3:.3f} | {m / (nbytes / bw):.2f}x |"
+            f"| {nbytes / bw * 1e3:.3f} | {m / (nbytes / bw):.2f}x |{compiled}"
         )
     return "\n".join(out)
 
@@ -368,6 +381,9 @@ def main(argv=None):
         help="leave out the variants whose name has one of these (comma-separated)",
     )
     ap.add_argument("--many", action="store_true", help="the many-tensor cost fit")
+    ap.add_argument(
+        "--compile", action="store_true", help="also time torch.compile'd sums of squares"
+    )
     ap.add_argument("--before", default=None, help="folder holding a renamed graddiag_before")
     args = ap.parse_args(argv)
     if args.before:
@@ -399,7 +415,7 @@ def main(argv=None):
             parts.append(many_tensors(tmp))
             print(parts[-1], flush=True)
         if not args.no_extras:
-            parts.append(norms_vs_bandwidth())
+            parts.append(norms_vs_bandwidth(compile_=args.compile))
             parts.append(logging_cost(tmp))
             print(parts[-2], parts[-1])
     text = "\n".join(parts)

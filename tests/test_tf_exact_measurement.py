@@ -189,3 +189,36 @@ def test_keras_fit_reports_an_overflowing_step_as_finite_and_correct():
     assert not any(s.skipped for s in mon.history)
     assert int(model.optimizer.iterations.numpy()) == 2  # no step was skipped
     assert not [f for f in cb.findings if f.kind == "nonfinite"]
+
+
+@pytest.mark.parametrize("factor", [1.0, 1e-25])
+def test_large_gradients_re_measure_in_a_call_not_in_every_step(factor):
+    """The re-measure of large gradients (float32 sums that may be wrong) is a function call
+    taken on suspicious steps only: the compiled step holds it as one unlowered `If`, whose
+    branch holds the scaled sums (none of their ops in the step itself), and it still runs:
+    1e-25 gradients (float32 sums of squares underflow to 0) come out right."""
+    model = scaled_model(factor, width=512)
+    x, y = data()
+    mon = GradientMonitor(model, every=1, detectors={"spike": False, "vanishing": False})
+
+    @tf.function
+    def train_step(x, y):
+        with mon.tape() as tape:
+            loss = tf.reduce_mean((model(x) - y) ** 2)
+        return tape.gradient(loss, model.trainable_variables)
+
+    train_step(x, y)
+    graph = train_step.get_concrete_function(x, y).graph
+    step_ops = {op.type for op in graph.get_operations()}
+    assert "Switch" not in step_ops and "Merge" not in step_ops  # nothing lowered
+    ifs = [op for op in graph.get_operations() if op.type in ("If", "StatelessIf")]
+    assert ifs and not any(op.get_attr("_lower_using_switch_merge") for op in ifs)
+    mon.close()
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean((model(x) - y) ** 2)
+    ref = [
+        float(tf.reduce_sum(tf.cast(g, tf.float64) ** 2))
+        for g in tape.gradient(loss, model.trainable_variables)
+    ]
+    got = mon.history[0].global_norm
+    assert got == pytest.approx(math.sqrt(sum(ref)), rel=REL) and got > 0

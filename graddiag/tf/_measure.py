@@ -36,7 +36,8 @@ def sums_of_squares(grads: list) -> tf.Tensor:
     get one float32 `l2_loss` each; entries that may be wrong there — +inf (finite elements above
     ~1e19 overflow) or below `TINY_SUMSQ` (elements below ~1e-19 underflow, exactly 0 included) —
     are measured again with a scaled sum (`scaled_half_sum_squares`), each in its own `tf.cond`
-    inside one `tf.cond` on "any entry suspicious", so a healthy step pays one predicate. So
+    inside one `rare_cond` on "any entry suspicious", so a healthy step pays one predicate and
+    one call of the cheap branch. So
     non-finite is decided by the elements (the sum of finite values is finite), and a gradient
     reads exactly 0 only when every element is 0."""
     values = [g.values if isinstance(g, tf.IndexedSlices) else g for g in grads]
@@ -68,7 +69,9 @@ def sums_of_squares(grads: list) -> tf.Tensor:
                 ]
             )
 
-        checked = tf.cond(tf.reduce_any(suspicious), exact, lambda: tf.cast(fast, tf.float64))
+        # a function call taken on suspicious steps only: lowered, every step would schedule
+        # the exact branch's ops (dead) for each large gradient
+        checked = rare_cond(tf.reduce_any(suspicious), exact, lambda: tf.cast(fast, tf.float64))
         if len(large) == len(values):
             return checked * 2.0
         for i, h in zip(large, tf.unstack(checked, num=len(large)), strict=True):
