@@ -145,6 +145,45 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
+def _stack(block: Sequence[StepStats], field: str) -> np.ndarray:
+    """A per-layer field of consecutive steps as a steps x layers matrix."""
+    return np.stack([getattr(s, field) for s in block])
+
+
+def _stack_detail(block: Sequence[StepStats], field: str, absent: float) -> np.ndarray | None:
+    """A detail field (None on most steps) as a steps x layers matrix, `absent` on the steps
+    without it; None when no step has it."""
+    rows = [getattr(s, field) for s in block]
+    if all(r is None for r in rows):
+        return None
+    width = len(block[0].grad_norm)
+    return np.stack([np.full(width, absent) if r is None else r for r in rows])
+
+
+def _clipped(block: Sequence[StepStats]) -> bool:
+    """Whether clipping ran on any of these steps."""
+    return any(s.clip_coef is not None or s.layer_clip_coef is not None for s in block)
+
+
+def _first(mask: np.ndarray) -> int:
+    """Index of the first True in `mask`, or its length."""
+    hit = np.flatnonzero(mask)
+    return int(hit[0]) if len(hit) else len(mask)
+
+
+def _last_steps(mask: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The columns of a steps x layers `mask` that are True somewhere, and the last step where."""
+    if not len(mask):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    cols = np.flatnonzero(mask.any(axis=0))
+    return cols, steps[len(mask) - 1 - np.argmax(mask[::-1], axis=0)[cols]]
+
+
+def _all_zero(global_norm: float | np.ndarray, nonfinite: np.ndarray) -> np.ndarray:
+    """Per step: the whole gradient is exactly zero (or absent)."""
+    return (global_norm == 0) & ~(nonfinite > 0).any(axis=-1)
+
+
 class Window:
     """The last `size` rows of per-layer 0/1 (or real) values with their running sum: rates over a
     window of steps, and the steps they came from."""
@@ -181,6 +220,29 @@ class Window:
             return self.buf[: self.n]
         return np.roll(self.buf, -self.pos, axis=0)
 
+    def sums_after(self, rows: np.ndarray) -> np.ndarray:
+        """The running sum after pushing each of `rows` in turn, by the same floating-point
+        operations as `push` (an accumulating sum is sequential), without pushing them."""
+        left = np.concatenate([self.buf[self.pos :], self.buf[: self.pos], rows])[: len(rows)]
+        return np.cumsum(np.concatenate([self.sum[None], rows - left]), axis=0)[1:]
+
+    def counts_after(self, k: int) -> np.ndarray:
+        """`n` after pushing each of `k` rows."""
+        return np.minimum(self.n + np.arange(1, k + 1), len(self.steps))
+
+    def extend(self, rows: np.ndarray, steps: np.ndarray, sums: np.ndarray) -> None:
+        """`push` each of `rows` in turn, given `sums_after(rows)`."""
+        k, size = len(rows), len(self.steps)
+        if not k:
+            return
+        kept = min(k, size)
+        at = (self.pos + np.arange(k - kept, k)) % size
+        self.buf[at] = rows[k - kept :]
+        self.steps[at] = steps[k - kept :]
+        self.sum[:] = sums[-1]
+        self.pos = (self.pos + k) % size
+        self.n = min(self.n + k, size)
+
 
 class Detector:
     """Base class: subclasses set `name` and implement `update`.
@@ -211,10 +273,16 @@ class Detector:
         raise NotImplementedError
 
     def update_block(self, block: Sequence[StepStats]) -> list[list[Finding]]:
-        """`update` over consecutive steps: each step's new findings. Detectors whose per-step
-        work is vectorisable over steps override this; the result, the amendments and the state
-        afterwards are those of calling `update` on each step in turn."""
-        return [self.update(s) for s in block]
+        """`update` over consecutive steps: each step's new findings. The result, the amendments
+        and the state afterwards are those of calling `update` on each step in turn: the quiet
+        first steps are taken at once (`_bulk`), the rest one by one."""
+        k = self._bulk(block)
+        return [[] for _ in range(k)] + [self.update(s) for s in block[k:]]
+
+    def _bulk(self, block: Sequence[StepStats]) -> int:
+        """Take the longest first part of `block` on which `update` would report nothing and end
+        no episode, vectorised over its steps; return its length. Default: none."""
+        return 0
 
     def finalize(self, step: int) -> list[Finding]:
         """End of run: complete the findings of episodes still open."""
@@ -327,6 +395,18 @@ class NonFiniteDetector(Detector):
         if math.isfinite(s.global_norm) and not s.nonfinite.any():  # the common case, cheaply
             self._active, self._run = False, 0
             return []
+        return self._report(s)
+
+    def _bulk(self, block: Sequence[StepStats]) -> int:
+        finite = np.isfinite([s.global_norm for s in block]) & ~_stack(block, "nonfinite").any(
+            axis=1
+        )
+        k = _first(~finite)
+        if k:
+            self._active, self._run = False, 0
+        return k
+
+    def _report(self, s: StepStats) -> list[Finding]:
         bad = (s.nonfinite > 0) | (s.has_grad & ~np.isfinite(s.grad_norm))
         self._run += 1
         if self.amp:
@@ -431,44 +511,57 @@ class VanishingDetector(Detector):
         )
         return []
 
-    def _steady_decay(self, g: np.ndarray, live: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Layers on a steady decay below the largest one (backward order), and their depth below
-        it in live layers (for the per-layer shrink factor)."""
-        out = np.zeros(len(g), bool)
-        depth = np.zeros(len(g), np.int64)
-        if self._order is None:
-            return out, depth
-        seq = self._order[live[self._order]]
-        if len(seq) < 2:
-            return out, depth
-        top = int(np.argmax(g[seq]))
-        below = seq[top:]
-        rises = np.flatnonzero(np.diff(g[below]) > 0)
-        stop = int(rises[0]) + 1 if len(rises) else len(below)
-        out[below[1:stop]] = True
-        depth[below] = np.arange(len(below))
-        return out, depth
+    def _live(self, g: np.ndarray, has: np.ndarray, zero_frac: np.ndarray | None) -> np.ndarray:
+        """Per step (rows): the layers whose norm is compared -- finite and positive, or an
+        underflowed norm of a gradient that is not all zeros."""
+        live = has & np.isfinite(g) & (g > 0)
+        if zero_frac is not None:
+            live |= has & (g == 0) & (zero_frac < 1.0)
+        return live
 
-    def update(self, s: StepStats) -> list[Finding]:
-        g = s.grad_norm
-        live = s.has_grad & np.isfinite(g) & (g > 0)
-        if s.zero_frac is not None:  # an underflowed norm of a gradient that is not all zeros
-            live |= s.has_grad & (g == 0) & (s.zero_frac < 1.0)
-        if np.count_nonzero(live) < 2:
-            return []  # nothing to compare with: the step says nothing about vanishing
-        ref_i = int(np.argmax(np.where(live, g, -1.0)))
-        ratio = np.where(live, g / g[ref_i], 1.0)
-        rms_ratio = None
-        if self._sqrt_n is not None:
-            rms = np.where(live, g / self._sqrt_n, 0.0)
-            rms_ratio = rms / rms.max()
+    def _measure(self, g: np.ndarray, live: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Per step (rows, each with 2+ live layers): the largest layer, each layer's ratio to it,
+        whether it is tiny, and its depth below it on a steady decay."""
+        ref = np.argmax(np.where(live, g, -1.0), axis=1)
+        ratio = np.where(live, g / g[np.arange(len(g)), ref][:, None], 1.0)
         steady, depth = self._steady_decay(g, live)
         tiny = live & (ratio < self.rel_threshold)
         profile = steady & (ratio < self.profile_threshold)
-        if rms_ratio is not None:
+        if self._sqrt_n is not None:
+            rms = np.where(live, g / self._sqrt_n, 0.0)
+            rms_ratio = rms / rms.max(axis=1, keepdims=True)
             tiny &= rms_ratio < self.rel_threshold
             profile &= rms_ratio < self.profile_threshold
-        tiny |= profile
+        return ref, ratio, tiny | profile, depth
+
+    def _steady_decay(self, g: np.ndarray, live: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per step (rows): layers on a steady decay below the largest one (backward order), and
+        their depth below it in live layers (for the per-layer shrink factor)."""
+        out = np.zeros(g.shape, bool)
+        depth = np.zeros(g.shape, np.int64)
+        if self._order is None or len(self._order) < 2:
+            return out, depth
+        go, lo = g[:, self._order], live[:, self._order]
+        pos = np.arange(len(self._order))
+        top = np.argmax(np.where(lo, go, -np.inf), axis=1)[:, None]
+        # each live layer against the live layer before it in backward order
+        last_live = np.maximum.accumulate(np.where(lo, pos, 0), axis=1)
+        before = np.concatenate([np.zeros((len(g), 1), np.int64), last_live[:, :-1]], axis=1)
+        below = lo & (pos > top)
+        rises = below & (go > np.take_along_axis(go, before, axis=1))
+        out[:, self._order] = below & (np.cumsum(rises, axis=1) == 0)
+        seen = np.cumsum(lo, axis=1)
+        depth[:, self._order] = np.where(
+            lo & (pos >= top), seen - np.take_along_axis(seen, top, axis=1), 0
+        )
+        return out, depth
+
+    def update(self, s: StepStats) -> list[Finding]:
+        g = s.grad_norm[None]
+        live = self._live(g, s.has_grad[None], None if s.zero_frac is None else s.zero_frac[None])
+        if np.count_nonzero(live) < 2:
+            return []  # nothing to compare with: the step says nothing about vanishing
+        ref, ratio, tiny, depth = (a[0] for a in self._measure(g, live))
         self._tiny.push(tiny.astype(np.float64), s.step)
         if self._tiny.n < self.patience:
             return []
@@ -482,8 +575,29 @@ class VanishingDetector(Detector):
         for i in np.flatnonzero(count >= math.ceil(OPEN_RATE * self.patience)):
             i = int(i)
             if self._episode(i) is None:
-                out.append(self._open(i, self._report(s, i, ref_i, ratio, depth, int(count[i]))))
+                out.append(self._open(i, self._report(s, i, int(ref), ratio, depth, int(count[i]))))
         return out
+
+    def _bulk(self, block: Sequence[StepStats]) -> int:
+        g = _stack(block, "grad_norm")
+        live = self._live(g, _stack(block, "has_grad"), _stack_detail(block, "zero_frac", 1.0))
+        pushed = np.flatnonzero(np.count_nonzero(live, axis=1) >= 2)
+        if not len(pushed):
+            return len(block)
+        tiny = self._measure(g[pushed], live[pushed])[2]
+        rows = tiny.astype(np.float64)
+        count = self._tiny.sums_after(rows)
+        is_open = np.zeros(g.shape[1], bool)
+        is_open[list(self._episodes)] = True
+        judged = (self._tiny.counts_after(len(rows)) >= self.patience)[:, None]
+        ends = is_open & (count <= CLOSE_RATE * self.patience)
+        starts = ~is_open & (count >= math.ceil(OPEN_RATE * self.patience))
+        e = _first((judged & (ends | starts)).any(axis=1))
+        steps = np.array([block[i].step for i in pushed[:e]], dtype=np.int64)
+        for i, step in zip(*_last_steps(judged[:e] & tiny[:e] & is_open, steps), strict=True):
+            self._hold(int(i), step)
+        self._tiny.extend(rows[:e], steps, count[:e])
+        return int(pushed[e]) if e < len(pushed) else len(block)
 
     def _report(self, s, i, ref_i, ratio, depth, count) -> Finding:
         layers = self.info.layers
@@ -559,7 +673,7 @@ class ExplodingDetector(Detector):
         self._clipping = False
 
     def update(self, s: StepStats) -> list[Finding]:
-        self._clipping |= s.clip_coef is not None or s.layer_clip_coef is not None
+        self._clipping |= _clipped([s])
         gn = s.global_norm
         if not (math.isfinite(gn) and gn > 0):
             return []  # non-finite: the nonfinite detector's; zero: nothing exploded
@@ -597,6 +711,19 @@ class ExplodingDetector(Detector):
             )
         key = "exploding_clipped" if self._clipping else "exploding"
         return [self._open("global", self._finding(onset, name, "warning", gn, msg, key), s.step)]
+
+    def _bulk(self, block: Sequence[StepStats]) -> int:
+        if self._episodes or len(self._base) < self.baseline:
+            return 0  # the baseline is still growing, or an episode may end: step by step
+        gn = np.array([s.global_norm for s in block])
+        judged = np.isfinite(gn) & (gn > 0)
+        over = judged & ((gn > self.abs_threshold) | (gn > self.factor * _median(self._base)))
+        k = _first(over)
+        self._clipping |= _clipped(block[:k])
+        calm = int(np.count_nonzero(judged[:k]))
+        if calm:
+            self._run, self._calm = 0, self._calm + calm
+        return k
 
 
 class SpikeDetector(Detector):
@@ -643,32 +770,62 @@ class SpikeDetector(Detector):
         var = (n * self._var + PRIOR_STEPS * PRIOR_SIGMA**2) / (n + PRIOR_STEPS)
         return (math.log(norm) - self._mean) / math.sqrt(var)
 
+    def _layer_squares(self, g: np.ndarray, has: np.ndarray) -> np.ndarray:
+        return np.where(has & np.isfinite(g), g, 0.0) ** 2
+
+    def _jumped(self, gn: float) -> float | None:
+        """The z-score of a spike step, else None."""
+        z = self.z_score(gn)
+        return (
+            z
+            if z > self.z_threshold and math.log(gn) - self._mean > math.log(self.min_ratio)
+            else None
+        )
+
     def update(self, s: StepStats) -> list[Finding]:
-        self._clipping |= s.clip_coef is not None or s.layer_clip_coef is not None
+        self._clipping |= _clipped([s])
         gn = s.global_norm
         if not (math.isfinite(gn) and gn > 0):
             return []
-        x = math.log(gn)
-        sq = np.where(s.has_grad & np.isfinite(s.grad_norm), s.grad_norm, 0.0) ** 2
-        z = self.z_score(gn)
-        if z > self.z_threshold and x - self._mean > math.log(self.min_ratio):
+        sq = self._layer_squares(s.grad_norm, s.has_grad)
+        z = self._jumped(gn)
+        if z is not None:
             if self._episode("spike") is not None:
                 self._hold("spike", s.step)
                 return []
             return [self._open("spike", self._report(s, z, sq))]  # kept out of the history
         if self._episode("spike") is not None:
             self._close("spike")
+        self._absorb(math.log(gn), sq)
+        return []
+
+    def _bulk(self, block: Sequence[StepStats]) -> int:
+        if self._episodes:
+            return 0  # the next step holds or ends the episode
+        sq = self._layer_squares(_stack(block, "grad_norm"), _stack(block, "has_grad"))
+        for k, s in enumerate(block):
+            gn = s.global_norm
+            if math.isfinite(gn) and gn > 0:
+                if self._jumped(gn) is not None:
+                    break
+                self._absorb(math.log(gn), sq[k])
+        else:
+            k = len(block)
+        self._clipping |= _clipped(block[:k])
+        return k
+
+    def _absorb(self, x: float, sq: np.ndarray) -> None:
+        """Add a step's log-norm `x` and layer squares `sq` to the history."""
         alpha = 1.0 / (self._n + 1) if self._n < self.window else 2.0 / (self.window + 1)
         self._n += 1
         if self._n == 1:
             self._mean = x
             self._layer_sq = sq
-            return []
+            return
         d = x - self._mean
         self._mean += alpha * d
         self._var = (1 - alpha) * (self._var + alpha * d * d)
         self._layer_sq = self._layer_sq + alpha * (sq - self._layer_sq)
-        return []
 
     def _report(self, s: StepStats, z: float, sq: np.ndarray) -> Finding:
         rise = sq - self._layer_sq
@@ -942,13 +1099,20 @@ class DetachedDetector(Detector):
         self._last_live = np.full(n, -1, dtype=np.int64)
         self._trainable: np.ndarray | None = None
 
+    def _exact_zero(
+        self, g: np.ndarray, has: np.ndarray, zero_frac: np.ndarray | None
+    ) -> np.ndarray:
+        """Layers whose gradient exists but is exactly zero."""
+        zero = has & (g == 0)
+        if zero_frac is not None:
+            zero &= zero_frac >= 1.0
+        return zero
+
     def update(self, s: StepStats) -> list[Finding]:
-        if s.global_norm == 0 and not np.any(s.nonfinite > 0):
+        if _all_zero(s.global_norm, s.nonfinite):
             return []
         has = s.has_grad
-        zero = has & (s.grad_norm == 0)
-        if s.zero_frac is not None:
-            zero &= s.zero_frac >= 1.0
+        zero = self._exact_zero(s.grad_norm, has, s.zero_frac)
         live = has & ~zero
         self._first_live[live & (self._first_live < 0)] = s.step
         self._last_live[live] = s.step
@@ -959,6 +1123,49 @@ class DetachedDetector(Detector):
         if not self._none.full:
             return []
         return self._judge(s.step, ~live)
+
+    def _bulk(self, block: Sequence[StepStats]) -> int:
+        gn = np.array([s.global_norm for s in block])
+        kept = np.flatnonzero(~_all_zero(gn, _stack(block, "nonfinite")))
+        if not len(kept):
+            return len(block)
+        rows = [block[i] for i in kept]
+        has = _stack(rows, "has_grad")
+        zero = self._exact_zero(_stack(rows, "grad_norm"), has, _stack_detail(rows, "zero_frac", 1))
+        live = has & ~zero
+        none_rows, zero_rows = (~has).astype(np.float64), zero.astype(np.float64)
+        none_sum, zero_sum = self._none.sums_after(none_rows), self._zero.sums_after(zero_rows)
+        n = self._none.counts_after(len(rows))
+        none_r = none_sum / np.maximum(n, 1)[:, None]
+        miss = none_r + zero_sum / np.maximum(n, 1)[:, None]
+        # a step is quiet when each open episode is kept as it is and no other layer is flagged
+        # (`_judge`'s conditions, with "starved" bounded by its rate alone)
+        is_open, starved = np.zeros(len(has[0]), bool), np.zeros(len(has[0]), bool)
+        for i, ep in self._episodes.items():
+            is_open[i], starved[i] = True, ep[2] == "starved"
+        absent = none_r >= self.rate
+        zero_c = ~absent & (miss >= self.rate)
+        keep = np.where(
+            starved, ~absent & ~zero_c & (miss >= self.starved_rate / 2), miss >= self.rate / 2
+        )
+        judged = n == self.patience
+        e = _first(judged & ~np.where(is_open, keep, miss < self.starved_rate).all(axis=1))
+        if not e:
+            return int(kept[0])
+        steps = np.array([s.step for s in rows[:e]], dtype=np.int64)
+        live = live[:e]
+        fresh = live.any(axis=0) & (self._first_live < 0)
+        self._first_live[fresh] = steps[np.argmax(live, axis=0)[fresh]]
+        cols, last = _last_steps(live, steps)
+        self._last_live[cols] = last
+        for i, step in zip(*_last_steps(judged[:e, None] & ~live & is_open, steps), strict=True):
+            self._hold(int(i), step)
+        self._none.extend(none_rows[:e], steps, none_sum[:e])
+        self._zero.extend(zero_rows[:e], steps, zero_sum[:e])
+        told = [s.trainable for s in rows[:e] if s.trainable is not None]
+        if told:
+            self._trainable = np.asarray(told[-1], dtype=bool).copy()
+        return int(kept[e]) if e < len(kept) else len(block)
 
     def finalize(self, step: int) -> list[Finding]:
         out = []
@@ -1108,7 +1315,7 @@ class ZeroGradientDetector(Detector):
         self._win = Window(self.patience, 1)
 
     def update(self, s: StepStats) -> list[Finding]:
-        zero = s.global_norm == 0 and not np.any(s.nonfinite > 0)
+        zero = _all_zero(s.global_norm, s.nonfinite)
         self._win.push(np.array([float(zero)]), s.step)
         if not self._win.full:
             return []
@@ -1129,6 +1336,23 @@ class ZeroGradientDetector(Detector):
             f"only momentum and weight decay."
         )
         return [self._open("zero", self._finding(s.step, None, "warning", rate, msg))]
+
+    def _bulk(self, block: Sequence[StepStats]) -> int:
+        gn = np.array([s.global_norm for s in block])
+        zero = _all_zero(gn, _stack(block, "nonfinite"))
+        rows = zero[:, None].astype(np.float64)
+        sums = self._win.sums_after(rows)
+        n = self._win.counts_after(len(block))
+        rate = sums[:, 0] / np.maximum(n, 1)
+        held = self._episode("zero") is not None
+        judged = n == self.patience
+        e = _first(judged & ((rate < self.rate / 2) if held else (rate >= self.rate)))
+        steps = np.array([s.step for s in block[:e]], dtype=np.int64)
+        hold = np.flatnonzero(judged[:e] & zero[:e])
+        if held and len(hold):
+            self._hold("zero", steps[hold[-1]])
+        self._win.extend(rows[:e], steps, sums[:e])
+        return e
 
 
 class AccumulationDetector(Detector):
