@@ -147,7 +147,7 @@ def _plural(n: int, word: str) -> str:
 
 def _stack(block: Sequence[StepStats], field: str) -> np.ndarray:
     """A per-layer field of consecutive steps as a steps x layers matrix."""
-    return np.stack([getattr(s, field) for s in block])
+    return np.array([getattr(s, field) for s in block])
 
 
 def _stack_detail(block: Sequence[StepStats], field: str, absent: float) -> np.ndarray | None:
@@ -156,8 +156,11 @@ def _stack_detail(block: Sequence[StepStats], field: str, absent: float) -> np.n
     rows = [getattr(s, field) for s in block]
     if all(r is None for r in rows):
         return None
-    width = len(block[0].grad_norm)
-    return np.stack([np.full(width, absent) if r is None else r for r in rows])
+    out = np.full((len(block), len(block[0].grad_norm)), absent, dtype=np.float64)
+    for k, r in enumerate(rows):
+        if r is not None:
+            out[k] = r
+    return out
 
 
 def _clipped(block: Sequence[StepStats]) -> bool:
@@ -276,7 +279,7 @@ class Detector:
         """`update` over consecutive steps: each step's new findings. The result, the amendments
         and the state afterwards are those of calling `update` on each step in turn: the quiet
         first steps are taken at once (`_bulk`), the rest one by one."""
-        k = self._bulk(block)
+        k = self._bulk(block) if len(block) > 1 else 0
         return [[] for _ in range(k)] + [self.update(s) for s in block[k:]]
 
     def _bulk(self, block: Sequence[StepStats]) -> int:
@@ -521,18 +524,19 @@ class VanishingDetector(Detector):
 
     def _measure(self, g: np.ndarray, live: np.ndarray) -> tuple[np.ndarray, ...]:
         """Per step (rows, each with 2+ live layers): the largest layer, each layer's ratio to it,
-        whether it is tiny, and its depth below it on a steady decay."""
+        and whether it is tiny."""
         ref = np.argmax(np.where(live, g, -1.0), axis=1)
         ratio = np.where(live, g / g[np.arange(len(g)), ref][:, None], 1.0)
-        steady, depth = self._steady_decay(g, live)
-        tiny = live & (ratio < self.rel_threshold)
-        profile = steady & (ratio < self.profile_threshold)
-        if self._sqrt_n is not None:
+        tiny = ratio < self.rel_threshold  # live layers only: the others' ratio is 1
+        profile = ratio < self.profile_threshold
+        if self._sqrt_n is not None and (tiny | profile).any():
             rms = np.where(live, g / self._sqrt_n, 0.0)
             rms_ratio = rms / rms.max(axis=1, keepdims=True)
             tiny &= rms_ratio < self.rel_threshold
             profile &= rms_ratio < self.profile_threshold
-        return ref, ratio, tiny | profile, depth
+        if profile.any():
+            profile &= self._steady_decay(g, live)[0]
+        return ref, ratio, tiny | profile
 
     def _steady_decay(self, g: np.ndarray, live: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per step (rows): layers on a steady decay below the largest one (backward order), and
@@ -561,7 +565,7 @@ class VanishingDetector(Detector):
         live = self._live(g, s.has_grad[None], None if s.zero_frac is None else s.zero_frac[None])
         if np.count_nonzero(live) < 2:
             return []  # nothing to compare with: the step says nothing about vanishing
-        ref, ratio, tiny, depth = (a[0] for a in self._measure(g, live))
+        ref, ratio, tiny = (a[0] for a in self._measure(g, live))
         self._tiny.push(tiny.astype(np.float64), s.step)
         if self._tiny.n < self.patience:
             return []
@@ -575,7 +579,9 @@ class VanishingDetector(Detector):
         for i in np.flatnonzero(count >= math.ceil(OPEN_RATE * self.patience)):
             i = int(i)
             if self._episode(i) is None:
-                out.append(self._open(i, self._report(s, i, int(ref), ratio, depth, int(count[i]))))
+                out.append(
+                    self._open(i, self._report(s, i, int(ref), ratio, live[0], int(count[i])))
+                )
         return out
 
     def _bulk(self, block: Sequence[StepStats]) -> int:
@@ -584,25 +590,30 @@ class VanishingDetector(Detector):
         pushed = np.flatnonzero(np.count_nonzero(live, axis=1) >= 2)
         if not len(pushed):
             return len(block)
-        tiny = self._measure(g[pushed], live[pushed])[2]
+        if len(pushed) < len(block):  # steps that say nothing are left out
+            g, live = g[pushed], live[pushed]
+        tiny = self._measure(g, live)[2]
         rows = tiny.astype(np.float64)
         count = self._tiny.sums_after(rows)
         is_open = np.zeros(g.shape[1], bool)
         is_open[list(self._episodes)] = True
-        judged = (self._tiny.counts_after(len(rows)) >= self.patience)[:, None]
-        ends = is_open & (count <= CLOSE_RATE * self.patience)
-        starts = ~is_open & (count >= math.ceil(OPEN_RATE * self.patience))
-        e = _first((judged & (ends | starts)).any(axis=1))
+        judged = self._tiny.counts_after(len(rows)) >= self.patience
+        ends = count <= CLOSE_RATE * self.patience
+        starts = count >= math.ceil(OPEN_RATE * self.patience)
+        e = _first(judged & np.where(is_open, ends, starts).any(axis=1))
         steps = np.array([block[i].step for i in pushed[:e]], dtype=np.int64)
-        for i, step in zip(*_last_steps(judged[:e] & tiny[:e] & is_open, steps), strict=True):
-            self._hold(int(i), step)
+        if self._episodes:
+            held = judged[:e, None] & tiny[:e] & is_open
+            for i, step in zip(*_last_steps(held, steps), strict=True):
+                self._hold(int(i), step)
         self._tiny.extend(rows[:e], steps, count[:e])
         return int(pushed[e]) if e < len(pushed) else len(block)
 
-    def _report(self, s, i, ref_i, ratio, depth, count) -> Finding:
+    def _report(self, s, i, ref_i, ratio, live, count) -> Finding:
         layers = self.info.layers
         name, top = layers[i], layers[ref_i]
         a, b = self._tiny.span()
+        depth = self._steady_decay(s.grad_norm[None], live[None])[1][0]
         shrink = ""
         if depth[i] > 0 and self._order is not None:
             per_layer = ratio[i] ** (-1.0 / depth[i])
@@ -1129,7 +1140,7 @@ class DetachedDetector(Detector):
         kept = np.flatnonzero(~_all_zero(gn, _stack(block, "nonfinite")))
         if not len(kept):
             return len(block)
-        rows = [block[i] for i in kept]
+        rows = block if len(kept) == len(block) else [block[i] for i in kept]
         has = _stack(rows, "has_grad")
         zero = self._exact_zero(_stack(rows, "grad_norm"), has, _stack_detail(rows, "zero_frac", 1))
         live = has & ~zero
@@ -1138,28 +1149,35 @@ class DetachedDetector(Detector):
         n = self._none.counts_after(len(rows))
         none_r = none_sum / np.maximum(n, 1)[:, None]
         miss = none_r + zero_sum / np.maximum(n, 1)[:, None]
-        # a step is quiet when each open episode is kept as it is and no other layer is flagged
-        # (`_judge`'s conditions, with "starved" bounded by its rate alone)
-        is_open, starved = np.zeros(len(has[0]), bool), np.zeros(len(has[0]), bool)
-        for i, ep in self._episodes.items():
-            is_open[i], starved[i] = True, ep[2] == "starved"
-        absent = none_r >= self.rate
-        zero_c = ~absent & (miss >= self.rate)
-        keep = np.where(
-            starved, ~absent & ~zero_c & (miss >= self.starved_rate / 2), miss >= self.rate / 2
-        )
         judged = n == self.patience
-        e = _first(judged & ~np.where(is_open, keep, miss < self.starved_rate).all(axis=1))
+        is_open = np.zeros(len(has[0]), bool)
+        if not self._episodes:  # as `_judge`: nothing to do unless a layer is flagged
+            e = _first(judged & (miss >= self.starved_rate).any(axis=1))
+        else:
+            # quiet: each open episode is kept as it is and no other layer is flagged ("starved"
+            # bounded by its rate alone)
+            starved = np.zeros(len(has[0]), bool)
+            for i, ep in self._episodes.items():
+                is_open[i], starved[i] = True, ep[2] == "starved"
+            absent = none_r >= self.rate
+            zero_c = ~absent & (miss >= self.rate)
+            keep = np.where(
+                starved, ~absent & ~zero_c & (miss >= self.starved_rate / 2), miss >= self.rate / 2
+            )
+            e = _first(judged & ~np.where(is_open, keep, miss < self.starved_rate).all(axis=1))
         if not e:
             return int(kept[0])
         steps = np.array([s.step for s in rows[:e]], dtype=np.int64)
         live = live[:e]
-        fresh = live.any(axis=0) & (self._first_live < 0)
-        self._first_live[fresh] = steps[np.argmax(live, axis=0)[fresh]]
+        fresh = (self._first_live < 0) & live.any(axis=0)
+        if fresh.any():
+            self._first_live[fresh] = steps[np.argmax(live, axis=0)[fresh]]
         cols, last = _last_steps(live, steps)
         self._last_live[cols] = last
-        for i, step in zip(*_last_steps(judged[:e, None] & ~live & is_open, steps), strict=True):
-            self._hold(int(i), step)
+        if self._episodes:
+            held = judged[:e, None] & ~live & is_open
+            for i, step in zip(*_last_steps(held, steps), strict=True):
+                self._hold(int(i), step)
         self._none.extend(none_rows[:e], steps, none_sum[:e])
         self._zero.extend(zero_rows[:e], steps, zero_sum[:e])
         told = [s.trainable for s in rows[:e] if s.trainable is not None]
@@ -1622,8 +1640,8 @@ class Diagnoser:
     def update_block(self, block: Sequence[StepStats]) -> list[list[Finding]]:
         """`update` over consecutive steps at once (what a log step reads back): each step's new
         findings, in the order and with the state `update` step by step would give."""
-        if not block:
-            return []
+        if len(block) < 2:
+            return [self.update(s) for s in block]
         per_detector = [d.update_block(block) for d in self.detectors]
         out = [[f for found in per_detector for f in found[k]] for k in range(len(block))]
         for new in out:

@@ -1,0 +1,140 @@
+"""Host cost of the detectors: `Diagnoser.update` step by step vs `Diagnoser.update_block` over
+blocks of consecutive steps (what a log step reads back: 10 rows at the default `every=10`).
+
+A healthy stream (every layer has a finite gradient, log-normal noise, detail statistics on one
+step in ten, nothing to report) for models of 4, 12 and 100 layers. Each variant gets a fresh
+`Diagnoser` with the default detectors, warmed up on the first steps (windows and baselines full),
+then times the same steps; variants run round-robin in this process, and the table gives the
+median time per step and its ratio to step by step. A second table splits the step-by-step and
+10-row costs by detector (12 layers). Not a timed test.
+
+Usage::
+
+    python benchmarks/bench_detectors.py [--steps 2000] [--rounds 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+from graddiag.detectors import Diagnoser
+from graddiag.stats import ModelInfo, StepStats
+
+WARMUP = 100
+LAYERS = (4, 12, 100)
+BLOCKS = (1, 10, 100)
+
+
+def healthy(n_layers: int, steps: int) -> tuple[ModelInfo, list[StepStats]]:
+    """A transformer-like model description and a stream it would log when all is well."""
+    rng = np.random.default_rng(n_layers)
+    layers = tuple(f"blocks.{i // 4}.{('attn', 'mlp', 'ln1', 'ln2')[i % 4]}" for i in range(n_layers))
+    counts = tuple(int(c) for c in rng.integers(512, 4_000_000, n_layers))
+    info = ModelInfo(layers, counts, tuple(reversed(layers)))
+    scales = np.exp(rng.uniform(-3, 0, n_layers))
+    stream = []
+    for t in range(steps):
+        g = scales * np.exp(rng.normal(0, 0.2, n_layers))
+        detail = {}
+        if t % 10 == 0:
+            detail = {
+                "grad_max": g / 10,
+                "zero_frac": np.zeros(n_layers),
+                "param_norm": np.full(n_layers, 20.0),
+                "update_ratio": np.full(n_layers, 1e-3),
+            }
+        stream.append(
+            StepStats(
+                step=t,
+                grad_norm=g,
+                has_grad=np.ones(n_layers, bool),
+                nonfinite=np.zeros(n_layers),
+                global_norm=float(np.sqrt(np.sum(g**2))),
+                loss=2.0 - t * 1e-4,
+                grad_reset=True,
+                backward_calls=1,
+                **detail,
+            )
+        )
+    return info, stream
+
+
+def feed(diag: Diagnoser, stream: list[StepStats], block: int) -> None:
+    """`block` 0: step by step; else `update_block` over blocks of that many steps."""
+    if block == 0:
+        for s in stream:
+            diag.update(s)
+    else:
+        for i in range(0, len(stream), block):
+            diag.update_block(stream[i : i + block])
+
+
+def time_variant(info, stream, block) -> float:
+    """Seconds per step of one variant on a fresh, warmed-up `Diagnoser`."""
+    diag = Diagnoser(info)
+    feed(diag, stream[:WARMUP], block)
+    t0 = time.perf_counter()
+    feed(diag, stream[WARMUP:], block)
+    return (time.perf_counter() - t0) / (len(stream) - WARMUP)
+
+
+def time_detectors(info, stream, block) -> dict[str, float]:
+    """Seconds per step of each detector alone (step by step, or blocks of `block` steps)."""
+    diag = Diagnoser(info)
+    feed(diag, stream[:WARMUP], block or 1)
+    out = {}
+    rest = stream[WARMUP:]
+    for d in diag.detectors:
+        t0 = time.perf_counter()
+        if block == 0:
+            for s in rest:
+                d.update(s)
+        else:
+            for i in range(0, len(rest), block):
+                d.update_block(rest[i : i + block])
+        out[d.name] = (time.perf_counter() - t0) / len(rest)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--rounds", type=int, default=7)
+    args = ap.parse_args()
+    streams = {n: healthy(n, args.steps + WARMUP) for n in LAYERS}
+    variants = [(n, b) for n in LAYERS for b in (0, *BLOCKS)]
+    times: dict[tuple[int, int], list[float]] = {v: [] for v in variants}
+    per_det: dict[int, list[dict[str, float]]] = {0: [], 10: []}
+    for _ in range(args.rounds):
+        for n, b in variants:
+            times[n, b].append(time_variant(*streams[n], b))
+        for b in per_det:
+            per_det[b].append(time_detectors(*streams[12], b))
+
+    print(f"{args.steps} steps after {WARMUP} warm-up steps, median of {args.rounds} rounds\n")
+    head = " | ".join(f"blocks of {b}: ms/step (ratio)" for b in BLOCKS)
+    print(f"| layers | step by step: ms/step | {head} |")
+    print("|---|---|" + "---|" * len(BLOCKS))
+    for n in LAYERS:
+        base = statistics.median(times[n, 0])
+        cells = []
+        for b in BLOCKS:
+            t = statistics.median(times[n, b])
+            cells.append(f"{t * 1e3:.4f} ({base / t:.1f}x faster)")
+        print(f"| {n} | {base * 1e3:.4f} | " + " | ".join(cells) + " |")
+
+    print("\nPer detector, 12 layers, ms/step:\n")
+    print("| detector | step by step | blocks of 10 | ratio |")
+    print("|---|---|---|---|")
+    for name in per_det[0][0]:
+        a = statistics.median(r[name] for r in per_det[0])
+        b = statistics.median(r[name] for r in per_det[10])
+        print(f"| {name} | {a * 1e3:.4f} | {b * 1e3:.4f} | {a / b:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
