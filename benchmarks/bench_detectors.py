@@ -5,19 +5,25 @@ A healthy stream (every layer has a finite gradient, log-normal noise, detail st
 step in ten, nothing to report) for models of 4, 12 and 100 layers. Each variant gets a fresh
 `Diagnoser` with the default detectors, warmed up on the first steps (windows and baselines full),
 then times the same steps; variants run round-robin in this process, and the table gives the
-median time per step and its ratio to step by step. A second table splits the step-by-step and
-10-row costs by detector (12 layers). Not a timed test.
+median time per step and its ratio to step by step. With ``--before REV``, the detectors of git
+revision REV (`graddiag/detectors.py` there, loaded as a module beside this graddiag) run step by
+step in the same rounds. A second table splits the step-by-step and 10-row costs by detector (12
+layers). Not a timed test.
 
 Usage::
 
-    python benchmarks/bench_detectors.py [--steps 2000] [--rounds 7]
+    python benchmarks/bench_detectors.py [--steps 2000] [--rounds 7] [--before REV]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -25,6 +31,7 @@ from graddiag.detectors import Diagnoser
 from graddiag.stats import ModelInfo, StepStats
 
 WARMUP = 100
+SPREAD = 8.0
 LAYERS = (4, 12, 100)
 BLOCKS = (1, 10, 100)
 
@@ -32,10 +39,12 @@ BLOCKS = (1, 10, 100)
 def healthy(n_layers: int, steps: int) -> tuple[ModelInfo, list[StepStats]]:
     """A transformer-like model description and a stream it would log when all is well."""
     rng = np.random.default_rng(n_layers)
-    layers = tuple(f"blocks.{i // 4}.{('attn', 'mlp', 'ln1', 'ln2')[i % 4]}" for i in range(n_layers))
+    layers = tuple(
+        f"blocks.{i // 4}.{('attn', 'mlp', 'ln1', 'ln2')[i % 4]}" for i in range(n_layers)
+    )
     counts = tuple(int(c) for c in rng.integers(512, 4_000_000, n_layers))
     info = ModelInfo(layers, counts, tuple(reversed(layers)))
-    scales = np.exp(rng.uniform(-3, 0, n_layers))
+    scales = np.exp(rng.uniform(-SPREAD, 0, n_layers))
     stream = []
     for t in range(steps):
         g = scales * np.exp(rng.normal(0, 0.2, n_layers))
@@ -63,6 +72,24 @@ def healthy(n_layers: int, steps: int) -> tuple[ModelInfo, list[StepStats]]:
     return info, stream
 
 
+def load_before(rev: str):
+    """The `Diagnoser` class of graddiag/detectors.py at git revision `rev`."""
+    root = Path(__file__).resolve().parents[1]
+    text = subprocess.run(
+        ["git", "show", f"{rev}:graddiag/detectors.py"],
+        cwd=root,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    path = Path(tempfile.mkdtemp()) / "detectors_before.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location("detectors_before", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Diagnoser
+
+
 def feed(diag: Diagnoser, stream: list[StepStats], block: int) -> None:
     """`block` 0: step by step; else `update_block` over blocks of that many steps."""
     if block == 0:
@@ -73,9 +100,9 @@ def feed(diag: Diagnoser, stream: list[StepStats], block: int) -> None:
             diag.update_block(stream[i : i + block])
 
 
-def time_variant(info, stream, block) -> float:
+def time_variant(info, stream, block, cls=Diagnoser) -> float:
     """Seconds per step of one variant on a fresh, warmed-up `Diagnoser`."""
-    diag = Diagnoser(info)
+    diag = cls(info)
     feed(diag, stream[:WARMUP], block)
     t0 = time.perf_counter()
     feed(diag, stream[WARMUP:], block)
@@ -104,28 +131,39 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--before", help="git revision whose detectors also run step by step")
     args = ap.parse_args()
+    before = load_before(args.before) if args.before else None
     streams = {n: healthy(n, args.steps + WARMUP) for n in LAYERS}
     variants = [(n, b) for n in LAYERS for b in (0, *BLOCKS)]
+    if before:
+        variants += [(n, -1) for n in LAYERS]  # -1: `before`, step by step
     times: dict[tuple[int, int], list[float]] = {v: [] for v in variants}
     per_det: dict[int, list[dict[str, float]]] = {0: [], 10: []}
     for _ in range(args.rounds):
         for n, b in variants:
-            times[n, b].append(time_variant(*streams[n], b))
+            cls = before if b < 0 else Diagnoser
+            times[n, b].append(time_variant(*streams[n], max(b, 0), cls))
         for b in per_det:
             per_det[b].append(time_detectors(*streams[12], b))
 
     print(f"{args.steps} steps after {WARMUP} warm-up steps, median of {args.rounds} rounds\n")
     head = " | ".join(f"blocks of {b}: ms/step (ratio)" for b in BLOCKS)
-    print(f"| layers | step by step: ms/step | {head} |")
-    print("|---|---|" + "---|" * len(BLOCKS))
+    was = f" {args.before} step by step: ms/step (ratio) |" if before else ""
+    print(f"| layers |{was} step by step: ms/step | {head} |")
+    print("|---|---|" + "---|" * (len(BLOCKS) + bool(before)))
     for n in LAYERS:
         base = statistics.median(times[n, 0])
         cells = []
+        if before:
+            t = statistics.median(times[n, -1])
+            cells.append(f"{t * 1e3:.4f} ({base / t:.2f}x)")
+        cells.append(f"{base * 1e3:.4f}")
         for b in BLOCKS:
             t = statistics.median(times[n, b])
-            cells.append(f"{t * 1e3:.4f} ({base / t:.1f}x faster)")
-        print(f"| {n} | {base * 1e3:.4f} | " + " | ".join(cells) + " |")
+            cells.append(f"{t * 1e3:.4f} ({base / t:.2f}x)")
+        print(f"| {n} | " + " | ".join(cells) + " |")
+    print("\n(ratio: step by step with these detectors / the variant's time; above 1 is faster)")
 
     print("\nPer detector, 12 layers, ms/step:\n")
     print("| detector | step by step | blocks of 10 | ratio |")

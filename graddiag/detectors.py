@@ -523,10 +523,10 @@ class VanishingDetector(Detector):
         return live
 
     def _measure(self, g: np.ndarray, live: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Per step (rows, each with 2+ live layers): the largest layer, each layer's ratio to it,
-        and whether it is tiny."""
-        ref = np.argmax(np.where(live, g, -1.0), axis=1)
-        ratio = np.where(live, g / g[np.arange(len(g)), ref][:, None], 1.0)
+        """Per step (rows, each with 2+ live layers): each layer's ratio to the largest one, and
+        whether it is tiny."""
+        top = np.max(g, axis=1, where=live, initial=-1.0, keepdims=True)
+        ratio = np.where(live, g / top, 1.0)
         tiny = ratio < self.rel_threshold  # live layers only: the others' ratio is 1
         profile = ratio < self.profile_threshold
         if self._sqrt_n is not None and (tiny | profile).any():
@@ -535,37 +535,43 @@ class VanishingDetector(Detector):
             tiny &= rms_ratio < self.rel_threshold
             profile &= rms_ratio < self.profile_threshold
         if profile.any():
-            profile &= self._steady_decay(g, live)[0]
-        return ref, ratio, tiny | profile
+            profile &= self._steady_decay(g, live)
+        return ratio, tiny | profile
 
-    def _steady_decay(self, g: np.ndarray, live: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per step (rows): layers on a steady decay below the largest one (backward order), and
-        their depth below it in live layers (for the per-layer shrink factor)."""
+    def _steady_decay(self, g: np.ndarray, live: np.ndarray) -> np.ndarray:
+        """Per step (rows): the layers on a steady decay below the largest one (backward order:
+        each live layer smaller than the live one before it)."""
         out = np.zeros(g.shape, bool)
-        depth = np.zeros(g.shape, np.int64)
         if self._order is None or len(self._order) < 2:
-            return out, depth
+            return out
         go, lo = g[:, self._order], live[:, self._order]
         pos = np.arange(len(self._order))
-        top = np.argmax(np.where(lo, go, -np.inf), axis=1)[:, None]
-        # each live layer against the live layer before it in backward order
-        last_live = np.maximum.accumulate(np.where(lo, pos, 0), axis=1)
-        before = np.concatenate([np.zeros((len(g), 1), np.int64), last_live[:, :-1]], axis=1)
-        below = lo & (pos > top)
-        rises = below & (go > np.take_along_axis(go, before, axis=1))
-        out[:, self._order] = below & (np.cumsum(rises, axis=1) == 0)
-        seen = np.cumsum(lo, axis=1)
-        depth[:, self._order] = np.where(
-            lo & (pos >= top), seen - np.take_along_axis(seen, top, axis=1), 0
-        )
-        return out, depth
+        if lo.all():
+            top = np.argmax(go, axis=1)[:, None]
+        else:  # a layer without a usable norm takes the last live one's: no rise there
+            top = np.argmax(np.where(lo, go, -np.inf), axis=1)[:, None]
+            go = np.take_along_axis(go, np.maximum.accumulate(np.where(lo, pos, 0), axis=1), 1)
+        below = lo[:, 1:] & (pos[1:] > top)
+        rises = below & (go[:, 1:] > go[:, :-1])
+        out[:, self._order[1:]] = below & ~np.logical_or.accumulate(rises, axis=1)
+        return out
+
+    def _depth(self, g: np.ndarray, live: np.ndarray, i: int) -> int:
+        """How many live layers layer `i` sits below the largest one in backward order (0 when it
+        is not below it)."""
+        if self._order is None:
+            return 0
+        seq = self._order[live[self._order]].tolist()
+        if i not in seq:
+            return 0
+        return max(seq.index(i) - int(np.argmax(g[seq])), 0)
 
     def update(self, s: StepStats) -> list[Finding]:
         g = s.grad_norm[None]
         live = self._live(g, s.has_grad[None], None if s.zero_frac is None else s.zero_frac[None])
         if np.count_nonzero(live) < 2:
             return []  # nothing to compare with: the step says nothing about vanishing
-        ref, ratio, tiny = (a[0] for a in self._measure(g, live))
+        ratio, tiny = (a[0] for a in self._measure(g, live))
         self._tiny.push(tiny.astype(np.float64), s.step)
         if self._tiny.n < self.patience:
             return []
@@ -579,9 +585,7 @@ class VanishingDetector(Detector):
         for i in np.flatnonzero(count >= math.ceil(OPEN_RATE * self.patience)):
             i = int(i)
             if self._episode(i) is None:
-                out.append(
-                    self._open(i, self._report(s, i, int(ref), ratio, live[0], int(count[i])))
-                )
+                out.append(self._open(i, self._report(s, i, ratio, live[0], int(count[i]))))
         return out
 
     def _bulk(self, block: Sequence[StepStats]) -> int:
@@ -592,7 +596,7 @@ class VanishingDetector(Detector):
             return len(block)
         if len(pushed) < len(block):  # steps that say nothing are left out
             g, live = g[pushed], live[pushed]
-        tiny = self._measure(g, live)[2]
+        tiny = self._measure(g, live)[1]
         rows = tiny.astype(np.float64)
         count = self._tiny.sums_after(rows)
         is_open = np.zeros(g.shape[1], bool)
@@ -609,16 +613,17 @@ class VanishingDetector(Detector):
         self._tiny.extend(rows[:e], steps, count[:e])
         return int(pushed[e]) if e < len(pushed) else len(block)
 
-    def _report(self, s, i, ref_i, ratio, live, count) -> Finding:
+    def _report(self, s, i, ratio, live, count) -> Finding:
+        ref_i = int(np.argmax(np.where(live, s.grad_norm, -1.0)))
         layers = self.info.layers
         name, top = layers[i], layers[ref_i]
         a, b = self._tiny.span()
-        depth = self._steady_decay(s.grad_norm[None], live[None])[1][0]
+        depth = self._depth(s.grad_norm, live, i)
         shrink = ""
-        if depth[i] > 0 and self._order is not None:
-            per_layer = ratio[i] ** (-1.0 / depth[i])
+        if depth > 0:
+            per_layer = ratio[i] ** (-1.0 / depth)
             shrink = (
-                f" In backward order it sits {_plural(int(depth[i]), 'layer')} below {top!r}, the "
+                f" In backward order it sits {_plural(depth, 'layer')} below {top!r}, the "
                 f"gradient shrinking about {per_layer:.1f}x per layer toward the input."
             )
         below = self.rel_threshold if ratio[i] < self.rel_threshold else self.profile_threshold
@@ -1120,7 +1125,7 @@ class DetachedDetector(Detector):
         return zero
 
     def update(self, s: StepStats) -> list[Finding]:
-        if _all_zero(s.global_norm, s.nonfinite):
+        if s.global_norm == 0 and _all_zero(s.global_norm, s.nonfinite):
             return []
         has = s.has_grad
         zero = self._exact_zero(s.grad_norm, has, s.zero_frac)
@@ -1333,7 +1338,7 @@ class ZeroGradientDetector(Detector):
         self._win = Window(self.patience, 1)
 
     def update(self, s: StepStats) -> list[Finding]:
-        zero = _all_zero(s.global_norm, s.nonfinite)
+        zero = s.global_norm == 0 and bool(_all_zero(s.global_norm, s.nonfinite))
         self._win.push(np.array([float(zero)]), s.step)
         if not self._win.full:
             return []
