@@ -145,22 +145,51 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def _stack(block: Sequence[StepStats], field: str) -> np.ndarray:
-    """A per-layer field of consecutive steps as a steps x layers matrix."""
-    return np.array([getattr(s, field) for s in block])
+class StepBlock(Sequence[StepStats]):
+    """Consecutive steps, with the fields that detectors vectorise over stacked once (steps x
+    layers, or one value per step) and shared between the detectors, which only read them."""
 
+    def __init__(self, steps: Iterable[StepStats]) -> None:
+        self._steps = list(steps)
+        self._stacked: dict[Hashable, np.ndarray | None] = {}
 
-def _stack_detail(block: Sequence[StepStats], field: str, absent: float) -> np.ndarray | None:
-    """A detail field (None on most steps) as a steps x layers matrix, `absent` on the steps
-    without it; None when no step has it."""
-    rows = [getattr(s, field) for s in block]
-    if all(r is None for r in rows):
-        return None
-    out = np.full((len(block), len(block[0].grad_norm)), absent, dtype=np.float64)
-    for k, r in enumerate(rows):
-        if r is not None:
-            out[k] = r
-    return out
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def __getitem__(self, i):
+        return self._steps[i]
+
+    def __iter__(self):
+        return iter(self._steps)
+
+    def field(self, name: str) -> np.ndarray:
+        """`StepStats.<name>` of every step, stacked."""
+        if name not in self._stacked:
+            self._stacked[name] = np.array([getattr(s, name) for s in self._steps])
+        return self._stacked[name]
+
+    def detail(self, name: str, absent: float) -> np.ndarray | None:
+        """A detail field (None on most steps) stacked, `absent` on the steps without it; None when
+        no step has it."""
+        key = (name, absent)
+        if key not in self._stacked:
+            rows = [getattr(s, name) for s in self._steps]
+            out = None
+            if any(r is not None for r in rows):
+                out = np.full((len(rows), len(self._steps[0].grad_norm)), float(absent))
+                for k, r in enumerate(rows):
+                    if r is not None:
+                        out[k] = r
+            self._stacked[key] = out
+        return self._stacked[key]
+
+    def all_zero(self) -> np.ndarray:
+        """Per step: the whole gradient is exactly zero (or absent)."""
+        if "all_zero" not in self._stacked:
+            self._stacked["all_zero"] = _all_zero(
+                self.field("global_norm"), self.field("nonfinite")
+            )
+        return self._stacked["all_zero"]
 
 
 def _clipped(block: Sequence[StepStats]) -> bool:
@@ -226,8 +255,14 @@ class Window:
     def sums_after(self, rows: np.ndarray) -> np.ndarray:
         """The running sum after pushing each of `rows` in turn, by the same floating-point
         operations as `push` (an accumulating sum is sequential), without pushing them."""
-        left = np.concatenate([self.buf[self.pos :], self.buf[: self.pos], rows])[: len(rows)]
-        return np.cumsum(np.concatenate([self.sum[None], rows - left]), axis=0)[1:]
+        k = len(rows)
+        if self.pos + k <= len(self.steps):
+            left = self.buf[self.pos : self.pos + k]
+        else:
+            left = np.concatenate([self.buf[self.pos :], self.buf[: self.pos], rows])[:k]
+        change = rows - left
+        change[:1] += self.sum  # sum + change[0], then + change[1], ...: `push`'s order
+        return np.cumsum(change, axis=0)
 
     def counts_after(self, k: int) -> np.ndarray:
         """`n` after pushing each of `k` rows."""
@@ -238,10 +273,12 @@ class Window:
         k, size = len(rows), len(self.steps)
         if not k:
             return
-        kept = min(k, size)
-        at = (self.pos + np.arange(k - kept, k)) % size
-        self.buf[at] = rows[k - kept :]
-        self.steps[at] = steps[k - kept :]
+        kept = min(k, size)  # the last rows written
+        start = (self.pos + k - kept) % size
+        head = min(kept, size - start)  # before the end of the ring, then from its start
+        for ring, new in ((self.buf, rows[k - kept :]), (self.steps, steps[k - kept :])):
+            ring[start : start + head] = new[:head]
+            ring[: kept - head] = new[head:]
         self.sum[:] = sums[-1]
         self.pos = (self.pos + k) % size
         self.n = min(self.n + k, size)
@@ -279,10 +316,12 @@ class Detector:
         """`update` over consecutive steps: each step's new findings. The result, the amendments
         and the state afterwards are those of calling `update` on each step in turn: the quiet
         first steps are taken at once (`_bulk`), the rest one by one."""
-        k = self._bulk(block) if len(block) > 1 else 0
+        k = 0
+        if len(block) > 1:
+            k = self._bulk(block if isinstance(block, StepBlock) else StepBlock(block))
         return [[] for _ in range(k)] + [self.update(s) for s in block[k:]]
 
-    def _bulk(self, block: Sequence[StepStats]) -> int:
+    def _bulk(self, block: StepBlock) -> int:
         """Take the longest first part of `block` on which `update` would report nothing and end
         no episode, vectorised over its steps; return its length. Default: none."""
         return 0
@@ -400,10 +439,8 @@ class NonFiniteDetector(Detector):
             return []
         return self._report(s)
 
-    def _bulk(self, block: Sequence[StepStats]) -> int:
-        finite = np.isfinite([s.global_norm for s in block]) & ~_stack(block, "nonfinite").any(
-            axis=1
-        )
+    def _bulk(self, block: StepBlock) -> int:
+        finite = np.isfinite(block.field("global_norm")) & ~block.field("nonfinite").any(axis=1)
         k = _first(~finite)
         if k:
             self._active, self._run = False, 0
@@ -588,24 +625,26 @@ class VanishingDetector(Detector):
                 out.append(self._open(i, self._report(s, i, ratio, live[0], int(count[i]))))
         return out
 
-    def _bulk(self, block: Sequence[StepStats]) -> int:
-        g = _stack(block, "grad_norm")
-        live = self._live(g, _stack(block, "has_grad"), _stack_detail(block, "zero_frac", 1.0))
-        pushed = np.flatnonzero(np.count_nonzero(live, axis=1) >= 2)
-        if not len(pushed):
-            return len(block)
-        if len(pushed) < len(block):  # steps that say nothing are left out
+    def _bulk(self, block: StepBlock) -> int:
+        g = block.field("grad_norm")
+        live = self._live(g, block.field("has_grad"), block.detail("zero_frac", 1.0))
+        pushed = np.arange(len(block))
+        if g.shape[1] < 2 or not live.all():  # steps with < 2 live layers say nothing: left out
+            pushed = np.flatnonzero(np.count_nonzero(live, axis=1) >= 2)
+            if not len(pushed):
+                return len(block)
             g, live = g[pushed], live[pushed]
         tiny = self._measure(g, live)[1]
         rows = tiny.astype(np.float64)
         count = self._tiny.sums_after(rows)
-        is_open = np.zeros(g.shape[1], bool)
-        is_open[list(self._episodes)] = True
         judged = self._tiny.counts_after(len(rows)) >= self.patience
-        ends = count <= CLOSE_RATE * self.patience
-        starts = count >= math.ceil(OPEN_RATE * self.patience)
-        e = _first(judged & np.where(is_open, ends, starts).any(axis=1))
-        steps = np.array([block[i].step for i in pushed[:e]], dtype=np.int64)
+        flips = count >= math.ceil(OPEN_RATE * self.patience)  # an episode opens ...
+        if self._episodes:  # ... or ends
+            is_open = np.zeros(g.shape[1], bool)
+            is_open[list(self._episodes)] = True
+            flips = np.where(is_open, count <= CLOSE_RATE * self.patience, flips)
+        e = _first(judged & flips.any(axis=1))
+        steps = block.field("step")[pushed[:e]]
         if self._episodes:
             held = judged[:e, None] & tiny[:e] & is_open
             for i, step in zip(*_last_steps(held, steps), strict=True):
@@ -728,10 +767,10 @@ class ExplodingDetector(Detector):
         key = "exploding_clipped" if self._clipping else "exploding"
         return [self._open("global", self._finding(onset, name, "warning", gn, msg, key), s.step)]
 
-    def _bulk(self, block: Sequence[StepStats]) -> int:
+    def _bulk(self, block: StepBlock) -> int:
         if self._episodes or len(self._base) < self.baseline:
             return 0  # the baseline is still growing, or an episode may end: step by step
-        gn = np.array([s.global_norm for s in block])
+        gn = block.field("global_norm")
         judged = np.isfinite(gn) & (gn > 0)
         over = judged & ((gn > self.abs_threshold) | (gn > self.factor * _median(self._base)))
         k = _first(over)
@@ -815,10 +854,10 @@ class SpikeDetector(Detector):
         self._absorb(math.log(gn), sq)
         return []
 
-    def _bulk(self, block: Sequence[StepStats]) -> int:
+    def _bulk(self, block: StepBlock) -> int:
         if self._episodes:
             return 0  # the next step holds or ends the episode
-        sq = self._layer_squares(_stack(block, "grad_norm"), _stack(block, "has_grad"))
+        sq = self._layer_squares(block.field("grad_norm"), block.field("has_grad"))
         for k, s in enumerate(block):
             gn = s.global_norm
             if math.isfinite(gn) and gn > 0:
@@ -1140,18 +1179,23 @@ class DetachedDetector(Detector):
             return []
         return self._judge(s.step, ~live)
 
-    def _bulk(self, block: Sequence[StepStats]) -> int:
-        gn = np.array([s.global_norm for s in block])
-        kept = np.flatnonzero(~_all_zero(gn, _stack(block, "nonfinite")))
+    def _bulk(self, block: StepBlock) -> int:
+        kept = np.flatnonzero(~block.all_zero())
         if not len(kept):
             return len(block)
-        rows = block if len(kept) == len(block) else [block[i] for i in kept]
-        has = _stack(rows, "has_grad")
-        zero = self._exact_zero(_stack(rows, "grad_norm"), has, _stack_detail(rows, "zero_frac", 1))
+        g, has, zero_frac = (
+            block.field("grad_norm"),
+            block.field("has_grad"),
+            block.detail("zero_frac", 1),
+        )
+        if len(kept) < len(block):
+            g, has = g[kept], has[kept]
+            zero_frac = None if zero_frac is None else zero_frac[kept]
+        zero = self._exact_zero(g, has, zero_frac)
         live = has & ~zero
         none_rows, zero_rows = (~has).astype(np.float64), zero.astype(np.float64)
         none_sum, zero_sum = self._none.sums_after(none_rows), self._zero.sums_after(zero_rows)
-        n = self._none.counts_after(len(rows))
+        n = self._none.counts_after(len(kept))
         none_r = none_sum / np.maximum(n, 1)[:, None]
         miss = none_r + zero_sum / np.maximum(n, 1)[:, None]
         judged = n == self.patience
@@ -1172,7 +1216,7 @@ class DetachedDetector(Detector):
             e = _first(judged & ~np.where(is_open, keep, miss < self.starved_rate).all(axis=1))
         if not e:
             return int(kept[0])
-        steps = np.array([s.step for s in rows[:e]], dtype=np.int64)
+        steps = block.field("step")[kept[:e]]
         live = live[:e]
         fresh = (self._first_live < 0) & live.any(axis=0)
         if fresh.any():
@@ -1185,7 +1229,7 @@ class DetachedDetector(Detector):
                 self._hold(int(i), step)
         self._none.extend(none_rows[:e], steps, none_sum[:e])
         self._zero.extend(zero_rows[:e], steps, zero_sum[:e])
-        told = [s.trainable for s in rows[:e] if s.trainable is not None]
+        told = [block[i].trainable for i in kept[:e] if block[i].trainable is not None]
         if told:
             self._trainable = np.asarray(told[-1], dtype=bool).copy()
         return int(kept[e]) if e < len(kept) else len(block)
@@ -1360,9 +1404,8 @@ class ZeroGradientDetector(Detector):
         )
         return [self._open("zero", self._finding(s.step, None, "warning", rate, msg))]
 
-    def _bulk(self, block: Sequence[StepStats]) -> int:
-        gn = np.array([s.global_norm for s in block])
-        zero = _all_zero(gn, _stack(block, "nonfinite"))
+    def _bulk(self, block: StepBlock) -> int:
+        zero = block.all_zero()
         rows = zero[:, None].astype(np.float64)
         sums = self._win.sums_after(rows)
         n = self._win.counts_after(len(block))
@@ -1370,7 +1413,7 @@ class ZeroGradientDetector(Detector):
         held = self._episode("zero") is not None
         judged = n == self.patience
         e = _first(judged & ((rate < self.rate / 2) if held else (rate >= self.rate)))
-        steps = np.array([s.step for s in block[:e]], dtype=np.int64)
+        steps = block.field("step")[:e]
         hold = np.flatnonzero(judged[:e] & zero[:e])
         if held and len(hold):
             self._hold("zero", steps[hold[-1]])
@@ -1647,6 +1690,7 @@ class Diagnoser:
         findings, in the order and with the state `update` step by step would give."""
         if len(block) < 2:
             return [self.update(s) for s in block]
+        block = StepBlock(block)
         per_detector = [d.update_block(block) for d in self.detectors]
         out = [[f for found in per_detector for f in found[k]] for k in range(len(block))]
         for new in out:
