@@ -562,7 +562,7 @@ class VanishingDetector(Detector):
     def _measure(self, g: np.ndarray, live: np.ndarray) -> tuple[np.ndarray, ...]:
         """Per step (rows, each with 2+ live layers): each layer's ratio to the largest one, and
         whether it is tiny."""
-        top = np.max(g, axis=1, where=live, initial=-1.0, keepdims=True)
+        top = np.where(live, g, -1.0).max(axis=1, keepdims=True)
         ratio = np.where(live, g / top, 1.0)
         tiny = ratio < self.rel_threshold  # live layers only: the others' ratio is 1
         profile = ratio < self.profile_threshold
