@@ -12,6 +12,11 @@ episode ends -- or the run does -- that finding's message is completed with its 
 (`Diagnoser.findings` holds the completed finding; `take_amendments()` hands the pairs over).
 Everything is judged relative to the run itself (its largest layer, its first steps, its running
 history); absolute limits are kept only where they are physical (float32 overflow).
+
+A log step hands over a block of consecutive steps (`update_block`). A detector takes the quiet first
+steps of the block at once, vectorised over steps (`_bulk`: nothing reported, no episode ended --
+only windows, baselines and running moments advance), and the steps from the first eventful one on
+through `update`: a block gives exactly the findings, amendments and state of its steps one by one.
 """
 
 from __future__ import annotations
