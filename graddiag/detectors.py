@@ -204,8 +204,8 @@ def _clipped(block: Sequence[StepStats]) -> bool:
 
 def _first(mask: np.ndarray) -> int:
     """Index of the first True in `mask`, or its length."""
-    hit = np.flatnonzero(mask)
-    return int(hit[0]) if len(hit) else len(mask)
+    i = int(mask.argmax()) if len(mask) else 0
+    return i if len(mask) and mask[i] else len(mask)
 
 
 def _last_steps(mask: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -1201,16 +1201,15 @@ class DetachedDetector(Detector):
         none_rows, zero_rows = (~has).astype(np.float64), zero.astype(np.float64)
         none_sum, zero_sum = self._none.sums_after(none_rows), self._zero.sums_after(zero_rows)
         n = self._none.counts_after(len(kept))
-        none_r = none_sum / np.maximum(n, 1)[:, None]
-        miss = none_r + zero_sum / np.maximum(n, 1)[:, None]
+        none_r = none_sum / n[:, None]  # `rate()`; n >= 1 after a push
+        miss = none_r + zero_sum / n[:, None]
         judged = n == self.patience
-        is_open = np.zeros(len(has[0]), bool)
         if not self._episodes:  # as `_judge`: nothing to do unless a layer is flagged
             e = _first(judged & (miss >= self.starved_rate).any(axis=1))
         else:
             # quiet: each open episode is kept as it is and no other layer is flagged ("starved"
             # bounded by its rate alone)
-            starved = np.zeros(len(has[0]), bool)
+            is_open, starved = np.zeros(len(has[0]), bool), np.zeros(len(has[0]), bool)
             for i, ep in self._episodes.items():
                 is_open[i], starved[i] = True, ep[2] == "starved"
             absent = none_r >= self.rate
@@ -1234,7 +1233,7 @@ class DetachedDetector(Detector):
                 self._hold(int(i), step)
         self._none.extend(none_rows[:e], steps, none_sum[:e])
         self._zero.extend(zero_rows[:e], steps, zero_sum[:e])
-        told = [block[i].trainable for i in kept[:e] if block[i].trainable is not None]
+        told = [t for t in (block[i].trainable for i in kept[:e].tolist()) if t is not None]
         if told:
             self._trainable = np.asarray(told[-1], dtype=bool).copy()
         return int(kept[e]) if e < len(kept) else len(block)
@@ -1414,14 +1413,15 @@ class ZeroGradientDetector(Detector):
         rows = zero[:, None].astype(np.float64)
         sums = self._win.sums_after(rows)
         n = self._win.counts_after(len(block))
-        rate = sums[:, 0] / np.maximum(n, 1)
+        rate = sums[:, 0] / n  # `rate()`; n >= 1 after a push
         held = self._episode("zero") is not None
         judged = n == self.patience
         e = _first(judged & ((rate < self.rate / 2) if held else (rate >= self.rate)))
         steps = block.field("step")[:e]
-        hold = np.flatnonzero(judged[:e] & zero[:e])
-        if held and len(hold):
-            self._hold("zero", steps[hold[-1]])
+        if held:
+            hold = np.flatnonzero(judged[:e] & zero[:e])
+            if len(hold):
+                self._hold("zero", steps[hold[-1]])
         self._win.extend(rows[:e], steps, sums[:e])
         return e
 
