@@ -25,7 +25,7 @@ import copy
 import math
 import statistics
 import warnings
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -161,10 +161,10 @@ class StepBlock(Sequence[StepStats]):
     def __len__(self) -> int:
         return len(self._steps)
 
-    def __getitem__(self, i):
+    def __getitem__(self, i):  # a step, or a list of steps for a slice
         return self._steps[i]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[StepStats]:
         return iter(self._steps)
 
     def field(self, name: str) -> np.ndarray:
@@ -830,17 +830,16 @@ class SpikeDetector(Detector):
         var = (n * self._var + PRIOR_STEPS * PRIOR_SIGMA**2) / (n + PRIOR_STEPS)
         return (math.log(norm) - self._mean) / math.sqrt(var)
 
-    def _layer_squares(self, g: np.ndarray, has: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def _layer_squares(g: np.ndarray, has: np.ndarray) -> np.ndarray:
+        """Each layer's squared norm (0 without a finite gradient)."""
         return np.where(has & np.isfinite(g), g, 0.0) ** 2
 
     def _jumped(self, gn: float) -> float | None:
         """The z-score of a spike step, else None."""
         z = self.z_score(gn)
-        return (
-            z
-            if z > self.z_threshold and math.log(gn) - self._mean > math.log(self.min_ratio)
-            else None
-        )
+        jumped = z > self.z_threshold and math.log(gn) - self._mean > math.log(self.min_ratio)
+        return z if jumped else None
 
     def update(self, s: StepStats) -> list[Finding]:
         self._clipping |= _clipped([s])
@@ -1159,9 +1158,8 @@ class DetachedDetector(Detector):
         self._last_live = np.full(n, -1, dtype=np.int64)
         self._trainable: np.ndarray | None = None
 
-    def _exact_zero(
-        self, g: np.ndarray, has: np.ndarray, zero_frac: np.ndarray | None
-    ) -> np.ndarray:
+    @staticmethod
+    def _exact_zero(g: np.ndarray, has: np.ndarray, zero_frac: np.ndarray | None) -> np.ndarray:
         """Layers whose gradient exists but is exactly zero."""
         zero = has & (g == 0)
         if zero_frac is not None:

@@ -236,3 +236,31 @@ def test_a_healthy_block_is_taken_at_once(monkeypatch):
             monkeypatch.setattr(d, "update", lambda s, name=d.name: pytest.fail(name))
     assert diag.update_block(stream[50:]) == [[]] * 50
     assert vectorised <= set(DETECTORS)
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 7])
+def test_window_takes_a_block_as_pushes_do(size):
+    """`Window.sums_after` + `extend` against `push` row by row, with real values (float sums must
+    match exactly) and blocks shorter and longer than the window, from every ring position."""
+    rng = np.random.default_rng(size)
+    by_push, by_block = Window(size, 3), Window(size, 3)
+    step = 0
+    for k in [0, 1, 3, size, size + 1, 2 * size + 3, 1, 2] * 3:
+        rows = rng.normal(0, 1e3, (k, 3)) * rng.choice([1e-8, 1.0, 1e8], (k, 1))
+        steps = np.arange(step, step + k, dtype=np.int64)
+        step += k
+        expected = []
+        for row, t in zip(rows, steps, strict=True):
+            by_push.push(row, int(t))
+            expected.append(by_push.sum.copy())
+        sums = by_block.sums_after(rows)
+        assert np.array_equal(sums, np.reshape(expected, (k, 3)))
+        assert np.array_equal(
+            by_block.counts_after(k),
+            [min(n, size) for n in range(by_block.n + 1, by_block.n + k + 1)],
+        )
+        by_block.extend(rows, steps, sums)
+        assert same(vars(by_push), vars(by_block))
+        assert by_push.span() == by_block.span() and np.array_equal(
+            by_push.values(), by_block.values()
+        )
