@@ -1197,25 +1197,12 @@ class DetachedDetector(Detector):
         zero = self._exact_zero(g, has, zero_frac)
         live = has & ~zero
         none_rows, zero_rows = (~has).astype(np.float64), zero.astype(np.float64)
-        none_sum, zero_sum = self._none.sums_after(none_rows), self._zero.sums_after(zero_rows)
-        n = self._none.counts_after(len(kept))
-        none_r = none_sum / n[:, None]  # `rate()`; n >= 1 after a push
-        miss = none_r + zero_sum / n[:, None]
-        judged = n == self.patience
-        if not self._episodes:  # as `_judge`: nothing to do unless a layer is flagged
-            e = _first(judged & (miss >= self.starved_rate).any(axis=1))
-        else:
-            # quiet: each open episode is kept as it is and no other layer is flagged ("starved"
-            # bounded by its rate alone)
-            is_open, starved = np.zeros(len(has[0]), bool), np.zeros(len(has[0]), bool)
-            for i, ep in self._episodes.items():
-                is_open[i], starved[i] = True, ep[2] == "starved"
-            absent = none_r >= self.rate
-            zero_c = ~absent & (miss >= self.rate)
-            keep = np.where(
-                starved, ~absent & ~zero_c & (miss >= self.starved_rate / 2), miss >= self.rate / 2
-            )
-            e = _first(judged & ~np.where(is_open, keep, miss < self.starved_rate).all(axis=1))
+        if self._episodes or not (self.starved_rate > 0 and live.all()) or self._missed():
+            none_sum, zero_sum = self._none.sums_after(none_rows), self._zero.sums_after(zero_rows)
+            e, judged, is_open = self._first_flagged(none_sum, zero_sum)
+        else:  # no layer missed a step in the window nor in the block: every rate stays 0
+            none_sum = zero_sum = np.zeros(none_rows.shape)
+            e = len(kept)
         if not e:
             return int(kept[0])
         steps = block.field("step")[kept[:e]]
@@ -1235,6 +1222,34 @@ class DetachedDetector(Detector):
         if told:
             self._trainable = np.asarray(told[-1], dtype=bool).copy()
         return int(kept[e]) if e < len(kept) else len(block)
+
+    def _missed(self) -> bool:
+        """Whether a layer missed a step in the window."""
+        return bool(self._none.sum.any() or self._zero.sum.any())
+
+    def _first_flagged(
+        self, none_sum: np.ndarray, zero_sum: np.ndarray
+    ) -> tuple[int, np.ndarray, np.ndarray]:
+        """For the window sums after each step of a block: the first step where `_judge` would
+        act (open, end or change an episode), which steps are judged, and the open episodes."""
+        n = self._none.counts_after(len(none_sum))
+        none_r = none_sum / n[:, None]  # `rate()`; n >= 1 after a push
+        miss = none_r + zero_sum / n[:, None]
+        judged = n == self.patience
+        is_open = np.zeros(none_sum.shape[1], bool)
+        if not self._episodes:  # as `_judge`: nothing to do unless a layer is flagged
+            acts = (miss >= self.starved_rate).any(axis=1)
+        else:  # each open episode must be kept as it is, and no other layer be flagged
+            starved = np.zeros(none_sum.shape[1], bool)
+            for i, ep in self._episodes.items():
+                is_open[i], starved[i] = True, ep[2] == "starved"
+            absent = none_r >= self.rate
+            zero = ~absent & (miss >= self.rate)
+            keep = np.where(  # a "starved" episode is kept whatever its runs of misses
+                starved, ~absent & ~zero & (miss >= self.starved_rate / 2), miss >= self.rate / 2
+            )
+            acts = ~np.where(is_open, keep, miss < self.starved_rate).all(axis=1)
+        return _first(judged & acts), judged, is_open
 
     def finalize(self, step: int) -> list[Finding]:
         out = []
