@@ -1424,12 +1424,15 @@ class ZeroGradientDetector(Detector):
     def _bulk(self, block: StepBlock) -> int:
         zero = block.all_zero()
         rows = zero[:, None].astype(np.float64)
-        sums = self._win.sums_after(rows)
-        n = self._win.counts_after(len(block))
-        rate = sums[:, 0] / n  # `rate()`; n >= 1 after a push
         held = self._episode("zero") is not None
-        judged = n == self.patience
-        e = _first(judged & ((rate < self.rate / 2) if held else (rate >= self.rate)))
+        if held or not self.rate > 0 or zero.any() or self._win.sum.any():
+            sums = self._win.sums_after(rows)
+            n = self._win.counts_after(len(block))
+            rate = sums[:, 0] / n  # `rate()`; n >= 1 after a push
+            judged = n == self.patience
+            e = _first(judged & ((rate < self.rate / 2) if held else (rate >= self.rate)))
+        else:  # no zero step in the window nor in the block: the rate stays 0
+            sums, e = np.zeros(rows.shape), len(block)
         steps = block.field("step")[:e]
         if held:
             hold = np.flatnonzero(judged[:e] & zero[:e])

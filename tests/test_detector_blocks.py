@@ -85,6 +85,7 @@ def generate(seed: int) -> tuple[ModelInfo, list[StepStats], dict]:
         elif event == "starved":
             has[a:b, i] = rng.random(b - a) < 0.5
         elif event == "zero":
+            a = 0 if rng.random() < 0.3 else a  # judged first when the window fills
             norms[a:b:3] = 0.0
 
     stride = int(rng.choice([1, 1, 10]))
@@ -236,6 +237,30 @@ def test_a_healthy_block_is_taken_at_once(monkeypatch):
             monkeypatch.setattr(d, "update", lambda s, name=d.name: pytest.fail(name))
     assert diag.update_block(stream[50:]) == [[]] * 50
     assert vectorised <= set(DETECTORS)
+
+
+def test_a_quiet_block_still_judges_the_steps_before_it():
+    """Whole-gradient-zero steps only before the zero_gradient window (20 steps) fills: the block in
+    which it fills holds none, yet the window's rate (6 of 20) opens the episode there."""
+    layers = ("a", "b")
+    stream = [
+        StepStats(t, np.full(2, 0.0 if t < 6 else 1.0), np.ones(2, bool), np.zeros(2), 0.0)
+        for t in range(40)
+    ]
+    for s in stream[6:]:
+        s.global_norm = float(np.sqrt(2.0))
+    found = compare(ModelInfo(layers), stream, None, FixedBlocks([10, 30]))
+    assert [(f.kind, f.step) for f in found] == [("zero_gradient", 19)]
+
+
+class FixedBlocks:
+    """Block sizes in a fixed order, in place of a random generator's `integers`."""
+
+    def __init__(self, sizes):
+        self.sizes = iter(sizes)
+
+    def integers(self, lo, hi):
+        return next(self.sizes)
 
 
 @pytest.mark.parametrize("size", [1, 2, 5, 7])
