@@ -266,7 +266,7 @@ class FixedBlocks:
 @pytest.mark.parametrize("size", [1, 2, 5, 7])
 def test_window_takes_a_block_as_pushes_do(size):
     """`Window.sums_after` + `extend` against `push` row by row, with real values (float sums must
-    match exactly) and blocks shorter and longer than the window, from every ring position."""
+    match exactly) and blocks shorter and longer than the window, from many ring positions."""
     rng = np.random.default_rng(size)
     by_push, by_block = Window(size, 3), Window(size, 3)
     step = 0
