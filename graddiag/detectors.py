@@ -12,6 +12,11 @@ episode ends -- or the run does -- that finding's message is completed with its 
 (`Diagnoser.findings` holds the completed finding; `take_amendments()` hands the pairs over).
 Everything is judged relative to the run itself (its largest layer, its first steps, its running
 history); absolute limits are kept only where they are physical (float32 overflow).
+
+A log step hands over a block of consecutive steps (`update_block`). A detector takes the quiet first
+steps of the block at once, vectorised over steps (`_bulk`: nothing reported, no episode ended --
+only windows, baselines and running moments advance), and the steps from the first eventful one on
+through `update`: a block gives exactly the findings, amendments and state of its steps one by one.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import copy
 import math
 import statistics
 import warnings
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -145,6 +150,77 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
+class StepBlock(Sequence[StepStats]):
+    """Consecutive steps, with the fields that detectors vectorise over stacked once (steps x
+    layers, or one value per step) and shared between the detectors, which only read them."""
+
+    def __init__(self, steps: Iterable[StepStats]) -> None:
+        self._steps = list(steps)
+        self._stacked: dict[Hashable, np.ndarray | None] = {}
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def __getitem__(self, i):  # a step, or a list of steps for a slice
+        return self._steps[i]
+
+    def __iter__(self) -> Iterator[StepStats]:
+        return iter(self._steps)
+
+    def field(self, name: str) -> np.ndarray:
+        """`StepStats.<name>` of every step, stacked."""
+        if name not in self._stacked:
+            self._stacked[name] = np.array([getattr(s, name) for s in self._steps])
+        return self._stacked[name]
+
+    def detail(self, name: str, absent: float) -> np.ndarray | None:
+        """A detail field (None on most steps) stacked, `absent` on the steps without it; None when
+        no step has it."""
+        key = (name, absent)
+        if key not in self._stacked:
+            rows = [getattr(s, name) for s in self._steps]
+            out = None
+            if any(r is not None for r in rows):
+                out = np.full((len(rows), len(self._steps[0].grad_norm)), float(absent))
+                for k, r in enumerate(rows):
+                    if r is not None:
+                        out[k] = r
+            self._stacked[key] = out
+        return self._stacked[key]
+
+    def all_zero(self) -> np.ndarray:
+        """Per step: the whole gradient is exactly zero (or absent)."""
+        if "all_zero" not in self._stacked:
+            self._stacked["all_zero"] = _all_zero(
+                self.field("global_norm"), self.field("nonfinite")
+            )
+        return self._stacked["all_zero"]
+
+
+def _clipped(block: Sequence[StepStats]) -> bool:
+    """Whether clipping ran on any of these steps."""
+    return any(s.clip_coef is not None or s.layer_clip_coef is not None for s in block)
+
+
+def _first(mask: np.ndarray) -> int:
+    """Index of the first True in `mask`, or its length."""
+    i = int(mask.argmax()) if len(mask) else 0
+    return i if len(mask) and mask[i] else len(mask)
+
+
+def _last_steps(mask: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The columns of a steps x layers `mask` that are True somewhere, and the last step where."""
+    if not len(mask):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    cols = np.flatnonzero(mask.any(axis=0))
+    return cols, steps[len(mask) - 1 - np.argmax(mask[::-1], axis=0)[cols]]
+
+
+def _all_zero(global_norm: float | np.ndarray, nonfinite: np.ndarray) -> np.ndarray:
+    """Per step: the whole gradient is exactly zero (or absent)."""
+    return (global_norm == 0) & ~(nonfinite > 0).any(axis=-1)
+
+
 class Window:
     """The last `size` rows of per-layer 0/1 (or real) values with their running sum: rates over a
     window of steps, and the steps they came from."""
@@ -181,6 +257,37 @@ class Window:
             return self.buf[: self.n]
         return np.roll(self.buf, -self.pos, axis=0)
 
+    def sums_after(self, rows: np.ndarray) -> np.ndarray:
+        """The running sum after pushing each of `rows` in turn, by the same floating-point
+        operations as `push` (an accumulating sum is sequential), without pushing them."""
+        k = len(rows)
+        if self.pos + k <= len(self.steps):
+            left = self.buf[self.pos : self.pos + k]
+        else:
+            left = np.concatenate([self.buf[self.pos :], self.buf[: self.pos], rows])[:k]
+        change = rows - left
+        change[:1] += self.sum  # sum + change[0], then + change[1], ...: `push`'s order
+        return np.cumsum(change, axis=0)
+
+    def counts_after(self, k: int) -> np.ndarray:
+        """`n` after pushing each of `k` rows."""
+        return np.minimum(self.n + np.arange(1, k + 1), len(self.steps))
+
+    def extend(self, rows: np.ndarray, steps: np.ndarray, sums: np.ndarray) -> None:
+        """`push` each of `rows` in turn, given `sums_after(rows)`."""
+        k, size = len(rows), len(self.steps)
+        if not k:
+            return
+        kept = min(k, size)  # the last rows written
+        start = (self.pos + k - kept) % size
+        head = min(kept, size - start)  # before the end of the ring, then from its start
+        for ring, new in ((self.buf, rows[k - kept :]), (self.steps, steps[k - kept :])):
+            ring[start : start + head] = new[:head]
+            ring[: kept - head] = new[head:]
+        self.sum[:] = sums[-1]
+        self.pos = (self.pos + k) % size
+        self.n = min(self.n + k, size)
+
 
 class Detector:
     """Base class: subclasses set `name` and implement `update`.
@@ -211,10 +318,18 @@ class Detector:
         raise NotImplementedError
 
     def update_block(self, block: Sequence[StepStats]) -> list[list[Finding]]:
-        """`update` over consecutive steps: each step's new findings. Detectors whose per-step
-        work is vectorisable over steps override this; the result, the amendments and the state
-        afterwards are those of calling `update` on each step in turn."""
-        return [self.update(s) for s in block]
+        """`update` over consecutive steps: each step's new findings. The result, the amendments
+        and the state afterwards are those of calling `update` on each step in turn: the quiet
+        first steps are taken at once (`_bulk`), the rest one by one."""
+        k = 0
+        if len(block) > 1:
+            k = self._bulk(block if isinstance(block, StepBlock) else StepBlock(block))
+        return [[] for _ in range(k)] + [self.update(s) for s in block[k:]]
+
+    def _bulk(self, block: StepBlock) -> int:
+        """Take the longest first part of `block` on which `update` would report nothing and end
+        no episode, vectorised over its steps; return its length. Default: none."""
+        return 0
 
     def finalize(self, step: int) -> list[Finding]:
         """End of run: complete the findings of episodes still open."""
@@ -327,6 +442,16 @@ class NonFiniteDetector(Detector):
         if math.isfinite(s.global_norm) and not s.nonfinite.any():  # the common case, cheaply
             self._active, self._run = False, 0
             return []
+        return self._report(s)
+
+    def _bulk(self, block: StepBlock) -> int:
+        finite = np.isfinite(block.field("global_norm")) & ~block.field("nonfinite").any(axis=1)
+        k = _first(~finite)
+        if k:
+            self._active, self._run = False, 0
+        return k
+
+    def _report(self, s: StepStats) -> list[Finding]:
         bad = (s.nonfinite > 0) | (s.has_grad & ~np.isfinite(s.grad_norm))
         self._run += 1
         if self.amp:
@@ -431,44 +556,64 @@ class VanishingDetector(Detector):
         )
         return []
 
-    def _steady_decay(self, g: np.ndarray, live: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Layers on a steady decay below the largest one (backward order), and their depth below
-        it in live layers (for the per-layer shrink factor)."""
-        out = np.zeros(len(g), bool)
-        depth = np.zeros(len(g), np.int64)
-        if self._order is None:
-            return out, depth
-        seq = self._order[live[self._order]]
-        if len(seq) < 2:
-            return out, depth
-        top = int(np.argmax(g[seq]))
-        below = seq[top:]
-        rises = np.flatnonzero(np.diff(g[below]) > 0)
-        stop = int(rises[0]) + 1 if len(rises) else len(below)
-        out[below[1:stop]] = True
-        depth[below] = np.arange(len(below))
-        return out, depth
+    def _live(self, g: np.ndarray, has: np.ndarray, zero_frac: np.ndarray | None) -> np.ndarray:
+        """Per step (rows): the layers whose norm is compared -- finite and positive, or an
+        underflowed norm of a gradient that is not all zeros."""
+        live = has & np.isfinite(g) & (g > 0)
+        if zero_frac is not None:
+            live |= has & (g == 0) & (zero_frac < 1.0)
+        return live
 
-    def update(self, s: StepStats) -> list[Finding]:
-        g = s.grad_norm
-        live = s.has_grad & np.isfinite(g) & (g > 0)
-        if s.zero_frac is not None:  # an underflowed norm of a gradient that is not all zeros
-            live |= s.has_grad & (g == 0) & (s.zero_frac < 1.0)
-        if np.count_nonzero(live) < 2:
-            return []  # nothing to compare with: the step says nothing about vanishing
-        ref_i = int(np.argmax(np.where(live, g, -1.0)))
-        ratio = np.where(live, g / g[ref_i], 1.0)
-        rms_ratio = None
-        if self._sqrt_n is not None:
+    def _measure(self, g: np.ndarray, live: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Per step (rows, each with 2+ live layers): each layer's ratio to the largest one, and
+        whether it is tiny."""
+        top = np.where(live, g, -1.0).max(axis=1, keepdims=True)
+        ratio = np.where(live, g / top, 1.0)
+        tiny = ratio < self.rel_threshold  # live layers only: the others' ratio is 1
+        profile = ratio < self.profile_threshold
+        if self._sqrt_n is not None and (tiny | profile).any():
             rms = np.where(live, g / self._sqrt_n, 0.0)
-            rms_ratio = rms / rms.max()
-        steady, depth = self._steady_decay(g, live)
-        tiny = live & (ratio < self.rel_threshold)
-        profile = steady & (ratio < self.profile_threshold)
-        if rms_ratio is not None:
+            rms_ratio = rms / rms.max(axis=1, keepdims=True)
             tiny &= rms_ratio < self.rel_threshold
             profile &= rms_ratio < self.profile_threshold
-        tiny |= profile
+        if profile.any():
+            profile &= self._steady_decay(g, live)
+        return ratio, tiny | profile
+
+    def _steady_decay(self, g: np.ndarray, live: np.ndarray) -> np.ndarray:
+        """Per step (rows): the layers on a steady decay below the largest one (backward order:
+        each live layer smaller than the live one before it)."""
+        out = np.zeros(g.shape, bool)
+        if self._order is None or len(self._order) < 2:
+            return out
+        go, lo = g[:, self._order], live[:, self._order]
+        pos = np.arange(len(self._order))
+        if lo.all():
+            top = np.argmax(go, axis=1)[:, None]
+        else:  # a layer without a usable norm takes the last live one's: no rise there
+            top = np.argmax(np.where(lo, go, -np.inf), axis=1)[:, None]
+            go = np.take_along_axis(go, np.maximum.accumulate(np.where(lo, pos, 0), axis=1), 1)
+        below = lo[:, 1:] & (pos[1:] > top)
+        rises = below & (go[:, 1:] > go[:, :-1])
+        out[:, self._order[1:]] = below & ~np.logical_or.accumulate(rises, axis=1)
+        return out
+
+    def _depth(self, g: np.ndarray, live: np.ndarray, i: int) -> int:
+        """How many live layers layer `i` sits below the largest one in backward order (0 when it
+        is not below it)."""
+        if self._order is None:
+            return 0
+        seq = self._order[live[self._order]].tolist()
+        if i not in seq:
+            return 0
+        return max(seq.index(i) - int(np.argmax(g[seq])), 0)
+
+    def update(self, s: StepStats) -> list[Finding]:
+        g = s.grad_norm[None]
+        live = self._live(g, s.has_grad[None], None if s.zero_frac is None else s.zero_frac[None])
+        if np.count_nonzero(live) < 2:
+            return []  # nothing to compare with: the step says nothing about vanishing
+        ratio, tiny = (a[0] for a in self._measure(g, live))
         self._tiny.push(tiny.astype(np.float64), s.step)
         if self._tiny.n < self.patience:
             return []
@@ -482,18 +627,47 @@ class VanishingDetector(Detector):
         for i in np.flatnonzero(count >= math.ceil(OPEN_RATE * self.patience)):
             i = int(i)
             if self._episode(i) is None:
-                out.append(self._open(i, self._report(s, i, ref_i, ratio, depth, int(count[i]))))
+                out.append(self._open(i, self._report(s, i, ratio, live[0], int(count[i]))))
         return out
 
-    def _report(self, s, i, ref_i, ratio, depth, count) -> Finding:
+    def _bulk(self, block: StepBlock) -> int:
+        g = block.field("grad_norm")
+        live = self._live(g, block.field("has_grad"), block.detail("zero_frac", 1.0))
+        pushed = np.arange(len(block))
+        if g.shape[1] < 2 or not live.all():  # steps with < 2 live layers say nothing: left out
+            pushed = np.flatnonzero(np.count_nonzero(live, axis=1) >= 2)
+            if not len(pushed):
+                return len(block)
+            g, live = g[pushed], live[pushed]
+        tiny = self._measure(g, live)[1]
+        rows = tiny.astype(np.float64)
+        count = self._tiny.sums_after(rows)
+        judged = self._tiny.counts_after(len(rows)) >= self.patience
+        flips = count >= math.ceil(OPEN_RATE * self.patience)  # an episode opens ...
+        if self._episodes:  # ... or ends
+            is_open = np.zeros(g.shape[1], bool)
+            is_open[list(self._episodes)] = True
+            flips = np.where(is_open, count <= CLOSE_RATE * self.patience, flips)
+        e = _first(judged & flips.any(axis=1))
+        steps = block.field("step")[pushed[:e]]
+        if self._episodes:
+            held = judged[:e, None] & tiny[:e] & is_open
+            for i, step in zip(*_last_steps(held, steps), strict=True):
+                self._hold(int(i), step)
+        self._tiny.extend(rows[:e], steps, count[:e])
+        return int(pushed[e]) if e < len(pushed) else len(block)
+
+    def _report(self, s, i, ratio, live, count) -> Finding:
+        ref_i = int(np.argmax(np.where(live, s.grad_norm, -1.0)))
         layers = self.info.layers
         name, top = layers[i], layers[ref_i]
         a, b = self._tiny.span()
+        depth = self._depth(s.grad_norm, live, i)
         shrink = ""
-        if depth[i] > 0 and self._order is not None:
-            per_layer = ratio[i] ** (-1.0 / depth[i])
+        if depth > 0:
+            per_layer = ratio[i] ** (-1.0 / depth)
             shrink = (
-                f" In backward order it sits {_plural(int(depth[i]), 'layer')} below {top!r}, the "
+                f" In backward order it sits {_plural(depth, 'layer')} below {top!r}, the "
                 f"gradient shrinking about {per_layer:.1f}x per layer toward the input."
             )
         below = self.rel_threshold if ratio[i] < self.rel_threshold else self.profile_threshold
@@ -559,7 +733,7 @@ class ExplodingDetector(Detector):
         self._clipping = False
 
     def update(self, s: StepStats) -> list[Finding]:
-        self._clipping |= s.clip_coef is not None or s.layer_clip_coef is not None
+        self._clipping |= _clipped([s])
         gn = s.global_norm
         if not (math.isfinite(gn) and gn > 0):
             return []  # non-finite: the nonfinite detector's; zero: nothing exploded
@@ -597,6 +771,19 @@ class ExplodingDetector(Detector):
             )
         key = "exploding_clipped" if self._clipping else "exploding"
         return [self._open("global", self._finding(onset, name, "warning", gn, msg, key), s.step)]
+
+    def _bulk(self, block: StepBlock) -> int:
+        if self._episodes or len(self._base) < self.baseline:
+            return 0  # the baseline is still growing, or an episode may end: step by step
+        gn = block.field("global_norm")
+        judged = np.isfinite(gn) & (gn > 0)
+        over = judged & ((gn > self.abs_threshold) | (gn > self.factor * _median(self._base)))
+        k = _first(over)
+        self._clipping |= _clipped(block[:k])
+        calm = int(np.count_nonzero(judged[:k]))
+        if calm:
+            self._run, self._calm = 0, self._calm + calm
+        return k
 
 
 class SpikeDetector(Detector):
@@ -643,32 +830,61 @@ class SpikeDetector(Detector):
         var = (n * self._var + PRIOR_STEPS * PRIOR_SIGMA**2) / (n + PRIOR_STEPS)
         return (math.log(norm) - self._mean) / math.sqrt(var)
 
+    @staticmethod
+    def _layer_squares(g: np.ndarray, has: np.ndarray) -> np.ndarray:
+        """Each layer's squared norm (0 without a finite gradient)."""
+        return np.where(has & np.isfinite(g), g, 0.0) ** 2
+
+    def _jumped(self, gn: float) -> float | None:
+        """The z-score of a spike step, else None."""
+        z = self.z_score(gn)
+        jumped = z > self.z_threshold and math.log(gn) - self._mean > math.log(self.min_ratio)
+        return z if jumped else None
+
     def update(self, s: StepStats) -> list[Finding]:
-        self._clipping |= s.clip_coef is not None or s.layer_clip_coef is not None
+        self._clipping |= _clipped([s])
         gn = s.global_norm
         if not (math.isfinite(gn) and gn > 0):
             return []
-        x = math.log(gn)
-        sq = np.where(s.has_grad & np.isfinite(s.grad_norm), s.grad_norm, 0.0) ** 2
-        z = self.z_score(gn)
-        if z > self.z_threshold and x - self._mean > math.log(self.min_ratio):
+        sq = self._layer_squares(s.grad_norm, s.has_grad)
+        z = self._jumped(gn)
+        if z is not None:
             if self._episode("spike") is not None:
                 self._hold("spike", s.step)
                 return []
             return [self._open("spike", self._report(s, z, sq))]  # kept out of the history
         if self._episode("spike") is not None:
             self._close("spike")
+        self._absorb(math.log(gn), sq)
+        return []
+
+    def _bulk(self, block: StepBlock) -> int:
+        if self._episodes:
+            return 0  # the next step holds or ends the episode
+        sq = self._layer_squares(block.field("grad_norm"), block.field("has_grad"))
+        for k, s in enumerate(block):
+            gn = s.global_norm
+            if math.isfinite(gn) and gn > 0:
+                if self._jumped(gn) is not None:
+                    break
+                self._absorb(math.log(gn), sq[k])
+        else:
+            k = len(block)
+        self._clipping |= _clipped(block[:k])
+        return k
+
+    def _absorb(self, x: float, sq: np.ndarray) -> None:
+        """Add a step's log-norm `x` and layer squares `sq` to the history."""
         alpha = 1.0 / (self._n + 1) if self._n < self.window else 2.0 / (self.window + 1)
         self._n += 1
         if self._n == 1:
             self._mean = x
             self._layer_sq = sq
-            return []
+            return
         d = x - self._mean
         self._mean += alpha * d
         self._var = (1 - alpha) * (self._var + alpha * d * d)
         self._layer_sq = self._layer_sq + alpha * (sq - self._layer_sq)
-        return []
 
     def _report(self, s: StepStats, z: float, sq: np.ndarray) -> Finding:
         rise = sq - self._layer_sq
@@ -942,13 +1158,19 @@ class DetachedDetector(Detector):
         self._last_live = np.full(n, -1, dtype=np.int64)
         self._trainable: np.ndarray | None = None
 
+    @staticmethod
+    def _exact_zero(g: np.ndarray, has: np.ndarray, zero_frac: np.ndarray | None) -> np.ndarray:
+        """Layers whose gradient exists but is exactly zero."""
+        zero = has & (g == 0)
+        if zero_frac is not None:
+            zero &= zero_frac >= 1.0
+        return zero
+
     def update(self, s: StepStats) -> list[Finding]:
-        if s.global_norm == 0 and not np.any(s.nonfinite > 0):
+        if s.global_norm == 0 and _all_zero(s.global_norm, s.nonfinite):
             return []
         has = s.has_grad
-        zero = has & (s.grad_norm == 0)
-        if s.zero_frac is not None:
-            zero &= s.zero_frac >= 1.0
+        zero = self._exact_zero(s.grad_norm, has, s.zero_frac)
         live = has & ~zero
         self._first_live[live & (self._first_live < 0)] = s.step
         self._last_live[live] = s.step
@@ -959,6 +1181,75 @@ class DetachedDetector(Detector):
         if not self._none.full:
             return []
         return self._judge(s.step, ~live)
+
+    def _bulk(self, block: StepBlock) -> int:
+        kept = np.flatnonzero(~block.all_zero())
+        if not len(kept):
+            return len(block)
+        g, has, zero_frac = (
+            block.field("grad_norm"),
+            block.field("has_grad"),
+            block.detail("zero_frac", 1),
+        )
+        if len(kept) < len(block):
+            g, has = g[kept], has[kept]
+            zero_frac = None if zero_frac is None else zero_frac[kept]
+        zero = self._exact_zero(g, has, zero_frac)
+        live = has & ~zero
+        none_rows, zero_rows = (~has).astype(np.float64), zero.astype(np.float64)
+        if self._episodes or not (self.starved_rate > 0 and live.all()) or self._missed():
+            none_sum, zero_sum = self._none.sums_after(none_rows), self._zero.sums_after(zero_rows)
+            e, judged, is_open = self._first_flagged(none_sum, zero_sum)
+        else:  # no layer missed a step in the window nor in the block: every rate stays 0
+            none_sum = zero_sum = np.zeros(none_rows.shape)
+            e = len(kept)
+        if not e:
+            return int(kept[0])
+        steps = block.field("step")[kept[:e]]
+        live = live[:e]
+        fresh = (self._first_live < 0) & live.any(axis=0)
+        if fresh.any():
+            self._first_live[fresh] = steps[np.argmax(live, axis=0)[fresh]]
+        cols, last = _last_steps(live, steps)
+        self._last_live[cols] = last
+        if self._episodes:
+            held = judged[:e, None] & ~live & is_open
+            for i, step in zip(*_last_steps(held, steps), strict=True):
+                self._hold(int(i), step)
+        self._none.extend(none_rows[:e], steps, none_sum[:e])
+        self._zero.extend(zero_rows[:e], steps, zero_sum[:e])
+        told = [t for t in (block[i].trainable for i in kept[:e].tolist()) if t is not None]
+        if told:
+            self._trainable = np.asarray(told[-1], dtype=bool).copy()
+        return int(kept[e]) if e < len(kept) else len(block)
+
+    def _missed(self) -> bool:
+        """Whether a layer missed a step in the window."""
+        return bool(self._none.sum.any() or self._zero.sum.any())
+
+    def _first_flagged(
+        self, none_sum: np.ndarray, zero_sum: np.ndarray
+    ) -> tuple[int, np.ndarray, np.ndarray]:
+        """For the window sums after each step of a block: the first step where `_judge` would
+        act (open, end or change an episode), which steps are judged, and the open episodes."""
+        n = self._none.counts_after(len(none_sum))
+        none_r = none_sum / n[:, None]  # `rate()`; n >= 1 after a push
+        miss = none_r + zero_sum / n[:, None]
+        judged = n == self.patience
+        is_open = np.zeros(none_sum.shape[1], bool)
+        if not self._episodes:  # as `_judge`: nothing to do unless a layer is flagged
+            acts = (miss >= self.starved_rate).any(axis=1)
+        else:  # each open episode must be kept as it is, and no other layer be flagged
+            starved = np.zeros(none_sum.shape[1], bool)
+            for i, ep in self._episodes.items():
+                is_open[i], starved[i] = True, ep[2] == "starved"
+            absent = none_r >= self.rate
+            zero = ~absent & (miss >= self.rate)
+            keep = np.where(  # a "starved" episode is kept whatever its runs of misses
+                starved, ~absent & ~zero & (miss >= self.starved_rate / 2), miss >= self.rate / 2
+            )
+            acts = ~np.where(is_open, keep, miss < self.starved_rate).all(axis=1)
+        return _first(judged & acts), judged, is_open
 
     def finalize(self, step: int) -> list[Finding]:
         out = []
@@ -1108,7 +1399,7 @@ class ZeroGradientDetector(Detector):
         self._win = Window(self.patience, 1)
 
     def update(self, s: StepStats) -> list[Finding]:
-        zero = s.global_norm == 0 and not np.any(s.nonfinite > 0)
+        zero = s.global_norm == 0 and bool(_all_zero(s.global_norm, s.nonfinite))
         self._win.push(np.array([float(zero)]), s.step)
         if not self._win.full:
             return []
@@ -1129,6 +1420,26 @@ class ZeroGradientDetector(Detector):
             f"only momentum and weight decay."
         )
         return [self._open("zero", self._finding(s.step, None, "warning", rate, msg))]
+
+    def _bulk(self, block: StepBlock) -> int:
+        zero = block.all_zero()
+        rows = zero[:, None].astype(np.float64)
+        held = self._episode("zero") is not None
+        if held or not self.rate > 0 or zero.any() or self._win.sum.any():
+            sums = self._win.sums_after(rows)
+            n = self._win.counts_after(len(block))
+            rate = sums[:, 0] / n  # `rate()`; n >= 1 after a push
+            judged = n == self.patience
+            e = _first(judged & ((rate < self.rate / 2) if held else (rate >= self.rate)))
+        else:  # no zero step in the window nor in the block: the rate stays 0
+            sums, e = np.zeros(rows.shape), len(block)
+        steps = block.field("step")[:e]
+        if held:
+            hold = np.flatnonzero(judged[:e] & zero[:e])
+            if len(hold):
+                self._hold("zero", steps[hold[-1]])
+        self._win.extend(rows[:e], steps, sums[:e])
+        return e
 
 
 class AccumulationDetector(Detector):
@@ -1398,8 +1709,9 @@ class Diagnoser:
     def update_block(self, block: Sequence[StepStats]) -> list[list[Finding]]:
         """`update` over consecutive steps at once (what a log step reads back): each step's new
         findings, in the order and with the state `update` step by step would give."""
-        if not block:
-            return []
+        if len(block) < 2:
+            return [self.update(s) for s in block]
+        block = StepBlock(block)
         per_detector = [d.update_block(block) for d in self.detectors]
         out = [[f for found in per_detector for f in found[k]] for k in range(len(block))]
         for new in out:
