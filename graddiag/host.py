@@ -67,6 +67,8 @@ class RowLayout:
         end = n_params + len(self.SCALARS)
         self.layer_coef = slice(end, end + n_layers) if layer_coef else None
         self.width = end + (n_layers if layer_coef else 0)
+        #: rows -> (layer_of, the (row, layer) cell of each row's parameters) for `decode_block`
+        self._cells: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def blank(self) -> np.ndarray:
         """A row meaning "nothing measured": no gradients, no values, layer coefficients 1."""
@@ -93,25 +95,32 @@ class RowLayout:
         for k, kw in enumerate(known):
             h = kw.pop("has", None)
             has[k] = sumsq[k] != self.NO_GRAD if h is None else h
-        sq = np.where(has, sumsq, 0.0)
+        all_have = bool(has.all())
+        sq = sumsq if all_have else np.where(has, sumsq, 0.0)
         # per (row, layer) sums by bincount: a NaN stays in its own layer (a matmul would spread it)
-        cell = (np.arange(n)[:, None] * L + layer_of[None, :]).ravel()
+        cached = self._cells.get(n)
+        if cached is not None and cached[0] is layer_of:
+            cell = cached[1]
+        else:
+            cell = (np.arange(n)[:, None] * L + layer_of[None, :]).ravel()
+            self._cells[n] = (layer_of, cell)
         size = n * L
         norms = np.sqrt(np.bincount(cell, weights=sq.ravel(), minlength=size)).reshape(n, L)
-        bad = np.bincount(
-            cell, weights=(has & ~np.isfinite(sumsq)).ravel().astype(np.float64), minlength=size
-        ).reshape(n, L)
-        layer_has = (
-            np.bincount(cell, weights=has.ravel().astype(np.float64), minlength=size).reshape(n, L)
-            > 0
-        )
+        finite = np.isfinite(sumsq)
+        if all_have and finite.all():  # the common case: every layer present, nothing non-finite
+            bad = np.zeros((n, L))
+            layer_has = np.bincount(layer_of, minlength=L)[None, :].repeat(n, axis=0) > 0
+        else:
+            weights = (has & ~finite).ravel().astype(np.float64)
+            bad = np.bincount(cell, weights=weights, minlength=size).reshape(n, L)
+            counts = np.bincount(cell, weights=has.ravel().astype(np.float64), minlength=size)
+            layer_has = counts.reshape(n, L) > 0
         gnorm = np.sqrt(sq.sum(axis=1)).tolist()
-        c = {name: r[:, i].tolist() for name, i in self.col.items()}
+        scalars = r[:, self.n_params : self.n_params + len(self.SCALARS)].tolist()
         coefs = None if self.layer_coef is None else r[:, self.layer_coef].copy()
         out = []
         for k, step in enumerate(steps):
-            clip = c["clip_coef"][k]
-            reset, calls = c["grad_reset"][k], c["backward_calls"][k]
+            clip, skipped, reset, calls, has_loss, loss = scalars[k]
             stats = StepStats(
                 step=step,
                 grad_norm=norms[k],
@@ -122,8 +131,8 @@ class RowLayout:
                 layer_clip_coef=None if coefs is None or clip < 0 else coefs[k],
                 grad_reset=None if reset < 0 else bool(reset),
                 backward_calls=None if calls <= 0 else int(calls),
-                skipped=c["skipped"][k] > 0,
-                loss=c["loss"][k] if c["has_loss"][k] > 0 else None,
+                skipped=skipped > 0,
+                loss=loss if has_loss > 0 else None,
             )
             for name, value in known[k].items():
                 setattr(stats, name, value)
@@ -337,7 +346,8 @@ class HostPath:
             return [], 0, None
         core = self.core
         known = [{k: v for k, v in kw.items() if k not in _ROW_EXTRAS} for _, _, kw in steps]
-        rows = np.stack([np.asarray(row) for _, row, _ in steps])
+        rows = np.stack([np.asarray(r) for _, r, _ in steps]) if len(steps) > 1 else None
+        rows = np.asarray(steps[0][1])[None] if rows is None else rows
         block, has, sumsq = self.layout.decode_block(
             [step for step, _, _ in steps], rows, self.layer_of, known
         )
