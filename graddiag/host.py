@@ -346,8 +346,10 @@ class HostPath:
             return [], 0, None
         core = self.core
         known = [{k: v for k, v in kw.items() if k not in _ROW_EXTRAS} for _, _, kw in steps]
-        rows = np.stack([np.asarray(r) for _, r, _ in steps]) if len(steps) > 1 else None
-        rows = np.asarray(steps[0][1])[None] if rows is None else rows
+        if len(steps) == 1:
+            rows = np.asarray(steps[0][1])[None]
+        else:
+            rows = np.stack([np.asarray(r) for _, r, _ in steps])
         block, has, sumsq = self.layout.decode_block(
             [step for step, _, _ in steps], rows, self.layer_of, known
         )
