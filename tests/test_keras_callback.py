@@ -355,3 +355,49 @@ def test_fit_without_the_loss_through_scale_loss_still_monitors():
     assert all(s.global_norm > 0 for s in cb.monitor.history)
     assert "scale_loss" not in vars(custom.optimizer)
     cb.close()
+
+
+@pytest.mark.parametrize("per_execution", [1, 3])
+def test_log_steps_read_the_detail_and_histogram_rows_only_when_they_hold_one(
+    tmp_path, monkeypatch, per_execution
+):
+    """Each device read is a round trip: a log-step poll reads the ring buffer, and the detail,
+    histogram and update rows only when the steps it reads hold one — yet every detail step
+    ((s+1) % 3 == 0), update ratio and histogram (s % 4 == 0) still lands on its own step, also
+    with several steps per execution."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from graddiag import tags
+    from graddiag.tf import GradientMonitor
+
+    reads = []
+    real = GradientMonitor._process
+
+    def process(self, steps_done, arrays, later=False):
+        reads.append(sum(a is not None and a.ndim > 0 for a in arrays))  # row blocks read
+        return real(self, steps_done, arrays, later)
+
+    monkeypatch.setattr(GradientMonitor, "_process", process)
+    model, x, y = model_and_data()
+    model.compile(keras.optimizers.SGD(0.1), "mse", steps_per_execution=per_execution)
+    x, y = np.concatenate([x] * 3), np.concatenate([y] * 3)  # 12 batches
+    cb = GradDiagCallback(
+        str(tmp_path),
+        every=2,
+        detail_every=3,
+        hist_every=4,
+        detectors=NO_SPIKE,
+        print_summary=False,
+    )
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[cb])
+    cb.close()
+    hist = cb.monitor.history
+    assert [s.step for s in hist] == list(range(12))
+    assert [s.step for s in hist if s.grad_max is not None] == [2, 5, 8, 11]
+    assert [s.step for s in hist if s.update_ratio is not None] == [2, 5, 8, 11]
+    acc = EventAccumulator(str(tmp_path), size_guidance={"histograms": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Histograms(tags.hist_tag("fc"))] == [0, 4, 8]
+    assert min(reads) < max(reads)  # some polls leave rows unread
+    if per_execution == 1:
+        assert min(reads) == 1  # the buffer alone

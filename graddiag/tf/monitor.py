@@ -765,8 +765,30 @@ class GradientMonitor(MonitorAPI):
 
     # ------------------------------------------------------------------ host side
     def _fetch(self, steps_done: int, later: bool = False) -> list[Finding]:
-        """Read the buffer (one device read) and process the steps not yet seen."""
-        return self._process(steps_done, [v.numpy() for v in self._state()], later)
+        """Read the buffer and process the steps not yet seen. The detail, histogram and update
+        rows are read only when the steps read hold one (each read is a device round trip):
+        others get placeholders that `_process` leaves unused."""
+        first = max(self._fetched, steps_done - self._capacity)
+        d, h = self.detail_every, self.hist_every
+        # detail steps: (s + 1) % d == 0; histogram steps: s % h == 0 (as traced), s in the read
+        detail = bool(d) and steps_done // d > first // d
+        hist = bool(h) and (steps_done - 1) // h >= -(-first // h)
+        before = (first // d) * d - 1 if d else -1  # the last detail step before `first`
+        update = detail or before > self._ratio_done
+        skip = set()
+        if not detail and self._detail is not None:
+            skip |= {self._detail.ref(), self._detail_step.ref()}
+        if not hist and self._hist is not None:
+            skip |= {self._hist.ref(), self._hist_step.ref()}
+        if not update and self._update is not None:
+            skip |= {self._update.ref(), self._update_step.ref()}
+
+        def read(v: tf.Variable):
+            if v.ref() not in skip:
+                return v.numpy()
+            return np.asarray(-1) if v.dtype == tf.int64 else None  # "no step": rows unused
+
+        return self._process(steps_done, [read(v) for v in self._state()], later)
 
     def _process(
         self, steps_done: int, arrays: list[np.ndarray], later: bool = False
