@@ -125,6 +125,7 @@ class GradDiagCallback(keras.callbacks.Callback):
         self._plain: Any = None  # the model's train function before this fit's
         self._per_poll = 1  # optimizer steps per call of the train function
         self._rare_next = True  # whether the next batch has detail/histogram/update-ratio work
+        self._quiet = 0  # batches starting before this step need no poll and no rare work
         if nonfinite != "warn":  # an instance attribute: other modes only have a batch-end hook
             self.on_train_batch_end = self._check_batch_end
 
@@ -196,7 +197,7 @@ class GradDiagCallback(keras.callbacks.Callback):
         if self._traced is None or model.train_function is not self._traced[1]:
             self._plain = model.train_function  # (not ours: a fit that raised left ours there)
         key = self._trace_key()
-        self._per_poll, self._rare_next = per_poll, True
+        self._per_poll, self._rare_next, self._quiet = per_poll, True, 0
         if self._traced is not None and self._traced[0] == key:
             model.train_function = self._traced[1]  # traced (and compiled) by an earlier fit
         else:
@@ -243,15 +244,21 @@ class GradDiagCallback(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         if self.monitor is not None and self._optimizer is not None:
             self._base = int(self.monitor._count.numpy())  # one scalar per epoch
+        self._quiet = 0  # checked afresh at the epoch's first batch
 
     def on_train_batch_begin(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
         # `batch` steps of this epoch are done: read the device only if a log step has passed
         mon = self.monitor
         if mon is None or self._optimizer is None:
             return
-        self._rare_next = mon._rare_due(self._base + batch, self._per_poll)
-        if mon._log_due(self._base + batch):
+        step = self._base + batch
+        if step < self._quiet:  # nothing due before then: no Python per batch beyond this
+            self._rare_next = False
+            return
+        self._rare_next = mon._rare_due(step, self._per_poll)
+        if mon._log_due(step):
             mon._poll(later=True)  # reads the step counter, then the buffer; diagnosed off-thread
+        self._quiet = mon._quiet_until(step + 1, self._per_poll)
 
     def _check_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
         """`on_train_batch_end` under "skip"/"raise": a non-finite step is reported at once."""

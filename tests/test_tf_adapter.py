@@ -783,3 +783,28 @@ def test_a_monitored_tape_logs_its_scalar_target_as_the_loss():
         losses.append(float(loss))
     mon.close()
     assert [s.loss for s in mon.history] == pytest.approx(losses, rel=1e-6)
+
+
+def test_quiet_until_is_the_first_batch_that_needs_a_poll_or_the_rare_work():
+    """`_quiet_until` (the Keras callback's per-batch shortcut) against the two predicates it
+    stands for, evaluated batch by batch, over random settings, read-back points and batch sizes:
+    every batch before it needs neither, and the batch at it needs one."""
+    rng = np.random.default_rng(0)
+    model = mlp()
+    for _ in range(300):
+        every, detail, hist = (
+            int(rng.integers(1, 9)),
+            int(rng.integers(0, 9)),
+            int(rng.integers(0, 9)),
+        )
+        mon = GradientMonitor(model, every=every, detail_every=detail, hist_every=hist)
+        mon._fetched = int(rng.integers(0, 40))
+        first = mon._fetched + int(rng.integers(0, 10))
+        steps = int(rng.integers(1, 5))
+
+        def due(b, mon=mon, steps=steps):
+            return mon._log_due(b) or mon._rare_due(b, steps)
+
+        quiet = mon._quiet_until(first, steps)
+        assert not any(due(b) for b in range(first, quiet))
+        assert due(max(quiet, first)) or not any(due(b) for b in range(first, first + 200))

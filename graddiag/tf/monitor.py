@@ -530,6 +530,17 @@ class GradientMonitor(MonitorAPI):
             (d and (s + 1) % d == 0) or (h and s % h == 0) for s in range(first, first + steps)
         )
 
+    def _quiet_until(self, first: int, steps: int) -> int:
+        """The first step from which a batch of `steps` steps may need a poll (`_log_due`) or
+        the rare work (`_rare_due`); batches starting before it need neither. For a caller
+        that checks once per batch (the Keras callback) instead of evaluating both each time."""
+        ks = [k for k in (self.every, self.detail_every, self.hist_every) if k]
+        log = min(((self._fetched // k) + 1) * k for k in ks) if ks else 1 << 62
+        d, h = self.detail_every, self.hist_every
+        rare = [((first // d) + 1) * d - 1] if d else []  # the next s >= first: (s+1) % d == 0
+        rare += [-(-first // h) * h] if h else []  # the next s >= first: s % h == 0
+        return min([log, *(r - steps + 1 for r in rare)])
+
     def _log_due(self, steps_done: int) -> bool:
         """Whether a log, detail or histogram step is among the steps before `steps_done` that the
         host has not read back yet."""
