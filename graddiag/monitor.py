@@ -176,7 +176,14 @@ def _plain_signature(s: StepStats) -> tuple[bool, ...] | None:
         or s.nonfinite.any()
     ):
         return None
-    return tuple(getattr(s, stat) is not None for stat in (*_PLAIN_SCALARS, "layer_clip_coef"))
+    return (
+        s.clip_coef is not None,
+        s.grad_reset is not None,
+        s.backward_calls is not None,
+        s.grads_modified is not None,
+        s.loss is not None,
+        s.layer_clip_coef is not None,
+    )
 
 
 class TensorBoardSink:
