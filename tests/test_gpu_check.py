@@ -32,7 +32,7 @@ def test_dry_run_on_the_cpu_passes_and_prints_one_table(gpu_check, capsys):
     assert code == 0, out
     rows = [line for line in out.splitlines() if line.startswith("| ")]
     checks = [r.split("|")[1].strip() for r in rows[1:]]
-    assert sum(c.startswith("overhead ") for c in checks) == 6  # 3 models x 2 settings
+    assert sum(c.startswith("overhead ") for c in checks) == 9  # 3 models x 3 settings
     assert sum(c.startswith("no host sync") for c in checks) == 2
     assert "reference engine GPU check" in checks
     assert "FAIL" not in out and "all checks passed" in out
