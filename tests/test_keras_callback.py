@@ -114,6 +114,11 @@ def test_loss_scale_optimizer_statistics_are_unscaled():
     model.fit(x[:BATCH], y[:BATCH], batch_size=BATCH, epochs=1, verbose=0, callbacks=[cb])
     ref = math.sqrt(sum(float(tf.norm(g)) ** 2 for g in grads[2:]))
     assert cb.monitor.history[0].grad_norm[1] == pytest.approx(ref, rel=REL)
+    # the loss logged is the batch's loss before the update (a fresh copy of the initial model
+    # computes it), not the loss times the 1024 loss scale
+    initial = model_and_data()[0]
+    before = float(tf.reduce_mean((initial(x[:BATCH]) - y[:BATCH]) ** 2))
+    assert cb.monitor.history[0].loss == pytest.approx(before, rel=REL)
 
 
 def test_bad_settings_fail_at_construction():
