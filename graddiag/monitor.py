@@ -417,13 +417,7 @@ class MonitorCore:
 
     def process(self, stats: StepStats) -> list[Finding]:
         """Run the detectors on one step, log it, and return its new findings."""
-        new = self.diagnoser.update(stats)
-        self.history.append(stats)
-        if self.sink is not None:
-            self.sink.write_step(stats, len(new))
-        if new:
-            self._emit(stats.step, new)
-        return new
+        return self.process_block([stats])[0]
 
     def process_block(self, block: list[StepStats]) -> list[list[Finding]]:
         """`process` over consecutive steps at once: each step's new findings."""
