@@ -786,8 +786,9 @@ def test_a_monitored_tape_logs_its_scalar_target_as_the_loss():
 
 
 def test_quiet_until_is_the_first_batch_that_needs_a_poll_or_the_rare_work():
-    """`_quiet_until` (the Keras callback's per-batch shortcut) against the two predicates it
-    stands for, evaluated batch by batch, over random settings, read-back points and batch sizes:
+    """`_quiet_until` (the Keras callback's per-batch shortcut) against what it stands for —
+    a poll due, or a detail/histogram step in the batch, by the traced step formulas —,
+    evaluated batch by batch, over random settings, read-back points and batch sizes:
     every batch before it needs neither, and the batch at it needs one."""
     rng = np.random.default_rng(0)
     model = mlp()
@@ -802,8 +803,9 @@ def test_quiet_until_is_the_first_batch_that_needs_a_poll_or_the_rare_work():
         first = mon._fetched + int(rng.integers(0, 10))
         steps = int(rng.integers(1, 5))
 
-        def due(b, mon=mon, steps=steps):
-            return mon._log_due(b) or mon._rare_due(b, steps)
+        def due(b, mon=mon, steps=steps, d=detail, h=hist):  # the traced step predicates
+            rare = any((d and (s + 1) % d == 0) or (h and s % h == 0) for s in range(b, b + steps))
+            return mon._log_due(b) or rare
 
         quiet = mon._quiet_until(first, steps)
         assert not any(due(b) for b in range(first, quiet))

@@ -47,6 +47,8 @@ log = logging.getLogger("graddiag")
 
 READ_BACK = ("callback", "poll")
 #: Sum of squares written for a variable without a gradient (real sums are >= 0, NaN or Inf).
+#: a step number never reached (no such step: detail statistics or histograms off)
+_NEVER = 1 << 62
 _NO_GRAD = RowLayout.NO_GRAD
 
 
@@ -522,24 +524,29 @@ class GradientMonitor(MonitorAPI):
             self._bad.assign(False)
         return self._fetch(steps_done, later)
 
+    def _next_detail(self, first: int) -> int:
+        """The first detail (and update-ratio) step >= `first`: (s + 1) % detail_every == 0, as
+        traced; a step never reached without detail statistics."""
+        d = self.detail_every
+        return ((first // d) + 1) * d - 1 if d else _NEVER
+
+    def _next_hist(self, first: int) -> int:
+        """The first histogram step >= `first`: s % hist_every == 0, as traced."""
+        h = self.hist_every
+        return -(-first // h) * h if h else _NEVER
+
     def _rare_due(self, first: int, steps: int) -> bool:
         """Whether a detail (and update-ratio) or histogram step is among steps `first` to
         `first + steps - 1`."""
-        d, h = self.detail_every, self.hist_every
-        return any(
-            (d and (s + 1) % d == 0) or (h and s % h == 0) for s in range(first, first + steps)
-        )
+        return min(self._next_detail(first), self._next_hist(first)) < first + steps
 
     def _quiet_until(self, first: int, steps: int) -> int:
         """The first step from which a batch of `steps` steps may need a poll (`_log_due`) or
         the rare work (`_rare_due`); batches starting before it need neither. For a caller
         that checks once per batch (the Keras callback) instead of evaluating both each time."""
         ks = [k for k in (self.every, self.detail_every, self.hist_every) if k]
-        log = min(((self._fetched // k) + 1) * k for k in ks) if ks else 1 << 62
-        d, h = self.detail_every, self.hist_every
-        rare = [((first // d) + 1) * d - 1] if d else []  # the next s >= first: (s+1) % d == 0
-        rare += [-(-first // h) * h] if h else []  # the next s >= first: s % h == 0
-        return min([log, *(r - steps + 1 for r in rare)])
+        log = min(((self._fetched // k) + 1) * k for k in ks) if ks else _NEVER
+        return min(log, min(self._next_detail(first), self._next_hist(first)) - steps + 1)
 
     def _log_due(self, steps_done: int) -> bool:
         """Whether a log, detail or histogram step is among the steps before `steps_done` that the
@@ -780,10 +787,9 @@ class GradientMonitor(MonitorAPI):
         rows are read only when the steps read hold one (each read is a device round trip):
         others get placeholders that `_process` leaves unused."""
         first = max(self._fetched, steps_done - self._capacity)
-        d, h = self.detail_every, self.hist_every
-        # detail steps: (s + 1) % d == 0; histogram steps: s % h == 0 (as traced), s in the read
-        detail = bool(d) and steps_done // d > first // d
-        hist = bool(h) and (steps_done - 1) // h >= -(-first // h)
+        detail = self._next_detail(first) < steps_done
+        hist = self._next_hist(first) < steps_done
+        d = self.detail_every
         before = (first // d) * d - 1 if d else -1  # the last detail step before `first`
         update = detail or before > self._ratio_done
         skip = set()
