@@ -803,7 +803,7 @@ def test_quiet_until_is_the_first_batch_that_needs_a_poll_or_the_rare_work():
         first = mon._fetched + int(rng.integers(0, 10))
         steps = int(rng.integers(1, 5))
 
-        def due(b, mon=mon, steps=steps, d=detail, h=hist):  # the traced step predicates
+        def due(b, mon=mon, steps=steps, d=mon.detail_every, h=mon.hist_every):  # as traced
             rare = any((d and (s + 1) % d == 0) or (h and s % h == 0) for s in range(b, b + steps))
             return mon._log_due(b) or rare
 
