@@ -88,8 +88,13 @@ class RowLayout:
         """`decode` of consecutive rows at once (a log step's read-back), vectorised over rows:
         each row's `StepStats`, and per row which parameters had a gradient and their sums of
         squares (zero where none). `known[k]` is row k's `known` (it is consumed)."""
-        r = np.asarray(rows, dtype=np.float64).reshape(len(steps), self.width)
+        r = np.asarray(rows, dtype=np.float64)
         n, P, L = len(steps), self.n_params, self.n_layers
+        if r.shape != (n, self.width) or len(known) != n:
+            raise ValueError(
+                f"Expected `rows` of shape ({n}, {self.width}) (one row of this layout per step) "
+                f"and {n} `known` dicts, got shape {r.shape} and {len(known)}"
+            )
         sumsq = r[:, self.sumsq]
         has = np.empty((n, P), dtype=bool)
         for k, kw in enumerate(known):
@@ -346,6 +351,12 @@ class HostPath:
             return [], 0, None
         core = self.core
         known = [{k: v for k, v in kw.items() if k not in _ROW_EXTRAS} for _, _, kw in steps]
+        bad = [(step, np.shape(r)) for step, r, _ in steps if np.shape(r) != (self.layout.width,)]
+        if bad:
+            raise ValueError(
+                f"Expected each step's row in `steps` to have shape ({self.layout.width},), got "
+                f"step {bad[0][0]}: {bad[0][1]}"
+            )
         if len(steps) == 1:
             rows = np.asarray(steps[0][1])[None]
         else:

@@ -330,3 +330,19 @@ def test_ingest_block_equals_ingest_step_by_step(tmp_path, nonfinite, plain):
         s1.sort_values(keys).reset_index(drop=True), s2.sort_values(keys).reset_index(drop=True)
     )
     assert len(s1) >= 5 * len(h1)  # every step logged its scalars
+
+
+def test_blocks_of_the_wrong_shape_are_refused_by_name():
+    """A block whose rows do not match the layout fails with a message naming the argument, the
+    step and the shapes, before anything is diagnosed or logged."""
+    h = host()
+    good = row(h.layout, [1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match=r"`rows` of shape \(2, 9\).*got shape \(2, 8\)"):
+        h.layout.decode_block([0, 1], np.stack([good[:-1], good[:-1]]), LAYER_OF, [{}, {}])
+    with pytest.raises(
+        ValueError, match=r"row in `steps` to have shape \(9,\), got step 1: \(1, 9\)"
+    ):
+        h.ingest_block([(0, good, {}), (1, good[None], {})])
+    assert not h.core.history  # nothing ingested
+    h.ingest_block([(0, good, {}), (1, good, {})])
+    assert [s.step for s in h.core.history] == [0, 1]
