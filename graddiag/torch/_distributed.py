@@ -33,6 +33,9 @@ from torch import nn
 from graddiag.findings import Finding
 from graddiag.torch._measure import Plan, detail_rows, histogram_rows
 
+#: How many parameter orders `Distributed.sum_over_shards` keeps on the device.
+_MAX_ORDERS = 64
+
 
 def attach(model: nn.Module, per_rank_logs: bool) -> Distributed | None:
     """The distributed context of `model`, or None outside an initialized process group of two or
@@ -181,6 +184,7 @@ class Distributed:
         self._flags: torch.Tensor | None = None
         self._shard_groups: list[Any] = []
         self._replicated: np.ndarray | None = None
+        self._orders: dict[tuple[bytes, str], tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def install(self, model: nn.Module) -> None:
         """Flag each rank's local gradients before they are reduced. DDP: the flagging
@@ -253,10 +257,8 @@ class Distributed:
         order, since ranks may order their plans differently)."""
         if not self.sharded or not len(idx):
             return values
-        order = np.argsort(idx, kind="stable")
-        pos = torch.as_tensor(order, device=values.device)
+        pos, w = self._positions(np.asarray(idx), values.device)
         vec = values.index_select(0, pos).double()
-        w = self._weights(np.asarray(idx)[order], vec.device)
         if w is not None:
             vec = vec * w
         for g in self._shard_groups:
@@ -264,6 +266,20 @@ class Distributed:
         out = torch.empty_like(vec)
         out[pos] = vec
         return out.to(values.dtype)
+
+    def _positions(self, idx: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The device tensors `sum_over_shards` needs for `idx` (the order into parameter order,
+        the weights), made once per `idx`: a host-to-device copy waits for the device (a host
+        sync on CUDA), so ordinary steps, which reduce in the same plan order, reuse them."""
+        key = (idx.tobytes(), str(device))
+        hit = self._orders.get(key)
+        if hit is None:
+            order = np.argsort(idx, kind="stable")
+            pos = torch.as_tensor(order, device=device)
+            if len(self._orders) >= _MAX_ORDERS:  # rare orders (non-finite steps) do not pile up
+                self._orders.clear()
+            hit = self._orders[key] = (pos, self._weights(idx[order], device))
+        return hit
 
     def reducer(self, plan: Plan) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """A function summing a plan-ordered vector of sums of squares over the shards."""
