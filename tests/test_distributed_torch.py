@@ -40,6 +40,7 @@ REL_UPDATE = 1e-3
 #: Seconds two ranks may take for one launch (start-up included) before it counts as a hang.
 TIMEOUT_S = 240
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_dist_worker.py")
+ROOT = os.path.dirname(os.path.dirname(WORKER))
 
 
 def _free_port() -> int:
@@ -52,7 +53,12 @@ def launch(scenarios: list[str], out) -> dict[str, list[dict]]:
     """Run `scenarios` ("name:arg") one after the other in one 2-rank process group; return
     each one's per-rank results. Fails (and kills both ranks) on a hang."""
     port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore::FutureWarning"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONWARNINGS": "ignore::FutureWarning",
+        "PYTHONPATH": ROOT,  # the ranks run this tree's graddiag, not an installed one
+    }
     cmd = [sys.executable, WORKER, ",".join(scenarios)]
     procs = [
         subprocess.Popen(
