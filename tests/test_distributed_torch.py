@@ -318,3 +318,14 @@ def test_fsdp2_sum_over_shards_copies_its_order_to_the_device_once(monkeypatch):
         assert again.tolist() == (values * 2).tolist()
     finally:
         dist.destroy_process_group()
+
+
+def test_fsdp1_and_two_device_meshes_are_refused_at_construction(tmp_path):
+    """Both are known when the monitor is built: the constructor refuses them, naming `model`
+    (and the two meshes), before any training step."""
+    for res in launch(["refused:models"], tmp_path)["refused:models"]:
+        assert res["two_meshes"] is not None, "the monitor was built over two meshes"
+        assert "`model`" in res["two_meshes"]
+        assert "DeviceMesh((2,)" in res["two_meshes"] and "r=1, s=2" in res["two_meshes"]
+        assert res["fsdp1"] is not None and "`model`" in res["fsdp1"]
+        assert "FullyShardedDataParallel (FSDP1)" in res["fsdp1"]

@@ -53,9 +53,16 @@ def attach(model: nn.Module, per_rank_logs: bool) -> Distributed | None:
             "measure (its flat parameters hide the layers); shard it with "
             "torch.distributed.fsdp.fully_shard (FSDP2) instead"
         )
-    sharded = [p for p in model.parameters() if isinstance(p, DTensor)]
+    sharded = [p for p in model.parameters() if isinstance(p, DTensor) and p.requires_grad]
     if sharded:
-        return Distributed(per_rank_logs, mesh=sharded[0].device_mesh)
+        mesh = sharded[0].device_mesh
+        other = next((p.device_mesh for p in sharded if p.device_mesh != mesh), None)
+        if other is not None:
+            raise ValueError(
+                "graddiag measures FSDP2 models whose trainable parameters share one device "
+                f"mesh; `model` has parameters on {mesh} and on {other}"
+            )
+        return Distributed(per_rank_logs, mesh=mesh)
     ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else _find_ddp(model)
     return Distributed(per_rank_logs, ddp=ddp)
 
@@ -223,12 +230,7 @@ class Distributed:
             return
         dims = set()
         for p in params:
-            if isinstance(p, DTensor):
-                if p.device_mesh != self.mesh:
-                    raise ValueError(
-                        "graddiag measures FSDP2 models whose parameters share one device mesh; "
-                        f"got {self.mesh} and {p.device_mesh}"
-                    )
+            if isinstance(p, DTensor):  # on `self.mesh`, checked by `attach`
                 dims |= {d for d, pl in enumerate(p.placements) if isinstance(pl, Shard)}
         self._shard_groups = [self.mesh.get_group(d) for d in sorted(dims)]
         # a parameter that is not sharded is the same on every rank: counted once per group
