@@ -49,75 +49,68 @@ def models():
     ]
 
 
+def _variant(wrap, logdir, monitor: bool, clip: bool, torch_clip: bool):
+    """make(build) for one variant: `wrap(net)` is the module that runs forward (and that the
+    monitor is given)."""
+
+    def build(factory):
+        net = factory()
+        fwd = wrap(net)
+        opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+        if monitor:
+            GradientMonitor(
+                fwd, opt, logdir=logdir(), clip=GlobalNormClip(MAX_NORM) if clip else None
+            )
+
+        def step(loss):
+            opt.zero_grad()
+            loss.backward()
+            if torch_clip:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), MAX_NORM)
+            opt.step()
+
+        return fwd, step
+
+    return build
+
+
 def ddp_variants(logdir):
     """name -> make(build) -> (forward module, step(loss))"""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-    def make(monitor: bool, clip: bool, torch_clip: bool, python_hook: bool = False):
-        def build(factory):
-            net = factory()
-            ddp = nn.parallel.DistributedDataParallel(net)
-            if python_hook:  # what replacing DDP's C++ all-reduce by a Python hook costs
-                from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    def ddp(net):
+        return nn.parallel.DistributedDataParallel(net)
 
-                ddp.register_comm_hook(None, default_hooks.allreduce_hook)
-            opt = torch.optim.SGD(net.parameters(), lr=1e-3)
-            if monitor:
-                GradientMonitor(
-                    ddp, opt, logdir=logdir(), clip=GlobalNormClip(MAX_NORM) if clip else None
-                )
-
-            def step(loss):
-                opt.zero_grad()
-                loss.backward()
-                if torch_clip:
-                    torch.nn.utils.clip_grad_norm_(net.parameters(), MAX_NORM)
-                opt.step()
-
-            return ddp, step
-
-        return build
+    def ddp_python_hook(net):  # what replacing DDP's C++ all-reduce by a Python hook costs
+        wrapped = ddp(net)
+        wrapped.register_comm_hook(None, default_hooks.allreduce_hook)
+        return wrapped
 
     return {
-        "DDP": make(False, False, False),
-        "DDP + clip_grad_norm_": make(False, False, True),
-        "DDP + torch's Python allreduce_hook": make(False, False, False, python_hook=True),
-        "DDP + graddiag": make(True, False, False),
-        "DDP + graddiag clip=": make(True, True, False),
+        "DDP": _variant(ddp, logdir, False, False, False),
+        "DDP + clip_grad_norm_": _variant(ddp, logdir, False, False, True),
+        "DDP + torch's Python allreduce_hook": _variant(
+            ddp_python_hook, logdir, False, False, False
+        ),
+        "DDP + graddiag": _variant(ddp, logdir, True, False, False),
+        "DDP + graddiag clip=": _variant(ddp, logdir, True, True, False),
     }
 
 
 def fsdp_variants(logdir):
     from torch.distributed.fsdp import fully_shard
 
-    def make(monitor: bool, clip: bool, torch_clip: bool):
-        def build(factory):
-            net = factory()
-            for m in net:
-                if isinstance(m, nn.Linear):
-                    fully_shard(m)
-            fully_shard(net)
-            opt = torch.optim.SGD(net.parameters(), lr=1e-3)
-            if monitor:
-                GradientMonitor(
-                    net, opt, logdir=logdir(), clip=GlobalNormClip(MAX_NORM) if clip else None
-                )
-
-            def step(loss):
-                opt.zero_grad()
-                loss.backward()
-                if torch_clip:
-                    torch.nn.utils.clip_grad_norm_(net.parameters(), MAX_NORM)
-                opt.step()
-
-            return net, step
-
-        return build
+    def shard(net):
+        for m in net:
+            if isinstance(m, nn.Linear):
+                fully_shard(m)
+        return fully_shard(net)
 
     return {
-        "FSDP2": make(False, False, False),
-        "FSDP2 + clip_grad_norm_": make(False, False, True),
-        "FSDP2 + graddiag": make(True, False, False),
-        "FSDP2 + graddiag clip=": make(True, True, False),
+        "FSDP2": _variant(shard, logdir, False, False, False),
+        "FSDP2 + clip_grad_norm_": _variant(shard, logdir, False, False, True),
+        "FSDP2 + graddiag": _variant(shard, logdir, True, False, False),
+        "FSDP2 + graddiag clip=": _variant(shard, logdir, True, True, False),
     }
 
 

@@ -23,7 +23,6 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -34,6 +33,7 @@ tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfigu
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from bench_tf import time_steps  # noqa: E402  (benchmarks/ is on the path when run as a script)
 
 from graddiag.clip import GlobalNormClip  # noqa: E402
 from graddiag.tf import GradientMonitor  # noqa: E402
@@ -77,15 +77,6 @@ def make_step(strategy, variant: str, logdir: str):
     return step, monitor
 
 
-def time_steps(step, x, y, n: int) -> float:
-    step(x, y).numpy()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        loss = step(x, y)
-    loss.numpy()
-    return (time.perf_counter() - t0) / n
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=30)
@@ -115,8 +106,8 @@ def main() -> None:
             for _ in range(3):
                 step(x, y)
         for _ in range(args.rounds):
-            for k, (step, _) in steps.items():
-                times[k].append(time_steps(step, x, y, args.steps))
+            for k, (step, monitor) in steps.items():
+                times[k].append(time_steps(step, x, y, args.steps, monitor))
         for _, monitor in steps.values():
             if monitor is not None:
                 monitor.close()

@@ -271,6 +271,21 @@ def scenario(name: str, arg: str, rank: int, world: int, out: str) -> dict:
             ref_opt = optimizer(ref)
             res["torch_norms"] = train(ref, ref_opt, rank, world, clip=MAX_NORM)
             res["ref_params"] = full_params(ref)
+    elif name == "refused":  # models graddiag refuses at construction, with its reason
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
+        net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+        fully_shard(net[0], mesh=init_device_mesh("cpu", (world,)))
+        fully_shard(net[1], mesh=init_device_mesh("cpu", (1, world), mesh_dim_names=("r", "s")))
+        fsdp1 = FullyShardedDataParallel(nn.Linear(4, 4), device_id=torch.device("cpu"))
+        for key, model in (("two_meshes", net), ("fsdp1", fsdp1)):
+            try:
+                GradientMonitor(model, logdir=None)
+                res[key] = None
+            except ValueError as e:
+                res[key] = str(e)
+        dist.barrier()  # rank 0 hosts the store the other rank's mesh groups still use
     else:
         raise ValueError(f"unknown scenario {name!r}")
     return res

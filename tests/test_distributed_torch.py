@@ -40,6 +40,7 @@ REL_UPDATE = 1e-3
 #: Seconds two ranks may take for one launch (start-up included) before it counts as a hang.
 TIMEOUT_S = 240
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_dist_worker.py")
+ROOT = os.path.dirname(os.path.dirname(WORKER))
 
 
 def _free_port() -> int:
@@ -52,7 +53,12 @@ def launch(scenarios: list[str], out) -> dict[str, list[dict]]:
     """Run `scenarios` ("name:arg") one after the other in one 2-rank process group; return
     each one's per-rank results. Fails (and kills both ranks) on a hang."""
     port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore::FutureWarning"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONWARNINGS": "ignore::FutureWarning",
+        "PYTHONPATH": ROOT,  # the ranks run this tree's graddiag, not an installed one
+    }
     cmd = [sys.executable, WORKER, ",".join(scenarios)]
     procs = [
         subprocess.Popen(
@@ -284,3 +290,42 @@ def test_fsdp2_elementwise_clipping_equals_unsharded(fsdp_runs, policy):
     for res in fsdp_runs[1][f"fsdp:{policy}"]:
         assert_same_history(res["history"], want)
         assert_same_params(res["params"], want_params)
+
+
+def test_fsdp2_sum_over_shards_copies_its_order_to_the_device_once(monkeypatch):
+    """The per-step reduction of the sums of squares reuses its device index (a host-to-device
+    copy per step would be a host sync on CUDA); the result is each parameter's value, summed
+    over the (here: one) shard group, back in the caller's order."""
+    from graddiag.torch._distributed import Distributed
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        d = Distributed(False, mesh=object())
+        d._shard_groups = [dist.group.WORLD]
+        d._replicated = np.zeros(4, dtype=bool)
+        d._count_replicated = 1.0
+        idx = np.array([2, 0, 3, 1])
+        values = torch.tensor([20.0, 0.5, 30.0, 10.0])
+        copies = []
+        real = torch.as_tensor
+        monkeypatch.setattr(torch, "as_tensor", lambda *a, **k: copies.append(1) or real(*a, **k))
+        first = d.sum_over_shards(values, idx)
+        n_first = len(copies)
+        for _ in range(3):
+            again = d.sum_over_shards(values * 2, idx)
+        assert n_first == 1 and len(copies) == 1  # made once, then reused
+        assert first.tolist() == values.tolist()  # one rank: the sum is the value itself
+        assert again.tolist() == (values * 2).tolist()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp1_and_two_device_meshes_are_refused_at_construction(tmp_path):
+    """Both are known when the monitor is built: the constructor refuses them, naming `model`
+    (and the two meshes), before any training step."""
+    for res in launch(["refused:models"], tmp_path)["refused:models"]:
+        assert res["two_meshes"] is not None, "the monitor was built over two meshes"
+        assert "`model`" in res["two_meshes"]
+        assert "DeviceMesh((2,)" in res["two_meshes"] and "r=1, s=2" in res["two_meshes"]
+        assert res["fsdp1"] is not None and "`model`" in res["fsdp1"]
+        assert "FullyShardedDataParallel (FSDP1)" in res["fsdp1"]

@@ -198,3 +198,30 @@ def test_cli_compare_writes_the_side_by_side_plot(tmp_path):
     assert png_size(out.read_bytes()) == (2 * 12 * 100, (2.5 + 5.5) * 100)
     bad = CliRunner().invoke(app, args + ["--plot", str(tmp_path / "cmp.jpg")])
     assert bad.exit_code == 2 and "cmp.jpg" in bad.output
+
+
+@pytest.mark.parametrize(
+    ("kw", "needle"),
+    [
+        ({"width": 0}, "`width`.*got 0"),
+        ({"width": -3.0}, "`width`.*got -3.0"),
+        ({"width": float("nan")}, "`width`.*got nan"),
+        ({"dpi": 0}, "`dpi`.*got 0"),
+        ({"dpi": 72.5}, "`dpi`.*got 72.5"),
+    ],
+)
+def test_bad_width_or_dpi_is_refused_naming_the_argument(run, tmp_path, kw, needle):
+    from graddiag.analysis.plotting import comparison_figure, plot_run
+
+    with pytest.raises(ValueError, match=needle):
+        plot_run(run, tmp_path / "x.png", **kw)
+    with pytest.raises(ValueError, match=needle):
+        comparison_figure([run, run], **kw)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_comparison_of_no_runs_is_refused():
+    from graddiag.analysis.plotting import comparison_figure
+
+    with pytest.raises(ValueError, match="at least one run.*none"):
+        comparison_figure([])

@@ -10,6 +10,7 @@ so that they can be compared by eye.
 from __future__ import annotations
 
 import io
+import math
 import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -156,9 +157,19 @@ def run_figure(
 ):
     """The matplotlib figure `plot_run` draws; axes: heatmap, global norm, clip coef, loss (and
     the colour bar). The caller closes it."""
-    fig = _pyplot().figure(figsize=(width, _height(r)), dpi=dpi, layout="constrained")
+    fig = _figure(width, _height(r), dpi)
     _draw(fig, r, vrange)
     return fig
+
+
+def _figure(width: float, height: float, dpi: int, columns: int = 1):
+    """A new figure of `columns` panels `width` x `height` inches; a bad `width` or `dpi` (the
+    caller's) is refused first."""
+    if not (isinstance(width, int | float) and math.isfinite(width) and width > 0):
+        raise ValueError(f"Expected `width` to be a positive number of inches, got {width!r}")
+    if isinstance(dpi, bool) or not isinstance(dpi, int) or dpi <= 0:
+        raise ValueError(f"Expected `dpi` to be a positive int, got {dpi!r}")
+    return _pyplot().figure(figsize=(width * columns, height), dpi=dpi, layout="constrained")
 
 
 def comparison_figure(runs: Sequence[RunReport], *, width: float = 12.0, dpi: int = 100):
@@ -166,9 +177,7 @@ def comparison_figure(runs: Sequence[RunReport], *, width: float = 12.0, dpi: in
     if not runs:
         raise ValueError("Expected at least one run to compare, got none")
     vrange = shared_range(runs)
-    fig = _pyplot().figure(
-        figsize=(width * len(runs), max(_height(r) for r in runs)), dpi=dpi, layout="constrained"
-    )
+    fig = _figure(width, max(_height(r) for r in runs), dpi, columns=len(runs))
     subs = fig.subfigures(1, len(runs), squeeze=False)[0]
     for sub, r in zip(subs, runs, strict=True):
         _draw(sub, r, vrange)

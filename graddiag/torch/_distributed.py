@@ -33,6 +33,9 @@ from torch import nn
 from graddiag.findings import Finding
 from graddiag.torch._measure import Plan, detail_rows, histogram_rows
 
+#: How many parameter orders `Distributed.sum_over_shards` keeps on the device.
+_MAX_ORDERS = 64
+
 
 def attach(model: nn.Module, per_rank_logs: bool) -> Distributed | None:
     """The distributed context of `model`, or None outside an initialized process group of two or
@@ -50,9 +53,16 @@ def attach(model: nn.Module, per_rank_logs: bool) -> Distributed | None:
             "measure (its flat parameters hide the layers); shard it with "
             "torch.distributed.fsdp.fully_shard (FSDP2) instead"
         )
-    sharded = [p for p in model.parameters() if isinstance(p, DTensor)]
+    sharded = [p for p in model.parameters() if isinstance(p, DTensor) and p.requires_grad]
     if sharded:
-        return Distributed(per_rank_logs, mesh=sharded[0].device_mesh)
+        mesh = sharded[0].device_mesh
+        other = next((p.device_mesh for p in sharded if p.device_mesh != mesh), None)
+        if other is not None:
+            raise ValueError(
+                "graddiag measures FSDP2 models whose trainable parameters share one device "
+                f"mesh; `model` has parameters on {mesh} and on {other}"
+            )
+        return Distributed(per_rank_logs, mesh=mesh)
     ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else _find_ddp(model)
     return Distributed(per_rank_logs, ddp=ddp)
 
@@ -181,6 +191,7 @@ class Distributed:
         self._flags: torch.Tensor | None = None
         self._shard_groups: list[Any] = []
         self._replicated: np.ndarray | None = None
+        self._orders: dict[tuple[bytes, str], tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def install(self, model: nn.Module) -> None:
         """Flag each rank's local gradients before they are reduced. DDP: the flagging
@@ -219,12 +230,7 @@ class Distributed:
             return
         dims = set()
         for p in params:
-            if isinstance(p, DTensor):
-                if p.device_mesh != self.mesh:
-                    raise ValueError(
-                        "graddiag measures FSDP2 models whose parameters share one device mesh; "
-                        f"got {self.mesh} and {p.device_mesh}"
-                    )
+            if isinstance(p, DTensor):  # on `self.mesh`, checked by `attach`
                 dims |= {d for d, pl in enumerate(p.placements) if isinstance(pl, Shard)}
         self._shard_groups = [self.mesh.get_group(d) for d in sorted(dims)]
         # a parameter that is not sharded is the same on every rank: counted once per group
@@ -253,10 +259,8 @@ class Distributed:
         order, since ranks may order their plans differently)."""
         if not self.sharded or not len(idx):
             return values
-        order = np.argsort(idx, kind="stable")
-        pos = torch.as_tensor(order, device=values.device)
+        pos, w = self._positions(np.asarray(idx), values.device)
         vec = values.index_select(0, pos).double()
-        w = self._weights(np.asarray(idx)[order], vec.device)
         if w is not None:
             vec = vec * w
         for g in self._shard_groups:
@@ -264,6 +268,20 @@ class Distributed:
         out = torch.empty_like(vec)
         out[pos] = vec
         return out.to(values.dtype)
+
+    def _positions(self, idx: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The device tensors `sum_over_shards` needs for `idx` (the order into parameter order,
+        the weights), made once per `idx`: a host-to-device copy waits for the device (a host
+        sync on CUDA), so ordinary steps, which reduce in the same plan order, reuse them."""
+        key = (idx.tobytes(), str(device))
+        hit = self._orders.get(key)
+        if hit is None:
+            order = np.argsort(idx, kind="stable")
+            pos = torch.as_tensor(order, device=device)
+            if len(self._orders) >= _MAX_ORDERS:  # rare orders (non-finite steps) do not pile up
+                self._orders.clear()
+            hit = self._orders[key] = (pos, self._weights(idx[order], device))
+        return hit
 
     def reducer(self, plan: Plan) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """A function summing a plan-ordered vector of sums of squares over the shards."""
