@@ -29,6 +29,13 @@ KINDS = (
 )
 
 
+def name_list(names, shown: int = 8) -> str:
+    """The first `shown` names, comma-separated, then "and N more" for the rest (messages)."""
+    names = list(names)
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 def severity_rank(severity: str) -> int:
     """Order severities so that `info < warning < error`.
 

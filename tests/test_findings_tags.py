@@ -66,3 +66,11 @@ def test_tag_rejects_bad_stat():
         tags.tag("a/b", "x")
     with pytest.raises(ValueError, match="layer"):
         tags.tag("grad_norm", "")
+
+
+def test_name_list_shows_the_first_names_then_a_count():
+    from graddiag.findings import name_list
+
+    assert name_list(["a", "b"]) == "a, b"
+    assert name_list([f"p{i}" for i in range(10)]) == "p0, p1, p2, p3, p4, p5, p6, p7 and 2 more"
+    assert name_list(["a", "b", "c"], shown=2) == "a, b and 1 more"

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from graddiag.findings import Finding
+from graddiag.findings import Finding, name_list
 from graddiag.torch._measure import Plan, detail_rows, histogram_rows
 
 #: How many parameter orders `Distributed.sum_over_shards` keeps on the device.
@@ -361,8 +361,7 @@ class Distributed:
         if not len(which):
             return None
         ranks = sorted({int(r) for r in np.flatnonzero(missing.any(axis=1))})
-        shown = [names[i] for i in which[:8]]
-        more = f" and {len(which) - 8} more" if len(which) > 8 else ""
+        shown = name_list([names[i] for i in which])
         return Finding(
             step=step,
             layer=layers[int(which[0])],
@@ -372,7 +371,7 @@ class Distributed:
             message=(
                 f"{len(which)} parameter(s) got no gradient at the first step on rank(s) "
                 f"{', '.join(map(str, ranks))} (not used to compute the loss): "
-                f"{', '.join(shown)}{more}. DDP without find_unused_parameters=True fails at "
+                f"{shown}. DDP without find_unused_parameters=True fails at "
                 "the next iteration ('Expected to have finished reduction in the prior "
                 "iteration')"
             ),

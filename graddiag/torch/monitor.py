@@ -18,7 +18,7 @@ from torch import nn
 
 from graddiag.clip import Gradients, clip_gradients
 from graddiag.detectors import Detector
-from graddiag.findings import Finding
+from graddiag.findings import Finding, name_list
 from graddiag.host import TINY_SUMSQ, HostPath, MonitorAPI, imprecise
 from graddiag.monitor import StepReport, close_at_exit_hook
 from graddiag.settings import Settings
@@ -146,11 +146,10 @@ class GradientMonitor(MonitorAPI):
         base = unwrap(model)
         lazy = lazy_parameters(base)
         if lazy:
-            names = ", ".join(f"{name} ({cls})" for name, cls in lazy[:5])
-            more = f" and {len(lazy) - 5} more" if len(lazy) > 5 else ""
+            names = name_list([f"{name} ({cls})" for name, cls in lazy], shown=5)
             raise ValueError(
                 f"`model` {type(model).__name__} has uninitialized (lazy) parameters: "
-                f"{names}{more}. Run one forward pass first (e.g. `model(example_batch)`), "
+                f"{names}. Run one forward pass first (e.g. `model(example_batch)`), "
                 "so their shapes are known, then create the GradientMonitor (and the optimizer)."
             )
         layers, params, pnames, layer_of, frozen, shared = layers_of(base)
@@ -866,7 +865,7 @@ class GradientMonitor(MonitorAPI):
         if not names:
             return []
         self.unmonitored = names
-        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        shown = name_list(names)
         finding = Finding(
             step=step,
             layer=None,
