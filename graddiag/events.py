@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from graddiag import tags
 from graddiag._checks import positive
 from graddiag._records import frame
 from graddiag._records import masked_crc32c as masked_crc32c  # re-exported
@@ -116,7 +117,7 @@ class RecordWriter:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         if fresh:  # never append to a file we did not start
             if os.path.lexists(self.path):
-                root, dot, rest = os.path.basename(self.path).partition(".graddiag")
+                root, dot, rest = os.path.basename(self.path).partition(tags.EVENT_SUFFIX)
                 self.path = os.path.join(
                     os.path.dirname(self.path), f"{root}.r{_next_id()}{dot}{rest}"
                 )

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from graddiag import __version__
+from graddiag import __version__, tags
 from graddiag.events import Worker
 from graddiag.findings import Finding
 from graddiag.monitor import MonitorCore, NonFiniteGradientError
@@ -575,7 +575,7 @@ def _warn_if_reused(logdir: str) -> None:
     the earlier one, and `graddiag analyze` reads it as a restart of the same model (its steps
     supersede the earlier ones) or, with other layers, as a run of its own."""
     try:
-        names = [n for n in os.listdir(logdir) if "tfevents" in n and ".graddiag" in n]
+        names = [n for n in os.listdir(logdir) if "tfevents" in n and tags.EVENT_SUFFIX in n]
     except OSError:
         return
     if names:

@@ -199,7 +199,7 @@ class TensorBoardSink:
         # the logdir was checked when the monitor was built; if it breaks since, the writer warns
         # and retries instead of raising into a training step
         self.writer = EventFileWriter(
-            logdir, flush_secs=flush_secs, filename_suffix=".graddiag", fail_fast=False
+            logdir, flush_secs=flush_secs, filename_suffix=tags.EVENT_SUFFIX, fail_fast=False
         )
         self.info = info
         self._layer_tags = {

@@ -38,6 +38,9 @@ GLOBAL_STATS = (
 )
 HIST = "hist"
 FINDINGS = f"{PREFIX}/findings"
+#: How graddiag's own event files end (after TensorBoard's `events.out.tfevents.<time>.<host>`):
+#: what tells them from other tools' files in a logdir.
+EVENT_SUFFIX = ".graddiag"
 MODEL = f"{PREFIX}/model"
 #: text: the module where a NaN/Inf was born in the backward pass (`trace_nonfinite=True`)
 NONFINITE_ORIGIN = f"{PREFIX}/nonfinite_origin"

@@ -34,6 +34,7 @@ from tensorboard.backend import http_util
 from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
 
+from graddiag import tags
 from graddiag.analysis.heatmap import MISSING, NONFINITE, VALUE, ZERO, bin_series, heat_grid
 from graddiag.analysis.report import RunReport, analyze_logs
 from graddiag.findings import SEVERITIES, severity_rank
@@ -50,8 +51,6 @@ _STATIC = {"index.js": "text/javascript", "style.css": "text/css"}
 RELOAD_COST_FACTOR = 4.0
 DEFAULT_COLS = 1000
 MIN_COLS, MAX_COLS = 10, 5000
-#: How graddiag's own event files end (`graddiag.monitor.TensorBoardSink`).
-_GRADDIAG_SUFFIX = ".graddiag"
 #: Cell codes in the JSON heatmap (a number is a finite log10 norm).
 _CELL = {ZERO: "zero", MISSING: None, NONFINITE: "nonfinite"}
 
@@ -168,7 +167,7 @@ class GradientsPlugin(base_plugin.TBPlugin):
             found = discover_runs(self._logdir)
         except LogReadError:
             return False
-        if any(f.endswith(_GRADDIAG_SUFFIX) for _, _, files in found for f in files):
+        if any(f.endswith(tags.EVENT_SUFFIX) for _, _, files in found for f in files):
             return True
         return bool(self._reports())
 
