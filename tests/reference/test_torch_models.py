@@ -16,30 +16,12 @@ tnf = torch.nn.functional
 from graddiag.reference import Tensor, validate  # noqa: E402
 from graddiag.reference.importers.torch_export import import_torch_export  # noqa: E402
 from graddiag.reference.importers.torch_fx import UnsupportedOpError  # noqa: E402
+from reference.torch_functions import Square, WrongSquare  # noqa: E402
 
 #: Engine float64 vs torch float64 gradients: the same math, summed in another order.
 F64_RTOL = 1e-10
 #: The wrong backwards below are off by a factor 3/2 (1.5 instead of 1): far outside.
 PLANTED_MIN_ERR = 1e-3
-
-
-class Square(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x * x
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return 2 * g * x
-
-
-class WrongSquare(Square):
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return 3 * g * x  # should be 2
 
 
 class WrongScaledGather(torch.autograd.Function):
