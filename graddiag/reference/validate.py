@@ -43,6 +43,14 @@ SCALE_FLOOR = 1e-2
 CUSTOM_OP_RTOL = 1e-5  # directional derivative vs central differences, both float64
 
 
+def _badness(rel_err: float, rel_err_f64: float | None, tolerance: float) -> float:
+    """The worst of the two errors as a multiple of its tolerance (> 1: out of tolerance);
+    a NaN error (a NaN gradient) is infinitely bad."""
+    f64 = 0.0 if rel_err_f64 is None else rel_err_f64 / TOLERANCES["float64"]
+    errs = (f64, rel_err / tolerance)
+    return math.inf if any(math.isnan(e) for e in errs) else max(errs)
+
+
 @dataclass(frozen=True)
 class LayerAgreement:
     """How well one layer's gradients agree with the engine.
@@ -56,6 +64,8 @@ class LayerAgreement:
         max_abs_err_f64: the same against the framework run in float64 (None if unavailable).
         max_rel_err_f64: the same, relative.
         tolerance: the relative tolerance applied to `max_rel_err`.
+
+    `badness` is the worst error as a multiple of its tolerance (> 1: out of tolerance).
     """
 
     layer: str
@@ -68,9 +78,12 @@ class LayerAgreement:
     tolerance: float
 
     @property
+    def badness(self) -> float:
+        return _badness(self.max_rel_err, self.max_rel_err_f64, self.tolerance)
+
+    @property
     def ok(self) -> bool:
-        f64_ok = self.max_rel_err_f64 is None or self.max_rel_err_f64 <= TOLERANCES["float64"]
-        return f64_ok and self.max_rel_err <= self.tolerance
+        return self.badness <= 1.0
 
 
 @dataclass(frozen=True)
@@ -91,8 +104,7 @@ class ParameterAgreement:
 
     @property
     def badness(self) -> float:
-        f64 = 0.0 if self.max_rel_err_f64 is None else self.max_rel_err_f64 / TOLERANCES["float64"]
-        return max(f64, self.max_rel_err / self.tolerance)
+        return _badness(self.max_rel_err, self.max_rel_err_f64, self.tolerance)
 
     @property
     def ok(self) -> bool:
