@@ -111,6 +111,8 @@ def validate_command(
 
     if output_format not in ("table", "json"):
         raise _fail(f"--format must be 'table' or 'json', got {output_format!r}")
+    if top < 1:
+        raise _fail(f"--top must be >= 1, got {top}")
     try:
         fn = load_factory(factory)
     except ValueError as exc:
@@ -133,7 +135,7 @@ def validate_command(
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
         console = Console()
-        console.print(_table(report, max(top, 1)))
+        console.print(_table(report, top))
         for note in report.notes:
             console.print(f"note: {note}")
         for finding in report.findings:
