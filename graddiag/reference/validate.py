@@ -150,7 +150,14 @@ class ValidationReport:
         return not any(f.severity in ("warning", "error") for f in self.findings)
 
     def worst(self, n: int | None = None) -> list[ParameterAgreement]:
-        """The parameters, worst agreement first (error as a multiple of its tolerance)."""
+        """The parameters, worst agreement first (error as a multiple of its tolerance); the
+        `n` worst when `n` is given.
+
+        Raises:
+            ValueError: if `n` is not positive.
+        """
+        if n is not None and n < 1:
+            raise ValueError(f"Expected `n` >= 1, got {n!r}")
         ranked = sorted(self.parameters, key=lambda p: p.badness, reverse=True)
         return ranked if n is None else ranked[:n]
 

@@ -37,3 +37,21 @@ def test_a_nan_error_is_out_of_tolerance_and_ranked_worst(rel, rel_f64):
     assert not bad.ok and not layer(rel, rel_f64).ok
     report = ValidationReport("torch", "float32", 0.0, 0.0, parameters=[param("a", 2 * TOL), bad])
     assert [p.name for p in report.worst()] == ["nan", "a"]
+
+
+def test_worst_n_and_format_limit_keep_the_n_worst():
+    params = [param("a", TOL / 2), param("b", 3 * TOL), param("c", 2 * TOL)]
+    report = ValidationReport("torch", "float32", 0.0, 0.0, parameters=params)
+    assert [p.name for p in report.worst(2)] == ["b", "c"]
+    rows = report.format(limit=2).splitlines()[2:]
+    assert [r.split()[0] for r in rows[:2]] == ["b", "c"]
+    assert rows[2] == "... 1 more, all no worse than the last row"
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_worst_and_format_reject_a_count_below_1_naming_it(bad):
+    report = ValidationReport("torch", "float32", 0.0, 0.0, parameters=[param("a", TOL)])
+    with pytest.raises(ValueError, match=f"Expected `n` >= 1, got {bad}"):
+        report.worst(bad)
+    with pytest.raises(ValueError, match=f"Expected `limit` >= 1, got {bad}"):
+        report.format(limit=bad)
