@@ -6,6 +6,8 @@ error naming the module and the op."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -506,3 +508,19 @@ def test_scatter_index_put_and_item_assignment_match_torch():
     assert float(out.value) == pytest.approx(float(loss), rel=F64_RTOL)
     for name, p in model.named_parameters():
         np.testing.assert_allclose(params[name].grad, p.grad.numpy(), rtol=F64_RTOL, atol=1e-13)
+
+
+@pytest.mark.parametrize(
+    ("model", "args", "message"),
+    [
+        ("not a model", (torch.ones(1, 2),), "Expected `model` to be a torch.nn.Module, got str"),
+        (
+            nn.Linear(2, 2),
+            torch.ones(1, 2),
+            "Expected `args` to be a tuple or list of example inputs, got Tensor",
+        ),
+    ],
+)
+def test_import_torch_export_names_a_bad_argument(model, args, message):
+    with pytest.raises(TypeError, match=re.escape(message)):
+        import_torch_export(model, args)

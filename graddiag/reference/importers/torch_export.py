@@ -347,8 +347,17 @@ def import_torch_export(model: Any, args: tuple[Any, ...], prefix: str = "") -> 
         parameters (see `ExportGraph.parameters`) and inputs shaped like `args`.
 
     Raises:
+        TypeError: if `model` is not a `torch.nn.Module` or `args` is not a tuple or list.
         UnsupportedOpError: if the model cannot be exported.
     """
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"Expected `model` to be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(args, tuple | list):  # a bare tensor would be split along its first axis
+        raise TypeError(
+            f"Expected `args` to be a tuple or list of example inputs, got {type(args).__name__}"
+        )
     program = export_program(model, args)
     from torch.export.graph_signature import InputKind, OutputKind
 
