@@ -432,7 +432,7 @@ def _torch_engine(
     """
     import torch
 
-    from graddiag.reference.importers.torch_export import import_torch_export
+    from graddiag.reference.importers.torch_export import ExportFailedError, import_torch_export
     from graddiag.reference.importers.torch_fx import import_torch
 
     class WithLoss(torch.nn.Module):
@@ -455,9 +455,7 @@ def _torch_engine(
     route, failure = "", None
     try:
         graph = import_torch_export(WithLoss(model, loss_fn), (*xs, y), prefix="model.")
-    except UnsupportedOpError as export_error:
-        if "torch.export could not export" not in str(export_error):
-            raise
+    except ExportFailedError as export_error:
         graph, failure = None, export_error
         impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
         if impl not in (None, "eager") and hasattr(model, "set_attn_implementation"):
