@@ -734,25 +734,32 @@ def _compare(framework: str, run: _Run, step: int, rtol: float | None) -> Valida
     floor = SCALE_FLOOR * max(
         (float(np.max(np.abs(g), initial=0.0)) for g in run.engine.values()), default=0.0
     )
-    for name in run.engine:
+    errs = {}  # each parameter's (abs, rel) errors, native then float64: computed once
+    for name, g in run.engine.items():
+        native = (_max_abs(run.native[name], g), relative_error(run.native[name], g, floor))
+        f64 = (
+            None
+            if run.f64 is None
+            else (_max_abs(run.f64[name], g), relative_error(run.f64[name], g, floor))
+        )
+        errs[name] = (native, f64)
         report.parameters.append(
             ParameterAgreement(
                 name,
                 run.layer_of.get(name, name),
-                tuple(np.shape(run.engine[name])),
-                _max_abs(run.native[name], run.engine[name]),
-                relative_error(run.native[name], run.engine[name], floor),
-                None if run.f64 is None else relative_error(run.f64[name], run.engine[name], floor),
+                tuple(np.shape(g)),
+                *native,
+                None if f64 is None else f64[1],
                 tol,
             )
         )
     for layer, names in by_layer.items():
-        native_abs = max(_max_abs(run.native[n], run.engine[n]) for n in names)
-        native_rel = max(relative_error(run.native[n], run.engine[n], floor) for n in names)
+        native_abs = max(errs[n][0][0] for n in names)
+        native_rel = max(errs[n][0][1] for n in names)
         f64_abs = f64_rel = None
         if run.f64 is not None:
-            f64_abs = max(_max_abs(run.f64[n], run.engine[n]) for n in names)
-            f64_rel = max(relative_error(run.f64[n], run.engine[n], floor) for n in names)
+            f64_abs = max(errs[n][1][0] for n in names)
+            f64_rel = max(errs[n][1][1] for n in names)
         agreement = LayerAgreement(
             layer, tuple(names), run.dtype, native_abs, native_rel, f64_abs, f64_rel, tol
         )
