@@ -26,6 +26,7 @@ import numpy as np
 from graddiag.reference import Tensor
 from graddiag.reference import functional as F
 from graddiag.reference.backend import to_numpy
+from graddiag.reference.gradcheck import relative_error
 
 GPU_RTOL = 1e-10  # float64 on both sides; GPU reductions sum in another order
 
@@ -152,11 +153,8 @@ def check_engine(backends: dict[str, Callable[[np.ndarray], Any]]) -> bool:
         ref_loss, ref_grads = run(network, lambda a: a, arrays, constants)
         for name, convert in backends.items():
             loss, grads = run(network, convert, arrays, constants)
-            errs = [
-                float(np.max(np.abs(g - r)) / np.max(np.abs(r)))
-                for g, r in zip(grads, ref_grads, strict=True)
-            ]
-            loss_err = abs(loss - ref_loss) / abs(ref_loss)
+            errs = [relative_error(g, r) for g, r in zip(grads, ref_grads, strict=True)]
+            loss_err = relative_error(loss, ref_loss)
             ok = loss_err <= GPU_RTOL and max(errs) <= GPU_RTOL
             ok_all &= ok
             print(

@@ -43,6 +43,14 @@ SCALE_FLOOR = 1e-2
 CUSTOM_OP_RTOL = 1e-5  # directional derivative vs central differences, both float64
 
 
+def _badness(rel_err: float, rel_err_f64: float | None, tolerance: float) -> float:
+    """The worst of the two errors as a multiple of its tolerance (> 1: out of tolerance);
+    a NaN error (a NaN gradient) is infinitely bad."""
+    f64 = 0.0 if rel_err_f64 is None else rel_err_f64 / TOLERANCES["float64"]
+    errs = (f64, rel_err / tolerance)
+    return math.inf if any(math.isnan(e) for e in errs) else max(errs)
+
+
 @dataclass(frozen=True)
 class LayerAgreement:
     """How well one layer's gradients agree with the engine.
@@ -56,6 +64,8 @@ class LayerAgreement:
         max_abs_err_f64: the same against the framework run in float64 (None if unavailable).
         max_rel_err_f64: the same, relative.
         tolerance: the relative tolerance applied to `max_rel_err`.
+
+    `badness` is the worst error as a multiple of its tolerance (> 1: out of tolerance).
     """
 
     layer: str
@@ -68,9 +78,12 @@ class LayerAgreement:
     tolerance: float
 
     @property
+    def badness(self) -> float:
+        return _badness(self.max_rel_err, self.max_rel_err_f64, self.tolerance)
+
+    @property
     def ok(self) -> bool:
-        f64_ok = self.max_rel_err_f64 is None or self.max_rel_err_f64 <= TOLERANCES["float64"]
-        return f64_ok and self.max_rel_err <= self.tolerance
+        return self.badness <= 1.0
 
 
 @dataclass(frozen=True)
@@ -91,8 +104,7 @@ class ParameterAgreement:
 
     @property
     def badness(self) -> float:
-        f64 = 0.0 if self.max_rel_err_f64 is None else self.max_rel_err_f64 / TOLERANCES["float64"]
-        return max(f64, self.max_rel_err / self.tolerance)
+        return _badness(self.max_rel_err, self.max_rel_err_f64, self.tolerance)
 
     @property
     def ok(self) -> bool:
@@ -138,7 +150,14 @@ class ValidationReport:
         return not any(f.severity in ("warning", "error") for f in self.findings)
 
     def worst(self, n: int | None = None) -> list[ParameterAgreement]:
-        """The parameters, worst agreement first (error as a multiple of its tolerance)."""
+        """The parameters, worst agreement first (error as a multiple of its tolerance); the
+        `n` worst when `n` is given.
+
+        Raises:
+            ValueError: if `n` is not positive.
+        """
+        if n is not None and n < 1:
+            raise ValueError(f"Expected `n` >= 1, got {n!r}")
         ranked = sorted(self.parameters, key=lambda p: p.badness, reverse=True)
         return ranked if n is None else ranked[:n]
 
@@ -413,7 +432,7 @@ def _torch_engine(
     """
     import torch
 
-    from graddiag.reference.importers.torch_export import import_torch_export
+    from graddiag.reference.importers.torch_export import ExportFailedError, import_torch_export
     from graddiag.reference.importers.torch_fx import import_torch
 
     class WithLoss(torch.nn.Module):
@@ -436,9 +455,7 @@ def _torch_engine(
     route, failure = "", None
     try:
         graph = import_torch_export(WithLoss(model, loss_fn), (*xs, y), prefix="model.")
-    except UnsupportedOpError as export_error:
-        if "torch.export could not export" not in str(export_error):
-            raise
+    except ExportFailedError as export_error:
         graph, failure = None, export_error
         impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
         if impl not in (None, "eager") and hasattr(model, "set_attn_implementation"):
@@ -717,25 +734,32 @@ def _compare(framework: str, run: _Run, step: int, rtol: float | None) -> Valida
     floor = SCALE_FLOOR * max(
         (float(np.max(np.abs(g), initial=0.0)) for g in run.engine.values()), default=0.0
     )
-    for name in run.engine:
+    errs = {}  # each parameter's (abs, rel) errors, native then float64: computed once
+    for name, g in run.engine.items():
+        native = (_max_abs(run.native[name], g), relative_error(run.native[name], g, floor))
+        f64 = (
+            None
+            if run.f64 is None
+            else (_max_abs(run.f64[name], g), relative_error(run.f64[name], g, floor))
+        )
+        errs[name] = (native, f64)
         report.parameters.append(
             ParameterAgreement(
                 name,
                 run.layer_of.get(name, name),
-                tuple(np.shape(run.engine[name])),
-                _max_abs(run.native[name], run.engine[name]),
-                relative_error(run.native[name], run.engine[name], floor),
-                None if run.f64 is None else relative_error(run.f64[name], run.engine[name], floor),
+                tuple(np.shape(g)),
+                *native,
+                None if f64 is None else f64[1],
                 tol,
             )
         )
     for layer, names in by_layer.items():
-        native_abs = max(_max_abs(run.native[n], run.engine[n]) for n in names)
-        native_rel = max(relative_error(run.native[n], run.engine[n], floor) for n in names)
+        native_abs = max(errs[n][0][0] for n in names)
+        native_rel = max(errs[n][0][1] for n in names)
         f64_abs = f64_rel = None
         if run.f64 is not None:
-            f64_abs = max(_max_abs(run.f64[n], run.engine[n]) for n in names)
-            f64_rel = max(relative_error(run.f64[n], run.engine[n], floor) for n in names)
+            f64_abs = max(errs[n][1][0] for n in names)
+            f64_rel = max(errs[n][1][1] for n in names)
         agreement = LayerAgreement(
             layer, tuple(names), run.dtype, native_abs, native_rel, f64_abs, f64_rel, tol
         )

@@ -133,5 +133,23 @@ def test_bad_format_exits_2(factory_file):
     )
 
 
+@pytest.mark.parametrize("top", [0, -3])
+def test_top_below_1_exits_2_naming_it(factory_file, top):
+    result = invoke(f"{factory_file}:good", "--top", top)
+    assert result.exit_code == 2 and f"--top must be >= 1, got {top}" in result.output
+
+
+def test_top_keeps_the_worst_layers_and_says_how_many_were_left_out(factory_file):
+    # "bad": a wrong backward between layers a and b; only a (upstream) is out of tolerance
+    result = invoke(f"{factory_file}:bad", "--top", 1)
+    assert result.exit_code == 1, result.output
+    assert "the 1 worst of 2 layers; --top to show more" in result.output
+    rows = [line for line in result.output.splitlines() if line.startswith("│ ")]
+    assert rows[0].split("│")[1].strip() == "a" and "MISMATCH" in rows[0]
+    assert not any(row.split("│")[1].strip() == "b" for row in rows)
+    full = invoke(f"{factory_file}:bad")
+    assert any(line.startswith("│ b ") for line in full.output.splitlines())
+
+
 def test_load_factory_accepts_module_paths():
     assert load_factory("graddiag.reference.functional:relu").__name__ == "relu"

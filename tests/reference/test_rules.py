@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from graddiag.reference import RULES, check_grads
+from graddiag.reference import functional as F
 from graddiag.reference.engine import Tensor
 from reference.reference_op_cases import OP_CASES
 
@@ -71,3 +73,15 @@ def test_the_issue_lists_every_required_op():
         "cross_entropy",
     }
     assert required <= set(RULES)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: F.index(np.ones((3, 2)), [0, 1]),
+        lambda: F.index_add(np.ones(2), np.array([0, 1]), (3,)),
+    ],
+)
+def test_index_and_index_add_name_a_key_that_is_not_a_tuple(call):
+    with pytest.raises(TypeError, match=r"Expected `key` to be a tuple, got (list|ndarray)"):
+        call()

@@ -11,6 +11,7 @@ tnf = torch.nn.functional
 
 from graddiag.reference import Tensor, validate  # noqa: E402
 from graddiag.reference.importers.torch_fx import UnsupportedOpError, import_torch  # noqa: E402
+from reference.torch_functions import Square, WrongSquare  # noqa: E402
 
 FRAMEWORK_RTOL = 1e-10  # same float64 math, different summation order
 
@@ -138,25 +139,6 @@ def test_engine_matches_torch_float64_autograd(case):
         np.testing.assert_allclose(
             p.grad, torch_params[name].grad.numpy(), rtol=FRAMEWORK_RTOL, atol=1e-13, err_msg=name
         )
-
-
-class Square(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x * x
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return 2 * g * x
-
-
-class WrongSquare(Square):
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return 3 * g * x  # should be 2
 
 
 class WithCustom(nn.Module):

@@ -6,6 +6,8 @@ error naming the module and the op."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -16,30 +18,12 @@ tnf = torch.nn.functional
 from graddiag.reference import Tensor, validate  # noqa: E402
 from graddiag.reference.importers.torch_export import import_torch_export  # noqa: E402
 from graddiag.reference.importers.torch_fx import UnsupportedOpError  # noqa: E402
+from reference.torch_functions import Square, WrongSquare  # noqa: E402
 
 #: Engine float64 vs torch float64 gradients: the same math, summed in another order.
 F64_RTOL = 1e-10
 #: The wrong backwards below are off by a factor 3/2 (1.5 instead of 1): far outside.
 PLANTED_MIN_ERR = 1e-3
-
-
-class Square(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x * x
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return 2 * g * x
-
-
-class WrongSquare(Square):
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return 3 * g * x  # should be 2
 
 
 class WrongScaledGather(torch.autograd.Function):
@@ -524,3 +508,19 @@ def test_scatter_index_put_and_item_assignment_match_torch():
     assert float(out.value) == pytest.approx(float(loss), rel=F64_RTOL)
     for name, p in model.named_parameters():
         np.testing.assert_allclose(params[name].grad, p.grad.numpy(), rtol=F64_RTOL, atol=1e-13)
+
+
+@pytest.mark.parametrize(
+    ("model", "args", "message"),
+    [
+        ("not a model", (torch.ones(1, 2),), "Expected `model` to be a torch.nn.Module, got str"),
+        (
+            nn.Linear(2, 2),
+            torch.ones(1, 2),
+            "Expected `args` to be a tuple or list of example inputs, got Tensor",
+        ),
+    ],
+)
+def test_import_torch_export_names_a_bad_argument(model, args, message):
+    with pytest.raises(TypeError, match=re.escape(message)):
+        import_torch_export(model, args)

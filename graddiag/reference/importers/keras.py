@@ -229,12 +229,28 @@ def _conv2d(layer: Any, w: dict[str, Any], training: bool, x: Any) -> Tensor:
     return _activation(layer.activation, layer)(y)
 
 
+def _nwc_as_nhwc(x: Any) -> Tensor:
+    """A 1-D (N, W, C) input as a 2-D (N, 1, W, C) one, so 1-D layers reuse the 2-D ops."""
+    return F.reshape(x, (x.shape[0], 1, *x.shape[1:]))
+
+
+def _nhwc_as_nwc(y: Any) -> Tensor:
+    return F.reshape(y, (y.shape[0], *y.shape[2:]))
+
+
 def _pool(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """MaxPooling/AveragePooling 1D and 2D; 1-D pools run as 2-D over a height of 1."""
+
     def pool(layer: Any, w: dict[str, Any], training: bool, x: Any) -> Tensor:
         _check_channels_last(layer)
         if layer.padding != "valid":
             raise UnsupportedOpError(f"layer `{layer.name}`: only padding='valid' for pooling")
-        return _to_nhwc(fn(_to_nchw(x), tuple(layer.pool_size), tuple(layer.strides)))
+        size, strides = tuple(layer.pool_size), tuple(layer.strides)
+        if len(size) == 1:
+            (k,), (stride,) = size, strides
+            y = _to_nhwc(fn(_to_nchw(_nwc_as_nhwc(x)), (1, k), (1, stride)))
+            return _nhwc_as_nwc(y)
+        return _to_nhwc(fn(_to_nchw(x), size, strides))
 
     return pool
 
@@ -300,24 +316,10 @@ def _conv1d(layer: Any, w: dict[str, Any], training: bool, x: Any) -> Tensor:
     weight = F.transpose(
         F.reshape(w["kernel"], (1, k, *_tensor(w["kernel"]).shape[1:])), (3, 2, 0, 1)
     )
-    h = F.transpose(F.reshape(x, (x.shape[0], 1, *x.shape[1:])), (0, 3, 1, 2))  # N, C, 1, W
-    y = F.conv2d(h, weight, stride=(1, stride), padding=(0, pad))
-    y = F.transpose(F.reshape(y, (y.shape[0], y.shape[1], y.shape[3])), (0, 2, 1))
+    y = F.conv2d(_to_nchw(_nwc_as_nhwc(x)), weight, stride=(1, stride), padding=(0, pad))
+    y = _nhwc_as_nwc(_to_nhwc(y))
     y = y + w["bias"] if "bias" in w else y
     return _activation(layer.activation, layer)(y)
-
-
-def _pool1d(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    def pool(layer: Any, w: dict[str, Any], training: bool, x: Any) -> Tensor:
-        _check_channels_last(layer)
-        if layer.padding != "valid":
-            raise UnsupportedOpError(f"layer `{layer.name}`: only padding='valid' for pooling")
-        (k,), (stride,) = tuple(layer.pool_size), tuple(layer.strides)
-        h = F.transpose(F.reshape(x, (x.shape[0], 1, *x.shape[1:])), (0, 3, 1, 2))
-        y = fn(h, (1, k), (1, stride))
-        return F.transpose(F.reshape(y, (y.shape[0], y.shape[1], y.shape[3])), (0, 2, 1))
-
-    return pool
 
 
 def _global_pool(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
@@ -519,8 +521,8 @@ _LAYERS: dict[str, Callable[..., Any]] = {
     "Multiply": _merge(lambda a, b: a * b),
     "Concatenate": lambda layer, w, training, xs: F.concat(list(xs), axis=layer.axis),
     "Conv1D": _conv1d,
-    "MaxPooling1D": _pool1d(F.max_pool2d),
-    "AveragePooling1D": _pool1d(F.avg_pool2d),
+    "MaxPooling1D": _pool(F.max_pool2d),
+    "AveragePooling1D": _pool(F.avg_pool2d),
     "GlobalAveragePooling1D": _global_pool(F.mean),
     "GlobalMaxPooling1D": _global_pool(F.max),
     "GlobalAveragePooling2D": _global_pool(F.mean),

@@ -38,6 +38,12 @@ from graddiag.reference.importers.torch_fx import (
     _map,
 )
 
+
+class ExportFailedError(UnsupportedOpError):
+    """torch.export itself could not export the model (the reason in the message); `validate`
+    falls back to torch.fx on this one, not on an op without a rule in an exported graph."""
+
+
 # ----------------------------------------------------------------- opaque autograd.Functions
 
 _OPAQUE: dict[tuple[type, str], Any] = {}  # (Function class, schema) -> torch op overload
@@ -313,7 +319,7 @@ def export_program(model: Any, args: tuple[Any, ...]) -> Any:
     """`torch.export` the model on `args` and decompose to core ATen, Functions kept opaque.
 
     Raises:
-        UnsupportedOpError: if torch.export cannot export the model (the reason included).
+        ExportFailedError: if torch.export cannot export the model (the reason included).
     """
     import torch
 
@@ -327,7 +333,7 @@ def export_program(model: Any, args: tuple[Any, ...]) -> Any:
             raise
         except Exception as exc:  # noqa: BLE001 - export raises many types; keep the reason
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise UnsupportedOpError(
+            raise ExportFailedError(
                 f"torch.export could not export {type(model).__name__}: "
                 f"{type(exc).__name__}: {first}"
             ) from exc
@@ -347,8 +353,17 @@ def import_torch_export(model: Any, args: tuple[Any, ...], prefix: str = "") -> 
         parameters (see `ExportGraph.parameters`) and inputs shaped like `args`.
 
     Raises:
+        TypeError: if `model` is not a `torch.nn.Module` or `args` is not a tuple or list.
         UnsupportedOpError: if the model cannot be exported.
     """
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"Expected `model` to be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(args, tuple | list):  # a bare tensor would be split along its first axis
+        raise TypeError(
+            f"Expected `args` to be a tuple or list of example inputs, got {type(args).__name__}"
+        )
     program = export_program(model, args)
     from torch.export.graph_signature import InputKind, OutputKind
 
