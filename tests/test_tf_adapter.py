@@ -198,8 +198,9 @@ def test_eager_log_steps_are_diagnosed_on_the_worker_under_warn_only(monkeypatch
 
 
 def test_rare_branches_are_function_calls_not_lowered_into_the_step(tmp_path):
-    """The detail, histogram and log-step read-back branches stay `If` function calls in the
-    traced step (an ordinary step does not schedule their ops), and still run on their steps."""
+    """The detail, histogram and log-step read-back work is one `If` function call in the
+    traced step (an ordinary step schedules none of their ops, and pays one call), and each
+    still runs on its steps."""
     model = mlp()
     x, y = batch()
     mon = GradientMonitor(model, tmp_path, every=4, detail_every=3, hist_every=5)
@@ -214,13 +215,55 @@ def test_rare_branches_are_function_calls_not_lowered_into_the_step(tmp_path):
         train_step(x, y)
     graph = train_step.get_concrete_function(x, y).graph
     conds = [op for op in graph.get_operations() if op.type in ("If", "StatelessIf")]
-    assert len(conds) == 3  # detail, histogram, read-back
+    assert len(conds) == 1  # detail, histogram and read-back in one call
     assert not any(op.get_attr("_lower_using_switch_merge") for op in conds)
     mon.close()
     hist = mon.history
     assert [s.step for s in hist] == list(range(6))
     detail = [s.step for s in hist if s.grad_max is not None]
     assert detail == [2, 5]  # (step + 1) % detail_every == 0
+    from tensorboard.backend.event_processing import event_accumulator
+
+    ea = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={"histograms": 0})
+    ea.Reload()
+    assert [e.step for e in ea.Histograms("graddiag/hist/fc1")] == [0, 5]  # step % hist_every
+
+
+@pytest.mark.parametrize("read_back", ["callback", "poll"])
+def test_rare_work_pattern_matches_each_period(read_back, tmp_path):
+    """The one lookup that decides the rare work (`_due` with a table) agrees with the log,
+    detail and histogram predicates over several periods, also for periods too long to tabulate."""
+    model = mlp()
+    rng = np.random.default_rng(3)
+    for every, detail_every, hist_every in [(10, 100, 100), (4, 3, 5), (1, 7, 0), (7, 0, 9)] + [
+        tuple(int(k) for k in rng.integers(1, 40, size=3)) for _ in range(6)
+    ]:
+        mon = GradientMonitor(
+            model,
+            tmp_path / f"{every}-{detail_every}-{hist_every}",
+            every=every,
+            detail_every=detail_every,
+            hist_every=hist_every,
+            read_back=read_back,
+        )
+        mon._resolve()
+        log = read_back == "callback"
+        every, detail_every, hist_every = mon.every, mon.detail_every, mon.hist_every
+        period = math.lcm(every, detail_every or 1, hist_every or 1)
+        steps = tf.range(2 * period + 5, dtype=tf.int64)
+        got = mon._due(steps, log=log, detail=True, hist=True, table=True).numpy()
+        s = steps.numpy()
+        want = np.zeros(len(s), bool)
+        if log:
+            want |= (s + 1) % every == 0
+        if detail_every:
+            want |= (s + 1) % detail_every == 0
+        if hist_every:
+            want |= s % hist_every == 0
+        np.testing.assert_array_equal(got, want, err_msg=str((every, detail_every, hist_every)))
+        plain = mon._due(steps, log=log, detail=True, hist=True, table=False).numpy()
+        np.testing.assert_array_equal(plain, want)
+        mon.close()
 
 
 def test_poll_mode_reads_after_the_compiled_step():

@@ -50,6 +50,8 @@ READ_BACK = ("callback", "poll")
 #: a step number never reached (no such step: detail statistics or histograms off)
 _NEVER = 1 << 62
 _NO_GRAD = RowLayout.NO_GRAD
+#: the longest period of the log/detail/histogram pattern looked up in a table (`_due`)
+_DUE_PERIOD = 1 << 16
 
 
 def _clip_variables(state: Any, name: str = "graddiag_clip") -> Any:
@@ -92,7 +94,7 @@ class GradientMonitor(MonitorAPI):
             in the same order). With them, a monitored tape's `gradient()` does not count as an
             optimizer step: it counts micro-batches and, at the first one after a step, checks that
             the buffers were reset to zero. Call `step(accumulators, variables)` before applying.
-        read_back: "callback" (a `tf.py_function` on log steps reads the buffer; automatic) or
+        read_back: "callback" (a `tf.numpy_function` on log steps reads the buffer; automatic) or
             "poll" (no host op in the graph, e.g. for XLA: call `poll()` after each compiled step).
         detail_every: compute max |g|, zero fraction, parameter norm and NaN/Inf counts every
             this many steps (in a `tf.cond`, so other steps pay nothing; that step is read back at
@@ -682,52 +684,94 @@ class GradientMonitor(MonitorAPI):
             writes += [self._micro.assign(0.0), self._reset.assign(-1.0)]
         do_detail = self._detail is not None and self._rare_work is not False
         do_hist = self._hist is not None and self._rare_work is not False
-        if do_detail:
-            detail_due = tf.equal(tf.math.floormod(step + 1, self.detail_every), 0)
-            writes.append(
-                rare_cond(
-                    detail_due,
-                    lambda: self._write_detail(grads_in, slots, step, inv2),
-                    lambda: tf.constant(False),
-                )
-            )
-        if do_hist:
-            hist_due = tf.equal(tf.math.floormod(step, self.hist_every), 0)  # as graddiag.torch
-            writes.append(
-                rare_cond(
-                    hist_due,
-                    lambda: self._write_hist(grads_in, slots, step, inv2),
-                    lambda: tf.constant(False),
-                )
-            )
         with tf.control_dependencies(writes):
             done = self._count.assign_add(1)
-        if self.read_back == "callback":  # "poll" decides on the host
-            log_now = tf.equal(tf.math.floormod(done, self.every), 0)
+        log = self.read_back == "callback"  # "poll" decides on the host
+        if tf.executing_eagerly():
+            if do_detail and bool(self._detail_due(step)):
+                self._write_detail(grads_in, slots, step, inv2)
+            if do_hist and bool(self._hist_due(step)):
+                self._write_hist(grads_in, slots, step, inv2)
+            log_now = log and (
+                bool(self._due(step, log=True, detail=do_detail, hist=do_hist))
+                or (self.nonfinite != "warn" and not bool(ok))
+            )
+            # given an optimizer, the first read waits until it has updated (`apply`, a later
+            # read), so the core knows what it updates; unless this step must be reported first
+            if log_now and (
+                self._host.core is not None
+                or self._optimizer is None
+                or not (self.nonfinite == "warn" or bool(ok))
+            ):
+                self._fetch(int(done), later=True)
+            return grads, ok
+        if not (log or do_detail or do_hist):
+            return grads, ok
+
+        def rare():
+            """The detail statistics, the histograms and the read-back, each when due."""
+            ran = []
             if do_detail:
-                log_now = log_now | detail_due
-            if do_hist:
-                log_now = log_now | hist_due
-            if self.nonfinite != "warn":
-                log_now = log_now | ~ok
-            if tf.executing_eagerly():
-                # given an optimizer, the first read waits until it has updated (`apply`, a later
-                # read), so the core knows what it updates; unless this step must be reported first
-                if bool(log_now) and (
-                    self._host.core is not None
-                    or self._optimizer is None
-                    or not (self.nonfinite == "warn" or bool(ok))
-                ):
-                    self._fetch(int(done), later=True)
-                fetched = tf.constant(True)
-            else:
-                fetched = rare_cond(
-                    log_now, lambda: self._host_read(done), lambda: tf.constant(False)
+                ran.append(
+                    tf.cond(
+                        self._detail_due(step),
+                        lambda: self._write_detail(grads_in, slots, step, inv2),
+                        lambda: tf.constant(False),
+                    )
                 )
-            if self.nonfinite == "raise":  # no update may run before the check
-                with tf.control_dependencies([fetched]):
-                    grads = [None if g is None else identity(g) for g in grads]
+            if do_hist:
+                ran.append(
+                    tf.cond(
+                        self._hist_due(step),
+                        lambda: self._write_hist(grads_in, slots, step, inv2),
+                        lambda: tf.constant(False),
+                    )
+                )
+            if not log:
+                with tf.control_dependencies(ran):
+                    return tf.constant(True)
+            now = self._due(step, log=True, detail=do_detail, hist=do_hist)
+            if self.nonfinite != "warn":
+                now = now | ~ok
+            with tf.control_dependencies(ran):  # the read sees this step's rows
+                return tf.cond(now, lambda: self._host_read(done), lambda: tf.constant(False))
+
+        # one `If` call on ordinary steps for all the rare work (each costs a few µs in
+        # TensorFlow's executor on a small step; benchmarks/bench_tf.py --fit)
+        due = self._due(step, log=log, detail=do_detail, hist=do_hist, table=True)
+        if log and self.nonfinite != "warn":
+            due = due | ~ok
+        fetched = rare_cond(due, rare, lambda: tf.constant(False))
+        if log and self.nonfinite == "raise":  # no update may run before the check
+            with tf.control_dependencies([fetched]):
+                grads = [None if g is None else identity(g) for g in grads]
         return grads, ok
+
+    def _detail_due(self, step):
+        return tf.equal(tf.math.floormod(step + 1, self.detail_every), 0)
+
+    def _hist_due(self, step):
+        return tf.equal(tf.math.floormod(step, self.hist_every), 0)  # as graddiag.torch
+
+    def _due(self, step, log: bool, detail: bool, hist: bool, table: bool = False):
+        """Whether step `step` (an int64 tensor, counted from 0) is a log step (the read-back
+        reads when `step + 1` steps are done), a detail step or a histogram step, among those
+        asked for. With `table`: one lookup in the pattern the three repeat with (when its period
+        is at most `_DUE_PERIOD` steps), instead of a predicate each."""
+        conds = [
+            (k, k - 1) for k, on in ((self.every, log), (self.detail_every, detail)) if on and k
+        ]
+        conds += [(self.hist_every, 0)] if hist and self.hist_every else []
+        period = math.lcm(*[k for k, _ in conds]) if conds else 1
+        if table and conds and period <= _DUE_PERIOD:
+            pattern = np.zeros(period, dtype=bool)
+            for k, offset in conds:
+                pattern[offset::k] = True
+            return tf.gather(tf.constant(pattern), tf.math.floormod(step, period))
+        out = tf.constant(False)
+        for k, offset in conds:
+            out = out | tf.equal(tf.math.floormod(step, k), offset)
+        return out
 
     def _write_detail(self, grads, slots, step, inv_scale2):
         """Detail statistics of this step (pre-clip), one row per statistic and variable."""
@@ -756,15 +800,20 @@ class GradientMonitor(MonitorAPI):
         return out
 
     def _host_read(self, done):
-        return tf.py_function(
-            self._host_callback, [done, *[v.read_value() for v in self._state()]], Tout=tf.bool
+        # `numpy_function`, not `py_function`: no eager tensors made around the call (measured
+        # 0.13 against 0.18 ms a call; docs/tensorflow.md)
+        return tf.numpy_function(
+            self._host_callback,
+            [done, *[v.read_value() for v in self._state()]],
+            Tout=tf.bool,
+            stateful=True,
         )
 
     def _host_callback(self, done, *arrays):
         # diagnosed here, in the step: handing it to the worker measured slower (the worker's
         # Python contends for the GIL with the training loop's; docs/tensorflow.md)
-        self._process(int(done), [a.numpy() for a in arrays])
-        return True
+        self._process(int(done), [np.asarray(a) for a in arrays])
+        return np.bool_(True)
 
     def _on_backward(self) -> None:
         """Called by a monitored tape under gradient accumulation: count micro-batches and, at the
