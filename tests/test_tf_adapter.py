@@ -828,6 +828,27 @@ def test_a_monitored_tape_logs_its_scalar_target_as_the_loss():
     assert [s.loss for s in mon.history] == pytest.approx(losses, rel=1e-6)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_step_loss_of_any_one_element_shape_is_logged_and_others_refused(compiled):
+    """`step(loss=...)`: a float64 loss is logged at full precision, a [1, 1] one as its value;
+    a loss of several elements is refused naming `loss` (it would shift the row's columns)."""
+    model = mlp()
+    grads = grads_of(model, *batch())
+    mon = GradientMonitor(model, every=1)
+
+    def step(loss):
+        return mon.step(grads, model.trainable_variables, loss=loss)
+
+    run = tf.function(step) if compiled else step
+    loss64 = tf.constant(1.0 + 1e-12, tf.float64)  # not a float32 value
+    run(loss64)
+    run(tf.constant([[2.5]]))
+    assert [s.loss for s in mon.history] == [1.0 + 1e-12, 2.5]
+    with pytest.raises(ValueError, match=r"`loss`.*\(3,\)"):
+        run(tf.ones([3]))
+    mon.close()
+
+
 def test_quiet_until_is_the_first_batch_that_needs_a_poll_or_the_rare_work():
     """`_quiet_until` (the Keras callback's per-batch shortcut) against what it stands for —
     a poll due, or a detail/histogram step in the batch, by the traced step formulas —,

@@ -54,6 +54,30 @@ _NO_GRAD = RowLayout.NO_GRAD
 _DUE_PERIOD = 1 << 16
 
 
+def _float64_parts(values: list) -> list[tf.Tensor]:
+    """`values` (Python numbers, scalar or vector tensors) as float64 vectors to concatenate:
+    consecutive numbers as one constant, so a row takes few ops to build."""
+    parts: list = []
+    for v in values:
+        if isinstance(v, (int, float)):
+            if parts and isinstance(parts[-1], list):
+                parts[-1].append(float(v))
+            else:
+                parts.append([float(v)])
+        else:
+            v = v if v.dtype == tf.float64 else tf.cast(v, tf.float64)
+            parts.append(v if v.shape.rank == 1 else tf.reshape(v, [1]))
+    return [tf.constant(p, tf.float64) if isinstance(p, list) else p for p in parts]
+
+
+def _one_value(name: str, x: Any) -> tf.Tensor:
+    """`x` as a tensor of one element (any shape), or a ValueError naming `name`."""
+    x = tf.convert_to_tensor(x)
+    if x.shape.num_elements() not in (None, 1):
+        raise ValueError(f"Expected `{name}` to be a scalar, got a tensor of shape {x.shape}")
+    return x if x.shape.rank == 1 else tf.reshape(x, [1])
+
+
 def _clip_variables(state: Any, name: str = "graddiag_clip") -> Any:
     """`tf.Variable`s holding a clip state (nested tuples and dicts of arrays), named by path."""
     if isinstance(state, dict):
@@ -645,33 +669,38 @@ class GradientMonitor(MonitorAPI):
         inv2 = None if scale is None else 1.0 / (scale * scale)
         vec, ok = self._measure(grads, slots, inv2)
         grads_in = grads
-        clip_coef = tf.constant(-1.0)
+        clip_coef: Any = RowLayout.NONE  # not clipped
         lcoef = None
         if self.chain is not None:
             vec32 = tf.cast(vec, tf.float32)  # the clipping engine works in float32
             grads, clip_coef, lcoef = self._clip(grads, variables, slots, vec32, scale)
-        skipped = tf.constant(0.0)
+        skipped: Any = 0.0
         if self.nonfinite == "skip":
             grads = [None if g is None else zero_unless(ok, g) for g in grads]
             skipped = 1.0 - tf.cast(ok, tf.float32)
             if self.chain is not None:  # a skipped step was not clipped (as in graddiag.torch)
                 clip_coef = tf.where(ok, clip_coef, RowLayout.NONE)
         step = self._count.read_value()
-        row = tf.cast(tf.math.floormod(step, self._capacity), tf.int32)
+        row = tf.math.floormod(step, self._capacity)
         acc = self._accumulators is not None  # else these two stay at their initial values
         scalars = {
             "clip_coef": clip_coef,
             "skipped": skipped,
-            "grad_reset": self._reset.read_value() if acc else tf.constant(-1.0),
-            "backward_calls": self._micro.read_value() if acc else tf.constant(0.0),
-            "has_loss": tf.constant(0.0 if loss is None else 1.0),
-            "loss": tf.constant(0.0) if loss is None else tf.cast(tf.reshape(loss, []), tf.float32),
+            "grad_reset": self._reset.read_value() if acc else -1.0,
+            "backward_calls": self._micro.read_value() if acc else 0.0,
+            "has_loss": 0.0 if loss is None else 1.0,
+            "loss": 0.0 if loss is None else _one_value("loss", loss),
         }
-        tail = [tf.stack([scalars[k] for k in RowLayout.SCALARS])]
+        tail = [scalars[k] for k in RowLayout.SCALARS]
         if self._layout.layer_coef is not None:
-            tail.append(tf.ones([len(self.info.layers)]) if lcoef is None else lcoef)
-        values = tf.concat([vec, tf.cast(tf.concat(tail, 0), tf.float64)], 0)
-        writes = [self._rows.scatter_nd_update([[row]], values[None])]
+            tail += [1.0] * len(self.info.layers) if lcoef is None else [lcoef]
+        values = tf.concat([vec, *_float64_parts(tail)], 0)
+        # one scatter of a row at a scalar index (no index or update reshaping ops)
+        writes = [
+            tf.raw_ops.ResourceScatterUpdate(
+                resource=self._rows.handle, indices=row, updates=values
+            )
+        ]
         mask, self._replica_mask = getattr(self, "_replica_mask", None), None
         if self._ranks is not None:  # set by _distribute.step for this step
             mask = tf.constant(-1.0, tf.float64) if mask is None else tf.cast(mask, tf.float64)
