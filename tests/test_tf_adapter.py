@@ -874,3 +874,41 @@ def test_quiet_until_is_the_first_batch_that_needs_a_poll_or_the_rare_work():
         quiet = mon._quiet_until(first, steps)
         assert not any(due(b) for b in range(first, quiet))
         assert due(max(quiet, first)) or not any(due(b) for b in range(first, first + 200))
+
+
+def test_histogram_rows_fast_path_bins_as_the_masked_form_and_numpy():
+    """A finite layer is binned tensor by tensor (`bincount`, no copy); the result equals the
+    masked form's row (bins exactly, sums to float32 rounding) and numpy's reference; a layer
+    with NaN/Inf takes the masked form and counts them; both compile under XLA."""
+    from graddiag.host import HIST_BINS
+    from graddiag.tf._measure import _masked_histogram_row, histogram_rows
+
+    rng = np.random.default_rng(7)
+    parts = [
+        rng.normal(size=(64, 32)).astype("float32") * 1e-3,
+        rng.standard_t(2, size=32).astype("float32"),
+        np.zeros((0,), "float32"),
+    ]
+    bad = rng.normal(size=50).astype("float32")
+    bad[[3, 9]] = [np.nan, -np.inf]
+    by_slot = {0: tf.constant(parts[0]), 1: tf.constant(parts[1]), 2: tf.constant(parts[2])}
+    by_slot[3] = tf.constant(bad)
+    layer_index = np.array([0, 0, 0, 1])
+    for jit in (False, True):
+        rows = tf.function(lambda: histogram_rows(by_slot, layer_index, 2), jit_compile=jit)()
+        rows = rows.numpy()
+        flat = [tf.reshape(tf.constant(p), [-1]) for p in parts]
+        masked = _masked_histogram_row(flat).numpy()
+        np.testing.assert_array_equal(rows[0][:HIST_BINS], masked[:HIST_BINS])
+        np.testing.assert_allclose(rows[0][HIST_BINS:], masked[HIST_BINS:], rtol=1e-6)
+        v = np.concatenate([p.ravel() for p in parts]).astype(np.float64)
+        lo, hi = v.min(), v.max()
+        want, _ = np.histogram(v, bins=HIST_BINS, range=(lo, hi))
+        # float32 binning vs numpy's float64 edges: a value on an edge may move one bin
+        assert np.abs(rows[0][:HIST_BINS] - want).sum() <= 2
+        assert rows[0][:HIST_BINS].sum() == v.size
+        assert rows[0][HIST_BINS + 4] == v.size  # finite count
+        fin = bad[np.isfinite(bad)]
+        assert rows[1][:HIST_BINS].sum() == fin.size
+        assert rows[1][HIST_BINS] == fin.min() and rows[1][HIST_BINS + 1] == fin.max()
+        assert rows[1][HIST_BINS + 5 :].tolist() == [1.0, 1.0]  # one NaN, one Inf

@@ -187,7 +187,13 @@ def detail_columns(by_slot: dict, variables: list, inv_scale2=None) -> tf.Tensor
 
 def histogram_rows(by_slot: dict, layer_index: np.ndarray, n_layers: int, inv_scale2=None):
     """Per-layer histogram rows (`graddiag.host.HIST_WIDTH` each) of one step's finite gradient
-    values, with fixed shapes (no boolean masks), so the branch also compiles under XLA."""
+    values, with fixed shapes (no boolean masks), so the branch also compiles under XLA.
+
+    A layer whose values are all finite (and whose sum of squares fits float32) is binned tensor
+    by tensor with `bincount` on the layer's range, without copying its tensors into one; else
+    (NaN/Inf present) the masked form runs (`_masked_histogram_row`). Both give the same bins:
+    floor((v - min) / width * HIST_BINS) in float32 (an 8x1024 MLP's histograms: 135 -> ~30 ms
+    on the CPU; docs/tensorflow.md)."""
     rows = []
     for li in range(n_layers):
         parts = []
@@ -195,41 +201,80 @@ def histogram_rows(by_slot: dict, layer_index: np.ndarray, n_layers: int, inv_sc
             g = by_slot.get(int(i))
             if g is not None:
                 g = g.values if isinstance(g, tf.IndexedSlices) else g
-                parts.append(tf.reshape(tf.cast(g, tf.float32), [-1]))
+                v = tf.reshape(tf.cast(g, tf.float32), [-1])
+                if inv_scale2 is not None:
+                    v = v * tf.sqrt(inv_scale2)
+                parts.append(v)
         if not parts:
             rows.append(tf.zeros([HIST_WIDTH]))
             continue
-        v = tf.concat(parts, 0)
-        if inv_scale2 is not None:
-            v = v * tf.sqrt(inv_scale2)
-        fin = tf.math.is_finite(v)
-        finf = tf.cast(fin, tf.float32)
-        vf = tf.where(fin, v, 0.0)
-        lo = tf.reduce_min(tf.where(fin, v, math.inf))
-        hi = tf.reduce_max(tf.where(fin, v, -math.inf))
-        width = tf.maximum(hi - lo, 1e-12)
-        idx = tf.clip_by_value(
-            tf.cast(tf.floor((vf - lo) / width * HIST_BINS), tf.int32), 0, HIST_BINS - 1
-        )
-        counts = tf.math.unsorted_segment_sum(finf, idx, HIST_BINS)
-        nan = tf.reduce_sum(tf.cast(tf.math.is_nan(v), tf.float32))
+        sums = [tf.reduce_sum(v) for v in parts]
+        squares = [tf.reduce_sum(v * v) for v in parts]
+        total, total_sq = tf.add_n(sums), tf.add_n(squares)
+        finite = tf.reduce_all(tf.math.is_finite(tf.stack(sums + squares)))
         rows.append(
-            tf.concat(
-                [
-                    counts,
-                    tf.stack(
-                        [
-                            lo,
-                            hi,
-                            tf.reduce_sum(vf),
-                            tf.reduce_sum(vf * vf),
-                            tf.reduce_sum(finf),
-                            nan,
-                            tf.cast(tf.size(v), tf.float32) - tf.reduce_sum(finf) - nan,
-                        ]
-                    ),
-                ],
-                0,
+            tf.cond(
+                finite,
+                lambda parts=parts, total=total, total_sq=total_sq: _finite_histogram_row(
+                    parts, total, total_sq
+                ),
+                lambda parts=parts: _masked_histogram_row(parts),
             )
         )
     return tf.stack(rows)
+
+
+def _bins(v, lo, width):
+    """Each value's bin on [lo, lo + width]: floor((v - lo) / width * HIST_BINS), clamped."""
+    return tf.clip_by_value(
+        tf.cast(tf.floor((v - lo) / width * HIST_BINS), tf.int32), 0, HIST_BINS - 1
+    )
+
+
+def _finite_histogram_row(parts: list, total, total_sq):
+    """The histogram row of finite values held in `parts` (flat float32 tensors)."""
+    lo = tf.reduce_min(tf.stack([tf.reduce_min(v) if v.shape[0] != 0 else math.inf for v in parts]))
+    hi = tf.reduce_max(
+        tf.stack([tf.reduce_max(v) if v.shape[0] != 0 else -math.inf for v in parts])
+    )
+    width = tf.maximum(hi - lo, 1e-12)
+    counts = tf.add_n(
+        [
+            tf.math.bincount(_bins(v, lo, width), minlength=HIST_BINS, maxlength=HIST_BINS)
+            for v in parts
+        ]
+    )
+    n = tf.cast(tf.add_n([tf.size(v) for v in parts]), tf.float32)
+    return tf.concat(
+        [tf.cast(counts, tf.float32), tf.stack([lo, hi, total, total_sq, n, 0.0, 0.0])], 0
+    )
+
+
+def _masked_histogram_row(parts: list):
+    """The histogram row of the finite values among `parts`, with their NaN and Inf counts."""
+    v = tf.concat(parts, 0)
+    fin = tf.math.is_finite(v)
+    finf = tf.cast(fin, tf.float32)
+    vf = tf.where(fin, v, 0.0)
+    lo = tf.reduce_min(tf.where(fin, v, math.inf))
+    hi = tf.reduce_max(tf.where(fin, v, -math.inf))
+    width = tf.maximum(hi - lo, 1e-12)
+    counts = tf.math.unsorted_segment_sum(finf, _bins(vf, lo, width), HIST_BINS)
+    nan = tf.reduce_sum(tf.cast(tf.math.is_nan(v), tf.float32))
+    return tf.concat(
+        [
+            counts,
+            tf.stack(
+                [
+                    lo,
+                    hi,
+                    tf.reduce_sum(vf),
+                    tf.reduce_sum(vf * vf),
+                    tf.reduce_sum(finf),
+                    nan,
+                    tf.cast(tf.size(v), tf.float32) - tf.reduce_sum(finf) - nan,
+                ]
+            ),
+        ],
+        0,
+    )
