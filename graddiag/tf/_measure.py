@@ -238,9 +238,10 @@ def _finite_histogram_row(parts: list, total, total_sq):
         tf.stack([tf.reduce_max(v) if v.shape[0] != 0 else -math.inf for v in parts])
     )
     width = tf.maximum(hi - lo, 1e-12)
+    none = tf.zeros([0], tf.float32)  # no weights: float32 counts
     counts = tf.add_n(
-        [
-            tf.math.bincount(_bins(v, lo, width), minlength=HIST_BINS, maxlength=HIST_BINS)
+        [  # the raw op: its size a constant, as XLA needs
+            tf.raw_ops.DenseBincount(input=_bins(v, lo, width), size=HIST_BINS, weights=none)
             for v in parts
         ]
     )
