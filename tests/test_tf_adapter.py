@@ -912,3 +912,26 @@ def test_histogram_rows_fast_path_bins_as_the_masked_form_and_numpy():
         assert rows[1][:HIST_BINS].sum() == fin.size
         assert rows[1][HIST_BINS] == fin.min() and rows[1][HIST_BINS + 1] == fin.max()
         assert rows[1][HIST_BINS + 5 :].tolist() == [1.0, 1.0]  # one NaN, one Inf
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_detail_counts_nan_and_inf_per_layer_also_past_a_float32_overflow(compiled):
+    """Detail statistics count NaN/Inf only when the sum of |g| is not finite: a layer with
+    NaN/Inf gets its counts, one whose finite values overflow that sum counts zero, and the
+    maximum stays right in both."""
+    model = mlp()
+    grads = grads_of(model, *batch())
+    grads[0] = tf.tensor_scatter_nd_update(
+        grads[0], [[0, 0], [1, 1], [2, 2]], [math.nan, math.nan, -math.inf]
+    )
+    grads[2] = tf.fill(grads[2].shape, 3e38)  # finite; their sum overflows float32
+    mon = GradientMonitor(model, every=1, detail_every=1, detectors=NO_SPIKE)
+
+    def step(g):
+        return mon.step(g, model.trainable_variables)
+
+    (tf.function(step) if compiled else step)(grads)
+    mon.close()
+    (s,) = mon.history
+    assert s.nan_count.tolist() == [2.0, 0.0, 0.0] and s.inf_count.tolist() == [1.0, 0.0, 0.0]
+    assert s.grad_max[1] == pytest.approx(3e38, rel=REL)

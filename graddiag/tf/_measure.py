@@ -169,20 +169,34 @@ def detail_columns(by_slot: dict, variables: list, inv_scale2=None) -> tf.Tensor
         a = tf.abs(tf.cast(values, tf.float32))
         if inv_scale2 is not None:
             a = a * tf.sqrt(inv_scale2)
-        count = lambda m: tf.cast(tf.math.count_nonzero(m), tf.float32)  # noqa: E731
+        # NaN/Inf counted only when the sum of |g| is not finite (NaN, Inf or a float32 overflow
+        # of finite values): two passes fewer on a healthy step
+        nonfinite = tf.cond(
+            tf.math.is_finite(tf.reduce_sum(a)),
+            lambda: tf.zeros([2]),
+            lambda a=a: tf.stack([_count(tf.math.is_nan(a)), _count(tf.math.is_inf(a))]),
+        )
         cols.append(
-            tf.stack(
+            tf.concat(
                 [
-                    tf.reduce_max(a) if a.shape.num_elements() != 0 else 0.0,
-                    count(tf.not_equal(a, 0.0)),
-                    count(tf.math.is_nan(a)),
-                    count(tf.math.is_inf(a)),
-                    psq,
-                ]
+                    tf.stack(
+                        [
+                            tf.reduce_max(a) if a.shape.num_elements() != 0 else 0.0,
+                            _count(tf.not_equal(a, 0.0)),
+                        ]
+                    ),
+                    nonfinite,
+                    tf.reshape(psq, [1]),
+                ],
+                0,
             )
         )
     assert len(cols) == n
     return tf.stack(cols, axis=1)
+
+
+def _count(mask) -> tf.Tensor:
+    return tf.cast(tf.math.count_nonzero(mask), tf.float32)
 
 
 def histogram_rows(by_slot: dict, layer_index: np.ndarray, n_layers: int, inv_scale2=None):
@@ -246,9 +260,7 @@ def _finite_histogram_row(parts: list, total, total_sq):
         ]
     )
     n = tf.cast(tf.add_n([tf.size(v) for v in parts]), tf.float32)
-    return tf.concat(
-        [tf.cast(counts, tf.float32), tf.stack([lo, hi, total, total_sq, n, 0.0, 0.0])], 0
-    )
+    return tf.concat([counts, tf.stack([lo, hi, total, total_sq, n, 0.0, 0.0])], 0)
 
 
 def _masked_histogram_row(parts: list):
