@@ -1007,6 +1007,44 @@ class DivergenceDetector(Detector):
         )
         return [self._open("loss", self._finding(onset, None, "error", loss, msg), s.step)]
 
+    def _bulk(self, block: StepBlock) -> int:
+        losses = [s.loss for s in block]
+        at = [k for k, x in enumerate(losses) if x is not None]  # the others change nothing
+        if not at:
+            return len(block)
+        if (
+            self._episodes
+            or len(self._base) < self.baseline
+            or len(self._norm_base) < self.baseline
+        ):
+            return at[0]  # step by step from the first loss on
+        # both baselines full (nothing more is admitted), no episode: `update`'s decisions
+        ref = _median(self._base)
+        gn = block.field("global_norm")
+        if len(at) < len(block):
+            losses, gn = [losses[k] for k in at], gn[at]
+        loss = np.array(losses, dtype=np.float64)
+        finite = np.isfinite(loss)
+        bad = ~finite
+        if ref:
+            scale = abs(ref)
+            jumped = ~np.isfinite(gn) | ((gn > 0) & (gn > ADMIT * _median(self._norm_base)))
+            bad |= finite & (
+                (loss > ref + self.loss_factor * scale)
+                | (jumped & (loss > ref + self.confirm_factor * scale))
+            )
+        if not bad.any():
+            self._run, self._calm = 0, self._calm + len(at)
+            return len(block)
+        run, calm = self._run, self._calm
+        for j, b in enumerate(bad.tolist()):
+            if b and run + 1 >= self.patience:
+                self._run, self._calm = run, calm
+                return at[j]  # reported there
+            run, calm = (run + 1, 0) if b else (0, calm + 1)
+        self._run, self._calm = run, calm
+        return len(block)
+
 
 class LargeUpdateDetector(Detector):
     """Optimizer steps that move the weights by a large fraction of their norm (`StepStats.update_ratio`,
@@ -1065,6 +1103,30 @@ class LargeUpdateDetector(Detector):
         )
         return [self._open("lr", self._finding(self._onset, None, "warning", med, msg), s.step)]
 
+    def _bulk(self, block: StepBlock) -> int:
+        for k, s in enumerate(block):
+            r = s.update_ratio
+            if r is None:
+                continue
+            ok = np.isfinite(r)
+            if not ok.any():
+                continue
+            bad = float(np.median(r[ok])) > self.max_ratio
+            if self._episode("lr") is not None:
+                if not bad:
+                    return k  # the episode ends there
+                self._run += 1
+                self._hold("lr", s.step)
+            elif not bad:
+                self._run = 0
+            elif self._run + 1 < self.patience:
+                if self._run == 0:
+                    self._onset = s.step
+                self._run += 1
+            else:
+                return k  # reported there
+        return len(block)
+
 
 class FrozenDetector(Detector):
     """Parameters that cannot learn, from the model description.
@@ -1108,6 +1170,9 @@ class FrozenDetector(Detector):
 
     def update(self, s: StepStats) -> list[Finding]:
         return []
+
+    def _bulk(self, block: StepBlock) -> int:
+        return len(block)
 
 
 class DetachedDetector(Detector):
@@ -1473,6 +1538,17 @@ class AccumulationDetector(Detector):
             )
         ]
 
+    def _bulk(self, block: StepBlock) -> int:
+        active = self._active
+        for k, s in enumerate(block):
+            if s.grad_reset is None or s.grad_reset:
+                active = False
+            elif not active:
+                self._active = active
+                return k  # reported there
+        self._active = active
+        return len(block)
+
 
 class ModifiedDetector(Detector):
     """Gradients changed between `backward()` and the optimizer step (user code clipped or scaled
@@ -1499,6 +1575,11 @@ class ModifiedDetector(Detector):
                 "norms and findings describe them, not what backward produced.",
             )
         ]
+
+    def _bulk(self, block: StepBlock) -> int:
+        if self._seen:
+            return len(block)
+        return next((k for k, s in enumerate(block) if s.grads_modified), len(block))
 
 
 #: A clip coefficient within this of 1 means "not clipped" (norm ratios carry rounding).
@@ -1554,6 +1635,14 @@ class ClipRateDetector(Detector):
         if not self._coef.full:
             return []
         return self._judge(s.step, clipped)
+
+    def _bulk(self, block: StepBlock) -> int:
+        for k, s in enumerate(block):  # steps without a finite coefficient change nothing
+            if s.clip_coef is not None or (
+                s.layer_clip_coef is not None and s.layer_clip_coef.size
+            ):
+                return k
+        return len(block)
 
     def _judge(self, step: int, clipped: bool) -> list[Finding]:
         coefs = self._coef.values()[:, 0]
