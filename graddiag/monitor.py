@@ -252,8 +252,7 @@ class TensorBoardSink:
                 if sig[-1]:
                     values.append(np.stack([st.layer_clip_coef for st in run[1:]]))
                 rows = np.concatenate(values, axis=1)
-                for st, row in zip(run[1:], rows, strict=True):
-                    self.writer.add_scalars(st.step, tag_tuple, row)
+                self.writer.add_scalars_rows([st.step for st in run[1:]], tag_tuple, rows)
             k = end
 
     def write_step(self, s: StepStats, n_findings: int) -> tuple[str, ...]:
