@@ -1802,7 +1802,8 @@ class Diagnoser:
         findings, in the order and with the state `update` step by step would give."""
         if len(block) < 2:
             return [self.update(s) for s in block]
-        block = StepBlock(block)
+        if not isinstance(block, StepBlock):
+            block = StepBlock(block)
         per_detector = [d.update_block(block) for d in self.detectors]
         out = [[f for found in per_detector for f in found[k]] for k in range(len(block))]
         for new in out:

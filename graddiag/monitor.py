@@ -23,7 +23,7 @@ import numpy as np
 from graddiag import tags
 from graddiag._checks import int_at_least as check_int
 from graddiag.dashboard import ALWAYS_WRITTEN, custom_scalars_layout
-from graddiag.detectors import Detector, Diagnoser
+from graddiag.detectors import Detector, Diagnoser, StepBlock
 from graddiag.events import EventFileWriter, flush_all
 from graddiag.findings import Finding, severity_rank
 from graddiag.settings import NONFINITE_POLICIES
@@ -159,11 +159,24 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 _PLAIN_SCALARS = ("clip_coef", "grad_reset", "backward_calls", "grads_modified", "loss")
 
 
-def _plain_signature(s: StepStats) -> tuple[bool, ...] | None:
+def _whole(block: Sequence[StepStats]) -> list[bool]:
+    """Per step: every layer has a gradient and none is non-finite (over the block's stacked
+    fields, which the detectors have stacked already, when it is a `StepBlock`)."""
+    if len(block) == 1:
+        s = block[0]
+        return [bool(s.has_grad.all()) and not s.nonfinite.any()]
+    if not isinstance(block, StepBlock):
+        block = StepBlock(block)
+    whole = block.field("has_grad").all(axis=1) & ~block.field("nonfinite").any(axis=1)
+    return whole.tolist()
+
+
+def _plain_signature(s: StepStats, whole: bool) -> tuple[bool, ...] | None:
     """Which of `_PLAIN_SCALARS` and per-layer clip coefficients a plain step carries (None: not
-    a plain step; see `TensorBoardSink.write_block`)."""
+    a plain step; see `TensorBoardSink.write_block`); `whole`: the step's `_whole`."""
     if (
-        s.skipped
+        not whole
+        or s.skipped
         or s.nonfinite_origin
         or s.nonfinite_ranks is not None
         or s.grad_max is not None
@@ -172,8 +185,6 @@ def _plain_signature(s: StepStats) -> tuple[bool, ...] | None:
         or s.update_ratio is not None
         or s.nan_count is not None
         or s.inf_count is not None
-        or not s.has_grad.all()
-        or s.nonfinite.any()
     ):
         return None
     return (
@@ -228,16 +239,16 @@ class TensorBoardSink:
         """`write_step` for consecutive steps. Runs of plain steps (every layer has a gradient,
         all finite, no detail statistics, no text) that carry the same scalars share one layout:
         their values are gathered for the whole run at once."""
+        sigs = [_plain_signature(s, w) for s, w in zip(block, _whole(block), strict=True)]
         k, n = 0, len(block)
         while k < n:
-            s = block[k]
-            sig = _plain_signature(s)
+            s, sig = block[k], sigs[k]
             if sig is None:
                 self.write_step(s, n_findings[k])
                 k += 1
                 continue
             end = k + 1
-            while end < n and _plain_signature(block[end]) == sig:
+            while end < n and sigs[end] == sig:
                 end += 1
             run = block[k:end]
             tag_tuple = self.write_step(s, n_findings[k])  # the run's layout, and its first event
@@ -420,6 +431,8 @@ class MonitorCore:
 
     def process_block(self, block: list[StepStats]) -> list[list[Finding]]:
         """`process` over consecutive steps at once: each step's new findings."""
+        if len(block) > 1:  # stacked fields shared by the detectors and the sink
+            block = StepBlock(block)
         per_step = self.diagnoser.update_block(block)
         self.history.extend(block)
         if self.sink is not None:
