@@ -567,8 +567,11 @@ class VanishingDetector(Detector):
     def _measure(self, g: np.ndarray, live: np.ndarray) -> tuple[np.ndarray, ...]:
         """Per step (rows, each with 2+ live layers): each layer's ratio to the largest one, and
         whether it is tiny."""
-        top = np.where(live, g, -1.0).max(axis=1, keepdims=True)
-        ratio = np.where(live, g / top, 1.0)
+        if live.all():  # (the common case, with fewer operations)
+            ratio = g / g.max(axis=1, keepdims=True)
+        else:
+            top = np.where(live, g, -1.0).max(axis=1, keepdims=True)
+            ratio = np.where(live, g / top, 1.0)
         tiny = ratio < self.rel_threshold  # live layers only: the others' ratio is 1
         profile = ratio < self.profile_threshold
         if self._sqrt_n is not None and (tiny | profile).any():
@@ -641,6 +644,11 @@ class VanishingDetector(Detector):
             g, live = g[pushed], live[pushed]
         tiny = self._measure(g, live)[1]
         rows = tiny.astype(np.float64)
+        if not self._episodes and not tiny.any() and not self._tiny.sum.any():
+            # no tiny layer in the window nor in the block: every count stays 0, nothing opens
+            steps = block.field("step")[pushed]
+            self._tiny.extend(rows, steps, np.zeros(rows.shape))
+            return len(block)
         count = self._tiny.sums_after(rows)
         judged = self._tiny.counts_after(len(rows)) >= self.patience
         flips = count >= math.ceil(OPEN_RATE * self.patience)  # an episode opens ...
@@ -1263,8 +1271,19 @@ class DetachedDetector(Detector):
             zero_frac = None if zero_frac is None else zero_frac[kept]
         zero = self._exact_zero(g, has, zero_frac)
         live = has & ~zero
+        all_live = bool(live.all())
+        if all_live and not self._episodes and self.starved_rate > 0 and not self._missed():
+            # no layer missed a step in the window nor in the block: every rate stays 0
+            steps = block.field("step")[kept]
+            self._first_live[self._first_live < 0] = steps[0]
+            self._last_live[:] = steps[-1]
+            rows = np.zeros(g.shape)
+            self._none.extend(rows, steps, rows)
+            self._zero.extend(rows, steps, rows)
+            self._take_trainable(block, kept)
+            return len(block)
         none_rows, zero_rows = (~has).astype(np.float64), zero.astype(np.float64)
-        if self._episodes or not (self.starved_rate > 0 and live.all()) or self._missed():
+        if self._episodes or not (self.starved_rate > 0 and all_live) or self._missed():
             none_sum, zero_sum = self._none.sums_after(none_rows), self._zero.sums_after(zero_rows)
             e, judged, is_open = self._first_flagged(none_sum, zero_sum)
         else:  # no layer missed a step in the window nor in the block: every rate stays 0
@@ -1285,10 +1304,15 @@ class DetachedDetector(Detector):
                 self._hold(int(i), step)
         self._none.extend(none_rows[:e], steps, none_sum[:e])
         self._zero.extend(zero_rows[:e], steps, zero_sum[:e])
-        told = [t for t in (block[i].trainable for i in kept[:e].tolist()) if t is not None]
-        if told:
-            self._trainable = np.asarray(told[-1], dtype=bool).copy()
+        self._take_trainable(block, kept[:e])
         return int(kept[e]) if e < len(kept) else len(block)
+
+    def _take_trainable(self, block: StepBlock, taken: np.ndarray) -> None:
+        """Keep the last `trainable` flags reported on the steps `taken` of `block`."""
+        for i in reversed(taken.tolist()):
+            if block[i].trainable is not None:
+                self._trainable = np.asarray(block[i].trainable, dtype=bool).copy()
+                return
 
     def _missed(self) -> bool:
         """Whether a layer missed a step in the window."""
