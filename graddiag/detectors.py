@@ -869,30 +869,56 @@ class SpikeDetector(Detector):
     def _bulk(self, block: StepBlock) -> int:
         if self._episodes:
             return 0  # the next step holds or ends the episode
-        sq = self._layer_squares(block.field("grad_norm"), block.field("has_grad"))
-        for k, s in enumerate(block):
+        k, taken, alphas = len(block), [], []
+        for i, s in enumerate(block):  # the running moments: a recurrence, step by step
             gn = s.global_norm
             if math.isfinite(gn) and gn > 0:
                 if self._jumped(gn) is not None:
+                    k = i
                     break
-                self._absorb(math.log(gn), sq[k])
-        else:
-            k = len(block)
+                alphas.append(self._absorb_moments(math.log(gn)))
+                taken.append(i)
+        if taken:
+            sq = self._layer_squares(block.field("grad_norm"), block.field("has_grad"))
+            self._absorb_layers(sq if len(taken) == len(block) else sq[taken], alphas)
         self._clipping |= _clipped(block[:k])
         return k
 
     def _absorb(self, x: float, sq: np.ndarray) -> None:
         """Add a step's log-norm `x` and layer squares `sq` to the history."""
+        self._absorb_layers(sq[None], [self._absorb_moments(x)])
+
+    def _absorb_moments(self, x: float) -> float | None:
+        """Add a log-norm `x` to the running moments; return its weight (None: the first step,
+        which the history takes as it is) for `_absorb_layers`."""
         alpha = 1.0 / (self._n + 1) if self._n < self.window else 2.0 / (self.window + 1)
         self._n += 1
         if self._n == 1:
             self._mean = x
-            self._layer_sq = sq
-            return
+            return None
         d = x - self._mean
         self._mean += alpha * d
         self._var = (1 - alpha) * (self._var + alpha * d * d)
-        self._layer_sq = self._layer_sq + alpha * (sq - self._layer_sq)
+        return alpha
+
+    def _absorb_layers(self, sq: np.ndarray, alphas: list[float | None]) -> None:
+        """Add layer squares (rows of `sq`, one per step) to the history with `alphas` in turn:
+        `layer_sq + alpha * (sq - layer_sq)`, in plain floats for a few layers (the same
+        arithmetic, without NumPy's per-call cost)."""
+        if sq.shape[1] > 16:
+            layer = self._layer_sq
+            for row, alpha in zip(sq, alphas, strict=True):
+                layer = row if alpha is None else layer + alpha * (row - layer)
+            self._layer_sq = layer
+            return
+        acc = self._layer_sq.tolist()
+        for row, alpha in zip(sq.tolist(), alphas, strict=True):
+            acc = (
+                row
+                if alpha is None
+                else [a + alpha * (r - a) for a, r in zip(acc, row, strict=True)]
+            )
+        self._layer_sq = np.array(acc, dtype=np.float64)
 
     def _report(self, s: StepStats, z: float, sq: np.ndarray) -> Finding:
         rise = sq - self._layer_sq
