@@ -159,21 +159,10 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 _PLAIN_SCALARS = ("clip_coef", "grad_reset", "backward_calls", "grads_modified", "loss")
 
 
-def _whole(block: Sequence[StepStats]) -> list[bool]:
-    """Per step: every layer has a gradient and none is non-finite (over the block's stacked
-    fields, which the detectors have stacked already, when it is a `StepBlock`)."""
-    if len(block) == 1:
-        s = block[0]
-        return [bool(s.has_grad.all()) and not s.nonfinite.any()]
-    if not isinstance(block, StepBlock):
-        block = StepBlock(block)
-    whole = block.field("has_grad").all(axis=1) & ~block.field("nonfinite").any(axis=1)
-    return whole.tolist()
-
-
 def _plain_signature(s: StepStats, whole: bool) -> tuple[bool, ...] | None:
     """Which of `_PLAIN_SCALARS` and per-layer clip coefficients a plain step carries (None: not
-    a plain step; see `TensorBoardSink.write_block`); `whole`: the step's `_whole`."""
+    a plain step; see `TensorBoardSink.write_block`); `whole`: every layer has a gradient and
+    none is non-finite."""
     if (
         not whole
         or s.skipped
@@ -238,36 +227,51 @@ class TensorBoardSink:
     def write_block(self, block: Sequence[StepStats], n_findings: Sequence[int]) -> None:
         """`write_step` for consecutive steps. Runs of plain steps (every layer has a gradient,
         all finite, no detail statistics, no text) that carry the same scalars share one layout:
-        their values are gathered for the whole run at once."""
-        sigs = [_plain_signature(s, w) for s, w in zip(block, _whole(block), strict=True)]
+        their values are taken from the block's stacked fields and encoded at once."""
+        if len(block) == 1:
+            self.write_step(block[0], n_findings[0])
+            return
+        if not isinstance(block, StepBlock):
+            block = StepBlock(block)
+        whole = block.field("has_grad").all(axis=1) & ~block.field("nonfinite").any(axis=1)
+        sigs = [_plain_signature(s, w) for s, w in zip(block, whole.tolist(), strict=True)]
         k, n = 0, len(block)
         while k < n:
             s, sig = block[k], sigs[k]
-            if sig is None:
+            if sig is None or k + 1 == n or sigs[k + 1] != sig:
                 self.write_step(s, n_findings[k])
                 k += 1
                 continue
-            end = k + 1
+            end = k + 2
             while end < n and sigs[end] == sig:
                 end += 1
-            run = block[k:end]
-            tag_tuple = self.write_step(s, n_findings[k])  # the run's layout, and its first event
-            if end - k > 1:
-                cols = [[st.global_norm for st in run[1:]], [0.0] * (end - k - 1)]
-                cols.append([float(c) for c in n_findings[k + 1 : end]])
-                for stat, present in zip(_PLAIN_SCALARS, sig, strict=False):
-                    if present:
-                        cols.append([float(getattr(st, stat)) for st in run[1:]])
-                values = [np.asarray(cols, dtype=np.float64).T]
-                values.append(np.stack([st.grad_norm for st in run[1:]]))
-                if sig[-1]:
-                    values.append(np.stack([st.layer_clip_coef for st in run[1:]]))
-                rows = np.concatenate(values, axis=1)
-                self.writer.add_scalars_rows([st.step for st in run[1:]], tag_tuple, rows)
+            tag_tuple = self._scalars(s, n_findings[k])[0]  # the run's layout
+            cols = [block.field("global_norm")[k:end], np.zeros(end - k)]
+            cols.append(np.asarray(n_findings[k:end], dtype=np.float64))
+            for stat, present in zip(_PLAIN_SCALARS, sig, strict=False):
+                if present:  # (an object array where other steps of the block lack it)
+                    cols.append(block.field(stat)[k:end].astype(np.float64))
+            values = [np.stack(cols, axis=1), block.field("grad_norm")[k:end]]
+            if sig[-1]:
+                values.append(np.stack([st.layer_clip_coef for st in block[k:end]]))
+            rows = np.concatenate(values, axis=1)
+            self.writer.add_scalars_rows(block.field("step")[k:end].tolist(), tag_tuple, rows)
             k = end
 
     def write_step(self, s: StepStats, n_findings: int) -> tuple[str, ...]:
         """All scalars of one step, as one event; returns their tags."""
+        tag_tuple, values = self._scalars(s, n_findings)
+        self.writer.add_scalars(s.step, tag_tuple, values)
+        if s.nonfinite_origin:  # "forward:<module>" for the forward pass, "<module>" backward
+            prefix = "forward:" if s.nonfinite_pass == "forward" else ""
+            self.writer.add_text(s.step, tags.NONFINITE_ORIGIN, prefix + s.nonfinite_origin)
+        if s.nonfinite_ranks is not None:
+            text = ",".join(map(str, s.nonfinite_ranks)) or "-"
+            self.writer.add_text(s.step, tags.NONFINITE_RANKS, text)
+        return tag_tuple
+
+    def _scalars(self, s: StepStats, n_findings: int) -> tuple[tuple[str, ...], np.ndarray]:
+        """The tags and values of a step's scalars event (a new layout's charts are shown)."""
         gnames: list[str] = []
         gvals: list[float] = []
         for stat, value in (
@@ -322,14 +326,7 @@ class TensorBoardSink:
         values = [np.asarray(gvals)] + [
             arr if m is None else np.asarray(arr)[m] for _, arr, m in per_layer
         ]
-        self.writer.add_scalars(s.step, tag_tuple, np.concatenate(values))
-        if s.nonfinite_origin:  # "forward:<module>" for the forward pass, "<module>" backward
-            prefix = "forward:" if s.nonfinite_pass == "forward" else ""
-            self.writer.add_text(s.step, tags.NONFINITE_ORIGIN, prefix + s.nonfinite_origin)
-        if s.nonfinite_ranks is not None:
-            text = ",".join(map(str, s.nonfinite_ranks)) or "-"
-            self.writer.add_text(s.step, tags.NONFINITE_RANKS, text)
-        return tag_tuple
+        return tag_tuple, np.concatenate(values)
 
     def show_charts(self, stats: set[tuple[str, bool]], step: int) -> None:
         """Note the ``(stat, per_layer)`` pairs written at `step`; when one is new, write the
