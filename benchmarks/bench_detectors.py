@@ -7,7 +7,7 @@ step in ten, nothing to report) for models of 4, 12 and 100 layers. Each variant
 then times the same steps; variants run round-robin in this process, and the table gives the
 median time per step and its ratio to step by step. With ``--before REV``, the detectors of git
 revision REV (`graddiag/detectors.py` there, loaded as a module beside this graddiag) run step by
-step in the same rounds. A second table splits the step-by-step and 10-row costs by detector (12
+step and in blocks of 10 in the same rounds. A second table splits the step-by-step and 10-row costs by detector (12
 layers). Not a timed test.
 
 Usage::
@@ -137,19 +137,22 @@ def main() -> None:
     args = ap.parse_args()
     before = load_before(args.before) if args.before else None
     streams = {(n, w): healthy(n, args.steps + WARMUP, w) for n in LAYERS for w in SPREADS}
-    modes = (-1, 0, *BLOCKS) if before else (0, *BLOCKS)  # -1: `before`, step by step
+    # -1: `before` step by step, -10: `before` in blocks of 10
+    modes = (-1, -10, 0, *BLOCKS) if before else (0, *BLOCKS)
     times: dict[tuple, list[float]] = {(*k, b): [] for k in streams for b in modes}
     per_det: dict[tuple, list[dict[str, float]]] = {(w, b): [] for w in SPREADS for b in (0, 10)}
     for _ in range(args.rounds):
         for n, w, b in times:
             cls = before if b < 0 else Diagnoser
-            times[n, w, b].append(time_variant(*streams[n, w], max(b, 0), cls))
+            size = 0 if b == -1 else abs(b)
+            times[n, w, b].append(time_variant(*streams[n, w], size, cls))
         for w, b in per_det:
             per_det[w, b].append(time_detectors(*streams[12, w], b))
 
     med = {k: statistics.median(v) for k, v in times.items()}
     ref = -1 if before else 0
-    names = {-1: f"{args.before} step by step", 0: "step by step"}
+    names = {-1: f"{args.before} step by step", -10: f"{args.before} blocks of 10"}
+    names[0] = "step by step"
     names.update({b: f"blocks of {b}" for b in BLOCKS})
     print(
         f"{args.steps} steps after {WARMUP} warm-up steps, median of {args.rounds} rounds; ms per"

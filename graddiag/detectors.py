@@ -567,8 +567,11 @@ class VanishingDetector(Detector):
     def _measure(self, g: np.ndarray, live: np.ndarray) -> tuple[np.ndarray, ...]:
         """Per step (rows, each with 2+ live layers): each layer's ratio to the largest one, and
         whether it is tiny."""
-        top = np.where(live, g, -1.0).max(axis=1, keepdims=True)
-        ratio = np.where(live, g / top, 1.0)
+        if live.all():  # (the common case, with fewer operations)
+            ratio = g / g.max(axis=1, keepdims=True)
+        else:
+            top = np.where(live, g, -1.0).max(axis=1, keepdims=True)
+            ratio = np.where(live, g / top, 1.0)
         tiny = ratio < self.rel_threshold  # live layers only: the others' ratio is 1
         profile = ratio < self.profile_threshold
         if self._sqrt_n is not None and (tiny | profile).any():
@@ -641,6 +644,11 @@ class VanishingDetector(Detector):
             g, live = g[pushed], live[pushed]
         tiny = self._measure(g, live)[1]
         rows = tiny.astype(np.float64)
+        if not self._episodes and not tiny.any() and not self._tiny.sum.any():
+            # no tiny layer in the window nor in the block: every count stays 0, nothing opens
+            steps = block.field("step")[pushed]
+            self._tiny.extend(rows, steps, np.zeros(rows.shape))
+            return len(block)
         count = self._tiny.sums_after(rows)
         judged = self._tiny.counts_after(len(rows)) >= self.patience
         flips = count >= math.ceil(OPEN_RATE * self.patience)  # an episode opens ...
@@ -861,30 +869,56 @@ class SpikeDetector(Detector):
     def _bulk(self, block: StepBlock) -> int:
         if self._episodes:
             return 0  # the next step holds or ends the episode
-        sq = self._layer_squares(block.field("grad_norm"), block.field("has_grad"))
-        for k, s in enumerate(block):
+        k, taken, alphas = len(block), [], []
+        for i, s in enumerate(block):  # the running moments: a recurrence, step by step
             gn = s.global_norm
             if math.isfinite(gn) and gn > 0:
                 if self._jumped(gn) is not None:
+                    k = i
                     break
-                self._absorb(math.log(gn), sq[k])
-        else:
-            k = len(block)
+                alphas.append(self._absorb_moments(math.log(gn)))
+                taken.append(i)
+        if taken:
+            sq = self._layer_squares(block.field("grad_norm"), block.field("has_grad"))
+            self._absorb_layers(sq if len(taken) == len(block) else sq[taken], alphas)
         self._clipping |= _clipped(block[:k])
         return k
 
     def _absorb(self, x: float, sq: np.ndarray) -> None:
         """Add a step's log-norm `x` and layer squares `sq` to the history."""
+        self._absorb_layers(sq[None], [self._absorb_moments(x)])
+
+    def _absorb_moments(self, x: float) -> float | None:
+        """Add a log-norm `x` to the running moments; return its weight (None: the first step,
+        which the history takes as it is) for `_absorb_layers`."""
         alpha = 1.0 / (self._n + 1) if self._n < self.window else 2.0 / (self.window + 1)
         self._n += 1
         if self._n == 1:
             self._mean = x
-            self._layer_sq = sq
-            return
+            return None
         d = x - self._mean
         self._mean += alpha * d
         self._var = (1 - alpha) * (self._var + alpha * d * d)
-        self._layer_sq = self._layer_sq + alpha * (sq - self._layer_sq)
+        return alpha
+
+    def _absorb_layers(self, sq: np.ndarray, alphas: list[float | None]) -> None:
+        """Add layer squares (rows of `sq`, one per step) to the history with `alphas` in turn:
+        `layer_sq + alpha * (sq - layer_sq)`, in plain floats for a few layers (the same
+        arithmetic, without NumPy's per-call cost)."""
+        if sq.shape[1] > 16:
+            layer = self._layer_sq
+            for row, alpha in zip(sq, alphas, strict=True):
+                layer = row if alpha is None else layer + alpha * (row - layer)
+            self._layer_sq = layer
+            return
+        acc = self._layer_sq.tolist()
+        for row, alpha in zip(sq.tolist(), alphas, strict=True):
+            acc = (
+                row
+                if alpha is None
+                else [a + alpha * (r - a) for a, r in zip(acc, row, strict=True)]
+            )
+        self._layer_sq = np.array(acc, dtype=np.float64)
 
     def _report(self, s: StepStats, z: float, sq: np.ndarray) -> Finding:
         rise = sq - self._layer_sq
@@ -1007,6 +1041,46 @@ class DivergenceDetector(Detector):
         )
         return [self._open("loss", self._finding(onset, None, "error", loss, msg), s.step)]
 
+    def _bulk(self, block: StepBlock) -> int:
+        losses = [s.loss for s in block]
+        at = [k for k, x in enumerate(losses) if x is not None]  # the others change nothing
+        if not at:
+            return len(block)
+        if (
+            self._episodes
+            or len(self._base) < self.baseline
+            or len(self._norm_base) < self.baseline
+        ):
+            return at[0]  # step by step from the first loss on
+        # both baselines full (nothing more is admitted), no episode: `update`'s decisions, in
+        # plain floats (as cheap as NumPy over a block of 10, and the same arithmetic)
+        ref = _median(self._base)
+        scale = abs(ref) if ref else None
+        if scale is not None:
+            alone, confirmed = ref + self.loss_factor * scale, ref + self.confirm_factor * scale
+            norm_limit = ADMIT * _median(self._norm_base)
+        run, calm, isfinite = self._run, self._calm, math.isfinite
+        for k in at:
+            loss = losses[k]
+            if not isfinite(loss):
+                bad = True
+            elif scale is None or loss <= confirmed:
+                bad = False
+            elif loss > alone:
+                bad = True
+            else:  # above the margin that the gradient norm confirms
+                gn = block[k].global_norm
+                bad = not isfinite(gn) or (gn > 0 and gn > norm_limit)
+            if bad:
+                if run + 1 >= self.patience:
+                    self._run, self._calm = run, calm
+                    return k  # reported there
+                run, calm = run + 1, 0
+            else:
+                run, calm = 0, calm + 1
+        self._run, self._calm = run, calm
+        return len(block)
+
 
 class LargeUpdateDetector(Detector):
     """Optimizer steps that move the weights by a large fraction of their norm (`StepStats.update_ratio`,
@@ -1065,6 +1139,30 @@ class LargeUpdateDetector(Detector):
         )
         return [self._open("lr", self._finding(self._onset, None, "warning", med, msg), s.step)]
 
+    def _bulk(self, block: StepBlock) -> int:
+        for k, s in enumerate(block):
+            r = s.update_ratio
+            if r is None:
+                continue
+            ok = np.isfinite(r)
+            if not ok.any():
+                continue
+            bad = float(np.median(r[ok])) > self.max_ratio
+            if self._episode("lr") is not None:
+                if not bad:
+                    return k  # the episode ends there
+                self._run += 1
+                self._hold("lr", s.step)
+            elif not bad:
+                self._run = 0
+            elif self._run + 1 < self.patience:
+                if self._run == 0:
+                    self._onset = s.step
+                self._run += 1
+            else:
+                return k  # reported there
+        return len(block)
+
 
 class FrozenDetector(Detector):
     """Parameters that cannot learn, from the model description.
@@ -1108,6 +1206,9 @@ class FrozenDetector(Detector):
 
     def update(self, s: StepStats) -> list[Finding]:
         return []
+
+    def _bulk(self, block: StepBlock) -> int:
+        return len(block)
 
 
 class DetachedDetector(Detector):
@@ -1196,8 +1297,19 @@ class DetachedDetector(Detector):
             zero_frac = None if zero_frac is None else zero_frac[kept]
         zero = self._exact_zero(g, has, zero_frac)
         live = has & ~zero
+        all_live = bool(live.all())
+        if all_live and not self._episodes and self.starved_rate > 0 and not self._missed():
+            # no layer missed a step in the window nor in the block: every rate stays 0
+            steps = block.field("step")[kept]
+            self._first_live[self._first_live < 0] = steps[0]
+            self._last_live[:] = steps[-1]
+            rows = np.zeros(g.shape)
+            self._none.extend(rows, steps, rows)
+            self._zero.extend(rows, steps, rows)
+            self._take_trainable(block, kept)
+            return len(block)
         none_rows, zero_rows = (~has).astype(np.float64), zero.astype(np.float64)
-        if self._episodes or not (self.starved_rate > 0 and live.all()) or self._missed():
+        if self._episodes or not (self.starved_rate > 0 and all_live) or self._missed():
             none_sum, zero_sum = self._none.sums_after(none_rows), self._zero.sums_after(zero_rows)
             e, judged, is_open = self._first_flagged(none_sum, zero_sum)
         else:  # no layer missed a step in the window nor in the block: every rate stays 0
@@ -1218,10 +1330,15 @@ class DetachedDetector(Detector):
                 self._hold(int(i), step)
         self._none.extend(none_rows[:e], steps, none_sum[:e])
         self._zero.extend(zero_rows[:e], steps, zero_sum[:e])
-        told = [t for t in (block[i].trainable for i in kept[:e].tolist()) if t is not None]
-        if told:
-            self._trainable = np.asarray(told[-1], dtype=bool).copy()
+        self._take_trainable(block, kept[:e])
         return int(kept[e]) if e < len(kept) else len(block)
+
+    def _take_trainable(self, block: StepBlock, taken: np.ndarray) -> None:
+        """Keep the last `trainable` flags reported on the steps `taken` of `block`."""
+        for i in reversed(taken.tolist()):
+            if block[i].trainable is not None:
+                self._trainable = np.asarray(block[i].trainable, dtype=bool).copy()
+                return
 
     def _missed(self) -> bool:
         """Whether a layer missed a step in the window."""
@@ -1473,6 +1590,17 @@ class AccumulationDetector(Detector):
             )
         ]
 
+    def _bulk(self, block: StepBlock) -> int:
+        active = self._active
+        for k, s in enumerate(block):
+            if s.grad_reset is None or s.grad_reset:
+                active = False
+            elif not active:
+                self._active = active
+                return k  # reported there
+        self._active = active
+        return len(block)
+
 
 class ModifiedDetector(Detector):
     """Gradients changed between `backward()` and the optimizer step (user code clipped or scaled
@@ -1499,6 +1627,11 @@ class ModifiedDetector(Detector):
                 "norms and findings describe them, not what backward produced.",
             )
         ]
+
+    def _bulk(self, block: StepBlock) -> int:
+        if self._seen:
+            return len(block)
+        return next((k for k, s in enumerate(block) if s.grads_modified), len(block))
 
 
 #: A clip coefficient within this of 1 means "not clipped" (norm ratios carry rounding).
@@ -1554,6 +1687,14 @@ class ClipRateDetector(Detector):
         if not self._coef.full:
             return []
         return self._judge(s.step, clipped)
+
+    def _bulk(self, block: StepBlock) -> int:
+        for k, s in enumerate(block):  # steps without a finite coefficient change nothing
+            if s.clip_coef is not None or (
+                s.layer_clip_coef is not None and s.layer_clip_coef.size
+            ):
+                return k
+        return len(block)
 
     def _judge(self, step: int, clipped: bool) -> list[Finding]:
         coefs = self._coef.values()[:, 0]
@@ -1711,7 +1852,8 @@ class Diagnoser:
         findings, in the order and with the state `update` step by step would give."""
         if len(block) < 2:
             return [self.update(s) for s in block]
-        block = StepBlock(block)
+        if not isinstance(block, StepBlock):
+            block = StepBlock(block)
         per_detector = [d.update_block(block) for d in self.detectors]
         out = [[f for found in per_detector for f in found[k]] for k in range(len(block))]
         for new in out:

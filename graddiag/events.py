@@ -65,6 +65,22 @@ def encode_event(step: int, wall_time: float, summary: bytes | None = None, **ra
     return out
 
 
+def encode_events(
+    steps: Sequence[int], wall_time: float, summaries: Sequence[bytes]
+) -> list[bytes]:
+    """`encode_event(step, wall_time, summary)` of each step and summary, the parts they share
+    encoded once."""
+    head = b"\x09" + struct.pack("<d", wall_time) + b"\x10"
+    out = []
+    size = tag = -1
+    for step, summary in zip(steps, summaries, strict=True):
+        if len(summary) != size:
+            size = len(summary)
+            tag = _varint((5 << 3) | 2) + _varint(size)
+        out.append(head + _varint(int(step)) + tag + summary)
+    return out
+
+
 class RecordWriter:
     """Appends framed records to one file, and keeps what it could not write yet.
 
@@ -199,6 +215,14 @@ class _ScalarTemplate:
         self._buf[self._pos] = np.ascontiguousarray(values, dtype="<f4").view(np.uint8)
         return self._buf.tobytes()
 
+    def encode_rows(self, rows: np.ndarray) -> list[bytes]:
+        """`encode` of each row of `rows` (steps x tags), filled in at once."""
+        bufs = np.tile(self._buf, (len(rows), 1))
+        bufs[:, self._pos] = np.ascontiguousarray(rows, dtype="<f4").view(np.uint8)
+        data = bufs.tobytes()
+        size = len(self._buf)
+        return [data[i : i + size] for i in range(0, len(data), size)]
+
 
 #: Bytes of unwritten events a writer keeps while it cannot write (disk full, logdir gone); beyond
 #: this the oldest are dropped and counted (see docs/guarantees.md).
@@ -299,14 +323,17 @@ class EventFileWriter:
         return self._records.path
 
     def _write(self, event: bytes, header: bool = False) -> None:
-        rec = frame(event)
+        self._write_many([event], header)
+
+    def _write_many(self, events: Sequence[bytes], header: bool = False) -> None:
+        recs = [frame(e) for e in events]
         with self._lock:
             if self._closed:
                 raise ValueError(f"event file {self.path!r} is closed")
             if header:
-                self._records.header.append(rec)
-            self._queue.append(rec)
-            self._queued += len(rec)
+                self._records.header.extend(recs)
+            self._queue.extend(recs)
+            self._queued += sum(map(len, recs))
             if self._queued > self.max_pending_bytes:
                 self._drop_oldest()
             due = self._queued >= _FLUSH_BYTES and self._records.error is None
@@ -333,20 +360,44 @@ class EventFileWriter:
 
         `tags` should be the same tuple object from step to step: its encoding is cached.
         """
+        tpl = self._template(tags)
+        values = np.asarray(values, dtype=np.float64)
+        if values.shape != (len(tpl.tags),):
+            raise ValueError(
+                f"Expected {len(tpl.tags)} values for {len(tpl.tags)} tags, got shape "
+                f"{values.shape}"
+            )
+        self._write(
+            encode_event(step, time.time() if wall_time is None else wall_time, tpl.encode(values))
+        )
+
+    def add_scalars_rows(
+        self, steps: Sequence[int], tags: Sequence[str], rows, wall_time: float | None = None
+    ) -> None:
+        """`add_scalars` for several steps with the same tags (row k of `rows` at `steps[k]`),
+        encoded and queued at once: the same events (one wall time for all, as they are written
+        together)."""
+        tpl = self._template(tags)
+        rows = np.asarray(rows, dtype=np.float64)
+        if rows.shape != (len(steps), len(tpl.tags)):
+            raise ValueError(
+                f"Expected `rows` of shape ({len(steps)}, {len(tpl.tags)}) (one value per tag "
+                f"for each step), got shape {rows.shape}"
+            )
+        if not len(steps):
+            return
+        wall = time.time() if wall_time is None else wall_time
+        self._write_many(encode_events(steps, wall, tpl.encode_rows(rows)))
+
+    def _template(self, tags: Sequence[str]) -> _ScalarTemplate:
+        """The cached encoding of a tag list."""
         key = tags if isinstance(tags, tuple) else tuple(tags)
         tpl = self._templates.get(key)
         if tpl is None:
             if len(self._templates) > 64:
                 self._templates.clear()
             tpl = self._templates[key] = _ScalarTemplate(key)
-        values = np.asarray(values, dtype=np.float64)
-        if values.shape != (len(key),):
-            raise ValueError(
-                f"Expected {len(key)} values for {len(key)} tags, got shape {values.shape}"
-            )
-        self._write(
-            encode_event(step, time.time() if wall_time is None else wall_time, tpl.encode(values))
-        )
+        return tpl
 
     def add_scalar_dict(
         self, step: int, scalars: Mapping[str, float], wall_time: float | None = None

@@ -89,17 +89,18 @@ class RowLayout:
         each row's `StepStats`, and per row which parameters had a gradient and their sums of
         squares (zero where none). `known[k]` is row k's `known` (it is consumed)."""
         r = np.asarray(rows, dtype=np.float64)
-        n, P, L = len(steps), self.n_params, self.n_layers
+        n, L = len(steps), self.n_layers
         if r.shape != (n, self.width) or len(known) != n:
             raise ValueError(
                 f"Expected `rows` of shape ({n}, {self.width}) (one row of this layout per step) "
                 f"and {n} `known` dicts, got shape {r.shape} and {len(known)}"
             )
         sumsq = r[:, self.sumsq]
-        has = np.empty((n, P), dtype=bool)
+        has = sumsq != self.NO_GRAD
         for k, kw in enumerate(known):
             h = kw.pop("has", None)
-            has[k] = sumsq[k] != self.NO_GRAD if h is None else h
+            if h is not None:
+                has[k] = h
         all_have = bool(has.all())
         sq = sumsq if all_have else np.where(has, sumsq, 0.0)
         # per (row, layer) sums by bincount: a NaN stays in its own layer (a matmul would spread it)
@@ -360,7 +361,7 @@ class HostPath:
         if len(steps) == 1:
             rows = np.asarray(steps[0][1])[None]
         else:
-            rows = np.stack([np.asarray(r) for _, r, _ in steps])
+            rows = np.array([r for _, r, _ in steps])  # shapes checked above
         block, has, sumsq = self.layout.decode_block(
             [step for step, _, _ in steps], rows, self.layer_of, known
         )

@@ -23,7 +23,7 @@ import numpy as np
 from graddiag import tags
 from graddiag._checks import int_at_least as check_int
 from graddiag.dashboard import ALWAYS_WRITTEN, custom_scalars_layout
-from graddiag.detectors import Detector, Diagnoser
+from graddiag.detectors import Detector, Diagnoser, StepBlock
 from graddiag.events import EventFileWriter, flush_all
 from graddiag.findings import Finding, severity_rank
 from graddiag.settings import NONFINITE_POLICIES
@@ -159,11 +159,13 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 _PLAIN_SCALARS = ("clip_coef", "grad_reset", "backward_calls", "grads_modified", "loss")
 
 
-def _plain_signature(s: StepStats) -> tuple[bool, ...] | None:
+def _plain_signature(s: StepStats, whole: bool) -> tuple[bool, ...] | None:
     """Which of `_PLAIN_SCALARS` and per-layer clip coefficients a plain step carries (None: not
-    a plain step; see `TensorBoardSink.write_block`)."""
+    a plain step; see `TensorBoardSink.write_block`); `whole`: every layer has a gradient and
+    none is non-finite."""
     if (
-        s.skipped
+        not whole
+        or s.skipped
         or s.nonfinite_origin
         or s.nonfinite_ranks is not None
         or s.grad_max is not None
@@ -172,8 +174,6 @@ def _plain_signature(s: StepStats) -> tuple[bool, ...] | None:
         or s.update_ratio is not None
         or s.nan_count is not None
         or s.inf_count is not None
-        or not s.has_grad.all()
-        or s.nonfinite.any()
     ):
         return None
     return (
@@ -227,37 +227,51 @@ class TensorBoardSink:
     def write_block(self, block: Sequence[StepStats], n_findings: Sequence[int]) -> None:
         """`write_step` for consecutive steps. Runs of plain steps (every layer has a gradient,
         all finite, no detail statistics, no text) that carry the same scalars share one layout:
-        their values are gathered for the whole run at once."""
+        their values are taken from the block's stacked fields and encoded at once."""
+        if len(block) == 1:
+            self.write_step(block[0], n_findings[0])
+            return
+        if not isinstance(block, StepBlock):
+            block = StepBlock(block)
+        whole = block.field("has_grad").all(axis=1) & ~block.field("nonfinite").any(axis=1)
+        sigs = [_plain_signature(s, w) for s, w in zip(block, whole.tolist(), strict=True)]
         k, n = 0, len(block)
         while k < n:
-            s = block[k]
-            sig = _plain_signature(s)
-            if sig is None:
+            s, sig = block[k], sigs[k]
+            if sig is None or k + 1 == n or sigs[k + 1] != sig:
                 self.write_step(s, n_findings[k])
                 k += 1
                 continue
-            end = k + 1
-            while end < n and _plain_signature(block[end]) == sig:
+            end = k + 2
+            while end < n and sigs[end] == sig:
                 end += 1
-            run = block[k:end]
-            tag_tuple = self.write_step(s, n_findings[k])  # the run's layout, and its first event
-            if end - k > 1:
-                cols = [[st.global_norm for st in run[1:]], [0.0] * (end - k - 1)]
-                cols.append([float(c) for c in n_findings[k + 1 : end]])
-                for stat, present in zip(_PLAIN_SCALARS, sig, strict=False):
-                    if present:
-                        cols.append([float(getattr(st, stat)) for st in run[1:]])
-                values = [np.asarray(cols, dtype=np.float64).T]
-                values.append(np.stack([st.grad_norm for st in run[1:]]))
-                if sig[-1]:
-                    values.append(np.stack([st.layer_clip_coef for st in run[1:]]))
-                rows = np.concatenate(values, axis=1)
-                for st, row in zip(run[1:], rows, strict=True):
-                    self.writer.add_scalars(st.step, tag_tuple, row)
+            tag_tuple = self._scalars(s, n_findings[k])[0]  # the run's layout
+            cols = [block.field("global_norm")[k:end], np.zeros(end - k)]
+            cols.append(np.asarray(n_findings[k:end], dtype=np.float64))
+            for stat, present in zip(_PLAIN_SCALARS, sig, strict=False):
+                if present:  # (an object array where other steps of the block lack it)
+                    cols.append(block.field(stat)[k:end].astype(np.float64))
+            values = [np.stack(cols, axis=1), block.field("grad_norm")[k:end]]
+            if sig[-1]:
+                values.append(np.stack([st.layer_clip_coef for st in block[k:end]]))
+            rows = np.concatenate(values, axis=1)
+            self.writer.add_scalars_rows(block.field("step")[k:end].tolist(), tag_tuple, rows)
             k = end
 
     def write_step(self, s: StepStats, n_findings: int) -> tuple[str, ...]:
         """All scalars of one step, as one event; returns their tags."""
+        tag_tuple, values = self._scalars(s, n_findings)
+        self.writer.add_scalars(s.step, tag_tuple, values)
+        if s.nonfinite_origin:  # "forward:<module>" for the forward pass, "<module>" backward
+            prefix = "forward:" if s.nonfinite_pass == "forward" else ""
+            self.writer.add_text(s.step, tags.NONFINITE_ORIGIN, prefix + s.nonfinite_origin)
+        if s.nonfinite_ranks is not None:
+            text = ",".join(map(str, s.nonfinite_ranks)) or "-"
+            self.writer.add_text(s.step, tags.NONFINITE_RANKS, text)
+        return tag_tuple
+
+    def _scalars(self, s: StepStats, n_findings: int) -> tuple[tuple[str, ...], np.ndarray]:
+        """The tags and values of a step's scalars event (a new layout's charts are shown)."""
         gnames: list[str] = []
         gvals: list[float] = []
         for stat, value in (
@@ -312,14 +326,7 @@ class TensorBoardSink:
         values = [np.asarray(gvals)] + [
             arr if m is None else np.asarray(arr)[m] for _, arr, m in per_layer
         ]
-        self.writer.add_scalars(s.step, tag_tuple, np.concatenate(values))
-        if s.nonfinite_origin:  # "forward:<module>" for the forward pass, "<module>" backward
-            prefix = "forward:" if s.nonfinite_pass == "forward" else ""
-            self.writer.add_text(s.step, tags.NONFINITE_ORIGIN, prefix + s.nonfinite_origin)
-        if s.nonfinite_ranks is not None:
-            text = ",".join(map(str, s.nonfinite_ranks)) or "-"
-            self.writer.add_text(s.step, tags.NONFINITE_RANKS, text)
-        return tag_tuple
+        return tag_tuple, np.concatenate(values)
 
     def show_charts(self, stats: set[tuple[str, bool]], step: int) -> None:
         """Note the ``(stat, per_layer)`` pairs written at `step`; when one is new, write the
@@ -421,6 +428,8 @@ class MonitorCore:
 
     def process_block(self, block: list[StepStats]) -> list[list[Finding]]:
         """`process` over consecutive steps at once: each step's new findings."""
+        if len(block) > 1:  # stacked fields shared by the detectors and the sink
+            block = StepBlock(block)
         per_step = self.diagnoser.update_block(block)
         self.history.extend(block)
         if self.sink is not None:

@@ -96,6 +96,8 @@ def generate(seed: int) -> tuple[ModelInfo, list[StepStats], dict]:
         if rng.random() < 0.5:
             a, b = _span(rng, steps, 40)
             loss[a:b] *= 30.0 if rng.random() < 0.8 else np.nan
+    # the loss only on some steps (a caller that passes it now and then)
+    loss_on = rng.random(steps) < 0.7 if rng.random() < 0.3 else np.ones(steps, bool)
     clip = rng.random() < 0.4
     reset = rng.random() < 0.4
     stream = []
@@ -126,7 +128,7 @@ def generate(seed: int) -> tuple[ModelInfo, list[StepStats], dict]:
                 has_grad=has[t].copy(),
                 nonfinite=nonfinite[t].copy(),
                 global_norm=gn,
-                loss=None if loss is None else float(loss[t]),
+                loss=None if loss is None or not loss_on[t] else float(loss[t]),
                 skipped=not math.isfinite(gn),
                 trainable=None if trainable is None else trainable[t].copy(),
                 grads_modified=bool(rng.random() < 0.01),
@@ -188,15 +190,47 @@ def compare(info, stream, settings, blocks_rng) -> list[Finding]:
     return by_step.findings
 
 
+def count_bulk_steps(monkeypatch) -> dict[str, int]:
+    """Wrap every detector's `_bulk` to count, per detector, the steps it took at once."""
+    taken = dict.fromkeys(DETECTORS, 0)
+    taken["divergence with a loss"] = 0  # its steady state, not only the steps without a loss
+    for name, cls in DETECTORS.items():
+        bulk = cls._bulk
+
+        def counted(self, block, bulk=bulk, name=name):
+            k = bulk(self, block)
+            taken[name] += k
+            if name == "divergence":
+                taken["divergence with a loss"] += sum(s.loss is not None for s in block[:k])
+            return k
+
+        monkeypatch.setattr(cls, "_bulk", counted)
+    return taken
+
+
 # a step whose compared layers all underflowed to a zero norm divides 0 by 0, step by step as in a block
 @pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")
-def test_blocks_give_what_steps_give_on_generated_streams():
+def test_blocks_give_what_steps_give_on_generated_streams(monkeypatch):
+    taken = count_bulk_steps(monkeypatch)
     seen = set()
     for seed in range(80):
         info, stream, settings = generate(seed)
         found = compare(info, stream, settings, np.random.default_rng(1000 + seed))
         seen |= {f.kind for f in found}
     assert EXPECTED_KINDS <= seen, f"never fired: {EXPECTED_KINDS - seen}"
+    # every detector took steps at once (the equivalence covers its `_bulk`, not only `update`)
+    assert all(taken.values()), f"never taken at once: {[n for n, k in taken.items() if not k]}"
+
+
+def test_a_wrong_bulk_is_caught(monkeypatch):
+    """The comparison can fail: a divergence `_bulk` that takes every step at once (so misses the
+    diverging ones) is caught on the generated streams."""
+    from graddiag.detectors import DivergenceDetector
+
+    monkeypatch.setattr(DivergenceDetector, "_bulk", lambda self, block: len(block))
+    with pytest.raises(AssertionError):
+        for seed in range(80):
+            compare(*generate(seed), np.random.default_rng(1000 + seed))
 
 
 @pytest.mark.parametrize("n_layers", [1, 4, 12, 60])
@@ -225,18 +259,26 @@ def test_a_healthy_block_is_taken_at_once(monkeypatch):
     rng = np.random.default_rng(3)
     norms = np.exp(rng.normal(0, 0.2, (100, 12)))
     stream = [
-        StepStats(t, g, np.ones(12, bool), np.zeros(12), float(np.sqrt(np.sum(g**2))))
+        StepStats(
+            t,
+            g,
+            np.ones(12, bool),
+            np.zeros(12),
+            float(np.sqrt(np.sum(g**2))),
+            loss=2.0 - t * 1e-3,
+            grad_reset=True,
+            backward_calls=1,
+            update_ratio=np.full(12, 1e-3) if t % 10 == 0 else None,
+        )
         for t, g in enumerate(norms)
     ]
     diag = Diagnoser(ModelInfo(layers, (64,) * 12, tuple(reversed(layers))))
     for s in stream[:50]:
         diag.update(s)
-    vectorised = {"nonfinite", "vanishing", "exploding", "spike", "detached", "zero_gradient"}
     for d in diag.detectors:
-        if d.name in vectorised:
-            monkeypatch.setattr(d, "update", lambda s, name=d.name: pytest.fail(name))
+        monkeypatch.setattr(d, "update", lambda s, name=d.name: pytest.fail(name))
     assert diag.update_block(stream[50:]) == [[]] * 50
-    assert vectorised <= set(DETECTORS)
+    assert {d.name for d in diag.detectors} == set(DETECTORS)
 
 
 def test_a_quiet_block_still_judges_the_steps_before_it():

@@ -93,3 +93,37 @@ def test_bad_arguments(tmp_path):
         w.add_scalars(0, ("a", "b"), [1.0])
     w.close()
     assert os.path.getsize(w.path) > 0
+
+
+def test_rows_of_scalars_are_the_events_of_add_scalars_step_by_step(tmp_path):
+    """`add_scalars_rows` (a run of steps with the same tags, encoded at once) writes the same
+    bytes as `add_scalars` step by step at the same wall time, and TensorBoard reads them back."""
+    tag_names = tuple(f"graddiag/grad_norm/l{i}" for i in range(7))
+    rng = np.random.default_rng(1)
+    rows = rng.normal(0, 1, (12, 7)) * 10.0 ** rng.integers(-30, 30, (12, 7))
+    rows[3, 2], rows[5, 0] = np.nan, -np.inf
+    steps = [0, 1, 2, 127, 128, 300, 16383, 16384, 2**31, 2**40, 7, 5]  # 1- to 6-byte varints
+    files = []
+    for mode in ("steps", "rows"):
+        w = EventFileWriter(tmp_path / mode, flush_secs=0)  # the header is in the file now
+        header = os.path.getsize(w.path)
+        if mode == "steps":
+            for step, row in zip(steps, rows, strict=True):
+                w.add_scalars(step, tag_names, row, wall_time=1234.5)
+        else:
+            w.add_scalars_rows(steps, tag_names, rows, wall_time=1234.5)
+        w.close()
+        with open(w.path, "rb") as f:
+            files.append(f.read()[header:])  # after the file_version record (its own time)
+    assert files[0] == files[1] and len(files[0]) > 12 * 7 * 4
+    events = _load(w.path)[1:]
+    assert [e.step for e in events] == steps and {e.wall_time for e in events} == {1234.5}
+    got = np.array([[_scalar(v) for v in e.summary.value] for e in events])
+    np.testing.assert_array_equal(got, rows.astype(np.float32))
+
+
+def test_rows_of_the_wrong_shape_are_refused_by_name(tmp_path):
+    w = EventFileWriter(tmp_path)
+    with pytest.raises(ValueError, match=r"`rows` of shape \(2, 3\).*got shape \(2, 2\)"):
+        w.add_scalars_rows([0, 1], ("a", "b", "c"), np.zeros((2, 2)))
+    w.close()

@@ -346,3 +346,52 @@ def test_blocks_of_the_wrong_shape_are_refused_by_name():
     assert not h.core.history  # nothing ingested
     h.ingest_block([(0, good, {}), (1, good, {})])
     assert [s.step for s in h.core.history] == [0, 1]
+
+
+def test_a_block_writes_the_bytes_of_its_steps_written_one_by_one(tmp_path, monkeypatch):
+    """`TensorBoardSink.write_block` (runs of plain steps taken from the stacked fields and
+    encoded at once) writes exactly the event file `write_step` step by step writes: plain runs
+    with and without a loss, reset flag, clip coefficients (global and per layer), broken by steps
+    without a gradient in a layer, non-finite ones, detail statistics and a text tag."""
+    import graddiag.events
+    from graddiag.monitor import TensorBoardSink
+    from graddiag.stats import StepStats
+
+    monkeypatch.setattr(graddiag.events.time, "time", lambda: 1000.0)  # one wall time for all
+    rng = np.random.default_rng(3)
+    info = ModelInfo(layers=("a", "b", "c"))
+    stream = []
+    for t in range(60):
+        g = np.exp(rng.normal(0, 1, 3))
+        has, bad = np.ones(3, bool), np.zeros(3)
+        kw = {}
+        if 10 <= t < 30:
+            kw.update(loss=float(rng.normal()), grad_reset=bool(t % 7))
+        if 20 <= t < 40:
+            kw["clip_coef"] = float(rng.uniform(0.1, 1.0))
+            if t >= 35:
+                kw["layer_clip_coef"] = rng.uniform(0.1, 1.0, 3)
+        if t in (5, 33):
+            has[1], g[1] = False, 0.0
+        if t == 41:
+            bad[2], g[2] = 1.0, np.inf
+        if t == 45:
+            kw.update(grad_max=g / 2, update_ratio=np.full(3, 1e-3))
+        if t == 50:
+            kw.update(nonfinite_origin="a", backward_calls=2, grads_modified=True)
+        gn = float(np.sqrt(np.sum(g**2)))
+        stream.append(StepStats(t, g, has, bad, gn, **kw))
+    found = [int(x) for x in rng.integers(0, 3, 60)]
+    files = []
+    for mode in ("steps", "block"):
+        sink = TensorBoardSink(tmp_path / mode, info, {"run": 1}, flush_secs=0)
+        if mode == "steps":
+            for s, n in zip(stream, found, strict=True):
+                sink.write_step(s, n)
+        else:
+            for a in range(0, 60, 13):  # blocks cutting runs in the middle
+                sink.write_block(stream[a : a + 13], found[a : a + 13])
+        sink.close()
+        with open(sink.writer.path, "rb") as f:
+            files.append(f.read())
+    assert files[0] == files[1] and len(files[0]) > 60 * 3 * 4
