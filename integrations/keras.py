@@ -257,7 +257,9 @@ class GradDiagCallback(keras.callbacks.Callback):
             return
         self._rare_next = mon._rare_due(step, self._per_poll)
         if mon._log_due(step):
-            mon._poll(step, later=True)  # reads the buffer (`step` steps done); diagnosed off-thread
+            mon._poll(
+                step, later=True
+            )  # reads the buffer (`step` steps done); diagnosed off-thread
         self._quiet = mon._quiet_until(step + 1, self._per_poll)
 
     def _check_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
