@@ -5,6 +5,8 @@ A Keras MLP of 8 Dense(1024) layers, batch 64, one `tf.function` train step per 
 - plain: tape, gradients, `apply_gradients`;
 - `tf.clip_by_global_norm` on the gradients;
 - `tf.debugging.check_numerics` on every gradient;
+- one `tf.nn.l2_loss` per gradient (reading each gradient once: what any exact per-tensor
+  measurement costs at least);
 - graddiag: per-layer statistics + non-finite check + `GlobalNormClip` + TensorBoard logging
   (`every=10`);
 - `tf.debugging.enable_check_numerics()` (global, so it runs last).
@@ -128,6 +130,17 @@ def variants(logdir: str, every: int, baseline=None, rev: str = ""):
     def check_each(g, v):
         return [tf.debugging.check_numerics(x, "gradient") for x in g]
 
+    sink = []
+
+    def read_once(g, v):
+        # one float32 l2_loss per gradient, kept in a variable: the one read of every gradient
+        # that any exact per-tensor measurement needs (the floor for graddiag's statistics)
+        if not sink:
+            with tf.init_scope():
+                sink.append(tf.Variable(tf.zeros([len(g)]), trainable=False))
+        with tf.control_dependencies([sink[0].assign(tf.stack([tf.nn.l2_loss(x) for x in g]))]):
+            return [tf.identity(x) for x in g]
+
     monitors = {}
 
     def monitored(key, cls, folder):
@@ -147,6 +160,7 @@ def variants(logdir: str, every: int, baseline=None, rev: str = ""):
         ("plain compiled step", plain),
         ("tf.clip_by_global_norm", clip_global),
         ("check_numerics on every gradient", check_each),
+        ("tf.nn.l2_loss of every gradient (one read: the floor)", read_once),
         (
             f"graddiag (stats + non-finite + clip + logging, every={every})",
             monitored("m", GradientMonitor, logdir),

@@ -744,11 +744,13 @@ class GradientMonitor(MonitorAPI):
             return grads, ok
 
         def rare():
-            """The detail statistics, the histograms and the read-back, each when due."""
+            """The detail statistics, the histograms and the read-back, each when due: each an
+            `If` call of its own too, since lowered here every log step would schedule the
+            others' ops dead (an 8x1024 MLP: +0.6 ms a step, benchmarks/bench_tf.py)."""
             ran = []
             if do_detail:
                 ran.append(
-                    tf.cond(
+                    rare_cond(
                         self._detail_due(step),
                         lambda: self._write_detail(grads_in, slots, step, inv2),
                         lambda: tf.constant(False),
@@ -756,7 +758,7 @@ class GradientMonitor(MonitorAPI):
                 )
             if do_hist:
                 ran.append(
-                    tf.cond(
+                    rare_cond(
                         self._hist_due(step),
                         lambda: self._write_hist(grads_in, slots, step, inv2),
                         lambda: tf.constant(False),
@@ -769,7 +771,7 @@ class GradientMonitor(MonitorAPI):
             if self.nonfinite != "warn":
                 now = now | ~ok
             with tf.control_dependencies(ran):  # the read sees this step's rows
-                return tf.cond(now, lambda: self._host_read(done), lambda: tf.constant(False))
+                return rare_cond(now, lambda: self._host_read(done), lambda: tf.constant(False))
 
         # one `If` call on ordinary steps for all the rare work (each costs a few µs in
         # TensorFlow's executor on a small step; benchmarks/bench_tf.py --fit)
