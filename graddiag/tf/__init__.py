@@ -5,8 +5,8 @@ fused pass computes each variable's sum of squares (``2 * tf.nn.l2_loss``, float
 and a single `is_finite` check on it, applies the clipping policies of `graddiag.clip` (their math
 runs here through `TFOps`, with their state in `tf.Variable`s) and writes one row of a
 `tf.Variable` ring buffer of `every` rows. Python sees the buffer only on log steps: through a
-`tf.numpy_function` placed in the step's one `tf.cond` for rare work (default), or when the caller polls after the compiled step
-(`read_back="poll"`, XLA-friendly; the Keras callback does this). From there on, the framework-neutral
+`tf.numpy_function` inside the step's one `tf.cond` for rare work (default), or when the caller
+polls after the compiled step (`read_back="poll"`, XLA-friendly; the Keras callback does this). From there on, the framework-neutral
 `MonitorCore` runs the detectors and writes TensorBoard events.
 
 Example:
