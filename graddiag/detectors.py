@@ -1297,8 +1297,7 @@ class DetachedDetector(Detector):
             zero_frac = None if zero_frac is None else zero_frac[kept]
         zero = self._exact_zero(g, has, zero_frac)
         live = has & ~zero
-        all_live = bool(live.all())
-        if all_live and not self._episodes and self.starved_rate > 0 and not self._missed():
+        if live.all() and not self._episodes and self.starved_rate > 0 and not self._missed():
             # no layer missed a step in the window nor in the block: every rate stays 0
             steps = block.field("step")[kept]
             self._first_live[self._first_live < 0] = steps[0]
@@ -1309,12 +1308,8 @@ class DetachedDetector(Detector):
             self._take_trainable(block, kept)
             return len(block)
         none_rows, zero_rows = (~has).astype(np.float64), zero.astype(np.float64)
-        if self._episodes or not (self.starved_rate > 0 and all_live) or self._missed():
-            none_sum, zero_sum = self._none.sums_after(none_rows), self._zero.sums_after(zero_rows)
-            e, judged, is_open = self._first_flagged(none_sum, zero_sum)
-        else:  # no layer missed a step in the window nor in the block: every rate stays 0
-            none_sum = zero_sum = np.zeros(none_rows.shape)
-            e = len(kept)
+        none_sum, zero_sum = self._none.sums_after(none_rows), self._zero.sums_after(zero_rows)
+        e, judged, is_open = self._first_flagged(none_sum, zero_sum)
         if not e:
             return int(kept[0])
         steps = block.field("step")[kept[:e]]
@@ -1689,7 +1684,7 @@ class ClipRateDetector(Detector):
         return self._judge(s.step, clipped)
 
     def _bulk(self, block: StepBlock) -> int:
-        for k, s in enumerate(block):  # steps without a finite coefficient change nothing
+        for k, s in enumerate(block):  # steps without a clip coefficient change nothing
             if s.clip_coef is not None or (
                 s.layer_clip_coef is not None and s.layer_clip_coef.size
             ):
