@@ -92,8 +92,9 @@ def load_before(rev: str):
     return module.Diagnoser
 
 
-def feed(diag: Diagnoser, stream: list[StepStats], block: int) -> None:
-    """`block` 0: step by step; else `update_block` over blocks of that many steps."""
+def feed(diag, stream: list[StepStats], block: int) -> None:
+    """`block` 0: step by step; else `update_block` over blocks of that many steps (`diag`: a
+    `Diagnoser` or one detector)."""
     if block == 0:
         for s in stream:
             diag.update(s)
@@ -119,12 +120,7 @@ def time_detectors(info, stream, block) -> dict[str, float]:
     rest = stream[WARMUP:]
     for d in diag.detectors:
         t0 = time.perf_counter()
-        if block == 0:
-            for s in rest:
-                d.update(s)
-        else:
-            for i in range(0, len(rest), block):
-                d.update_block(rest[i : i + block])
+        feed(d, rest, block)
         out[d.name] = (time.perf_counter() - t0) / len(rest)
     return out
 
