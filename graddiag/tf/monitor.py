@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -498,7 +499,8 @@ class GradientMonitor(MonitorAPI):
 
         step, due = run, None
         if self._update is not None and self._rare_work is not False:
-            due = tf.equal(tf.math.floormod(self._count.read_value(), self.detail_every), 0)
+            # the step just measured (`step()` has counted it) is a detail step
+            due = self._due(self._count.read_value() - 1, log=False, detail=True, hist=False)
             step = lambda: tf.cond(due, lambda: self._measure_update(run), run)  # noqa: E731
         done = tf.cond(ok, step, lambda: tf.constant(False)) if skip else step()
         if (
@@ -723,9 +725,9 @@ class GradientMonitor(MonitorAPI):
             done = self._count.assign_add(1)
         log = self.read_back == "callback"  # "poll" decides on the host
         if tf.executing_eagerly():
-            if do_detail and bool(self._detail_due(step)):
+            if do_detail and bool(self._due(step, log=False, detail=True, hist=False)):
                 self._write_detail(grads_in, slots, step, inv2)
-            if do_hist and bool(self._hist_due(step)):
+            if do_hist and bool(self._due(step, log=False, detail=False, hist=True)):
                 self._write_hist(grads_in, slots, step, inv2)
             log_now = log and (
                 bool(self._due(step, log=True, detail=do_detail, hist=do_hist))
@@ -751,7 +753,7 @@ class GradientMonitor(MonitorAPI):
             if do_detail:
                 ran.append(
                     rare_cond(
-                        self._detail_due(step),
+                        self._due(step, log=False, detail=True, hist=False),
                         lambda: self._write_detail(grads_in, slots, step, inv2),
                         lambda: tf.constant(False),
                     )
@@ -759,7 +761,7 @@ class GradientMonitor(MonitorAPI):
             if do_hist:
                 ran.append(
                     rare_cond(
-                        self._hist_due(step),
+                        self._due(step, log=False, detail=False, hist=True),
                         lambda: self._write_hist(grads_in, slots, step, inv2),
                         lambda: tf.constant(False),
                     )
@@ -784,17 +786,13 @@ class GradientMonitor(MonitorAPI):
                 grads = [None if g is None else identity(g) for g in grads]
         return grads, ok
 
-    def _detail_due(self, step):
-        return tf.equal(tf.math.floormod(step + 1, self.detail_every), 0)
-
-    def _hist_due(self, step):
-        return tf.equal(tf.math.floormod(step, self.hist_every), 0)  # as graddiag.torch
-
     def _due(self, step, log: bool, detail: bool, hist: bool, table: bool = False):
         """Whether step `step` (an int64 tensor, counted from 0) is a log step (the read-back
         reads when `step + 1` steps are done), a detail step or a histogram step, among those
         asked for. With `table`: one lookup in the pattern the three repeat with (when its period
-        is at most `_DUE_PERIOD` steps), instead of a predicate each."""
+        is at most `_DUE_PERIOD` steps), instead of a predicate each. The one place for these
+        formulas in the graph (the host's are `_next_detail`/`_next_hist`; histograms from step 0,
+        as in graddiag.torch)."""
         conds = [
             (k, k - 1) for k, on in ((self.every, log), (self.detail_every, detail)) if on and k
         ]
@@ -805,10 +803,8 @@ class GradientMonitor(MonitorAPI):
             for k, offset in conds:
                 pattern[offset::k] = True
             return tf.gather(tf.constant(pattern), tf.math.floormod(step, period))
-        out = tf.constant(False)
-        for k, offset in conds:
-            out = out | tf.equal(tf.math.floormod(step, k), offset)
-        return out
+        each = [tf.equal(tf.math.floormod(step, k), offset) for k, offset in conds]
+        return functools.reduce(tf.logical_or, each) if each else tf.constant(False)
 
     def _write_detail(self, grads, slots, step, inv_scale2):
         """Detail statistics of this step (pre-clip), one row per statistic and variable."""
