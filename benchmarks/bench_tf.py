@@ -236,9 +236,10 @@ def fit_models():
     ]
 
 
-def custom_loop(monitor_class=None):
+def custom_loop(monitor_class=None, apply: bool = False):
     """The small MLP trained by a `tf.function` step with a tape, Adam, batch 32: a plain
-    `tf.GradientTape`, or `monitor.tape()` of a `monitor_class` (a graddiag `GradientMonitor`)."""
+    `tf.GradientTape`, or `monitor.tape()` of a `monitor_class` (a graddiag `GradientMonitor`);
+    with `apply`, the optimizer step goes through `monitor.apply` (update/weight ratios)."""
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
         [
@@ -256,7 +257,10 @@ def custom_loop(monitor_class=None):
         with mon.tape() if mon is not None else tf.GradientTape() as tape:
             loss = tf.reduce_mean(tf.square(model(x, training=True) - y))
         grads = tape.gradient(loss, model.trainable_variables)
-        opt.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        if apply:
+            mon.apply(opt, grads, model.trainable_variables)
+        else:
+            opt.apply_gradients(zip(grads, model.trainable_variables, strict=True))
         return loss
 
     return step, mon
@@ -339,9 +343,13 @@ def fit_main(args, baseline=None) -> None:
         "plain tape": custom_loop(),
         "monitor.tape()": custom_loop(GradientMonitor),
         "monitor.tape(), read-back emptied (diagnostic)": custom_loop(EmptyCallback),
+        "monitor.tape() + monitor.apply()": custom_loop(GradientMonitor, apply=True),
     }
     if baseline is not None:
         loops[f"monitor.tape() @ {args.baseline}"] = custom_loop(baseline[0])
+        loops[f"monitor.tape() + monitor.apply() @ {args.baseline}"] = custom_loop(
+            baseline[0], apply=True
+        )
     times = {label: [] for label in loops}
     cpu = {label: [] for label in loops}
     for step, _ in loops.values():

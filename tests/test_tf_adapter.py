@@ -941,3 +941,35 @@ def test_detail_counts_nan_and_inf_per_layer_also_past_a_float32_overflow(compil
     (s,) = mon.history
     assert s.nan_count.tolist() == [2.0, 0.0, 0.0] and s.inf_count.tolist() == [1.0, 0.0, 0.0]
     assert s.grad_max[1] == pytest.approx(3e38, rel=REL)
+
+
+def test_apply_measures_the_update_in_an_unlowered_call_and_on_detail_steps_only():
+    """`monitor.apply` in a `tf.function`: the update-ratio measurement is an `If` call (lowered,
+    an ordinary step would schedule its ops dead), the optimizer still updates on every step,
+    and the ratio lands on the detail steps ((s + 1) % detail_every == 0) only."""
+    model = mlp()
+    x, y = batch()
+    opt = keras.optimizers.SGD(0.1)
+    mon = GradientMonitor(model, every=2, detail_every=3, detectors=NO_SPIKE)
+
+    @tf.function
+    def train_step(x, y):
+        with mon.tape() as tape:
+            loss = tf.reduce_mean((model(x) - y) ** 2)
+        grads = tape.gradient(loss, model.trainable_variables)
+        mon.apply(opt, grads, model.trainable_variables)
+
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    for _ in range(6):
+        train_step(x, y)
+    graph = train_step.get_concrete_function(x, y).graph
+    conds = [op for op in graph.get_operations() if op.type in ("If", "StatelessIf")]
+    assert len(conds) == 2  # the rare work, the update (-ratio) call
+    assert not any(op.get_attr("_lower_using_switch_merge") for op in conds)
+    assert int(opt.iterations.numpy()) == 6
+    assert all(
+        not np.allclose(b, v.numpy())
+        for b, v in zip(before, model.trainable_variables, strict=True)
+    )
+    mon.close()
+    assert [s.step for s in mon.history if s.update_ratio is not None] == [2, 5]

@@ -501,7 +501,11 @@ class GradientMonitor(MonitorAPI):
         if self._update is not None and self._rare_work is not False:
             # the step just measured (`step()` has counted it) is a detail step
             due = self._due(self._count.read_value() - 1, log=False, detail=True, hist=False)
-            step = lambda: tf.cond(due, lambda: self._measure_update(run), run)  # noqa: E731
+            # an `If` call: lowered, every step would schedule the measurement's ops dead (a small
+            # MLP: 36 µs a step); under tf.distribute the optimizer's update spans the replicas'
+            # devices, which one call cannot be placed on, so there it stays a lowered cond
+            branch = tf.cond if tf.distribute.has_strategy() else rare_cond
+            step = lambda: branch(due, lambda: self._measure_update(run), run)  # noqa: E731
         done = tf.cond(ok, step, lambda: tf.constant(False)) if skip else step()
         if (
             tf.executing_eagerly()
